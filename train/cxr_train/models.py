@@ -1,0 +1,198 @@
+"""Backbones with the reference head, and every way of getting their starting weights.
+
+``build_model("resnet50", weights="none")`` gives a :class:`CXRNet`: a torchvision base
+that returns pooled features (global average pooling) and the reference head
+``Linear(C, 1024) -> ReLU -> Dropout -> Linear(1024, 2)``.
+
+Weights: ``"imagenet"`` (torchvision's weights enum: the torch hub cache first, then a
+download), a path to a local state dict (loaded with ``weights_only=True``), ``"auto"``
+(ImageNet when cached, else random) or ``"none"`` (random init).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+BACKBONES = ("vgg16", "resnet50", "inception_v3", "resnet18", "tiny")
+FEATURE_DIMS = {"vgg16": 512, "resnet50": 2048, "inception_v3": 2048, "resnet18": 512, "tiny": 32}
+
+
+class WeightsUnavailable(RuntimeError):
+    """ImageNet weights were asked for but neither cached nor downloadable."""
+
+
+class VGGBase(nn.Module):
+    """VGG16's convolutional features followed by global average pooling."""
+
+    def __init__(self, features: nn.Module):
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
+
+
+class TinyBase(nn.Module):
+    """A four-layer CNN for tests and smoke runs (seconds on a CPU)."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        layers, c = [], 3
+        for out in (8, 16, width, width):
+            layers += [nn.Conv2d(c, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            c = out
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
+
+
+class CXRNet(nn.Module):
+    """Base (image -> pooled features) plus the reference 2-way head (features -> logits)."""
+
+    def __init__(self, backbone: str, base: nn.Module, feature_dim: int, hidden: int = 1024,
+                 dropout: float = 0.3, num_classes: int = 2):
+        super().__init__()
+        self.backbone = backbone
+        self.base = base
+        self.head = nn.Sequential(
+            nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.base(x))
+
+
+def _tv_name(backbone: str) -> str:
+    return backbone
+
+
+def _imagenet_enum(backbone: str):
+    import torchvision
+
+    return torchvision.models.get_model_weights(_tv_name(backbone))
+
+
+def cached_imagenet_file(backbone: str) -> Optional[Path]:
+    """The torch hub cache file of any ImageNet weights of ``backbone``, if one exists."""
+    if backbone not in ("vgg16", "resnet50", "inception_v3", "resnet18"):
+        return None
+    enum = _imagenet_enum(backbone)
+    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    order = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
+    for w in order:
+        f = ckpt_dir / os.path.basename(w.url)
+        if f.is_file():
+            return f
+    return None
+
+
+def imagenet_state_dict(backbone: str, download: bool = True) -> Tuple[Dict[str, torch.Tensor], str]:
+    """ImageNet weights for ``backbone`` from the hub cache, else downloaded.
+
+    Raises :class:`WeightsUnavailable` naming the three ways out when neither works.
+    """
+    cached = cached_imagenet_file(backbone)
+    if cached is not None:
+        return torch.load(cached, map_location="cpu", weights_only=True), f"imagenet (cache: {cached})"
+    enum = _imagenet_enum(backbone)
+    hint = (
+        f"ImageNet weights for {backbone} are not in the torch hub cache ({Path(torch.hub.get_dir()) / 'checkpoints'})"
+        " and could not be downloaded. Use one of: --weights imagenet on a machine with internet"
+        f" (or copy {os.path.basename(enum.DEFAULT.url)} into that cache), --weights FILE for a local state dict,"
+        " or --weights none to start from random init."
+    )
+    if not download or os.environ.get("CXR_OFFLINE") == "1":
+        raise WeightsUnavailable(hint)
+    try:
+        return enum.DEFAULT.get_state_dict(progress=True, check_hash=True), f"imagenet ({enum.DEFAULT})"
+    except Exception as exc:  # URLError, socket errors, proxy failures: all mean offline
+        raise WeightsUnavailable(f"{hint} (download failed: {exc.__class__.__name__}: {exc})") from None
+
+
+def _make_base(backbone: str, pretrained: bool) -> Tuple[nn.Module, int]:
+    import torchvision.models as tvm
+
+    if backbone in ("resnet50", "resnet18"):
+        m = getattr(tvm, backbone)(weights=None)
+        m.fc = nn.Identity()
+        return m, FEATURE_DIMS[backbone]
+    if backbone == "vgg16":
+        return VGGBase(tvm.vgg16(weights=None).features), 512
+    if backbone == "inception_v3":
+        # transform_input re-scales ImageNet-normalised input the way Google's weights expect.
+        m = tvm.inception_v3(weights=None, aux_logits=False, init_weights=not pretrained, transform_input=pretrained)
+        m.fc = nn.Identity()
+        m.dropout = nn.Identity()
+        return m, 2048
+    if backbone == "tiny":
+        return TinyBase(), FEATURE_DIMS["tiny"]
+    raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def load_base_weights(base: nn.Module, state: Dict[str, torch.Tensor], min_fraction: float = 0.95) -> int:
+    """Load an ImageNet-style state dict into ``base``; classifier keys are skipped.
+
+    Raises ``ValueError`` unless at least ``min_fraction`` of the base's tensors matched.
+    """
+    own = base.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if len(matched) < min_fraction * len(own):
+        raise ValueError(
+            f"weights match only {len(matched)} of the base's {len(own)} tensors; is this a state dict of the same backbone?"
+        )
+    base.load_state_dict(matched, strict=False)
+    return len(matched)
+
+
+def build_model(backbone: str, weights: str = "none", dropout: float = 0.3) -> Tuple[CXRNet, str]:
+    """The model and a one-line description of where its starting weights came from.
+
+    Example:
+        >>> model, origin = build_model("tiny")
+        >>> origin
+        'random init'
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    w = (weights or "none").strip()
+    state, origin = None, "random init"
+    if w.lower() == "auto":
+        if cached_imagenet_file(backbone) is not None:
+            w = "imagenet"
+        else:
+            w = "none"
+            origin = "random init (no cached ImageNet weights)"
+    if w.lower() == "imagenet":
+        state, origin = imagenet_state_dict(backbone)
+    elif w.lower() != "none":
+        path = Path(w)
+        if not path.is_file():
+            raise FileNotFoundError(f"--weights {w}: no such file (use imagenet, none, auto or a state dict file)")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+        origin = f"file {path}"
+    pretrained = state is not None
+    base, dim = _make_base(backbone, pretrained)
+    model = CXRNet(backbone, base, dim, dropout=dropout)
+    if state is not None:
+        if any(k.startswith("base.") for k in state):  # a whole cxr model: load everything
+            model.load_state_dict(state)
+            origin += " (full cxr model)"
+        else:
+            n = load_base_weights(model.base, state)
+            origin += f" ({n} tensors)"
+    return model, origin

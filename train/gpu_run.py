@@ -33,9 +33,9 @@ WEIGHT_FILES = ("model_fp16.safetensors", "model.safetensors")
 
 # Per backbone: training-time budget (s), batch size and peak LR for a random start.
 PLAN = {
-    "resnet50": dict(time_budget=130, batch_size=128, lr=2e-3, augment="strong"),
-    "inception_v3": dict(time_budget=120, batch_size=128, lr=2e-3, augment="strong"),
-    "vgg16": dict(time_budget=150, batch_size=128, lr=2e-4, augment="medium"),
+    "resnet50": dict(time_budget=140, batch_size=128, lr=2e-3, augment="strong"),
+    "inception_v3": dict(time_budget=125, batch_size=128, lr=2e-3, augment="strong"),
+    "vgg16": dict(time_budget=90, batch_size=128, lr=2e-4, augment="medium"),
 }
 
 

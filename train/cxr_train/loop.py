@@ -285,6 +285,7 @@ def train(cfg: TrainConfig, log=print) -> Dict:
     meta: Dict = {}
     t_train = 0.0
     stalled = 0
+    t_loop = time.perf_counter()
     for epoch in itertools.count(start_epoch):
         if epoch >= c.epochs:
             break
@@ -389,9 +390,11 @@ def train(cfg: TrainConfig, log=print) -> Dict:
                   "history": json.dumps(history), "best": json.dumps(best)}
             torch.save(st, out / "last.pt.tmp")
             os.replace(out / "last.pt.tmp", last_path)
-        if c.time_budget and epoch == start_epoch == 0:
+        if c.time_budget and epoch == 1 and start_epoch == 0:
+            # The first epoch pays for autotuning and warm-up: plan from the second.
             per_epoch = time.perf_counter() - t_ep  # training + validation of one epoch
-            c.epochs = max(2, int(c.time_budget / per_epoch))
+            spent = time.perf_counter() - t_loop
+            c.epochs = max(2, 2 + int((c.time_budget - spent) / per_epoch))
             total_steps = steps_per_epoch * c.epochs
             schedule = _lr_lambda(total_steps, warmup)
             say(f"time budget {c.time_budget:.0f}s at {per_epoch:.1f}s per epoch: {c.epochs} epochs planned")

@@ -1,0 +1,187 @@
+"""The model spec: a JSON document in the ONNX file's ``metadata_props`` under ``cxr.spec``.
+
+A ``.onnx`` file is the whole model: the runtime reads everything it needs (input,
+resize rule, normalisation, labels, threshold) from this spec, validates it, and refuses
+a file whose spec it does not understand. JSON only: nothing is evaluated or unpickled.
+
+Example:
+    >>> spec = ModelSpec.new(backbone="tiny", precision="fp32", threshold=0.5)
+    >>> ModelSpec.from_json(spec.to_json()).threshold
+    0.5
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .errors import ModelError
+
+SPEC_KEY = "cxr.spec"
+FORMAT_VERSION = "1.0"
+SUPPORTED_MAJOR = 1
+PRECISIONS = ("fp32", "int8", "fp16")
+KNOWN_BACKBONES = ("vgg16", "resnet50", "inception_v3")
+
+REQUIRED = ("format_version", "backbone", "precision", "input", "outputs", "resize", "normalization", "labels",
+            "positive_label", "threshold", "provenance")
+
+
+@dataclass
+class ModelSpec:
+    """The parsed, validated ``cxr.spec`` of a model file; ``raw`` keeps every field."""
+
+    raw: Dict[str, Any] = field(default_factory=dict)
+
+    # ---- construction
+    @classmethod
+    def new(cls, backbone: str, precision: str = "fp32", threshold: float = 0.5, image_size: int = 224,
+            labels: Optional[List[str]] = None, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+            input_name: str = "input", prob_output: str = "probabilities", features_output: Optional[str] = None,
+            provenance: Optional[Dict[str, Any]] = None, **extra: Any) -> "ModelSpec":
+        """A complete spec with cxr's conventions; ``extra`` keys are added at top level."""
+        labels = list(labels or ["NORMAL", "PNEUMONIA"])
+        raw: Dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "backbone": backbone,
+            "precision": precision,
+            "input": {"name": input_name, "shape": [None, 3, image_size, image_size], "dtype": "float32",
+                      "layout": "NCHW", "color": "RGB"},
+            "outputs": {"probabilities": prob_output, "features": features_output},
+            "resize": {"size": [image_size, image_size], "method": "bicubic", "keep_aspect": False,
+                       "convert": "RGB", "library": "Pillow"},
+            "normalization": {"in_graph": False, "scale": 1.0 / 255.0, "mean": list(mean), "std": list(std),
+                              "formula": "(pixel / 255 - mean) / std, per RGB channel"},
+            "labels": labels,
+            "positive_label": labels[-1],
+            "threshold": float(threshold),
+            "provenance": dict(provenance or {}),
+        }
+        raw.update(extra)
+        spec = cls(raw)
+        spec.validate()
+        return spec
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "model") -> "ModelSpec":
+        """Parse and validate; :class:`ModelError` (one line) on anything not understood."""
+        try:
+            raw = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{source}: cxr.spec is not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ModelError(f"{source}: cxr.spec must be a JSON object")
+        spec = cls(raw)
+        spec.validate(source)
+        return spec
+
+    def to_json(self) -> str:
+        return json.dumps(self.raw, indent=None, sort_keys=True, separators=(",", ":"))
+
+    def copy(self) -> "ModelSpec":
+        return ModelSpec(copy.deepcopy(self.raw))
+
+    # ---- validation
+    def validate(self, source: str = "model") -> None:
+        r = self.raw
+        missing = [k for k in REQUIRED if k not in r]
+        if missing:
+            raise ModelError(f"{source}: cxr.spec lacks required field(s): {', '.join(missing)}")
+        version = str(r["format_version"])
+        try:
+            major = int(version.split(".")[0])
+        except ValueError:
+            raise ModelError(f"{source}: cxr.spec format_version {version!r} is not a version number") from None
+        if major != SUPPORTED_MAJOR:
+            raise ModelError(f"{source}: cxr.spec format_version {version} is not supported by this runtime"
+                             f" (understands {SUPPORTED_MAJOR}.x); upgrade cxr")
+        if r["precision"] not in PRECISIONS:
+            raise ModelError(f"{source}: unknown precision {r['precision']!r} (expected one of {', '.join(PRECISIONS)})")
+        inp = r["input"]
+        if not isinstance(inp, dict) or not {"name", "shape", "dtype", "layout"} <= set(inp):
+            raise ModelError(f"{source}: cxr.spec input needs name, shape, dtype and layout")
+        if inp["layout"] != "NCHW" or len(inp["shape"]) != 4 or inp["shape"][1] != 3:
+            raise ModelError(f"{source}: only NCHW 3-channel inputs are supported (got {inp['layout']} {inp['shape']})")
+        if inp["dtype"] not in ("float32", "float16"):
+            raise ModelError(f"{source}: input dtype {inp['dtype']!r} is not supported")
+        rs = r["resize"]
+        if not isinstance(rs, dict) or rs.get("method") not in ("bicubic", "bilinear", "lanczos", "nearest") \
+                or len(rs.get("size", [])) != 2:
+            raise ModelError(f"{source}: cxr.spec resize needs size [w, h] and a method (bicubic, bilinear, ...)")
+        norm = r["normalization"]
+        if not isinstance(norm, dict) or ("in_graph" not in norm):
+            raise ModelError(f"{source}: cxr.spec normalization must say in_graph true/false")
+        if not norm["in_graph"] and not (len(norm.get("mean", [])) == 3 and len(norm.get("std", [])) == 3):
+            raise ModelError(f"{source}: cxr.spec normalization needs 3 means and 3 stds")
+        labels = r["labels"]
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+            raise ModelError(f"{source}: cxr.spec labels must be a list of at least two names")
+        if r["positive_label"] not in labels:
+            raise ModelError(f"{source}: positive_label {r['positive_label']!r} is not one of the labels {labels}")
+        t = r["threshold"]
+        if not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+            raise ModelError(f"{source}: threshold {t!r} must be a number in [0, 1]")
+        outs = r["outputs"]
+        if not isinstance(outs, dict) or not outs.get("probabilities"):
+            raise ModelError(f"{source}: cxr.spec outputs must name the probabilities output")
+        if not isinstance(r["provenance"], dict):
+            raise ModelError(f"{source}: cxr.spec provenance must be an object")
+
+    # ---- convenient views
+    @property
+    def backbone(self) -> str:
+        return self.raw["backbone"]
+
+    @property
+    def precision(self) -> str:
+        return self.raw["precision"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.raw["threshold"])
+
+    @property
+    def labels(self) -> List[str]:
+        return list(self.raw["labels"])
+
+    @property
+    def positive_label(self) -> str:
+        return self.raw["positive_label"]
+
+    @property
+    def positive_index(self) -> int:
+        return self.labels.index(self.positive_label)
+
+    @property
+    def input_name(self) -> str:
+        return self.raw["input"]["name"]
+
+    @property
+    def input_dtype(self) -> str:
+        return self.raw["input"]["dtype"]
+
+    @property
+    def image_size(self) -> tuple:
+        w, h = self.raw["resize"]["size"]
+        return int(w), int(h)
+
+    @property
+    def mean(self) -> List[float]:
+        return list(self.raw["normalization"].get("mean", [0.0, 0.0, 0.0]))
+
+    @property
+    def std(self) -> List[float]:
+        return list(self.raw["normalization"].get("std", [1.0, 1.0, 1.0]))
+
+    @property
+    def normalization_in_graph(self) -> bool:
+        return bool(self.raw["normalization"]["in_graph"])
+
+    @property
+    def prob_output(self) -> str:
+        return self.raw["outputs"]["probabilities"]
+
+    @property
+    def features_output(self) -> Optional[str]:
+        return self.raw["outputs"].get("features")

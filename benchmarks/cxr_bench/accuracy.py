@@ -1,0 +1,271 @@
+"""``cxr-bench accuracy``: every metric of one or more model files on a labelled folder.
+
+Each image is decoded once per input size (the runtime's own :func:`load_image`) and the
+pixels are shared by every model of that size. Per model: accuracy, cross-entropy loss,
+precision, recall (sensitivity), specificity, F1, ROC AUC and TP/FP/TN/FN at the model's
+threshold and at 0.5, each with a seeded 95% bootstrap interval; ROC and calibration data.
+
+Files written to ``out`` (``-NAME`` appended to each stem when ``name`` is given)::
+
+    accuracy.json      everything, machine-readable (kind "cxr-bench/accuracy")
+    accuracy.md        the report for people
+    predictions.csv    per-image probabilities of every model (anyone can recompute)
+    roc.png, calibration.png   (when matplotlib is installed)
+
+Later sections (e.g. an out-of-domain section) can be added by appending
+``{"title": ..., "markdown": ..., "data": ...}`` to ``report["extra_sections"]`` before
+:func:`render_markdown`.
+
+Example:
+    >>> rep = run_accuracy(["m.onnx"], "data/test", "/tmp/bench", bootstrap=200)  # doctest: +SKIP
+    >>> rep["models"][0]["at_threshold"]["accuracy"]                             # doctest: +SKIP
+    0.9375
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from cxr_infer.metrics import binary_metrics, roc_curve
+from cxr_infer.preprocess import to_input
+
+from . import __version__
+from .dataset import PixelCache, list_dataset
+from .models import OnnxModel, open_model
+from .stats import CI_METRICS, bootstrap_metrics, calibration_bins
+from .util import (Progress, command_line, fmt_ci, fmt_num, fmt_pct, mb, md_table, now_iso, say, write_json,
+                   write_text)
+
+KIND = "cxr-bench/accuracy"
+
+
+def _stem(base: str, name: Optional[str]) -> str:
+    return f"{base}-{name}" if name else base
+
+
+def _unique_names(paths: Sequence[Path]) -> List[str]:
+    stems = [p.stem for p in paths]
+    return [f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+
+
+def predict_all(model: OnnxModel, pixels: np.ndarray, keep: np.ndarray, batch: int = 32,
+                quiet: bool = False) -> np.ndarray:
+    """Positive probabilities for ``pixels[keep]`` in batches (NaN for the others)."""
+    spec = model.spec
+    probs = np.full(len(pixels), np.nan)
+    idx = np.flatnonzero(keep)
+    mean, std = (spec.mean, spec.std) if not spec.normalization_in_graph else ((0.0,) * 3, (1.0,) * 3)
+    prog = Progress(f"{model.name}: inference", len(idx), enabled=not quiet)
+    for i in range(0, len(idx), batch):
+        part = idx[i:i + batch]
+        probs[part] = model.predict_proba(to_input(pixels[part], mean, std))
+        prog.step(len(part))
+    prog.done()
+    return probs
+
+
+def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, rounds: int, seed: int) -> Dict[str, Any]:
+    """Point metrics (:func:`binary_metrics`) plus a ``ci`` dict of bootstrap intervals."""
+    m: Dict[str, Any] = dict(binary_metrics(y, p, threshold))
+    m["ci"] = bootstrap_metrics(y, p, threshold, rounds=rounds, seed=seed) if rounds else {}
+    return m
+
+
+def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path, bootstrap: int = 1000,
+                 seed: int = 0, batch: int = 32, threads: int = 1, device: str = "cpu",
+                 limit: Optional[int] = None, name: Optional[str] = None, plots: bool = True,
+                 calibration_bins_n: int = 10, quiet: bool = False) -> Dict[str, Any]:
+    """Evaluate ``models`` on ``data``, write the report files to ``out`` and return the report."""
+    out = Path(out)
+    paths = [Path(m) for m in models]
+    ds = list_dataset(data, limit=limit)
+    say(f"data: {ds.root} ({len(ds.files)} images: "
+        + ", ".join(f"{v} {k}" for k, v in ds.counts().items()) + ")", quiet)
+    cache = PixelCache(ds.files, quiet=quiet)
+    names = _unique_names(paths)
+    results: List[Dict[str, Any]] = []
+    prob_columns: Dict[str, np.ndarray] = {}
+    targets: Optional[np.ndarray] = None
+    for path, label in zip(paths, names):
+        model = open_model(path, device=device, threads=threads)
+        say(f"{label}: {model.label}, threshold {model.spec.threshold:.4g}, input {model.spec.image_size}", quiet)
+        y_all = ds.targets(model.spec.positive_label, model.spec.labels)
+        targets = y_all if targets is None else targets
+        pixels = cache.pixels(model.spec.image_size)
+        keep = np.ones(len(ds.files), dtype=bool)
+        keep[list(cache.failed)] = False
+        t0 = time.perf_counter()
+        p_all = predict_all(model, pixels, keep, batch=batch, quiet=quiet)
+        eval_s = time.perf_counter() - t0
+        y, p = y_all[keep], p_all[keep]
+        fpr, tpr, thr = roc_curve(y, p)
+        entry = model.describe()
+        entry["name"] = label
+        at_t = evaluate(y, p, model.spec.threshold, bootstrap, seed)
+        entry.update(
+            n_evaluated=int(keep.sum()),
+            eval_s=eval_s,
+            at_threshold=at_t,
+            at_0_5=evaluate(y, p, 0.5, bootstrap, seed),
+            roc={"fpr": fpr, "tpr": tpr, "thresholds": thr,
+                 "point": [at_t["fp"] / max(at_t["fp"] + at_t["tn"], 1), at_t["tp"] / max(at_t["tp"] + at_t["fn"], 1)]},
+            calibration=calibration_bins(y, p, bins=calibration_bins_n),
+        )
+        results.append(entry)
+        prob_columns[label] = p_all
+        say(f"{label}: accuracy {fmt_pct(at_t['accuracy'])}, AUC {fmt_num(at_t['auc'])}, "
+            f"TP {at_t['tp']} FP {at_t['fp']} TN {at_t['tn']} FN {at_t['fn']}", quiet)
+    report: Dict[str, Any] = {
+        "kind": KIND,
+        "format_version": 1,
+        "created": now_iso(),
+        "cxr_bench_version": __version__,
+        "command": command_line(),
+        "data": {"root": str(ds.root), "n_images": len(ds.files), "counts": ds.counts(), "limit_per_label": limit,
+                 "decoded_images": cache.decodes,
+                 "unreadable": [{"file": str(ds.files[i]), "reason": r} for i, r in sorted(cache.failed.items())]},
+        "bootstrap": {"rounds": bootstrap, "seed": seed, "level": 0.95,
+                      "method": "percentile bootstrap, images resampled with replacement; same draws for every "
+                                "model and threshold"},
+        "models": results,
+        "extra_sections": [],
+        "files": {},
+    }
+    write_reports(report, ds, prob_columns, targets, out, name=name, plots=plots, quiet=quiet)
+    return report
+
+
+def write_reports(report: Dict[str, Any], ds, prob_columns: Dict[str, np.ndarray], targets, out: Path,
+                  name: Optional[str] = None, plots: bool = True, quiet: bool = False) -> Dict[str, str]:
+    """Write predictions CSV, plots, JSON and Markdown; record their names in ``report["files"]``."""
+    from .plots import calibration_png, have_matplotlib, roc_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    files: Dict[str, str] = {}
+    pred_path = out / f"{_stem('predictions', name)}.csv"
+    with open(pred_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "label", "target"] + [f"p_positive:{k}" for k in prob_columns])
+        for i, (fp, lab) in enumerate(zip(ds.files, ds.folder_labels)):
+            w.writerow([str(fp.relative_to(ds.root)), lab, int(targets[i]) if targets is not None else ""]
+                       + ["" if np.isnan(v[i]) else f"{v[i]:.6f}" for v in prob_columns.values()])
+    files["predictions"] = pred_path.name
+    if plots and have_matplotlib():
+        rocs = [{"name": m["name"], "fpr": m["roc"]["fpr"], "tpr": m["roc"]["tpr"], "auc": m["at_threshold"]["auc"],
+                 "point": m["roc"]["point"]} for m in report["models"]]
+        files["roc_png"] = roc_png(rocs, out / f"{_stem('roc', name)}.png").name
+        cals = [{"name": m["name"], **m["calibration"]} for m in report["models"]]
+        files["calibration_png"] = calibration_png(cals, out / f"{_stem('calibration', name)}.png").name
+    elif plots:
+        report["plots_skipped"] = "matplotlib is not installed (pip install '.[bench]')"
+    files["json"] = f"{_stem('accuracy', name)}.json"
+    files["markdown"] = f"{_stem('accuracy', name)}.md"
+    report["files"] = files
+    write_json(out / files["json"], report)
+    write_text(out / files["markdown"], render_markdown(report))
+    say(f"wrote {out / files['markdown']} and {files['json']}", quiet)
+    return files
+
+
+# ---- Markdown
+_ROWS = [("Accuracy", "accuracy", True), ("Loss (cross-entropy)", "loss", False), ("Precision", "precision", True),
+         ("Recall (sensitivity)", "recall", True), ("Specificity", "specificity", True), ("F1", "f1", True),
+         ("ROC AUC", "auc", False)]
+
+
+def _reference_table(models: List[Dict[str, Any]], key: str) -> str:
+    rows = []
+    for m in models:
+        r = m[key]
+        rows.append([f"{m['name']} ({m['backbone']} {m['precision']})", fmt_pct(r["accuracy"]), fmt_num(r["loss"]),
+                     fmt_pct(r["precision"]), fmt_pct(r["recall"]), fmt_pct(r["f1"])])
+    return md_table(["Model", "Accuracy", "Loss", "Precision", "Recall", "F1"], rows, "lrrrrr")
+
+
+def _detail_table(m: Dict[str, Any]) -> str:
+    t, h = m["at_threshold"], m["at_0_5"]
+    rows = []
+    for title, k, pct in _ROWS:
+        f = fmt_pct if pct else fmt_num
+        ct, ch = t["ci"].get(k, {}), h["ci"].get(k, {})
+        rows.append([title, f(t[k]), fmt_ci(ct.get("lo"), ct.get("hi"), pct), f(h[k]),
+                     fmt_ci(ch.get("lo"), ch.get("hi"), pct)])
+    rows.append(["TP / FP / TN / FN", f"{t['tp']} / {t['fp']} / {t['tn']} / {t['fn']}", "",
+                 f"{h['tp']} / {h['fp']} / {h['tn']} / {h['fn']}", ""])
+    head = ["Metric", f"at threshold {t['threshold']:.4g}", "95% CI", "at 0.5", "95% CI"]
+    return md_table(head, rows, "lrrrr")
+
+
+def _confusion(m: Dict[str, Any]) -> str:
+    t = m["at_threshold"]
+    neg = [lab for lab in m["labels"] if lab != m["positive_label"]][0]
+    pos = m["positive_label"]
+    return md_table([f"threshold {t['threshold']:.4g}", f"predicted {neg}", f"predicted {pos}"],
+                    [[f"true {neg}", f"{t['tn']} (TN)", f"{t['fp']} (FP)"],
+                     [f"true {pos}", f"{t['fn']} (FN)", f"{t['tp']} (TP)"]], "lrr")
+
+
+def render_markdown(report: Dict[str, Any]) -> str:
+    """The Markdown report of an accuracy run (see the module docstring for the layout)."""
+    d, b, models = report["data"], report["bootstrap"], report["models"]
+    counts = ", ".join(f"{v} {k}" for k, v in d["counts"].items())
+    L: List[str] = ["# cxr-bench accuracy report", "",
+                    f"Data: `{d['root']}`: {d['n_images']} images ({counts})"
+                    + (f", first {d['limit_per_label']} per label" if d.get("limit_per_label") else "") + ". "
+                    f"Created {report['created']} by cxr-bench {report['cxr_bench_version']}.", ""]
+    if d["unreadable"]:
+        L += [f"**{len(d['unreadable'])} image(s) could not be read and are left out** (listed at the end).", ""]
+    L += ["## Results at each model's decision threshold", "",
+          "Laid out like the reference table. Precision, recall and F1 are for the positive label "
+          f"({models[0]['positive_label'] if models else 'PNEUMONIA'}); loss is the mean binary cross-entropy.", "",
+          _reference_table(models, "at_threshold"), "", "## Results at threshold 0.5", "",
+          _reference_table(models, "at_0_5"), ""]
+    L += ["## Summary", "",
+          md_table(["Model", "Backbone", "Precision", "File MiB", "Threshold", "Images", "AUC", "AUC 95% CI",
+                    "Accuracy 95% CI", "ECE", "Brier"],
+                   [[m["name"], m["backbone"], m["precision"], mb(m["file_bytes"]), f"{m['threshold']:.4g}",
+                     m["n_evaluated"], fmt_num(m["at_threshold"]["auc"]),
+                     fmt_ci(m["at_threshold"]["ci"].get("auc", {}).get("lo"),
+                            m["at_threshold"]["ci"].get("auc", {}).get("hi"), pct=False),
+                     fmt_ci(m["at_threshold"]["ci"].get("accuracy", {}).get("lo"),
+                            m["at_threshold"]["ci"].get("accuracy", {}).get("hi")),
+                     fmt_num(m["calibration"]["ece"], 3), fmt_num(m["calibration"]["brier"], 3)] for m in models],
+                   "lllrrrrrrrr"), ""]
+    files = report.get("files", {})
+    if files.get("roc_png"):
+        L += ["## Plots", "", f"![ROC curves]({files['roc_png']})", f"![Reliability diagram]({files['calibration_png']})", ""]
+    elif report.get("plots_skipped"):
+        L += [f"Plots skipped: {report['plots_skipped']}.", ""]
+    L += ["## Per model", ""]
+    for m in models:
+        rule = f" ({m['threshold_rule']})" if m.get("threshold_rule") else ""
+        L += [f"### {m['name']}", "",
+              f"`{m['path']}`: {m['backbone']} {m['precision']}, input {m['image_size'][0]}x{m['image_size'][1]} "
+              f"{m['input_dtype']}, {mb(m['file_bytes'])} MiB, sha256 `{m['sha256'][:16]}…`; "
+              f"decision threshold {m['threshold']:.6g}{rule}; {m['n_evaluated']} images evaluated.", "",
+              _detail_table(m), "", _confusion(m), "",
+              "Calibration (10 equal-width bins of the predicted probability): "
+              f"ECE {fmt_num(m['calibration']['ece'], 4)}, max gap {fmt_num(m['calibration']['mce'], 4)}, "
+              f"Brier score {fmt_num(m['calibration']['brier'], 4)}.", ""]
+    for sec in report.get("extra_sections", []):
+        L += [f"## {sec['title']}", "", sec["markdown"].rstrip(), ""]
+    L += ["## Method", "",
+          "- Pixels: the runtime's `cxr_infer.preprocess.load_image` (RGB, bicubic resize to the model's input) "
+          "and `to_input` (normalisation from the model's spec); each image decoded once per input size.",
+          "- Inference: onnxruntime, one session per model, probabilities read from the model's output.",
+          f"- Confidence intervals: {b['method']}; {b['rounds']} rounds, seed {b['seed']}, "
+          "2.5th-97.5th percentiles." if b["rounds"] else "- Confidence intervals: not computed (--bootstrap 0).",
+          "- A prediction is positive when P(positive) >= threshold. Loss: mean of -log p(true label), "
+          "probabilities clipped to [1e-7, 1 - 1e-7]. ECE: count-weighted mean |observed - predicted| over bins.",
+          f"- Per-image probabilities: `{files.get('predictions', 'predictions.csv')}`.", "",
+          "Reproduce:", "", "```", report["command"], "```", ""]
+    if d["unreadable"]:
+        L += ["## Unreadable inputs", ""] + [f"- `{u['file']}`: {u['reason']}" for u in d["unreadable"]] + [""]
+    return "\n".join(L)
+
+
+__all__ = ["run_accuracy", "render_markdown", "evaluate", "predict_all", "CI_METRICS", "KIND"]

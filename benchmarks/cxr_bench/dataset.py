@@ -1,0 +1,104 @@
+"""A labelled image folder (one sub-folder per label) and a decode-once pixel cache.
+
+Layout expected by ``--data DIR``::
+
+    DIR/NORMAL/*.jpeg
+    DIR/PNEUMONIA/*.jpeg
+
+Example:
+    >>> ds = list_dataset("../shared/data/chest_xray_224/test")       # doctest: +SKIP
+    >>> len(ds.files), ds.counts()                                      # doctest: +SKIP
+    (624, {'NORMAL': 234, 'PNEUMONIA': 390})
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from cxr_infer.errors import InputError
+from cxr_infer.preprocess import load_image
+
+from .util import BenchError, Progress
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+
+
+@dataclass
+class Dataset:
+    """Image files with their folder label, sorted by (label, name) for reproducibility."""
+
+    root: Path
+    files: List[Path]
+    folder_labels: List[str]
+
+    def counts(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for lab in self.folder_labels:
+            out[lab] = out.get(lab, 0) + 1
+        return out
+
+    def targets(self, positive_label: str, labels: Sequence[str]) -> np.ndarray:
+        """0/1 targets for a model (1 = ``positive_label``); every folder must be one of ``labels``."""
+        unknown = sorted(set(self.folder_labels) - set(labels))
+        if unknown:
+            raise BenchError(f"{self.root}: folder(s) {unknown} are not labels of the model ({list(labels)}); "
+                             f"--data must hold one sub-folder per label, named like the model's labels")
+        if len(labels) != 2:
+            raise BenchError(f"the model has {len(labels)} labels; cxr-bench measures binary models only")
+        return np.array([lab == positive_label for lab in self.folder_labels], dtype=np.int64)
+
+
+def list_dataset(root: str | Path, limit: Optional[int] = None) -> Dataset:
+    """The images under ``root/<label>/``; ``limit`` keeps the first N (by name) of each label."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BenchError(f"--data {root}: no such folder (expected DIR/NORMAL/*.jpeg and DIR/PNEUMONIA/*.jpeg)")
+    files: List[Path] = []
+    labels: List[str] = []
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for sub in subdirs:
+        imgs = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if limit is not None:
+            imgs = imgs[: int(limit)]
+        files += imgs
+        labels += [sub.name] * len(imgs)
+    if not files:
+        found = ", ".join(p.name for p in subdirs) or "no sub-folders"
+        raise BenchError(f"--data {root}: no images found ({found}); expected one sub-folder per label "
+                         f"holding .jpeg/.png files, e.g. {root}/NORMAL and {root}/PNEUMONIA")
+    return Dataset(root=root, files=files, folder_labels=labels)
+
+
+@dataclass
+class PixelCache:
+    """Decoded pixels per input size, so each image is decoded once per size, not per model.
+
+    ``failed`` maps the index of an image that could not be read to its one-line reason.
+    """
+
+    files: List[Path]
+    quiet: bool = False
+    _pixels: Dict[Tuple[int, int], np.ndarray] = field(default_factory=dict)
+    failed: Dict[int, str] = field(default_factory=dict)
+    decodes: int = 0
+
+    def pixels(self, size: Tuple[int, int]) -> np.ndarray:
+        """``uint8`` array ``(N, H, W, 3)`` for every file (zeros where decoding failed)."""
+        size = (int(size[0]), int(size[1]))
+        if size not in self._pixels:
+            w, h = size
+            out = np.zeros((len(self.files), h, w, 3), dtype=np.uint8)
+            prog = Progress(f"decoding {len(self.files)} images at {w}x{h}", len(self.files), enabled=not self.quiet)
+            for i, f in enumerate(self.files):
+                try:
+                    out[i] = load_image(f, size)
+                    self.decodes += 1
+                except InputError as exc:
+                    self.failed[i] = str(exc)
+                prog.step()
+            prog.done(f"({len(self.failed)} unreadable)" if self.failed else "")
+            self._pixels[size] = out
+        return self._pixels[size]

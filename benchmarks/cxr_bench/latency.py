@@ -1,0 +1,256 @@
+"""``cxr-bench latency``: per-call latency of model files (and PyTorch eager), fresh process each.
+
+Every configuration (model x batch size) is measured in its own new Python process
+(:mod:`cxr_bench.worker`), with fixed threads, warm-up calls first. Configurations are
+interleaved: round 1 runs every configuration once, round 2 again (in rotated order), and
+so on, so a slow spell on a shared machine hits all of them alike. Per configuration the
+report gives the median of the per-process medians (the headline), p90/p99 over all timed
+calls pooled, the spread of the process medians, images/s, session load time, peak RSS
+and file size.
+
+Example:
+    >>> rep = run_latency(["m_int8.onnx"], batches=[1, 8], threads=2, repeats=3)  # doctest: +SKIP
+    >>> rep["results"][0]["median_ms"]                                             # doctest: +SKIP
+    12.3
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from . import __version__
+from .machine import describe_machine, machine_markdown, package_version
+from .models import providers_for, read_spec
+from .util import BenchError, command_line, fmt_ms, fmt_num, mb, md_table, now_iso, say, write_json, write_text
+from .worker import MARKER
+
+KIND = "cxr-bench/latency"
+
+
+def _child_env(threads: int) -> Dict[str, str]:
+    """The parent's environment, thread variables pinned, and cxr packages importable."""
+    import cxr_infer
+
+    import cxr_bench
+
+    env = dict(os.environ)
+    roots = [str(Path(cxr_bench.__file__).resolve().parents[1]), str(Path(cxr_infer.__file__).resolve().parents[1])]
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("cxr_train")
+        if spec and spec.origin:
+            roots.append(str(Path(spec.origin).resolve().parents[1]))
+    except (ImportError, ValueError):
+        pass
+    old = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + ([old] if old else [])))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
+def checkpoint_info(folder: str | Path) -> Dict[str, Any]:
+    """Backbone, weights file and size of a cxr-train run folder, read without importing torch."""
+    p = Path(folder)
+    folder = p if p.is_dir() else p.parent
+    meta_path = folder / "checkpoint.json"
+    if not meta_path.is_file():
+        raise BenchError(f"--checkpoint {p}: no checkpoint.json there (pass a cxr-train run folder, "
+                         f"e.g. runs/gpu2/resnet50)")
+    if package_version("torch") is None:
+        raise BenchError("--checkpoint needs PyTorch for the eager baseline: pip install '.[train]' "
+                         "(or leave --checkpoint out)")
+    meta = json.loads(meta_path.read_text())
+    weights = next((folder / n for n in ("model.safetensors", "model_fp16.safetensors") if (folder / n).is_file()),
+                   None)
+    if weights is None:
+        raise BenchError(f"--checkpoint {p}: no model.safetensors or model_fp16.safetensors in {folder}")
+    return {"engine": "torch", "path": str(folder), "name": f"{meta.get('backbone', folder.name)} (PyTorch eager)",
+            "backbone": meta.get("backbone", folder.name), "precision": "fp32",
+            "file_bytes": weights.stat().st_size, "weights_file": weights.name,
+            "weights_note": "weights stored as fp16, run as fp32" if "fp16" in weights.name else ""}
+
+
+def model_info(path: str | Path) -> Dict[str, Any]:
+    """Backbone, precision and size of an ONNX model file (spec checked before any timing)."""
+    p = Path(path)
+    spec = read_spec(p)
+    return {"engine": "onnx", "path": str(p), "name": p.stem, "backbone": spec.backbone, "precision": spec.precision,
+            "file_bytes": p.stat().st_size}
+
+
+def run_worker(cfg: Dict[str, Any], env: Dict[str, str], timeout: float) -> Dict[str, Any]:
+    """Run one measurement process and return its result (``{"error": ...}`` on failure)."""
+    cmd = [sys.executable, "-m", "cxr_bench.worker", json.dumps(cfg)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s (raise --timeout or lower --iterations)"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(MARKER)]
+    if not lines:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [f"exit status {r.returncode}"]
+        return {"error": f"worker failed: {tail[0][:300]}"}
+    return json.loads(lines[-1][len(MARKER):])
+
+
+def aggregate(processes: List[Dict[str, Any]], batch: int) -> Dict[str, Any]:
+    """Headline figures of one configuration from its per-process results."""
+    ok = [p for p in processes if "times_ms" in p and p["times_ms"]]
+    if not ok:
+        return {"error": processes[0].get("error", "no result") if processes else "not run"}
+    medians = [float(np.median(p["times_ms"])) for p in ok]
+    pooled = np.concatenate([p["times_ms"] for p in ok])
+    med = float(np.median(medians))
+    return {
+        "median_ms": med,
+        "p90_ms": float(np.percentile(pooled, 90)),
+        "p99_ms": float(np.percentile(pooled, 99)),
+        "mean_ms": float(pooled.mean()),
+        "min_ms": float(pooled.min()),
+        "images_per_s": batch * 1000.0 / med if med > 0 else None,
+        "ms_per_image": med / batch,
+        "process_medians_ms": medians,
+        "process_spread": (max(medians) / min(medians) - 1.0) if min(medians) > 0 else None,
+        "timed_calls": int(pooled.size),
+        "processes_ok": len(ok),
+        "processes_failed": len(processes) - len(ok),
+        "load_s": float(np.median([p["load_s"] for p in ok])),
+        "first_run_ms": float(np.median([p["first_run_ms"] for p in ok])),
+        "import_s": float(np.median([p["import_s"] for p in ok])),
+        "peak_rss_bytes": int(max(p["peak_rss_bytes"] for p in ok)),
+        "rss_before_load_bytes": int(np.median([p["rss_before_load_bytes"] for p in ok])),
+    }
+
+
+def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | Path] = (), batches: Sequence[int] = (1,),
+                threads: int = 1, device: str = "cpu", repeats: int = 3, warmup: int = 3, iterations: int = 20,
+                max_seconds: float = 10.0, timeout: float = 600.0, out: Optional[str | Path] = None,
+                name: Optional[str] = None, seed: int = 0, quiet: bool = False) -> Dict[str, Any]:
+    """Measure every (model or checkpoint) x batch, ``repeats`` fresh processes each, interleaved."""
+    if not models and not checkpoints:
+        raise BenchError("nothing to measure: pass --model FILE.onnx and/or --checkpoint RUN_FOLDER")
+    if repeats < 1 or iterations < 1 or threads < 1 or any(b < 1 for b in batches):
+        raise BenchError("--repeats, --iterations, --threads and every --batch must be at least 1")
+    providers_for(device)  # fail before any process starts if the device is missing
+    subjects = [model_info(m) for m in models] + [checkpoint_info(c) for c in checkpoints]
+    configs: List[Dict[str, Any]] = []
+    for s in subjects:
+        for b in batches:
+            configs.append({**s, "batch": int(b)})
+    env = _child_env(threads)
+    raw: List[List[Dict[str, Any]]] = [[] for _ in configs]
+    order_log: List[List[int]] = []
+    machine = describe_machine(torch_used=bool(checkpoints))
+    for r in range(repeats):
+        order = [(i + r) % len(configs) for i in range(len(configs))]
+        order_log.append(order)
+        for k, i in enumerate(order):
+            c = configs[i]
+            cfg = {"engine": c["engine"], "path": c["path"], "device": device, "batch": c["batch"], "threads": threads,
+                   "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed}
+            res = run_worker(cfg, env, timeout)
+            res["round"] = r + 1
+            raw[i].append(res)
+            what = f"{res['error']}" if "error" in res else \
+                f"median {np.median(res['times_ms']):.2f} ms over {len(res['times_ms'])} calls, load {res['load_s']:.2f} s"
+            say(f"round {r + 1}/{repeats} [{k + 1}/{len(configs)}] {c['name']} batch {c['batch']}: {what}", quiet)
+    results = []
+    for c, procs in zip(configs, raw):
+        results.append({**c, "device": device, "threads": threads, **aggregate(procs, c["batch"]), "processes": procs})
+    report: Dict[str, Any] = {
+        "kind": KIND, "format_version": 1, "created": now_iso(), "cxr_bench_version": __version__,
+        "command": command_line(), "machine": machine,
+        "settings": {"device": device, "threads": threads, "batches": list(batches), "repeats": repeats,
+                     "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed,
+                     "order": order_log,
+                     "input": "seeded standard-normal tensor of the model's input shape and dtype",
+                     "onnxruntime_session": "ORT_ENABLE_ALL, sequential, intra_op_num_threads = threads, "
+                                            "inter_op_num_threads = 1",
+                     "torch": "fp32 eager, torch.inference_mode, set_num_threads(threads), interop threads 1"},
+        "results": results,
+        "comparisons": comparisons(results),
+        "files": {},
+    }
+    if out is not None:
+        write_latency(report, Path(out), name=name, quiet=quiet)
+    return report
+
+
+def comparisons(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Speed-ups: ONNX vs PyTorch eager (same backbone, batch) and INT8/FP16 vs FP32 ONNX."""
+    ok = [r for r in results if r.get("median_ms")]
+    out = []
+    for r in ok:
+        if r["engine"] != "onnx":
+            continue
+        for base in ok:
+            same = base["backbone"] == r["backbone"] and base["batch"] == r["batch"] and base is not r
+            if not same:
+                continue
+            if base["engine"] == "torch":
+                kind = "vs PyTorch eager fp32"
+            elif base["engine"] == "onnx" and base["precision"] == "fp32" and r["precision"] != "fp32":
+                kind = "vs ONNX fp32"
+            else:
+                continue
+            out.append({"backbone": r["backbone"], "batch": r["batch"], "model": r["name"], "baseline": base["name"],
+                        "kind": kind, "speedup": base["median_ms"] / r["median_ms"]})
+    return out
+
+
+def render_markdown(report: Dict[str, Any]) -> str:
+    """The Markdown latency report: machine, settings, results table, speed-ups, method."""
+    s = report["settings"]
+    L = ["# cxr-bench latency report", "", f"Created {report['created']} by cxr-bench {report['cxr_bench_version']}.",
+         "", "## Machine", "", machine_markdown(report["machine"]), "",
+         "## Settings", "",
+         f"- Device {s['device']}, {s['threads']} thread(s) fixed; batch sizes {', '.join(map(str, s['batches']))}.",
+         f"- Each configuration measured in {s['repeats']} fresh process(es), interleaved in rotated order; "
+         f"per process {s['warmup']} warm-up call(s), then up to {s['iterations']} timed calls "
+         f"(fewer, at least 3, once {s['max_seconds']:g} s of timing is spent).",
+         f"- ONNX Runtime: {s['onnxruntime_session']}. PyTorch: {s['torch']}.",
+         f"- Input: {s['input']}.", "", "## Results", "",
+         "Median: median of the per-process medians. p90/p99: over all timed calls of all processes. "
+         "Load: session/model load time (median). Peak RSS: largest peak resident memory of any process "
+         "(interpreter and libraries included).", ""]
+    rows = []
+    for r in report["results"]:
+        engine = "onnxruntime" if r["engine"] == "onnx" else "PyTorch eager"
+        if r.get("error"):
+            rows.append([r["name"], engine, r["precision"], r["batch"], "failed: " + r["error"], "", "", "", "", "",
+                         "", mb(r["file_bytes"])])
+            continue
+        pm = r["process_medians_ms"]
+        rows.append([r["name"], engine, r["precision"], r["batch"], fmt_ms(r["median_ms"]), fmt_ms(r["p90_ms"]),
+                     fmt_ms(r["p99_ms"]), fmt_num(r["images_per_s"], 1),
+                     f"{fmt_ms(min(pm))} – {fmt_ms(max(pm))} ({len(pm)})", fmt_num(r["load_s"], 2), mb(r["peak_rss_bytes"]),
+                     mb(r["file_bytes"])])
+    L += [md_table(["Model", "Engine", "Precision", "Batch", "Median ms", "p90 ms", "p99 ms", "Images/s",
+                    "Process medians ms (n)", "Load s", "Peak RSS MiB", "File MiB"], rows, "lllrrrrrrrrr"), ""]
+    if report["comparisons"]:
+        L += ["## Speed-ups (ratio of medians)", "",
+              md_table(["Backbone", "Batch", "Model", "Compared with", "Speed-up"],
+                       [[c["backbone"], c["batch"], c["model"], f"{c['baseline']} ({c['kind'][3:]})",
+                         f"{c['speedup']:.2f}x"] for c in report["comparisons"]], "lrllr"),
+              "", "Speed-up = baseline median / model median (above 1: the model is faster).", ""]
+    notes = [r for r in report["results"] if r.get("weights_note")]
+    if notes:
+        L += [f"- {r['name']}: file size is `{r['weights_file']}` ({r['weights_note']})." for r in notes[:1]] + [""]
+    L += ["Reproduce:", "", "```", report["command"], "```", ""]
+    return "\n".join(L)
+
+
+def write_latency(report: Dict[str, Any], out: Path, name: Optional[str] = None, quiet: bool = False) -> None:
+    """Write ``latency[-NAME].json`` and ``.md`` into ``out``."""
+    stem = f"latency-{name}" if name else "latency"
+    report["files"] = {"json": f"{stem}.json", "markdown": f"{stem}.md"}
+    write_json(out / f"{stem}.json", report)
+    write_text(out / f"{stem}.md", render_markdown(report))
+    say(f"wrote {out / (stem + '.md')} and {stem}.json", quiet)

@@ -1,0 +1,148 @@
+"""Open a cxr model file: its spec, an onnxruntime session, and a description for reports.
+
+Example:
+    >>> m = open_model("runs/export/resnet50_int8.onnx", threads=2)   # doctest: +SKIP
+    >>> m.spec.backbone, m.spec.precision, m.name                     # doctest: +SKIP
+    ('resnet50', 'int8', 'resnet50_int8')
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from cxr_infer.errors import ModelError
+from cxr_infer.spec import SPEC_KEY, ModelSpec
+
+from .util import BenchError, sha256_file
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def session_options(threads: int):
+    """Fixed-thread session options used for every measurement (intra = ``threads``, inter = 1)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def providers_for(device: str) -> List[str]:
+    """The execution providers for ``device`` (``cpu`` or ``cuda``), checked to be available."""
+    import onnxruntime as ort
+
+    if device not in PROVIDERS:
+        raise BenchError(f"unknown device {device!r}: use --device cpu or --device cuda")
+    available = ort.get_available_providers()
+    wanted = PROVIDERS[device]
+    if wanted not in available:
+        raise BenchError(f"--device {device}: onnxruntime {ort.__version__} has no {wanted} "
+                         f"(available: {', '.join(available)}); install onnxruntime-gpu (pip install '.[gpu]') "
+                         f"or use --device cpu")
+    return [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
+
+
+@dataclass
+class OnnxModel:
+    """A loaded cxr model: path, parsed spec, session and load time."""
+
+    path: Path
+    spec: ModelSpec
+    session: Any
+    load_s: float
+    file_bytes: int
+    sha256: str = ""
+    providers: List[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The file name without ``.onnx``: how reports name this model."""
+        return self.path.stem
+
+    @property
+    def label(self) -> str:
+        """``backbone precision`` from the spec, e.g. ``resnet50 int8``."""
+        return f"{self.spec.backbone} {self.spec.precision}"
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Positive-class probabilities of a normalised float32 NCHW batch."""
+        if self.spec.input_dtype == "float16":
+            x = x.astype(np.float16)
+        out = self.session.run([self.spec.prob_output], {self.spec.input_name: x})[0]
+        return np.asarray(out, dtype=np.float64)[:, self.spec.positive_index]
+
+    def describe(self) -> Dict[str, Any]:
+        """The facts about this file that a report must show."""
+        prov = self.spec.raw.get("provenance", {})
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "file_bytes": self.file_bytes,
+            "sha256": self.sha256,
+            "backbone": self.spec.backbone,
+            "precision": self.spec.precision,
+            "threshold": self.spec.threshold,
+            "threshold_rule": self.spec.raw.get("threshold_rule") or prov.get("threshold_rule"),
+            "image_size": list(self.spec.image_size),
+            "labels": self.spec.labels,
+            "positive_label": self.spec.positive_label,
+            "input_dtype": self.spec.input_dtype,
+            "providers": self.providers,
+            "load_s": self.load_s,
+            "provenance": prov,
+        }
+
+
+def read_spec(path: Path) -> ModelSpec:
+    """The validated spec of ``path`` without building an inference session (fast)."""
+    import onnx
+
+    path = Path(path)
+    _check_file(path)
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises several types for a bad file
+        raise ModelError(f"{path}: not a readable ONNX file ({exc.__class__.__name__}: {exc})") from None
+    meta = {p.key: p.value for p in m.metadata_props}
+    if SPEC_KEY not in meta:
+        raise ModelError(f"{path}: no '{SPEC_KEY}' in the ONNX metadata: not a cxr model (export it with cxr-export)")
+    return ModelSpec.from_json(meta[SPEC_KEY], source=str(path))
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ModelError(f"{path}: no such model file (pass the path of a .onnx file made by cxr-export)")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a folder; pass the .onnx file itself")
+
+
+def open_model(path: str | Path, device: str = "cpu", threads: int = 1, checksum: bool = True) -> OnnxModel:
+    """Build a session for ``path`` with fixed threads; the spec is read from its metadata."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    _check_file(path)
+    providers = providers_for(device)
+    t0 = time.perf_counter()
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+    except Exception as exc:
+        raise ModelError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+    load_s = time.perf_counter() - t0
+    meta = sess.get_modelmeta().custom_metadata_map
+    if SPEC_KEY not in meta:
+        raise ModelError(f"{path}: no '{SPEC_KEY}' in the ONNX metadata: not a cxr model (export it with cxr-export)")
+    spec = ModelSpec.from_json(meta[SPEC_KEY], source=str(path))
+    names = [o.name for o in sess.get_outputs()]
+    if spec.prob_output not in names:
+        raise ModelError(f"{path}: spec names output {spec.prob_output!r} but the graph has {names}")
+    return OnnxModel(path=path, spec=spec, session=sess, load_s=load_s, file_bytes=path.stat().st_size,
+                     sha256=sha256_file(path) if checksum else "", providers=list(sess.get_providers()))

@@ -1,0 +1,185 @@
+"""Small helpers shared by the cxr-bench modules: errors, JSON, progress, formatting.
+
+Example:
+    >>> fmt_pct(0.93751)
+    '93.75%'
+    >>> clean_json({"a": float("nan")})
+    {'a': None}
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, List, Optional, Sequence
+
+from cxr_infer.errors import CXRError
+
+
+class BenchError(CXRError):
+    """A benchmark cannot run as asked; the message says what to do instead."""
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 to the second (``2024-05-01T12:00:00Z``)."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def clean_json(obj: Any) -> Any:
+    """Replace NaN/inf by ``None`` and numpy scalars/arrays by plain Python, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return clean_json(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented, strictly valid JSON (no NaN) atomically; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(clean_json(obj), indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` atomically, creating parent folders; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Progress:
+    """Progress lines on stderr: rewritten in place on a terminal, every ~10% otherwise.
+
+    Example:
+        >>> p = Progress("decoding", 3, enabled=False)
+        >>> for _ in range(3): p.step()
+        >>> p.done()
+    """
+
+    def __init__(self, label: str, total: int, enabled: bool = True) -> None:
+        self.label, self.total, self.count = label, max(int(total), 0), 0
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self._last_decile = -1
+        self._last_print = self.start
+
+    def step(self, n: int = 1) -> None:
+        self.count += n
+        if not self.enabled or not self.total:
+            return
+        if self.tty:
+            sys.stderr.write(f"\r{self.label}: {self.count}/{self.total}")
+            sys.stderr.flush()
+            return
+        decile = (10 * self.count) // self.total
+        quiet_for = time.perf_counter() - self._last_print
+        if decile != self._last_decile and (quiet_for >= 2.0 or self.count >= self.total):
+            self._last_decile = decile
+            self._last_print = time.perf_counter()
+            print(f"{self.label}: {self.count}/{self.total}", file=sys.stderr, flush=True)
+
+    def done(self, note: str = "") -> None:
+        if not self.enabled:
+            return
+        took = time.perf_counter() - self.start
+        end = "\n" if self.tty else ""
+        sys.stderr.write(f"{end}{self.label}: done, {self.count} in {took:.1f} s{(' ' + note) if note else ''}\n")
+        sys.stderr.flush()
+
+
+def say(msg: str, quiet: bool = False) -> None:
+    """One progress/status line on stderr (stdout stays clean for paths and data)."""
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ---- formatting for Markdown
+def _bad(x: Optional[float]) -> bool:
+    return x is None or (isinstance(x, float) and not math.isfinite(x))
+
+
+def fmt_pct(x: Optional[float], digits: int = 2) -> str:
+    """A fraction as a percentage (``0.5`` -> ``50.00%``); ``n/a`` for missing values."""
+    return "n/a" if _bad(x) else f"{100.0 * float(x):.{digits}f}%"
+
+
+def fmt_num(x: Optional[float], digits: int = 4) -> str:
+    """A number with fixed decimals; ``n/a`` for missing values."""
+    return "n/a" if _bad(x) else f"{float(x):.{digits}f}"
+
+
+def fmt_ms(x: Optional[float]) -> str:
+    """Milliseconds with about three significant digits (``12.3``, ``0.0456``, ``1234``)."""
+    if _bad(x):
+        return "n/a"
+    x = float(x)
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def fmt_ci(lo: Optional[float], hi: Optional[float], pct: bool = True, digits: Optional[int] = None) -> str:
+    """A confidence interval ``[lo, hi]`` in the same format as its point value."""
+    f = fmt_pct if pct else fmt_num
+    digits = digits if digits is not None else (2 if pct else 4)
+    if _bad(lo) or _bad(hi):
+        return "n/a"
+    return f"{f(lo, digits)} – {f(hi, digits)}"
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: Optional[str] = None) -> str:
+    """A GitHub Markdown table; ``align`` is one char per column (``l``/``r``), default left."""
+    header = [str(h) for h in header]
+    align = align or "l" * len(header)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines: List[str] = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
+    return "\n".join(lines)
+
+
+def mb(n_bytes: Optional[float]) -> str:
+    """Bytes as MiB with one decimal (``n/a`` when unknown)."""
+    return "n/a" if _bad(n_bytes) else f"{float(n_bytes) / 2**20:.1f}"
+
+
+def command_line() -> str:
+    """The command that is running, as a person would retype it."""
+    import shlex
+
+    prog = Path(sys.argv[0]).name if sys.argv else "cxr-bench"
+    if prog in ("__main__.py", "cli.py"):
+        prog = "cxr-bench"
+    return " ".join([prog] + [shlex.quote(a) for a in sys.argv[1:]])

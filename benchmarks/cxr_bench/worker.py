@@ -1,0 +1,137 @@
+"""One latency measurement in a fresh process: ``python -m cxr_bench.worker '<json config>'``.
+
+The parent (:mod:`cxr_bench.latency`) starts one of these per configuration and repeat, so
+no measurement inherits a warm cache, an allocator state or a thread pool from another.
+The last stdout line is ``CXR_BENCH_RESULT {json}``.
+
+Config keys: engine (``onnx`` or ``torch``), path, device, batch, threads, warmup,
+iterations, max_seconds, seed.
+
+Example:
+    $ python -m cxr_bench.worker '{"engine": "onnx", "path": "m.onnx", "batch": 1, "threads": 1}'
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any, Callable, Dict, List, Tuple
+
+MARKER = "CXR_BENCH_RESULT "
+
+
+def _rss_bytes() -> int:
+    """Current resident set size (VmRSS) of this process, 0 where /proc is unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _peak_rss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def _onnx_runner(cfg: Dict[str, Any]) -> Tuple[Callable[[], Any], Dict[str, Any]]:
+    t0 = time.perf_counter()
+    import numpy as np
+    import onnxruntime as ort
+
+    from cxr_infer.spec import SPEC_KEY, ModelSpec
+
+    from .models import providers_for, session_options
+
+    info: Dict[str, Any] = {"import_s": time.perf_counter() - t0, "onnxruntime": ort.__version__}
+    info["rss_before_load_bytes"] = _rss_bytes()
+    t1 = time.perf_counter()
+    sess = ort.InferenceSession(cfg["path"], sess_options=session_options(cfg["threads"]),
+                                providers=providers_for(cfg.get("device", "cpu")))
+    info["load_s"] = time.perf_counter() - t1
+    spec = ModelSpec.from_json(sess.get_modelmeta().custom_metadata_map[SPEC_KEY], source=cfg["path"])
+    info["providers"] = sess.get_providers()
+    w, h = spec.image_size
+    dtype = np.float16 if spec.input_dtype == "float16" else np.float32
+    x = np.random.default_rng(cfg.get("seed", 0)).standard_normal((cfg["batch"], 3, h, w)).astype(dtype)
+    feeds = {spec.input_name: x}
+    outs = [spec.prob_output]
+    return (lambda: sess.run(outs, feeds)), info
+
+
+def _torch_runner(cfg: Dict[str, Any]) -> Tuple[Callable[[], Any], Dict[str, Any]]:
+    t0 = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(int(cfg["threads"]))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    from cxr_train.checkpoint import load_checkpoint
+
+    info: Dict[str, Any] = {"import_s": time.perf_counter() - t0, "torch": torch.__version__,
+                            "torch_threads": torch.get_num_threads()}
+    info["rss_before_load_bytes"] = _rss_bytes()
+    device = "cuda" if cfg.get("device") == "cuda" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: this PyTorch has no CUDA device; use --device cpu")
+    t1 = time.perf_counter()
+    model, meta = load_checkpoint(cfg["path"], map_location=device)
+    info["load_s"] = time.perf_counter() - t1
+    size = int(meta.get("image_size", 224))
+    gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+    x = torch.randn((cfg["batch"], 3, size, size), generator=gen).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            y = model(x)
+        sync()
+        return y
+
+    return run, info
+
+
+def measure(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Load, warm up, then time single calls until ``iterations`` or ``max_seconds`` is reached."""
+    runner = _torch_runner if cfg.get("engine") == "torch" else _onnx_runner
+    run, info = runner(cfg)
+    t0 = time.perf_counter()
+    run()
+    info["first_run_ms"] = (time.perf_counter() - t0) * 1000.0
+    for _ in range(max(int(cfg.get("warmup", 3)) - 1, 0)):
+        run()
+    times: List[float] = []
+    budget = float(cfg.get("max_seconds", 10.0))
+    iterations, min_iterations = int(cfg.get("iterations", 20)), int(cfg.get("min_iterations", 3))
+    start = time.perf_counter()
+    while len(times) < iterations:
+        t = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t) * 1000.0)
+        if len(times) >= min_iterations and time.perf_counter() - start > budget:
+            break
+    info.update(times_ms=times, peak_rss_bytes=_peak_rss_bytes(), pid=os.getpid())
+    return info
+
+
+def main(argv: List[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = json.loads(argv[0])
+    try:
+        result = measure(cfg)
+    except Exception as exc:  # reported to the parent as one line, not a traceback
+        print(MARKER + json.dumps({"error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}))
+        return 1
+    print(MARKER + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,15 +1,173 @@
-"""DICOM reading (optional extra ``dicom``): placeholder, refined by the runtime issue."""
+"""DICOM input (optional extra ``dicom``: pydicom): one X-ray frame to 8-bit display pixels.
+
+The pipeline follows the DICOM grayscale standard display chain:
+
+1. stored values -> Modality LUT (``ModalityLUTSequence``) or ``RescaleSlope/Intercept``;
+2. -> VOI LUT (``VOILUTSequence``) or ``WindowCenter/Width`` (LINEAR, LINEAR_EXACT, SIGMOID);
+   without either, the range the values can take (``BitsStored``, signed or not) is used,
+   or their min..max when a rescale makes that range unknown;
+3. -> 0..255, the range of the training images; ``MONOCHROME1`` (white = low) is inverted.
+
+RGB (and, with pydicom 3, YBR) 8-bit images are passed through. Multi-frame objects and
+objects without pixel data (reports, presentation states, ...) are refused with one clear line.
+
+Example:
+    >>> looks_like_dicom(b"\\0" * 128 + b"DICM" + b"\\2\\0\\0\\0UL")
+    True
+    >>> looks_like_dicom(b"\\xff\\xd8\\xff\\xe0 a JPEG")
+    False
+"""
 from __future__ import annotations
 
+import io
+import struct
+import warnings
+from typing import Any
+
+import numpy as np
 from PIL import Image
 
 from .errors import InputError
 
+INSTALL_HINT = "install the DICOM extra: pip install 'cxr[dicom]'"
+
 
 def looks_like_dicom(data: bytes) -> bool:
-    """True when ``data`` carries the DICOM preamble magic ``DICM`` at byte 128."""
-    return len(data) > 132 and data[128:132] == b"DICM"
+    """True for DICOM data: ``DICM`` at byte 128, or a preamble-less dataset (cheap sniff).
+
+    A dataset without preamble starts with a group 0002 (file meta) or 0008 (identifying)
+    element in little-endian explicit or implicit VR; no JPEG, PNG, BMP or TIFF starts so.
+    """
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return True
+    if len(data) < 8:
+        return False
+    group, element = struct.unpack_from("<HH", data, 0)
+    if group not in (0x0002, 0x0008) or element > 0x0100:
+        return False
+    vr = data[4:6]
+    if vr.isalpha() and vr.isupper():  # explicit VR
+        return True
+    (length,) = struct.unpack_from("<I", data, 4)  # implicit VR: a plausible length
+    return length < min(len(data), 1 << 16)
+
+
+def _pydicom() -> Any:
+    try:
+        import pydicom
+    except ImportError:
+        raise InputError(f"is a DICOM file; reading DICOM needs pydicom: {INSTALL_HINT}") from None
+    return pydicom
+
+
+def _modality(arr: np.ndarray, ds: Any) -> np.ndarray:
+    if "ModalityLUTSequence" in ds:
+        try:
+            from pydicom.pixels import apply_modality_lut
+        except ImportError:  # pydicom 2.x
+            from pydicom.pixel_data_handlers.util import apply_modality_lut
+        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    return arr.astype(np.float64) * slope + intercept
+
+
+def _first(value: Any) -> float:
+    try:
+        return float(value[0])
+    except (TypeError, IndexError):
+        return float(value)
+
+
+def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing to 0..1."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    if width <= 1:
+        return (x > center - 0.5).astype(np.float64)
+    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _to_unit(raw: np.ndarray, ds: Any) -> np.ndarray:
+    """Stored values -> display values in 0..1 (before MONOCHROME1 inversion)."""
+    values = _modality(raw, ds)
+    if "VOILUTSequence" in ds:
+        try:
+            from pydicom.pixels import apply_voi_lut
+        except ImportError:  # pydicom 2.x
+            from pydicom.pixel_data_handlers.util import apply_voi_lut
+        item = ds.VOILUTSequence[0]
+        bits = int(item.LUTDescriptor[2])
+        out = np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float64)
+        return out / float((1 << bits) - 1)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        width = _first(ds.WindowWidth)
+        if width <= 0:
+            raise InputError(f"invalid WindowWidth {width}")
+        return _window(values, _first(ds.WindowCenter), width, function)
+    rescaled = "ModalityLUTSequence" in ds or float(ds.get("RescaleSlope", 1) or 1) != 1 \
+        or float(ds.get("RescaleIntercept", 0) or 0) != 0
+    if rescaled:
+        lo, hi = float(values.min()), float(values.max())
+    else:
+        bits = int(ds.get("BitsStored", raw.dtype.itemsize * 8) or 8)
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        lo = -(1 << (bits - 1)) if signed else 0.0
+        hi = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+
+
+def _describe_object(ds: Any) -> str:
+    sop = ds.get("SOPClassUID")
+    sop_name = getattr(sop, "name", None) or (str(sop) if sop else "unknown SOP class")
+    modality = ds.get("Modality", "")
+    return f"{sop_name}{', modality ' + str(modality) if modality else ''}"
 
 
 def read_dicom(data: bytes, name: str) -> Image.Image:
-    raise InputError(f"{name}: DICOM support is not implemented yet")
+    """Decode one DICOM frame into an 8-bit PIL image (``L``, or ``RGB`` for colour objects).
+
+    Raises :class:`InputError` (one line naming ``name``) for objects without an image,
+    multi-frame objects, undecodable pixel data, or a missing pydicom.
+    """
+    try:
+        pydicom = _pydicom()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            except Exception as exc:
+                raise InputError(f"corrupt DICOM file ({exc})") from None
+            if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                raise InputError(f"DICOM object without an image ({_describe_object(ds)})")
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            if frames > 1:
+                raise InputError(f"multi-frame DICOM ({frames} frames) is not supported; "
+                                 "save the frame to classify as its own file")
+            photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+            try:
+                raw = np.asarray(ds.pixel_array)
+            except Exception as exc:
+                syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+                syntax_name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
+                raise InputError(f"cannot decode the DICOM pixel data ({syntax_name}: {exc}); "
+                                 "compressed DICOM may need pylibjpeg or GDCM") from None
+            if photometric in ("MONOCHROME1", "MONOCHROME2"):
+                if raw.ndim != 2:
+                    raise InputError(f"DICOM pixel data of shape {raw.shape} is not a single gray frame")
+                unit = _to_unit(raw, ds)
+                if photometric == "MONOCHROME1":
+                    unit = 1.0 - unit
+                gray = np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+                return Image.fromarray(gray, "L")
+            if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") and raw.ndim == 3 and raw.shape[-1] == 3 \
+                    and raw.dtype == np.uint8:
+                return Image.fromarray(np.ascontiguousarray(raw), "RGB")
+            raise InputError(f"DICOM photometric interpretation {photometric} with pixel data "
+                             f"{raw.dtype} {raw.shape} is not supported (expected MONOCHROME1/2 or 8-bit RGB)")
+    except InputError as exc:
+        msg = str(exc)
+        raise InputError(msg if msg.startswith(name + ":") else f"{name}: {msg}") from None

@@ -1,0 +1,333 @@
+"""``cxr-infer``: classify chest X-ray images with a cxr ONNX model.
+
+Exit status: 0 every input classified, 1 some inputs failed (each named on stderr),
+2 usage, model or device error. Heavy imports (numpy, Pillow, onnxruntime) happen only
+after the arguments are parsed, so ``--help`` is instant.
+
+Example:
+    $ cxr-infer --model resnet50_int8.onnx scans/ --format jsonl --output results.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+T_START = time.perf_counter()
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+PROGRESS_MIN_ITEMS = 16
+
+EPILOG = """\
+inputs:
+  files, folders (searched recursively for .jpeg .jpg .png .bmp .tif .tiff .dcm
+  and extension-less DICOM files), glob patterns (quote them: 'scans/**/*.png'),
+  or - to read one image from stdin.
+
+examples:
+  cxr-infer --model resnet50_int8.onnx chest.jpeg
+      one image, a readable table on stdout
+  cxr-infer --model m.onnx scans/ 'more/**/*.png' --format jsonl --output out.jsonl
+      a folder and a glob; one JSON object per input, errors included
+  cxr-infer --model m.onnx --format csv --threshold 0.3 scans/ > screening.csv
+      a more sensitive operating point than the model's own threshold
+  cxr-infer --model m.onnx --device cuda --batch-size 32 big_folder/
+      on the GPU (needs onnxruntime-gpu: pip install 'cxr[gpu]')
+  cxr-infer --model m.onnx --info
+      print the model's spec (backbone, input, labels, threshold, provenance)
+  cat image.dcm | cxr-infer --model m.onnx -
+
+output:
+  table   path, label, probability of the positive label, threshold
+  jsonl   {"path", "label", "probability", "threshold", "probabilities"} or {"path", "error"}
+  csv     path,label,probability,threshold,error
+  Bad inputs are also reported on stderr, one line each; the rest are still classified.
+
+exit status:
+  0 all inputs classified, 1 some inputs failed, 2 usage, model or device error
+
+environment:
+  CXR_TIMING=1  print the time spent in each phase to stderr (same as --timing)
+"""
+
+
+class UsageError(Exception):
+    """A command-line mistake: reported in one line, exit status 2."""
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cxr-infer",
+        description="Classify chest X-ray images (NORMAL / PNEUMONIA) with a self-describing cxr ONNX model.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders, glob patterns, or -")
+    p.add_argument("-m", "--model", metavar="FILE",
+                   help="cxr .onnx model (default: the model embedded in the package, if installed)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="where to run: cpu (default), cuda (TensorRT/CUDA), auto (cuda when available)")
+    p.add_argument("--threshold", type=_threshold, metavar="T",
+                   help="decision threshold for the positive label, in [0, 1] (default: the model's own)")
+    p.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per inference batch (default 8)")
+    p.add_argument("--threads", type=_positive, metavar="N",
+                   help="CPU threads for inference (default: the cores this process may use)")
+    p.add_argument("--format", choices=("table", "jsonl", "csv"), default="table", help="output format (default table)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write results to FILE instead of stdout")
+    p.add_argument("--info", action="store_true", help="print the model's spec and graph as JSON, then exit")
+    p.add_argument("--no-progress", action="store_true", help="never show the progress bar")
+    p.add_argument("--timing", action="store_true", help="print import/session/preprocess/inference times to stderr")
+    p.add_argument("--version", action="version", version=f"cxr-infer {_version()}")
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+# ---- inputs
+def _looks_like_extensionless_dicom(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _walk(folder: str) -> List[str]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if f.startswith("."):
+                continue
+            path = os.path.join(root, f)
+            suffix = os.path.splitext(f)[1].lower()
+            if suffix in IMAGE_SUFFIXES or (not suffix and _looks_like_extensionless_dicom(path)):
+                found.append(path)
+    return found
+
+
+def expand_inputs(args: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Files to classify, in order without duplicates, and ``(arg, problem)`` for args that give none."""
+    files: List[str] = []
+    problems: List[Tuple[str, str]] = []
+    seen = set()
+
+    def add(path: str) -> None:
+        if path not in seen:
+            seen.add(path)
+            files.append(path)
+
+    for arg in args:
+        if arg == "-" or os.path.isfile(arg):
+            add(arg)
+        elif os.path.isdir(arg):
+            found = _walk(arg)
+            if not found:
+                problems.append((arg, "folder holds no image files"))
+            for f in found:
+                add(f)
+        elif glob.has_magic(arg):
+            matches = sorted(glob.glob(arg, recursive=True))
+            hits = [m for m in matches if os.path.isfile(m)]
+            for m in matches:
+                if os.path.isdir(m):
+                    hits.extend(_walk(m))
+            if not hits:
+                problems.append((arg, "no files match this pattern"))
+            for f in hits:
+                add(f)
+        else:
+            add(arg)  # missing, unreadable, ...: the classifier names the problem
+    return files, problems
+
+
+# ---- output
+class Writer:
+    """Streams results as a table, JSON lines or CSV."""
+
+    def __init__(self, fmt: str, out: IO[str], width: int) -> None:
+        self.fmt, self.out, self.width = fmt, out, max(4, min(width, 100))
+        if fmt == "csv":
+            import csv
+            self._csv = csv.writer(out, lineterminator="\n")
+            self._csv.writerow(["path", "label", "probability", "threshold", "error"])
+        elif fmt == "table":
+            out.write(f"{'path':<{self.width}}  {'label':<12} {'probability':>11}  {'threshold':>9}\n")
+
+    def result(self, path: str, pred: Any) -> None:
+        p = round(pred.probability, 6)
+        if self.fmt == "jsonl":
+            obj = {"path": path, "label": pred.label, "probability": p, "threshold": pred.threshold,
+                   "probabilities": {k: round(v, 6) for k, v in pred.probabilities.items()}}
+            self.out.write(json.dumps(obj) + "\n")
+        elif self.fmt == "csv":
+            self._csv.writerow([path, pred.label, f"{p:.6f}", pred.threshold, ""])
+        else:
+            self.out.write(f"{path:<{self.width}}  {pred.label:<12} {p:>11.4f}  {pred.threshold:>9.4g}\n")
+
+    def error(self, path: str, message: str) -> None:
+        if self.fmt == "jsonl":
+            self.out.write(json.dumps({"path": path, "error": message}) + "\n")
+        elif self.fmt == "csv":
+            self._csv.writerow([path, "", "", "", message])
+
+
+class Progress:
+    """A tiny progress bar on stderr, redrawn at most 10 times a second."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.done, self._last, self._t0 = total, enabled, 0, 0.0, time.perf_counter()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self._last >= 0.1 or self.done == self.total):
+            self._last = now
+            frac = self.done / max(self.total, 1)
+            rate = self.done / max(now - self._t0, 1e-9)
+            bar = "#" * int(frac * 30)
+            sys.stderr.write(f"\r[{bar:<30}] {self.done}/{self.total} {rate:.1f} img/s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.flush()
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"cxr-infer: {message}\n")
+    sys.stderr.flush()
+
+
+def _sources(files: List[str]) -> Iterator[Any]:
+    for f in files:
+        yield sys.stdin.buffer.read() if f == "-" else f
+
+
+def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
+    t0 = time.perf_counter()
+    from .classifier import Classifier
+    from .errors import InputError
+    import numpy  # noqa: F401  (already imported; named for the timing split)
+    import onnxruntime  # noqa: F401
+    timing["import"] = time.perf_counter() - t0
+
+    if not args.inputs and not args.info:
+        raise UsageError("no inputs given (try: cxr-infer --model MODEL.onnx IMAGE...; see --help)")
+    files, problems = expand_inputs(args.inputs) if args.inputs else ([], [])
+
+    t0 = time.perf_counter()
+    clf = Classifier(args.model, device=args.device, threads=args.threads, threshold=args.threshold,
+                     batch_size=args.batch_size, warmup=False)
+    timing["session"] = time.perf_counter() - t0
+
+    try:
+        out: IO[str] = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    try:
+        if args.info:
+            out.write(json.dumps(clf.info(), indent=2) + "\n")
+            return 0
+        writer = Writer(args.format, out, max((len(f) for f in files), default=4))
+        failed = 0
+        for arg, problem in problems:
+            _say(f"{arg}: {problem}")
+            writer.error(arg, problem)
+            failed += 1
+        progress = Progress(len(files), enabled=not args.no_progress and len(files) >= PROGRESS_MIN_ITEMS
+                            and sys.stderr.isatty())
+        for path, result in zip(files, clf.iter_predict(_sources(files), timing=timing)):
+            if isinstance(result, InputError):
+                failed += 1
+                message = str(result)
+                for prefix in (path + ": ", "<bytes>: "):
+                    if message.startswith(prefix):
+                        message = message[len(prefix):]
+                        break
+                detail = message
+                if progress.enabled:
+                    sys.stderr.write("\r" + " " * 60 + "\r")
+                _say(f"{path}: {detail}")
+                writer.error(path, detail)
+            else:
+                writer.result(path, result)
+            progress.step()
+        progress.close()
+        out.flush()
+        total = len(files) + len(problems)
+        if failed:
+            _say(f"{total - failed} of {total} inputs classified, {failed} failed")
+        return 1 if failed else 0
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``cxr-infer``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on usage errors, 0 on --help/--version
+    show_timing = args.timing or os.environ.get("CXR_TIMING", "") not in ("", "0")
+    timing: Dict[str, float] = {}
+    try:
+        status = _run(args, timing)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        _say(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except BrokenPipeError:  # e.g. piped into head: not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except Exception as exc:  # CXRError (model, device) and anything unforeseen: one line, no traceback
+        from .errors import CXRError
+        if os.environ.get("CXR_DEBUG") and not isinstance(exc, CXRError):
+            raise
+        if isinstance(exc, CXRError):
+            _say(str(exc))
+        else:
+            _say(f"unexpected error: {type(exc).__name__}: {exc} (set CXR_DEBUG=1 for the traceback)")
+        return 2
+    if show_timing:
+        timing["total"] = time.perf_counter() - T_START
+        parts = " ".join(f"{k}={timing[k] * 1000:.1f}ms" for k in ("import", "session", "preprocess", "inference",
+                                                                    "total") if k in timing)
+        sys.stderr.write(f"cxr-infer timing: {parts} (total: since the cli module was imported)\n")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

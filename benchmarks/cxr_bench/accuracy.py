@@ -31,13 +31,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from cxr_infer.metrics import binary_metrics, roc_curve
-from cxr_infer.preprocess import to_input
 
 from . import __version__
 from .dataset import PixelCache, list_dataset
-from .models import OnnxModel, open_model
+from .models import OnnxModel, open_model, read_spec, resize_method
 from .stats import CI_METRICS, bootstrap_metrics, calibration_bins
-from .util import (Progress, command_line, fmt_ci, fmt_num, fmt_pct, mb, md_table, now_iso, say, write_json,
+from .util import (BenchError, Progress, command_line, fmt_ci, fmt_num, fmt_pct, mb, md_table, now_iso, say, write_json,
                    write_text)
 
 KIND = "cxr-bench/accuracy"
@@ -55,14 +54,12 @@ def _unique_names(paths: Sequence[Path]) -> List[str]:
 def predict_all(model: OnnxModel, pixels: np.ndarray, keep: np.ndarray, batch: int = 32,
                 quiet: bool = False) -> np.ndarray:
     """Positive probabilities for ``pixels[keep]`` in batches (NaN for the others)."""
-    spec = model.spec
     probs = np.full(len(pixels), np.nan)
     idx = np.flatnonzero(keep)
-    mean, std = (spec.mean, spec.std) if not spec.normalization_in_graph else ((0.0,) * 3, (1.0,) * 3)
     prog = Progress(f"{model.name}: inference", len(idx), enabled=not quiet)
     for i in range(0, len(idx), batch):
         part = idx[i:i + batch]
-        probs[part] = model.predict_proba(to_input(pixels[part], mean, std))
+        probs[part] = model.predict_pixels(pixels[part])
         prog.step(len(part))
     prog.done()
     return probs
@@ -82,6 +79,10 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
     """Evaluate ``models`` on ``data``, write the report files to ``out`` and return the report."""
     out = Path(out)
     paths = [Path(m) for m in models]
+    if not paths:
+        raise BenchError("no model given: pass --model FILE.onnx [FILE.onnx ...]")
+    for p in paths:  # every file checked before any image is decoded
+        read_spec(p)
     ds = list_dataset(data, limit=limit)
     say(f"data: {ds.root} ({len(ds.files)} images: "
         + ", ".join(f"{v} {k}" for k, v in ds.counts().items()) + ")", quiet)
@@ -95,7 +96,7 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
         say(f"{label}: {model.label}, threshold {model.spec.threshold:.4g}, input {model.spec.image_size}", quiet)
         y_all = ds.targets(model.spec.positive_label, model.spec.labels)
         targets = y_all if targets is None else targets
-        pixels = cache.pixels(model.spec.image_size)
+        pixels = cache.pixels(model.spec.image_size, resize_method(model.spec))
         keep = np.ones(len(ds.files), dtype=bool)
         keep[list(cache.failed)] = False
         t0 = time.perf_counter()
@@ -254,8 +255,9 @@ def render_markdown(report: Dict[str, Any]) -> str:
     for sec in report.get("extra_sections", []):
         L += [f"## {sec['title']}", "", sec["markdown"].rstrip(), ""]
     L += ["## Method", "",
-          "- Pixels: the runtime's `cxr_infer.preprocess.load_image` (RGB, bicubic resize to the model's input) "
-          "and `to_input` (normalisation from the model's spec); each image decoded once per input size.",
+          "- Pixels: the runtime's `cxr_infer.preprocess.load_image` (RGB, resize to the model's input by the "
+          "spec's method) and `to_input` (normalisation from the model's spec), as `cxr_infer.Classifier` "
+          "does; each image decoded once per input size.",
           "- Inference: onnxruntime, one session per model, probabilities read from the model's output.",
           f"- Confidence intervals: {b['method']}; {b['rounds']} rounds, seed {b['seed']}, "
           "2.5th-97.5th percentiles." if b["rounds"] else "- Confidence intervals: not computed (--bootstrap 0).",

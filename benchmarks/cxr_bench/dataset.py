@@ -81,24 +81,25 @@ class PixelCache:
 
     files: List[Path]
     quiet: bool = False
-    _pixels: Dict[Tuple[int, int], np.ndarray] = field(default_factory=dict)
+    _pixels: Dict[Tuple[int, int, str], np.ndarray] = field(default_factory=dict)
     failed: Dict[int, str] = field(default_factory=dict)
     decodes: int = 0
 
-    def pixels(self, size: Tuple[int, int]) -> np.ndarray:
+    def pixels(self, size: Tuple[int, int], method: str = "bicubic") -> np.ndarray:
         """``uint8`` array ``(N, H, W, 3)`` for every file (zeros where decoding failed)."""
         size = (int(size[0]), int(size[1]))
-        if size not in self._pixels:
+        key = (size[0], size[1], method)
+        if key not in self._pixels:
             w, h = size
             out = np.zeros((len(self.files), h, w, 3), dtype=np.uint8)
             prog = Progress(f"decoding {len(self.files)} images at {w}x{h}", len(self.files), enabled=not self.quiet)
             for i, f in enumerate(self.files):
                 try:
-                    out[i] = load_image(f, size)
+                    out[i] = load_image(f, size, method=method)
                     self.decodes += 1
                 except InputError as exc:
                     self.failed[i] = str(exc)
                 prog.step()
             prog.done(f"({len(self.failed)} unreadable)" if self.failed else "")
-            self._pixels[size] = out
-        return self._pixels[size]
+            self._pixels[key] = out
+        return self._pixels[key]

@@ -73,11 +73,13 @@ class OnnxModel:
         return f"{self.spec.backbone} {self.spec.precision}"
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """Positive-class probabilities of a normalised float32 NCHW batch."""
-        if self.spec.input_dtype == "float16":
-            x = x.astype(np.float16)
+        """Positive-class probabilities of a model-input batch (see :func:`model_input`)."""
         out = self.session.run([self.spec.prob_output], {self.spec.input_name: x})[0]
         return np.asarray(out, dtype=np.float64)[:, self.spec.positive_index]
+
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Positive-class probabilities of ``uint8`` pixels ``(N, H, W, 3)``."""
+        return self.predict_proba(model_input(self.spec, pixels))
 
     def describe(self) -> Dict[str, Any]:
         """The facts about this file that a report must show."""
@@ -99,6 +101,24 @@ class OnnxModel:
             "load_s": self.load_s,
             "provenance": prov,
         }
+
+
+def resize_method(spec: ModelSpec) -> str:
+    """The spec's resize method (``bicubic`` for every cxr model so far)."""
+    return str(spec.raw["resize"].get("method", "bicubic"))
+
+
+def model_input(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
+    """The graph input for ``uint8`` pixels ``(N, H, W, 3)``, exactly as the runtime's
+    ``Classifier`` builds it: :func:`to_input` with the spec's mean/std (or raw pixels when
+    normalisation is in the graph), cast to the spec's input dtype."""
+    from cxr_infer.preprocess import to_input
+
+    dtype = np.float16 if spec.input_dtype == "float16" else np.float32
+    if spec.normalization_in_graph:
+        return np.ascontiguousarray(np.asarray(pixels).transpose(0, 3, 1, 2), dtype=dtype)
+    x = to_input(pixels, spec.mean, spec.std)
+    return x if dtype is np.float32 else x.astype(dtype)
 
 
 def read_spec(path: Path) -> ModelSpec:

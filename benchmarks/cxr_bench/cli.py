@@ -1,0 +1,265 @@
+"""``cxr-bench``: accuracy, latency and end-to-end reports for cxr model files.
+
+Run ``cxr-bench --help`` or ``cxr-bench COMMAND --help`` for examples. Heavy imports
+(onnxruntime, matplotlib, torch) happen inside the commands, so ``--help`` is instant.
+
+Example:
+    $ cxr-bench accuracy --model runs/export/resnet50_int8.onnx --data ../shared/data/chest_xray_224/test
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from . import __version__
+
+DEFAULT_OUT = "benchmarks/results"
+TEST_SPLIT = "../shared/data/chest_xray_224/test"
+FULLRES = "../shared/data/kermany_fullres/train"
+
+MAIN_EPILOG = f"""\
+commands:
+  accuracy   metrics with 95% bootstrap intervals, ROC and calibration plots, per-image CSV
+  latency    per-call latency in fresh processes (ONNX Runtime, optional PyTorch eager baseline)
+  e2e        a cold cxr-infer process on full-size images; decode+preprocess vs inference
+  summary    merge the accuracy and latency reports of a folder into summary.json / summary.md
+
+examples:
+  cxr-bench accuracy --model runs/export/resnet50_fp32.onnx runs/export/resnet50_int8.onnx \\
+      --data {TEST_SPLIT} --out /tmp/bench
+  cxr-bench latency --model runs/export/resnet50_int8.onnx --checkpoint runs/gpu2/resnet50 \\
+      --batch 1,8 --threads 2 --repeats 3 --out /tmp/bench
+  cxr-bench e2e --model runs/export/resnet50_int8.onnx --images {FULLRES} --out /tmp/bench
+  cxr-bench summary --results /tmp/bench
+
+Every command writes NAME.json (all figures) and NAME.md (for people) into --out
+(default {DEFAULT_OUT}); progress goes to stderr. Exit status: 0 done, 1 some
+measurement failed (see the report), 2 usage, model or data error.
+"""
+
+ACCURACY_EPILOG = f"""\
+--data holds one sub-folder per label, named like the model's labels:
+  DIR/NORMAL/*.jpeg  DIR/PNEUMONIA/*.jpeg
+
+examples:
+  cxr-bench accuracy --model m_fp32.onnx m_int8.onnx --data {TEST_SPLIT}
+      both models on the 624-image test split; each image decoded once, shared by both
+  cxr-bench accuracy --model m.onnx --data {TEST_SPLIT} --limit 20 --bootstrap 200 --out /tmp/quick
+      a quick look: the first 20 images per label
+  cxr-bench accuracy --model runs/export/*.onnx --data {TEST_SPLIT} --name test --summary
+      accuracy-test.json/.md, roc-test.png, ... then refresh summary.json in --out
+
+writes (in --out; -NAME appended with --name): accuracy.json, accuracy.md, predictions.csv,
+roc.png, calibration.png (plots need matplotlib: pip install '.[bench]').
+Metrics are given at the model's own threshold (from its spec) and at 0.5.
+"""
+
+LATENCY_EPILOG = """\
+Each configuration (model x batch) runs in its own fresh Python process; configurations are
+interleaved and the whole set repeated --repeats times (process-to-process medians can move by
+up to 30% on a shared machine, so use --repeats 3 or more for figures you publish).
+
+examples:
+  cxr-bench latency --model m_fp32.onnx m_int8.onnx --batch 1,8,32 --threads 2
+  cxr-bench latency --model m_int8.onnx --checkpoint runs/gpu2/resnet50 --batch 1 --threads 2 --repeats 5
+      ONNX Runtime against PyTorch eager (fp32) on the same backbone (needs torch)
+  cxr-bench latency --model m_fp16.onnx --device cuda --batch 1,32
+      on the GPU (needs onnxruntime-gpu)
+  cxr-bench latency --model tiny.onnx --batch 1 --repeats 1 --iterations 5 --out /tmp/lat
+      a smoke test
+
+writes latency.json and latency.md (machine, settings, results, speed-ups) into --out.
+"""
+
+E2E_EPILOG = f"""\
+examples:
+  cxr-bench e2e --model m_int8.onnx --images {FULLRES}
+      8 full-size JPEGs: cold `python -m cxr_infer.cli` processes (1 image and 8 images) and
+      per-image decode / resize / normalise / inference times
+  cxr-bench e2e --model m_int8.onnx --images scans/ --count 16 --repeats 5 --threads 2
+
+writes e2e.json and e2e.md into --out.
+"""
+
+SUMMARY_EPILOG = f"""\
+Reads every accuracy*.json and latency*.json in --results and writes summary.json (a list of
+rows: backbone, precision, accuracy, auc, loss, precision_score, recall, f1, tp, fp, tn, fn,
+latency_ms_b1, torch_latency_ms_b1) and summary.md. The newest report wins for a model.
+
+examples:
+  cxr-bench summary
+      {DEFAULT_OUT}/*.json -> {DEFAULT_OUT}/summary.json and summary.md
+  cxr-bench summary --results /tmp/bench --threads 2
+"""
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        vals = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers, e.g. 1,8,32") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be at least 1, e.g. 1,8,32")
+    return vals
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return v
+
+
+def _default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="cxr-bench", formatter_class=fmt, epilog=MAIN_EPILOG,
+                                description="Accuracy and latency reports for cxr model files (.onnx with a cxr.spec).")
+    p.add_argument("--version", action="version", version=f"cxr-bench {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, summary: bool = True) -> None:
+        sp.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"report folder (default {DEFAULT_OUT})")
+        sp.add_argument("--name", metavar="NAME", help="append -NAME to the report file names (keeps several runs apart)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+        if summary:
+            sp.add_argument("--summary", action="store_true", help="then refresh summary.json/summary.md in --out")
+
+    a = sub.add_parser("accuracy", formatter_class=fmt, epilog=ACCURACY_EPILOG,
+                       help="metrics, intervals and plots on a labelled folder",
+                       description="Accuracy, loss, precision, recall, specificity, F1, ROC AUC and TP/FP/TN/FN "
+                                   "with 95%% bootstrap intervals, for one or more model files.")
+    a.add_argument("--model", nargs="+", action="extend", required=True, metavar="FILE.onnx", help="cxr model file(s)")
+    a.add_argument("--data", required=True, metavar="DIR", help=f"labelled image folder, e.g. {TEST_SPLIT}")
+    a.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap rounds (default 1000; 0: none)")
+    a.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    a.add_argument("--batch", type=_positive, default=32, metavar="N", help="inference batch size (default 32)")
+    a.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N",
+                   help="onnxruntime threads (default: the CPUs this process may use)")
+    a.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="execution provider (default cpu)")
+    a.add_argument("--limit", type=_positive, metavar="N", help="only the first N images (by name) of each label")
+    a.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    common(a)
+
+    lt = sub.add_parser("latency", formatter_class=fmt, epilog=LATENCY_EPILOG,
+                        help="latency in fresh processes, optional PyTorch eager baseline",
+                        description="Median, p90 and p99 ms per call, images/s, load time, peak memory and file "
+                                    "size, each configuration in its own fresh process.")
+    lt.add_argument("--model", nargs="+", action="extend", default=[], metavar="FILE.onnx", help="cxr model file(s)")
+    lt.add_argument("--checkpoint", nargs="+", action="extend", default=[], metavar="RUN_DIR",
+                    help="cxr-train run folder(s) for a PyTorch eager baseline (needs torch)")
+    lt.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    lt.add_argument("--batch", type=_int_list, default=[1, 8, 32], metavar="B,B,...",
+                    help="batch sizes (default 1,8,32)")
+    lt.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N",
+                    help="intra-op threads, fixed for every engine (default: the CPUs this process may use)")
+    lt.add_argument("--repeats", type=_positive, default=3, metavar="R",
+                    help="fresh processes per configuration, interleaved (default 3)")
+    lt.add_argument("--warmup", type=int, default=3, metavar="N", help="warm-up calls per process (default 3)")
+    lt.add_argument("--iterations", type=_positive, default=20, metavar="N", help="timed calls per process (default 20)")
+    lt.add_argument("--max-seconds", type=float, default=10.0, metavar="S",
+                    help="stop timing a process after S seconds, keeping at least 3 calls (default 10)")
+    lt.add_argument("--timeout", type=float, default=600.0, metavar="S", help="kill a process after S seconds")
+    common(lt)
+
+    e = sub.add_parser("e2e", formatter_class=fmt, epilog=E2E_EPILOG,
+                       help="cold cxr-infer process and per-image stage times on full-size images",
+                       description="End to end: a cold cxr-infer process on full-size images, and decode + "
+                                   "preprocess against inference time per image.")
+    e.add_argument("--model", required=True, metavar="FILE.onnx", help="cxr model file")
+    e.add_argument("--images", default=FULLRES, metavar="DIR", help=f"full-size images (default {FULLRES})")
+    e.add_argument("--count", type=_positive, default=8, metavar="N", help="images used (default 8)")
+    e.add_argument("--repeats", type=_positive, default=3, metavar="R", help="cold processes per case (default 3)")
+    e.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N", help="inference threads")
+    e.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    e.add_argument("--infer-arg", action="append", metavar="ARG",
+                   help="argument passed to cxr-infer instead of the default '--threads N' (repeatable)")
+    e.add_argument("--no-cold", action="store_true", help="skip the cold-process part")
+    common(e, summary=False)
+
+    s = sub.add_parser("summary", formatter_class=fmt, epilog=SUMMARY_EPILOG,
+                       help="merge accuracy + latency reports into summary.json / summary.md",
+                       description="Merge the accuracy and latency reports of a folder into the summary contract.")
+    s.add_argument("--results", default=DEFAULT_OUT, metavar="DIR", help=f"report folder (default {DEFAULT_OUT})")
+    s.add_argument("--out", metavar="DIR", help="where to write summary.json/.md (default: --results)")
+    s.add_argument("--threads", type=_positive, metavar="N",
+                   help="which measured thread count to summarise (default: the highest measured)")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="which device's latency (default cpu)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "accuracy":
+        from .accuracy import run_accuracy
+
+        run_accuracy(args.model, args.data, args.out, bootstrap=max(args.bootstrap, 0), seed=args.seed,
+                     batch=args.batch, threads=args.threads, device=args.device, limit=args.limit, name=args.name,
+                     plots=not args.no_plots, quiet=args.quiet)
+        status = 0
+    elif args.command == "latency":
+        from .latency import run_latency
+
+        rep = run_latency(args.model, args.checkpoint, batches=args.batch, threads=args.threads, device=args.device,
+                          repeats=args.repeats, warmup=max(args.warmup, 1), iterations=args.iterations,
+                          max_seconds=args.max_seconds, timeout=args.timeout, out=args.out, name=args.name,
+                          quiet=args.quiet)
+        failed = [r for r in rep["results"] if r.get("error") or r.get("processes_failed")]
+        for r in failed:
+            print(f"cxr-bench: {r['name']} batch {r['batch']}: "
+                  f"{r.get('error') or str(r['processes_failed']) + ' process(es) failed'}", file=sys.stderr)
+        status = 1 if failed else 0
+    elif args.command == "e2e":
+        from .e2e import run_e2e
+
+        rep = run_e2e(args.model, args.images, count=args.count, repeats=args.repeats, threads=args.threads,
+                      device=args.device, infer_args=args.infer_arg, cold=not args.no_cold, out=args.out,
+                      name=args.name, quiet=args.quiet)
+        errs = (rep.get("cold") or {}).get("errors", {})
+        for k, msg in errs.items():
+            print(f"cxr-bench: {k}: {msg}", file=sys.stderr)
+        return 1 if errs else 0
+    else:  # summary
+        from .summary import write_summary
+
+        write_summary(args.results, args.out, threads=args.threads, device=args.device, quiet=args.quiet)
+        return 0
+    if getattr(args, "summary", False):
+        from .summary import write_summary
+
+        write_summary(args.out, quiet=args.quiet)
+    return status
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``cxr-bench``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    from cxr_infer.errors import CXRError
+
+    try:
+        return _run(args)
+    except CXRError as exc:
+        print(f"cxr-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cxr-bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -132,16 +132,19 @@ def _walk(folder: str) -> List[str]:
     return found
 
 
-def expand_inputs(args: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
-    """Files to classify, in order without duplicates, and ``(arg, problem)`` for args that give none."""
-    files: List[str] = []
-    problems: List[Tuple[str, str]] = []
+def expand_inputs(args: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
+    """``(path, None)`` per file to classify and ``(arg, problem)`` per arg that gives none, in order.
+
+    Folders are searched recursively and globs expanded (``**`` included); duplicates are dropped.
+    A path that does not exist is kept: the classifier names its problem like any other.
+    """
+    entries: List[Tuple[str, Optional[str]]] = []
     seen = set()
 
     def add(path: str) -> None:
         if path not in seen:
             seen.add(path)
-            files.append(path)
+            entries.append((path, None))
 
     for arg in args:
         if arg == "-" or os.path.isfile(arg):
@@ -149,22 +152,20 @@ def expand_inputs(args: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]
         elif os.path.isdir(arg):
             found = _walk(arg)
             if not found:
-                problems.append((arg, "folder holds no image files"))
+                entries.append((arg, "folder holds no image files"))
             for f in found:
                 add(f)
         elif glob.has_magic(arg):
-            matches = sorted(glob.glob(arg, recursive=True))
-            hits = [m for m in matches if os.path.isfile(m)]
-            for m in matches:
-                if os.path.isdir(m):
-                    hits.extend(_walk(m))
+            hits = []
+            for m in sorted(glob.glob(arg, recursive=True)):
+                hits.extend(_walk(m) if os.path.isdir(m) else [m])
             if not hits:
-                problems.append((arg, "no files match this pattern"))
+                entries.append((arg, "no files match this pattern"))
             for f in hits:
                 add(f)
         else:
-            add(arg)  # missing, unreadable, ...: the classifier names the problem
-    return files, problems
+            add(arg)
+    return entries
 
 
 # ---- output
@@ -215,10 +216,15 @@ class Progress:
             sys.stderr.write(f"\r[{bar:<30}] {self.done}/{self.total} {rate:.1f} img/s")
             sys.stderr.flush()
 
-    def close(self) -> None:
+    def clear(self) -> None:
+        """Erase the bar (before another line is written to stderr; it is redrawn on the next step)."""
         if self.enabled and self.done:
-            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.write("\r" + " " * 72 + "\r")
             sys.stderr.flush()
+            self._last = 0.0
+
+    def close(self) -> None:
+        self.clear()
 
 
 def _say(message: str) -> None:
@@ -232,6 +238,8 @@ def _sources(files: List[str]) -> Iterator[Any]:
 
 
 def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
+    if not args.inputs and not args.info:
+        raise UsageError("no inputs given (try: cxr-infer --model MODEL.onnx IMAGE...; see --help)")
     t0 = time.perf_counter()
     from .classifier import Classifier
     from .errors import InputError
@@ -239,9 +247,8 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
     import onnxruntime  # noqa: F401
     timing["import"] = time.perf_counter() - t0
 
-    if not args.inputs and not args.info:
-        raise UsageError("no inputs given (try: cxr-infer --model MODEL.onnx IMAGE...; see --help)")
-    files, problems = expand_inputs(args.inputs) if args.inputs else ([], [])
+    entries = expand_inputs(args.inputs)
+    files = [path for path, problem in entries if problem is None]
 
     t0 = time.perf_counter()
     clf = Classifier(args.model, device=args.device, threads=args.threads, threshold=args.threshold,
@@ -256,15 +263,13 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
         if args.info:
             out.write(json.dumps(clf.info(), indent=2) + "\n")
             return 0
-        writer = Writer(args.format, out, max((len(f) for f in files), default=4))
+        writer = Writer(args.format, out, max((len(path) for path, _ in entries), default=4))
         failed = 0
-        for arg, problem in problems:
-            _say(f"{arg}: {problem}")
-            writer.error(arg, problem)
-            failed += 1
         progress = Progress(len(files), enabled=not args.no_progress and len(files) >= PROGRESS_MIN_ITEMS
                             and sys.stderr.isatty())
-        for path, result in zip(files, clf.iter_predict(_sources(files), timing=timing)):
+        results = clf.iter_predict(_sources(files), timing=timing)
+        for path, problem in entries:
+            result = next(results) if problem is None else InputError(problem)
             if isinstance(result, InputError):
                 failed += 1
                 message = str(result)
@@ -272,17 +277,16 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
                     if message.startswith(prefix):
                         message = message[len(prefix):]
                         break
-                detail = message
-                if progress.enabled:
-                    sys.stderr.write("\r" + " " * 60 + "\r")
-                _say(f"{path}: {detail}")
-                writer.error(path, detail)
+                progress.clear()
+                _say(f"{path}: {message}")
+                writer.error(path, message)
             else:
                 writer.result(path, result)
-            progress.step()
+            if problem is None:
+                progress.step()
         progress.close()
         out.flush()
-        total = len(files) + len(problems)
+        total = len(entries)
         if failed:
             _say(f"{total - failed} of {total} inputs classified, {failed} failed")
         return 1 if failed else 0

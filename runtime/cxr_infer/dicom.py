@@ -29,6 +29,8 @@ from PIL import Image
 
 from .errors import InputError
 
+_VRS = frozenset(v.encode() for v in (
+    "AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV").split())
 INSTALL_HINT = "install the DICOM extra: pip install 'cxr[dicom]'"
 
 
@@ -45,11 +47,10 @@ def looks_like_dicom(data: bytes) -> bool:
     group, element = struct.unpack_from("<HH", data, 0)
     if group not in (0x0002, 0x0008) or element > 0x0100:
         return False
-    vr = data[4:6]
-    if vr.isalpha() and vr.isupper():  # explicit VR
+    if data[4:6] in _VRS:  # explicit VR
         return True
-    (length,) = struct.unpack_from("<I", data, 4)  # implicit VR: a plausible length
-    return length < min(len(data), 1 << 16)
+    (length,) = struct.unpack_from("<I", data, 4)  # implicit VR: a plausible, non-empty first value
+    return 0 < length < min(len(data), 1 << 16)
 
 
 def _pydicom() -> Any:
@@ -90,18 +91,28 @@ def _window(x: np.ndarray, center: float, width: float, function: str) -> np.nda
     return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
+def _voi_lut(values: np.ndarray, ds: Any) -> np.ndarray:
+    """Apply the first VOI LUT (PS3.3 C.11.2.1.1): values outside its range take its end entries."""
+    item = ds.VOILUTSequence[0]
+    n, first, bits = (int(v) for v in item.LUTDescriptor)
+    n = n or 65536
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1 and first > 32767:
+        first -= 65536
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):
+        lut = np.frombuffer(data, np.uint8 if bits <= 8 and len(data) == n else "<u2")
+    else:
+        lut = np.asarray(data if isinstance(data, (list, tuple)) or hasattr(data, "__len__") else [data])
+    lut = lut.astype(np.float64)[:n]
+    index = np.clip(np.rint(values) - first, 0, len(lut) - 1).astype(np.int64)
+    return lut[index] / float((1 << bits) - 1)
+
+
 def _to_unit(raw: np.ndarray, ds: Any) -> np.ndarray:
     """Stored values -> display values in 0..1 (before MONOCHROME1 inversion)."""
     values = _modality(raw, ds)
-    if "VOILUTSequence" in ds:
-        try:
-            from pydicom.pixels import apply_voi_lut
-        except ImportError:  # pydicom 2.x
-            from pydicom.pixel_data_handlers.util import apply_voi_lut
-        item = ds.VOILUTSequence[0]
-        bits = int(item.LUTDescriptor[2])
-        out = np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float64)
-        return out / float((1 << bits) - 1)
+    if "VOILUTSequence" in ds and "LUTData" in ds.VOILUTSequence[0]:
+        return _voi_lut(values, ds)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         width = _first(ds.WindowWidth)
@@ -118,6 +129,22 @@ def _to_unit(raw: np.ndarray, ds: Any) -> np.ndarray:
         lo = -(1 << (bits - 1)) if signed else 0.0
         hi = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
     return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+
+
+def _ensure_transfer_syntax(ds: Any) -> None:
+    """A dataset written without file meta: record the encoding it was read with, so it decodes."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    encoding = getattr(ds, "original_encoding", None)  # pydicom 3: (implicit_vr, little_endian)
+    implicit, little = encoding if encoding and None not in encoding else (ds.is_implicit_VR, ds.is_little_endian)
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else (
+        ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def _describe_object(ds: Any) -> str:
@@ -148,6 +175,7 @@ def read_dicom(data: bytes, name: str) -> Image.Image:
                 raise InputError(f"multi-frame DICOM ({frames} frames) is not supported; "
                                  "save the frame to classify as its own file")
             photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+            _ensure_transfer_syntax(ds)
             try:
                 raw = np.asarray(ds.pixel_array)
             except Exception as exc:

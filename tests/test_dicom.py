@@ -1,0 +1,172 @@
+"""DICOM input: DICOM files built from a shared JPEG must give its pixels and score like it."""
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("pydicom")
+
+from cxr_infer import InputError, load_image  # noqa: E402
+from cxr_infer.dicom import looks_like_dicom  # noqa: E402
+
+DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+SR = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+
+
+def make_dicom(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 8, signed: bool = False,
+               file_format: bool = True, sop: str = DX, with_pixels: bool = True, **attrs) -> bytes:
+    """DICOM bytes holding ``pixels`` (uint8/uint16/int16, HxW or HxWx3), plus any ``attrs``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = sop
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "DX" if sop == DX else "SR"
+    if with_pixels:
+        ds.Rows, ds.Columns = pixels.shape[:2]
+        ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+        if pixels.ndim == 3:
+            ds.PlanarConfiguration = 0
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = pixels.dtype.itemsize * 8
+        ds.BitsStored = bits_stored
+        ds.HighBit = bits_stored - 1
+        ds.PixelRepresentation = int(signed)
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    buf = io.BytesIO()
+    if file_format:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        ds.save_as(buf, enforce_file_format=True)
+    else:  # a bare dataset: no preamble, no file meta, implicit VR little endian
+        ds.save_as(buf, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def gray(xray) -> np.ndarray:
+    """The shared full-size JPEG's gray levels (mode L, decoded at full scale)."""
+    return np.asarray(Image.open(xray).convert("L"))
+
+
+@pytest.fixture(scope="module")
+def ref(gray) -> np.ndarray:
+    return load_image(Image.fromarray(gray))
+
+
+def _variants(g: np.ndarray) -> dict:
+    g16 = g.astype(np.uint16)
+    lut = np.arange(4096, dtype=np.uint16) // 16
+    from pydicom.dataset import Dataset
+    voi = Dataset()
+    voi.LUTDescriptor = [4096, 0, 8]
+    voi.add_new((0x0028, 0x3006), "US", lut.tolist())  # LUTData
+    return {
+        "mono2-8bit": make_dicom(g),
+        "mono1-8bit": make_dicom(255 - g, "MONOCHROME1"),
+        "mono2-16bit": make_dicom(g16 * 257, bits_stored=16),
+        "mono1-16bit": make_dicom(65535 - g16 * 257, "MONOCHROME1", bits_stored=16),
+        "mono2-12bit-window": make_dicom(g16 * 16, bits_stored=12, WindowCenter=2048, WindowWidth=4096),
+        "mono1-12bit-window": make_dicom(4095 - g16 * 16, "MONOCHROME1", bits_stored=12, WindowCenter=2048,
+                                         WindowWidth=4096),
+        "rescale-window": make_dicom(g16 * 4, bits_stored=12, RescaleIntercept=-1024, RescaleSlope=1,
+                                     WindowCenter=-513.5, WindowWidth=1021),
+        "voi-lut": make_dicom(g16 * 16, bits_stored=12, VOILUTSequence=[voi]),
+        "signed-16bit": make_dicom((g.astype(np.int32) * 257 - 32768).astype(np.int16), bits_stored=16,
+                                   signed=True),
+        "rgb-8bit": make_dicom(np.stack([g] * 3, -1), "RGB"),
+    }
+
+
+@pytest.fixture(scope="module")
+def dicoms(gray, tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("dicom")
+    paths = {}
+    for name, data in _variants(gray).items():
+        paths[name] = d / f"{name}.dcm"
+        paths[name].write_bytes(data)
+    return paths
+
+
+EXACT = {"mono2-8bit", "mono1-8bit", "mono2-16bit", "mono1-16bit", "rescale-window", "voi-lut", "signed-16bit",
+         "rgb-8bit"}
+
+
+@pytest.mark.parametrize("name", ["mono2-8bit", "mono1-8bit", "mono2-16bit", "mono1-16bit", "mono2-12bit-window",
+                                  "mono1-12bit-window", "rescale-window", "voi-lut", "signed-16bit", "rgb-8bit"])
+def test_dicom_gives_the_jpeg_pixels(dicoms, ref, name):
+    px = load_image(dicoms[name])
+    diff = np.abs(px.astype(int) - ref.astype(int))
+    if name in EXACT:
+        assert diff.max() == 0, (name, diff.max())
+    else:
+        assert diff.max() <= 2 and diff.mean() < 0.6, (name, diff.max(), diff.mean())  # 255 * 16 / 4095
+
+
+@pytest.mark.parametrize("name", ["mono2-8bit", "mono1-8bit", "mono2-16bit", "mono1-12bit-window"])
+def test_dicom_scores_like_the_jpeg(classifier, dicoms, xray, name):
+    jpeg = classifier.predict(xray)
+    dcm = classifier.predict(dicoms[name])
+    assert dcm.label == jpeg.label
+    assert dcm.probability == pytest.approx(jpeg.probability, abs=0.01)
+    assert dcm.source == str(dicoms[name])
+
+
+def test_without_preamble_and_without_file_meta(gray, ref):
+    full = make_dicom(gray)
+    no_preamble = full[132:]
+    assert no_preamble[:2] == b"\x02\x00" and looks_like_dicom(no_preamble)
+    assert np.array_equal(load_image(no_preamble), ref)
+    bare = make_dicom(gray, file_format=False)
+    assert bare[:2] == b"\x08\x00" and looks_like_dicom(bare)
+    assert np.array_equal(load_image(bare), ref)
+
+
+def test_multiframe_is_refused(gray, tmp_path):
+    frames = np.stack([gray[:64, :64], gray[:64, :64]])
+    data = make_dicom(frames.reshape(128, 64), NumberOfFrames=2)
+    path = tmp_path / "cine.dcm"
+    path.write_bytes(data)
+    with pytest.raises(InputError, match=r"cine.dcm: multi-frame DICOM \(2 frames\) is not supported"):
+        load_image(path)
+
+
+def test_non_image_object_is_refused(tmp_path):
+    path = tmp_path / "report.dcm"
+    path.write_bytes(make_dicom(np.zeros(1), sop=SR, with_pixels=False))
+    with pytest.raises(InputError) as info:
+        load_image(path)
+    assert str(info.value).startswith(f"{path}: DICOM object without an image (Basic Text SR")
+
+
+def test_corrupt_dicom_is_one_line():
+    data = b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff" + b"garbage" * 10
+    with pytest.raises(InputError) as info:
+        load_image(data)
+    assert str(info.value).startswith("<bytes>: ") and "\n" not in str(info.value)
+
+
+def test_missing_pydicom_says_how_to_install(gray, monkeypatch):
+    data = make_dicom(gray[:32, :32])
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    with pytest.raises(InputError, match=r"pip install 'cxr\[dicom\]'"):
+        load_image(data)
+
+
+@pytest.mark.parametrize("head", [
+    b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", b"\x89PNG\r\n\x1a\n\x00\x00", b"BM\x00\x00\x00\x00\x00\x00",
+    b"II*\x00\x08\x00\x00\x00", b"MM\x00*\x00\x00\x00\x08", b"hello world, plain text", b"", b"\x08\x00",
+])
+def test_looks_like_dicom_rejects_other_formats(head):
+    assert not looks_like_dicom(head + b"\0" * 200)
+    assert not looks_like_dicom(head)

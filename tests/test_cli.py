@@ -1,0 +1,192 @@
+"""cxr-infer, run as a user runs it: ``python -m cxr_infer.cli`` in a fresh process."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import pytest
+
+from conftest import run_cli
+from cxr_infer import classifier as classifier_module
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory, xrays224, xray):
+    """scans/ with nested folders, a PNG, an extension-less DICOM, and files that must be skipped."""
+    root = tmp_path_factory.mktemp("scans")
+    (root / "a" / "b").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    for f in xrays224[:3]:
+        shutil.copy(f, root / "a" / f.name)
+    for f in xrays224[6:8]:
+        shutil.copy(f, root / "a" / "b" / f.name)
+    from PIL import Image
+    Image.open(xrays224[3]).save(root / "a" / "b" / "scan.PNG")
+    shutil.copy(xrays224[4], root / ".hidden" / "skip.jpeg")
+    (root / "a" / "notes.txt").write_text("not an image")
+    try:
+        from test_dicom import make_dicom
+        import numpy as np
+        (root / "a" / "IM000001").write_bytes(make_dicom(np.asarray(Image.open(xray).convert("L"))))
+    except ImportError:  # pragma: no cover  (pydicom absent)
+        pass
+    return root
+
+
+def _jsonl(r) -> list:
+    return [json.loads(line) for line in r.stdout.decode().splitlines()]
+
+
+def test_help_teaches_and_needs_no_heavy_imports():
+    blocker = "import sys\nfor m in ('numpy', 'PIL', 'onnxruntime', 'torch'):\n    sys.modules[m] = None\n"
+    r = run_cli("--help", prelude=blocker)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    for needle in ("examples:", "--model", "--format", "jsonl", "--threshold", "--batch-size", "--device",
+                   "--output", "--info", "--threads", "exit status", "cxr-infer --model"):
+        assert needle in out
+
+
+def test_folder_file_and_glob_in_one_run(tiny_model, tree, xrays224):
+    r = run_cli("--model", str(tiny_model), "--format", "jsonl", str(tree), str(xrays224[5]),
+                str(tree / "a" / "*.jpeg"))
+    assert r.returncode == 0, r.stderr
+    rows = _jsonl(r)
+    paths = [o["path"] for o in rows]
+    assert len(paths) == len(set(paths)) == 3 + 2 + 1 + 1 + 1  # globbed files are already listed once
+    assert str(tree / "a" / "b" / "scan.PNG") in paths and str(tree / "a" / "IM000001") in paths
+    assert not any(".hidden" in p or p.endswith(".txt") for p in paths)
+    for o in rows:
+        assert set(o) >= {"path", "label", "probability", "threshold"}
+        assert o["label"] in ("NORMAL", "PNEUMONIA") and 0 <= o["probability"] <= 1 and o["threshold"] == 0.5
+        assert o["label"] == ("PNEUMONIA" if o["probability"] >= 0.5 else "NORMAL")
+
+
+def test_scores_match_the_python_api(tiny_model, classifier, xrays224):
+    r = run_cli("--model", str(tiny_model), "--format", "jsonl", "--batch-size", "3", *map(str, xrays224))
+    api = classifier.predict(list(xrays224))
+    assert [round(p.probability, 6) for p in api] == [o["probability"] for o in _jsonl(r)]
+
+
+def test_recursive_glob(tiny_model, tree):
+    r = run_cli("--model", str(tiny_model), "--format", "jsonl", str(tree / "**" / "*.jpeg"))
+    assert r.returncode == 0
+    assert len(_jsonl(r)) == 5
+
+
+def test_table_is_the_default(tiny_model, xrays224):
+    r = run_cli("--model", str(tiny_model), str(xrays224[0]), str(xrays224[6]))
+    assert r.returncode == 0
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].split() == ["path", "label", "probability", "threshold"]
+    assert len(lines) == 3 and lines[1].startswith(str(xrays224[0]))
+    assert r.stderr == b""
+
+
+def test_csv_to_output_file_with_threshold(tiny_model, xrays224, tmp_path):
+    out = tmp_path / "out.csv"
+    missing = tmp_path / "missing.jpeg"
+    r = run_cli("--model", str(tiny_model), "--format", "csv", "--threshold", "0", "--output", str(out),
+                str(xrays224[0]), str(missing), str(xrays224[1]))
+    assert r.returncode == 1
+    assert r.stdout == b""
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [row["path"] for row in rows] == [str(xrays224[0]), str(missing), str(xrays224[1])]
+    assert rows[0]["label"] == "PNEUMONIA" and float(rows[0]["threshold"]) == 0.0 and rows[0]["error"] == ""
+    assert rows[1]["error"] == "no such file" and rows[1]["label"] == ""
+    assert r.stderr.decode().splitlines()[0] == f"cxr-infer: {missing}: no such file"
+
+
+def test_info_prints_the_spec(tiny_model):
+    r = run_cli("--model", str(tiny_model), "--info")
+    assert r.returncode == 0
+    info = json.loads(r.stdout)
+    assert info["spec"]["backbone"] == "tiny" and info["spec"]["labels"] == ["NORMAL", "PNEUMONIA"]
+    assert info["inputs"][0]["shape"][1:] == [3, 224, 224]
+
+
+def test_stdin(tiny_model, xrays224):
+    r = run_cli("--model", str(tiny_model), "--format", "jsonl", "-", stdin=xrays224[0].read_bytes())
+    assert r.returncode == 0
+    assert _jsonl(r)[0]["path"] == "-" and "label" in _jsonl(r)[0]
+
+
+@pytest.mark.parametrize("args,needle", [
+    ((), "no inputs given"),
+    (("--threshold", "1.5", "x.jpeg"), "not in [0, 1]"),
+    (("--batch-size", "0", "x.jpeg"), "must be at least 1"),
+    (("--format", "xml", "x.jpeg"), "invalid choice"),
+    (("--device", "tpu", "x.jpeg"), "invalid choice"),
+])
+def test_usage_errors_exit_2(tiny_model, args, needle):
+    r = run_cli("--model", str(tiny_model), *args)
+    assert r.returncode == 2
+    assert needle in r.stderr.decode() and "Traceback" not in r.stderr.decode()
+
+
+def test_unwritable_output_exit_2(tiny_model, xrays224, tmp_path):
+    r = run_cli("--model", str(tiny_model), "--output", str(tmp_path / "no" / "such" / "dir.csv"), str(xrays224[0]))
+    assert r.returncode == 2 and "cannot write" in r.stderr.decode()
+
+
+def test_empty_folder_and_unmatched_glob_exit_1(tiny_model, tmp_path, xrays224):
+    (tmp_path / "empty").mkdir()
+    r = run_cli("--model", str(tiny_model), "--format", "jsonl", str(tmp_path / "empty"),
+                str(tmp_path / "*.jpeg"), str(xrays224[0]))
+    assert r.returncode == 1
+    rows = _jsonl(r)
+    assert rows[0]["error"] == "folder holds no image files" and rows[1]["error"] == "no files match this pattern"
+    assert "label" in rows[2]
+
+
+def test_without_model_uses_default_or_says_none_is_installed(xrays224):
+    r = run_cli(str(xrays224[0]))
+    if classifier_module.DEFAULT_MODEL.is_file():
+        assert r.returncode == 0
+    else:
+        assert r.returncode == 2
+        err = r.stderr.decode()
+        assert "no default model is installed yet" in err and "--model" in err
+        assert err.count("\n") == 1
+
+
+def test_cuda_without_provider_exit_2(tiny_model, xrays224):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    r = run_cli("--model", str(tiny_model), "--device", "cuda", str(xrays224[0]))
+    assert r.returncode == 2 and "no CUDA provider" in r.stderr.decode()
+
+
+def test_timing_and_threads(tiny_model, xrays224):
+    r = run_cli("--model", str(tiny_model), "--threads", "1", "--timing", str(xrays224[0]))
+    assert r.returncode == 0
+    line = r.stderr.decode().strip().splitlines()[-1]
+    for phase in ("import=", "session=", "preprocess=", "inference=", "total="):
+        assert phase in line
+    r = run_cli("--model", str(tiny_model), str(xrays224[0]), env={"CXR_TIMING": "1"})
+    assert "cxr-infer timing:" in r.stderr.decode()
+
+
+def test_progress_bar_only_on_a_tty(capsys, monkeypatch):
+    from cxr_infer.cli import Progress
+    bar = Progress(40, enabled=True)
+    for _ in range(40):
+        bar.step()
+    bar.close()
+    err = capsys.readouterr().err
+    assert "40/40" in err and "#" * 30 in err
+    off = Progress(40, enabled=False)
+    off.step()
+    off.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_expand_inputs_keeps_order_and_drops_duplicates(tree):
+    from cxr_infer.cli import expand_inputs
+    first = str(tree / "a" / "b" / "scan.PNG")
+    entries = expand_inputs([first, str(tree / "a" / "b"), first])
+    assert entries[0] == (first, None) and len(entries) == 3
+    assert all(problem is None for _, problem in entries)

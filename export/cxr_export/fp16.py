@@ -1,0 +1,46 @@
+"""FP16 conversion for GPUs: weights and compute in half precision, inputs and outputs kept FP32."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from cxr_infer.spec import ModelSpec
+
+from .modelio import run_probs, session, write_spec
+
+
+def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
+    """Convert with onnxruntime's float16 tool, ``keep_io_types`` so callers still send FP32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    m = onnx.load(str(fp32_path))
+    m16 = convert_float_to_float16(m, keep_io_types=True, disable_shape_infer=False)
+    onnx.save(m16, str(out_path))
+    return Path(out_path)
+
+
+def fp16_parity(fp32_path: str | Path, fp16_path: str | Path, spec: ModelSpec, pixels: np.ndarray) -> Dict:
+    """Max |difference in probability| FP16 vs FP32, on the GPU when one is available, else CPU."""
+    import onnxruntime as ort
+
+    providers = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else ["CPUExecutionProvider"]
+    try:
+        p16 = run_probs(session(fp16_path, providers=providers), spec, pixels)
+    except Exception as exc:  # an execution provider without FP16 kernels
+        return {"checked": False, "why": f"{providers[0]} could not run the FP16 model: {str(exc).splitlines()[0][:200]}"}
+    p32 = run_probs(session(fp32_path), spec, pixels)
+    return {"checked": True, "provider": providers[0], "images": int(len(pixels)),
+            "max_abs_diff_probability": float(np.max(np.abs(p16 - p32)))}
+
+
+def finish_fp16(path: Path, spec: ModelSpec, parity: Optional[Dict]) -> ModelSpec:
+    s = spec.copy()
+    s.raw["precision"] = "fp16"
+    s.raw["export"] = dict(s.raw.get("export", {}))
+    s.raw["export"].pop("parity", None)
+    s.raw["export"]["fp16"] = {"io_types": "float32 (kept)", "parity": parity}
+    write_spec(path, s)
+    return s

@@ -1,0 +1,67 @@
+"""Deterministic image sets for parity, calibration and the INT8 gate, from a run's split.
+
+The split manifest saved with every training run (``split.json``) says which images were
+training and which validation: calibration uses training images only, the gate and parity
+use validation images only. The test split is never touched here.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from cxr_infer.preprocess import load_image
+
+
+def load_split(ckpt_dir: str | Path) -> Optional[dict]:
+    p = Path(ckpt_dir) / "split.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def pick(entries: List[list], count: Optional[int], seed: int = 0, balanced: bool = True) -> List[list]:
+    """``count`` entries ([relpath, label]); class-balanced when ``balanced``; all when None."""
+    if count is None or count >= len(entries):
+        return list(entries)
+    rng = random.Random(seed)
+    if not balanced:
+        items = sorted(entries)
+        rng.shuffle(items)
+        return sorted(items[:count])
+    by: dict = {}
+    for e in sorted(entries):
+        by.setdefault(e[1], []).append(e)
+    out: List[list] = []
+    per = count // len(by)
+    for label in sorted(by):
+        items = by[label]
+        rng.shuffle(items)
+        out += items[:per]
+    return sorted(out)
+
+
+def image_set(ckpt_dir: str | Path, data_dir: str | Path, part: str, count: Optional[int],
+              size: Tuple[int, int], seed: int = 0) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+    """Pixels (uint8 NHWC), labels and paths of ``count`` images of the split's ``part``.
+
+    Without a ``split.json`` (e.g. a checkpoint from elsewhere) every image under
+    ``data_dir/<label>/`` is a candidate.
+    """
+    data_dir = Path(data_dir)
+    split = load_split(ckpt_dir)
+    if split is not None:
+        entries = split[part]
+        labels = split["labels"]
+    else:
+        labels = ["NORMAL", "PNEUMONIA"]
+        entries = [[str(p.relative_to(data_dir)), i] for i, lab in enumerate(labels)
+                   for p in sorted((data_dir / lab).glob("*")) if p.is_file()]
+    chosen = pick(entries, count, seed)
+    missing = [e[0] for e in chosen if not (data_dir / e[0]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{data_dir}: {len(missing)} images of the split are missing (first: {missing[0]});"
+                                " pass the training folder the checkpoint was trained on")
+    pixels = np.stack([load_image(data_dir / e[0], size) for e in chosen]) if chosen else np.zeros((0, size[1], size[0], 3), np.uint8)
+    return pixels, np.array([e[1] for e in chosen]), [e[0] for e in chosen]

@@ -1,0 +1,135 @@
+"""PyTorch checkpoint -> FP32 ONNX with a full ``cxr.spec``, checked against PyTorch.
+
+The graph takes the normalised NCHW float input (normalisation lives in the spec, not the
+graph) and returns ``probabilities`` (softmax, [N, 2]) and ``features`` (the pooled
+penultimate features, [N, C]) for the out-of-domain check. BatchNorm is folded into the
+convolutions before export (eval mode).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import warnings
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from cxr_infer import __version__ as cxr_version
+from cxr_infer.spec import ModelSpec
+
+from .modelio import run_probs, session, write_spec
+
+
+def _wrapper(model):
+    import torch
+
+    class Exportable(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            f = self.m.base(x)
+            return torch.softmax(self.m.head(f), dim=1), f
+
+    return Exportable(model).eval()
+
+
+def fold_batchnorm(module):
+    """Conv+BN fused by torch.fx (eval mode); the module unchanged if it cannot be traced."""
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        return fuse(module)
+    except Exception:  # not fx-traceable: ONNX Runtime folds BN at load time anyway
+        return module
+
+
+def spec_from_checkpoint(meta: Dict, precision: str = "fp32", features: bool = True) -> ModelSpec:
+    """The model spec of a trained checkpoint's metadata (``checkpoint.json``)."""
+    history = meta.get("history", [])
+    provenance = {
+        "training_data_hash": meta.get("data_hash"),
+        "split_hash": meta.get("split_hash"),
+        "split_counts": meta.get("split_counts"),
+        "recipe": meta.get("recipe"),
+        "weights_origin": meta.get("weights_origin"),
+        "best_epoch": meta.get("best_epoch"),
+        "epochs_run": len(history),
+        "selection": meta.get("selection"),
+        "metrics": {"validation": meta.get("val_metrics"), "validation_at_0.5": meta.get("val_metrics_at_0.5")},
+        "trained_on": meta.get("device"),
+        "trained": meta.get("created"),
+        "torch": meta.get("torch"),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": f"cxr {cxr_version}",
+    }
+    return ModelSpec.new(
+        backbone=meta["backbone"], precision=precision, threshold=float(meta.get("threshold", 0.5)),
+        image_size=int(meta.get("image_size", 224)), labels=meta.get("labels"), mean=meta.get("mean", (0.485, 0.456, 0.406)),
+        std=meta.get("std", (0.229, 0.224, 0.225)), features_output="features" if features else None,
+        provenance=provenance, threshold_rule=meta.get("threshold_rule", "0.5 (no rule recorded)"),
+    )
+
+
+def torch_probs(model, pixels: np.ndarray, mean, std, batch_size: int = 16) -> np.ndarray:
+    """Positive-class probabilities from the PyTorch model (fp32, eval) on uint8 NHWC pixels."""
+    import torch
+
+    from cxr_infer.preprocess import to_input
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(pixels), batch_size):
+            x = torch.from_numpy(to_input(pixels[i:i + batch_size], mean, std))
+            out.append(torch.softmax(model(x), dim=1)[:, 1].double().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def export_fp32(model, meta: Dict, out: str | Path, parity_pixels: Optional[np.ndarray] = None, opset: int = 18,
+                features: bool = True) -> Tuple[Path, ModelSpec]:
+    """Export ``model`` (a CXRNet in eval mode) to ``out`` with its spec; returns (path, spec).
+
+    When ``parity_pixels`` are given, PyTorch and ONNX Runtime probabilities are compared
+    and the max absolute difference is stored in the spec (``export.parity``).
+    """
+    import torch
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval().float()
+    wrapped = fold_batchnorm(_wrapper(model))
+    size = int(meta.get("image_size", 224))
+    x = torch.zeros(2, 3, size, size)
+    names = ["probabilities", "features"]
+    axes = {"input": {0: "batch"}, "probabilities": {0: "batch"}, "features": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(wrapped, (x,), str(out), input_names=["input"], output_names=names,
+                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+        except TypeError:  # a torch without the dynamo switch
+            torch.onnx.export(wrapped, (x,), str(out), input_names=["input"], output_names=names,
+                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
+    spec = spec_from_checkpoint(meta, "fp32", features=True)
+    if not features:
+        _drop_output(out, "features")
+        spec.raw["outputs"]["features"] = None
+    spec.raw["export"] = {"opset": opset, "batchnorm_folded": wrapped is not None, "torch": torch.__version__}
+    if parity_pixels is not None and len(parity_pixels):
+        ref = torch_probs(model, parity_pixels, spec.mean, spec.std)
+        got = run_probs(session(out), spec, parity_pixels)
+        spec.raw["export"]["parity"] = {"images": int(len(parity_pixels)), "max_abs_diff_probability":
+                                        float(np.max(np.abs(ref - got))), "against": "PyTorch fp32 eager"}
+    write_spec(out, spec)
+    return out, spec
+
+
+def _drop_output(path: Path, name: str) -> None:
+    import onnx
+
+    m = onnx.load(str(path))
+    keep = [o for o in m.graph.output if o.name != name]
+    del m.graph.output[:]
+    m.graph.output.extend(keep)
+    onnx.save(m, str(path))

@@ -1,0 +1,65 @@
+"""A Triton Inference Server model repository for a cxr model file (onnxruntime backend).
+
+Layout::
+
+    DIR/<name>/config.pbtxt
+    DIR/<name>/1/model.onnx
+
+Clients preprocess with ``cxr_infer.preprocess`` (or send what the spec describes) and
+read ``probabilities``; the spec travels inside model.onnx and as a config parameter.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import List, Sequence
+
+_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8"}
+
+
+def _dims(value_info) -> List[int]:
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in value_info.type.tensor_type.shape.dim]
+
+
+def _io_block(kind: str, items) -> str:
+    parts = []
+    for v in items:
+        dims = _dims(v)[1:]  # batch dimension is Triton's (max_batch_size > 0)
+        dtype = _TYPES.get(v.type.tensor_type.elem_type, "TYPE_FP32")
+        parts.append(f'  {{\n    name: "{v.name}"\n    data_type: {dtype}\n    dims: [ {", ".join(str(d) for d in dims)} ]\n  }}')
+    return f"{kind} [\n" + ",\n".join(parts) + "\n]\n"
+
+
+def write_triton_repo(model_path: str | Path, repo: str | Path, name: str = "", max_batch_size: int = 32,
+                      cpu_instances: int = 2, gpu_instances: int = 1,
+                      preferred_batch_sizes: Sequence[int] = (8, 16, 32), max_queue_delay_us: int = 2000) -> Path:
+    """Write ``repo/<name>/`` for ``model_path``; returns the path of config.pbtxt."""
+    import onnx
+
+    from cxr_infer.spec import SPEC_KEY
+
+    model_path = Path(model_path)
+    m = onnx.load(str(model_path), load_external_data=False)
+    name = name or re.sub(r"[^A-Za-z0-9_]", "_", model_path.stem)
+    inits = {i.name for i in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in inits]
+    spec = next((p.value for p in m.metadata_props if p.key == SPEC_KEY), None)
+    folder = Path(repo) / name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_path, folder / "1" / "model.onnx")
+    pref = ", ".join(str(b) for b in preferred_batch_sizes if b <= max_batch_size)
+    text = (
+        f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch_size}\n'
+        + _io_block("input", inputs) + _io_block("output", m.graph.output)
+        + f"dynamic_batching {{\n  preferred_batch_size: [ {pref} ]\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n"
+        + "instance_group [\n"
+        + (f"  {{\n    kind: KIND_GPU\n    count: {gpu_instances}\n  }},\n" if gpu_instances else "")
+        + f"  {{\n    kind: KIND_CPU\n    count: {cpu_instances}\n  }}\n]\n"
+    )
+    if spec:
+        text += f'parameters {{\n  key: "cxr_spec"\n  value: {{ string_value: {json.dumps(spec)} }}\n}}\n'
+    cfg = folder / "config.pbtxt"
+    cfg.write_text(text)
+    return cfg

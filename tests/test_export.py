@@ -1,0 +1,146 @@
+"""cxr-export on a tiny trained backbone: FP32 parity, INT8 (QDQ, gate), FP16, Triton, spec round trip."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+for sub in ("runtime", "train", "export", "benchmarks"):
+    sys.path.insert(0, str(REPO / sub))
+TRAIN = REPO.parent / "shared" / "data" / "chest_xray_224" / "train"
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny model trained for a few epochs on 240 real images at 64 px (about 10 s)."""
+    if not TRAIN.is_dir():
+        pytest.skip(f"shared data not found at {TRAIN}")
+    from cxr_train.loop import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    train(TrainConfig("tiny", str(TRAIN), str(out), epochs=6, max_images=240, image_size=64, batch_size=32,
+                      ema=0.0, progress=False, seed=1, save_last=False), log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    from cxr_export.cli import main
+
+    out = tmp_path_factory.mktemp("export") / "tiny.onnx"
+    triton = out.parent / "triton"
+    rc = main([str(run_dir), "--out", str(out), "--int8", "--calibration", str(TRAIN), "--calibration-count", "64",
+               "--fp16", "--triton", str(triton), "--threads", "2"])
+    assert rc == 0
+    return out
+
+
+def _val(run_dir, n=None):
+    from cxr_export.images import image_set
+
+    return image_set(run_dir, TRAIN, "val", n, (64, 64))
+
+
+def test_fp32_spec_round_trip_and_parity(exported, run_dir):
+    from cxr_export.modelio import read_spec
+
+    spec = read_spec(exported)
+    meta = json.loads((run_dir / "checkpoint.json").read_text())
+    assert spec.precision == "fp32" and spec.backbone == "tiny"
+    assert spec.threshold == pytest.approx(meta["threshold"])
+    assert spec.raw["provenance"]["training_data_hash"] == meta["data_hash"]
+    assert spec.raw["provenance"]["split_hash"] == meta["split_hash"]
+    assert spec.image_size == (64, 64) and spec.features_output == "features"
+    parity = spec.raw["export"]["parity"]
+    assert parity["images"] > 0 and parity["max_abs_diff_probability"] < 1e-4
+
+
+def test_runtime_loads_every_precision(exported):
+    cxr_infer = pytest.importorskip("cxr_infer")
+    if not hasattr(cxr_infer, "Classifier"):
+        pytest.skip("runtime Classifier not available")
+    img = next((TRAIN / "PNEUMONIA").glob("*.jpeg"))
+    probs = {}
+    for f in (exported, exported.with_name("tiny_int8.onnx"), exported.with_name("tiny_fp16.onnx")):
+        clf = cxr_infer.Classifier(str(f), threads=1)
+        probs[f.name] = clf.predict(str(img)).probability
+    assert probs["tiny_fp16.onnx"] == pytest.approx(probs["tiny.onnx"], abs=5e-3)
+    assert probs["tiny_int8.onnx"] == pytest.approx(probs["tiny.onnx"], abs=0.1)
+
+
+def test_int8_is_quantized_and_agrees(exported, run_dir):
+    from cxr_export.modelio import read_spec, run_probs, session
+    from cxr_export.quantize import count_qdq
+
+    int8 = exported.with_name("tiny_int8.onnx")
+    q = count_qdq(int8)
+    assert q["QuantizeLinear"] > 0 and q["DequantizeLinear"] > 0
+    spec = read_spec(int8)
+    assert spec.precision == "int8"
+    g = spec.raw["export"]["int8"]["gate"]
+    assert g["images"] > 0 and g["agreement"] >= 0.9
+    px, y, _ = _val(run_dir, 40)
+    p32 = run_probs(session(exported), spec, px)
+    p8 = run_probs(session(int8), spec, px)
+    assert np.mean(np.abs(p32 - p8)) < 0.05
+    assert np.mean((p32 >= spec.threshold) == (p8 >= spec.threshold)) >= 0.9
+
+
+def test_gate_catches_bad_calibration(exported, run_dir, tmp_path):
+    """Calibrating on black images clips every activation: the gate must see the damage."""
+    from cxr_export.modelio import read_spec
+    from cxr_export.quantize import gate, quantize_int8
+
+    spec = read_spec(exported)
+    px, y, _ = _val(run_dir)
+    bad = tmp_path / "bad_int8.onnx"
+    quantize_int8(exported, bad, np.zeros((16, 64, 64, 3), np.uint8), spec)
+    result = gate(exported, bad, spec, px, y)
+    assert result.max_abs_diff_probability > 0.1
+    assert result.agreement < 1.0 or result.accuracy_drop_points > 1.0
+
+
+def test_gate_refusal_exit_code_and_force(run_dir, tmp_path):
+    from cxr_export.cli import main
+
+    out = tmp_path / "m.onnx"
+    base = [str(run_dir), "--out", str(out), "--int8", "--calibration", str(TRAIN), "--calibration-count", "32",
+            "--parity-count", "4"]
+    # A negative allowance demands INT8 beat FP32 by a point: refused, file removed, exit 3.
+    assert main(base + ["--max-drop", "-1"]) == 3
+    assert not out.with_name("m_int8.onnx").exists()
+    assert main(base + ["--max-drop", "-1", "--force"]) == 0
+    assert out.with_name("m_int8.onnx").exists()
+
+
+def test_threshold_override_and_errors(run_dir, tmp_path, capsys):
+    from cxr_export.cli import main
+    from cxr_export.modelio import read_spec
+
+    out = tmp_path / "t.onnx"
+    assert main([str(run_dir), "--out", str(out), "--threshold", "0.5", "--parity-count", "0"]) == 0
+    spec = read_spec(out)
+    assert spec.threshold == 0.5 and "set at export" in spec.raw["threshold_rule"]
+    assert main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    assert "checkpoint.json" in capsys.readouterr().err
+    assert main([str(run_dir), "--out", str(out), "--int8"]) == 2
+
+
+def test_triton_repository_layout(exported):
+    repo = exported.parent / "triton"
+    cfg = (repo / "tiny" / "config.pbtxt").read_text()
+    assert (repo / "tiny" / "1" / "model.onnx").is_file()
+    assert (repo / "tiny_int8" / "config.pbtxt").is_file() and (repo / "tiny_fp16" / "1" / "model.onnx").is_file()
+    assert 'backend: "onnxruntime"' in cfg and "max_batch_size: 32" in cfg
+    assert 'name: "input"' in cfg and "dims: [ 3, 64, 64 ]" in cfg
+    assert 'name: "probabilities"' in cfg and "dims: [ 2 ]" in cfg
+    assert 'name: "features"' in cfg and "dims: [ 32 ]" in cfg
+    assert "dynamic_batching" in cfg and "KIND_GPU" in cfg and "KIND_CPU" in cfg
+    assert 'key: "cxr_spec"' in cfg

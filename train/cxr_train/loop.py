@@ -176,12 +176,38 @@ def predict_proba(model: nn.Module, pixels: torch.Tensor, device: torch.device, 
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
-def _param_digest(model: nn.Module) -> str:
+def _param_digest(*models: nn.Module) -> str:
+    """SHA-256 over the weights and buffers of ``models`` (the trained model and its EMA)."""
     h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
+    for model in models:
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def _from_rank0(values: List[float], device: torch.device) -> List[float]:
+    """Rank 0's numbers on every rank (DDP): decisions that depend on timing or on evaluation
+    must agree, or one rank leaves the loop while the others wait in an all-reduce forever."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return t.tolist()
+
+
+def _buffers_from_rank0(*models: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank (DDP).
+
+    DDP keeps the parameters identical, but each rank updates its BatchNorm statistics with
+    its own shard during a step (DDP re-broadcasts them only at the next forward), and an
+    EMA averages those local statistics: without this the replicas drift apart.
+    """
+    import torch.distributed as dist
+
+    for model in models:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
 
 
 def train(cfg: TrainConfig, log=print) -> Dict:
@@ -270,9 +296,15 @@ def train(cfg: TrainConfig, log=print) -> Dict:
     ema = EMA(model, c.ema) if c.ema else None
 
     start_epoch, step, best, history = 0, 0, None, []
+    meta: Dict = {}
+    t_train = 0.0
+    stalled = 0
     last_path = out / "last.pt"
     if c.resume and last_path.is_file():
         st = torch.load(last_path, map_location=device, weights_only=True)
+        if st.get("split_hash", man["hash"]) != man["hash"]:
+            raise ValueError(f"--resume: {last_path} was trained on another split (different --data, --max-images,"
+                             " --seed or --val-fraction); resume with the same arguments or use a new --out")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         if ema and st.get("ema") is not None:
@@ -280,11 +312,25 @@ def train(cfg: TrainConfig, log=print) -> Dict:
             ema.updates = st["ema_updates"]
         start_epoch, step, history = st["epoch"] + 1, st["step"], json.loads(st["history"])
         best = json.loads(st["best"]) if st["best"] else None
+        if st.get("rng") is not None:  # dropout masks continue as if never interrupted
+            torch.set_rng_state(st["rng"].cpu())
+        if st.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(st["cuda_rng"].cpu(), device)
+        if c.time_budget and st.get("epochs") and start_epoch >= 2:  # the epochs planned before the interruption
+            c.epochs = int(st["epochs"])
+            total_steps = steps_per_epoch * c.epochs
+            schedule = _lr_lambda(total_steps, warmup)
+        t_train = float(sum(h["epoch_s"] for h in history))
+        stalled = history[-1]["epoch"] - best["epoch"] if history and best else 0
+        if (out / "checkpoint.json").is_file():
+            meta = json.loads((out / "checkpoint.json").read_text())
         say(f"resumed from {last_path} after epoch {start_epoch}")
+    elif c.resume:
+        say(f"--resume: no {last_path} yet; starting from epoch 1")
+    if is_main:  # a fresh run starts a fresh log; a resumed one keeps exactly the epochs in last.pt
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
-    meta: Dict = {}
-    t_train = 0.0
-    stalled = 0
+    t_before = t_train
     t_loop = time.perf_counter()
     for epoch in itertools.count(start_epoch):
         if epoch >= c.epochs:
@@ -300,7 +346,7 @@ def train(cfg: TrainConfig, log=print) -> Dict:
             order = torch.multinomial(torch.tensor(w), len(tr), replacement=True, generator=cpu_gen)
         else:
             order = torch.randperm(len(tr), generator=cpu_gen)
-        order = order[rank::world][:steps_per_epoch * c.batch_size]
+        order = order[rank::world][:min(per_rank, steps_per_epoch * c.batch_size)]
         t_ep = time.perf_counter()
         loss_sum, seen = 0.0, 0
         bar = None
@@ -337,13 +383,21 @@ def train(cfg: TrainConfig, log=print) -> Dict:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t_ep
         t_train += dt
+        train_loss = float(loss_sum) / max(seen, 1)
+        if world > 1:
+            import torch.distributed as dist
+
+            _buffers_from_rank0(model, *([ema.model] if ema else []))
+            tot = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=device)
+            dist.all_reduce(tot)  # the loss over every rank's shard, not rank 0's alone
+            train_loss = float(tot[0]) / max(float(tot[1]), 1.0)
         if bar:
             bar.close()
         eval_model = ema.model if ema else model
         probs = predict_proba(eval_model, x_va, device, c.eval_batch_size, c.amp, c.channels_last)
         m05 = binary_metrics(y_va, probs, 0.5)
         rec = {
-            "epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1), "val_loss": m05["loss"], "val_auc": m05["auc"],
+            "epoch": epoch + 1, "train_loss": train_loss, "val_loss": m05["loss"], "val_auc": m05["auc"],
             "val_accuracy": m05["accuracy"], "val_sensitivity": m05["sensitivity"], "val_specificity": m05["specificity"],
             "val_f1": m05["f1"], "lr": c.lr * schedule(max(step - 1, 0)), "images_per_s": seen * world / dt,
             "epoch_s": dt,
@@ -351,6 +405,9 @@ def train(cfg: TrainConfig, log=print) -> Dict:
         history.append(rec)
         improved = best is None or rec["val_auc"] > best["val_auc"] + 1e-4 or (
             abs(rec["val_auc"] - best["val_auc"]) <= 1e-4 and rec["val_loss"] < best["val_loss"])
+        if world > 1:  # every rank follows rank 0's selection and clock
+            flag, t_train = _from_rank0([float(improved), t_train], device)
+            improved = bool(flag)
         say(f"epoch {epoch + 1}/{c.epochs}: train loss {rec['train_loss']:.4f}, val loss {rec['val_loss']:.4f},"
             f" AUC {rec['val_auc']:.4f}, acc {rec['val_accuracy']:.4f}, {rec['images_per_s']:.0f} img/s"
             f" ({dt:.1f}s){' *' if improved else ''}")
@@ -363,7 +420,11 @@ def train(cfg: TrainConfig, log=print) -> Dict:
             best = dict(rec, threshold=thr, val_at_threshold=binary_metrics(y_va, probs, thr), val_at_05=m05)
             if is_main:
                 dtype = torch.float16 if c.save_dtype == "fp16" else torch.float32
-                save_weights(eval_model, out / ("model_fp16.safetensors" if c.save_dtype == "fp16" else "model.safetensors"), dtype)
+                name, other = (("model_fp16.safetensors", "model.safetensors") if c.save_dtype == "fp16"
+                               else ("model.safetensors", "model_fp16.safetensors"))
+                save_weights(eval_model, out / name, dtype)
+                # load_checkpoint prefers model.safetensors: never leave an older run's weights beside these
+                (out / other).unlink(missing_ok=True)
         else:
             stalled += 1
         meta = {
@@ -386,15 +447,19 @@ def train(cfg: TrainConfig, log=print) -> Dict:
             atomic_write_text(out / "checkpoint.json", json.dumps(meta, indent=1))
         if is_main and c.save_last:
             st = {"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.model.state_dict() if ema else None,
-                  "ema_updates": ema.updates if ema else 0, "epoch": epoch, "step": step,
-                  "history": json.dumps(history), "best": json.dumps(best)}
+                  "ema_updates": ema.updates if ema else 0, "epoch": epoch, "step": step, "epochs": c.epochs,
+                  "history": json.dumps(history), "best": json.dumps(best), "split_hash": man["hash"],
+                  "rng": torch.get_rng_state(),
+                  "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
             torch.save(st, out / "last.pt.tmp")
             os.replace(out / "last.pt.tmp", last_path)
-        if c.time_budget and epoch == 1 and start_epoch == 0:
+        if c.time_budget and epoch == 1 and start_epoch <= 1:
             # The first epoch pays for autotuning and warm-up: plan from the second.
             per_epoch = time.perf_counter() - t_ep  # training + validation of one epoch
-            spent = time.perf_counter() - t_loop
+            spent = time.perf_counter() - t_loop + t_before
             c.epochs = max(2, 2 + int((c.time_budget - spent) / per_epoch))
+            if world > 1:
+                c.epochs = int(_from_rank0([float(c.epochs)], device)[0])
             total_steps = steps_per_epoch * c.epochs
             schedule = _lr_lambda(total_steps, warmup)
             say(f"time budget {c.time_budget:.0f}s at {per_epoch:.1f}s per epoch: {c.epochs} epochs planned")
@@ -407,7 +472,7 @@ def train(cfg: TrainConfig, log=print) -> Dict:
     if world > 1:
         import torch.distributed as dist
 
-        digest = _param_digest(model)
+        digest = _param_digest(model, *([ema.model] if ema else []))
         gathered: List[Optional[str]] = [None] * world
         dist.all_gather_object(gathered, digest)
         meta["replica_digests"] = gathered

@@ -176,14 +176,22 @@ def build_model(backbone: str, weights: str = "none", dropout: float = 0.3) -> T
         path = Path(w)
         if not path.is_file():
             raise FileNotFoundError(f"--weights {w}: no such file (use imagenet, none, auto or a state dict file)")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                    state = state["state_dict"]
+        except Exception as exc:  # UnpicklingError (code or objects in the pickle), a truncated file, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise ValueError(f"--weights {w}: not a state dict of tensors that loads with weights_only=True"
+                             f" ({exc.__class__.__name__}: {first})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"--weights {w}: holds a {type(state).__name__}, not a state dict of tensors")
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         origin = f"file {path}"
     pretrained = state is not None
     base, dim = _make_base(backbone, pretrained)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,28 @@ def test_e2e_on_full_size_images(tiny, tmp_path):
     else:
         assert cold["errors"]
     assert "decode + preprocess" in (tmp_path / "e2e.md").read_text()
+
+
+def test_worker_reports_errors_as_one_line(tmp_path, capsys):
+    from cxr_bench import worker
+
+    rc = worker.main([json.dumps({"engine": "onnx", "path": str(tmp_path / "missing.onnx"), "batch": 1, "threads": 1})])
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert rc == 1 and out.startswith(worker.MARKER)
+    assert "error" in json.loads(out[len(worker.MARKER):])
+
+
+RUN = Path(__file__).resolve().parents[1] / "runs" / "gpu2" / "resnet50"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (RUN / "checkpoint.json").is_file(), reason="no trained checkpoint in runs/gpu2/resnet50")
+def test_torch_eager_baseline_on_real_checkpoint(tiny, tmp_path):
+    pytest.importorskip("torch")
+    rc = cli.main(["latency", "--model", str(tiny[1]), "--checkpoint", str(RUN), "--batch", "1", "--threads", "1",
+                   "--repeats", "1", "--iterations", "2", "--warmup", "1", "--out", str(tmp_path), "-q"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "latency.json").read_text())
+    torch_row = next(r for r in rep["results"] if r["engine"] == "torch")
+    assert torch_row["backbone"] == "resnet50" and torch_row["median_ms"] > 0
+    assert rep["machine"]["torch"]

@@ -159,6 +159,15 @@ def test_summary_merges_accuracy_and_latency(bench, tmp_path):
     assert {(x["backbone"], x["precision"]): x for x in rows1}[("resnet50", "fp32")]["latency_ms_b1"] == 70.0
 
 
+def test_summary_option_after_accuracy(bench, tmp_path):
+    rc = cli.main(["accuracy", "--model", str(bench["models"][0]), "--data", str(bench["data"]), "--out", str(tmp_path),
+                   "--bootstrap", "0", "--no-plots", "-q", "--summary"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["backbone"], r["precision"]) for r in rows] == [("resnet50", "fp32")]
+    assert rows[0]["latency_ms_b1"] is None and rows[0]["tp"] is not None
+
+
 def test_summary_without_reports_says_what_to_run(tmp_path, capsys):
     assert cli.main(["summary", "--results", str(tmp_path)]) == 2
     assert "cxr-bench accuracy" in capsys.readouterr().err

@@ -126,7 +126,14 @@ def aggregate(processes: List[Dict[str, Any]], batch: int) -> Dict[str, Any]:
         "import_s": float(np.median([p["import_s"] for p in ok])),
         "peak_rss_bytes": int(max(p["peak_rss_bytes"] for p in ok)),
         "rss_before_load_bytes": int(np.median([p["rss_before_load_bytes"] for p in ok])),
+        "cpu_per_wall": _median_or_none([p.get("cpu_per_wall") for p in ok]),
+        "load_average_1min": _median_or_none([p.get("load_average_end") for p in ok]),
     }
+
+
+def _median_or_none(values: List[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return float(np.median(vals)) if vals else None
 
 
 def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | Path] = (), batches: Sequence[int] = (1,),
@@ -161,6 +168,10 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
             what = f"{res['error']}" if "error" in res else \
                 f"median {np.median(res['times_ms']):.2f} ms over {len(res['times_ms'])} calls, load {res['load_s']:.2f} s"
             say(f"round {r + 1}/{repeats} [{k + 1}/{len(configs)}] {c['name']} batch {c['batch']}: {what}", quiet)
+    try:
+        machine["load_average_end_1_5_15"] = list(os.getloadavg())
+    except OSError:
+        pass
     results = []
     for c, procs in zip(configs, raw):
         results.append({**c, "device": device, "threads": threads, **aggregate(procs, c["batch"]), "processes": procs})
@@ -219,21 +230,30 @@ def render_markdown(report: Dict[str, Any]) -> str:
          f"- Input: {s['input']}.", "", "## Results", "",
          "Median: median of the per-process medians. p90/p99: over all timed calls of all processes. "
          "Load: session/model load time (median). Peak RSS: largest peak resident memory of any process "
-         "(interpreter and libraries included).", ""]
+         "(interpreter and libraries included). CPU/wall: CPU seconds the process used per second of timing "
+         "(about the thread count when it had its cores; lower means other work on the machine took them, "
+         "and its times are pessimistic).", ""]
     rows = []
     for r in report["results"]:
         engine = "onnxruntime" if r["engine"] == "onnx" else "PyTorch eager"
-        if r.get("error"):
-            rows.append([r["name"], engine, r["precision"], r["batch"], "failed: " + r["error"], "", "", "", "", "",
-                         "", mb(r["file_bytes"])])
+        if not r.get("median_ms"):
+            rows.append([r["name"], engine, r["precision"], r["batch"], "failed: " + str(r.get("error")), "", "", "", "", "",
+                         "", "", mb(r["file_bytes"])])
             continue
         pm = r["process_medians_ms"]
         rows.append([r["name"], engine, r["precision"], r["batch"], fmt_ms(r["median_ms"]), fmt_ms(r["p90_ms"]),
                      fmt_ms(r["p99_ms"]), fmt_num(r["images_per_s"], 1),
-                     f"{fmt_ms(min(pm))} – {fmt_ms(max(pm))} ({len(pm)})", fmt_num(r["load_s"], 2), mb(r["peak_rss_bytes"]),
+                     f"{fmt_ms(min(pm))} – {fmt_ms(max(pm))} ({len(pm)} × {r['timed_calls'] // max(len(pm), 1)})",
+                     fmt_num(r.get("cpu_per_wall"), 2), fmt_num(r["load_s"], 2), mb(r["peak_rss_bytes"]),
                      mb(r["file_bytes"])])
     L += [md_table(["Model", "Engine", "Precision", "Batch", "Median ms", "p90 ms", "p99 ms", "Images/s",
-                    "Process medians ms (n)", "Load s", "Peak RSS MiB", "File MiB"], rows, "lllrrrrrrrrr"), ""]
+                    "Process medians ms (processes × calls)", "CPU/wall", "Load s", "Peak RSS MiB", "File MiB"], rows,
+                   "lllrrrrrrrrrr"), ""]
+    failures = [(r, p) for r in report["results"] for p in r.get("processes", []) if p.get("error")]
+    if failures:
+        L += ["## Failed processes", "", "Left out of the figures above:", ""]
+        L += [f"- {r['name']} batch {r['batch']}, round {p.get('round', '?')}: {p['error']}" for r, p in failures]
+        L += [""]
     if report["comparisons"]:
         L += ["## Speed-ups (ratio of medians)", "",
               md_table(["Backbone", "Batch", "Model", "Compared with", "Speed-up"],

@@ -130,8 +130,13 @@ def machine_markdown(m: Dict[str, Any]) -> str:
         if m.get("memory_bytes") else f"- CPU: {m['cpu_model']}; {m['logical_cpus']} logical CPUs",
         f"- Vector ISA present: {m['cpu_isa_summary']}"
         + (f"; absent: {', '.join(missing)}" if missing else ""),
-        f"- Load average at start (1/5/15 min): "
-        + (" / ".join(f"{x:.2f}" for x in m["load_average_1_5_15"]) if m.get("load_average_1_5_15") else "n/a"),
+        f"- Load average (1/5/15 min) at start: "
+        + (" / ".join(f"{x:.2f}" for x in m["load_average_1_5_15"]) if m.get("load_average_1_5_15") else "n/a")
+        + (f"; at end: {' / '.join(f'{x:.2f}' for x in m['load_average_end_1_5_15'])}"
+           if m.get("load_average_end_1_5_15") else "")
+        + (f" (more than the {m['usable_cpus']} usable CPUs: other work competed, timings are pessimistic)"
+           if max((m.get("load_average_1_5_15") or [0])[0], (m.get("load_average_end_1_5_15") or [0])[0])
+           > (m.get("usable_cpus") or 1) else ""),
         f"- OS: {m['os']}; Python {m['python']}; numpy {m['numpy']}",
         f"- onnxruntime {m['onnxruntime']} (providers: {', '.join(m['onnxruntime_providers'])})",
     ]

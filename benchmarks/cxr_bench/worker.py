@@ -39,6 +39,18 @@ def _peak_rss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def _onnx_runner(cfg: Dict[str, Any]) -> Tuple[Callable[[], Any], Dict[str, Any]]:
     t0 = time.perf_counter()
     import numpy as np
@@ -54,7 +66,10 @@ def _onnx_runner(cfg: Dict[str, Any]) -> Tuple[Callable[[], Any], Dict[str, Any]
     sess = ort.InferenceSession(cfg["path"], sess_options=session_options(cfg["threads"]),
                                 providers=providers_for(cfg.get("device", "cpu")))
     info["load_s"] = time.perf_counter() - t1
-    spec = ModelSpec.from_json(sess.get_modelmeta().custom_metadata_map[SPEC_KEY], source=cfg["path"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    if SPEC_KEY not in meta:
+        raise RuntimeError(f"{cfg['path']}: no '{SPEC_KEY}' in the ONNX metadata (not a cxr model, or being rewritten)")
+    spec = ModelSpec.from_json(meta[SPEC_KEY], source=cfg["path"])
     info["providers"] = sess.get_providers()
     w, h = spec.image_size
     dtype = np.float16 if spec.input_dtype == "float16" else np.float32
@@ -110,6 +125,7 @@ def measure(cfg: Dict[str, Any]) -> Dict[str, Any]:
     times: List[float] = []
     budget = float(cfg.get("max_seconds", 10.0))
     iterations, min_iterations = int(cfg.get("iterations", 20)), int(cfg.get("min_iterations", 3))
+    cpu0 = _cpu_seconds()
     start = time.perf_counter()
     while len(times) < iterations:
         t = time.perf_counter()
@@ -117,7 +133,11 @@ def measure(cfg: Dict[str, Any]) -> Dict[str, Any]:
         times.append((time.perf_counter() - t) * 1000.0)
         if len(times) >= min_iterations and time.perf_counter() - start > budget:
             break
-    info.update(times_ms=times, peak_rss_bytes=_peak_rss_bytes(), pid=os.getpid())
+    wall = time.perf_counter() - start
+    # CPU seconds used per wall second while timing: about `threads` when the process had its cores,
+    # well below when other work on the machine took them (then the timings are pessimistic).
+    info.update(times_ms=times, peak_rss_bytes=_peak_rss_bytes(), pid=os.getpid(),
+                cpu_per_wall=(_cpu_seconds() - cpu0) / wall if wall > 0 else None, load_average_end=_load())
     return info
 
 

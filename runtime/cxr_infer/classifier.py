@@ -202,14 +202,16 @@ class Classifier:
                              f"(inputs: {', '.join(inputs) or 'none'})")
         extra = [n for n in inputs if n != spec.input_name]
         if extra:
-            raise ModelError(f"{name}: the graph has unexpected extra inputs {extra}; a cxr model takes one image batch")
+            raise ModelError(f"{name}: the graph has unexpected extra inputs {extra}; "
+                             "a cxr model takes one image batch")
         inp = inputs[spec.input_name]
         shape = _shape(inp)
         w, h = spec.image_size
         expected = [None, 3, h, w]
         ok = len(shape) == 4 and all(not isinstance(d, int) or e is None or d == e for d, e in zip(shape, expected))
         if not ok:
-            raise ModelError(f"{name}: input {inp.name!r} has shape {shape}, expected [N, 3, {h}, {w}] as its spec says")
+            raise ModelError(f"{name}: input {inp.name!r} has shape {shape}, "
+                             f"expected [N, 3, {h}, {w}] as its spec says")
         if inp.type != _ORT_DTYPES[spec.input_dtype]:
             raise ModelError(f"{name}: input {inp.name!r} is {inp.type}, but its spec says {spec.input_dtype}")
         outputs = {o.name: o for o in self._session.get_outputs()}

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to run: cpu (default), cuda (TensorRT/CUDA), auto (cuda when available)")
     p.add_argument("--threshold", type=_threshold, metavar="T",
                    help="decision threshold for the positive label, in [0, 1] (default: the model's own)")
-    p.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per inference batch (default 8)")
+    p.add_argument("--batch-size", type=_positive, default=8, metavar="N",
+                   help="images per inference batch (default 8)")
     p.add_argument("--threads", type=_positive, metavar="N",
                    help="CPU threads for inference (default: the cores this process may use)")
     p.add_argument("--format", choices=("table", "jsonl", "csv"), default="table", help="output format (default table)")

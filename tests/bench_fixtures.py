@@ -38,11 +38,15 @@ def tiny_model(path: Path, image_size: int = 32, precision: str = "fp32", thresh
     nodes += [
         helper.make_node("GlobalAveragePool", [first], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
-        helper.make_node("Gemm", ["flat", "W", "B"], ["logits"], transB=1),
+        helper.make_node("Gemm", ["flat", "Wf" if fp16 else "W", "Bf" if fp16 else "B"], ["logits"], transB=1),
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
     ]
-    w = np.array([[weight, 0.0, 0.0], [-weight, 0.0, 0.0]], dtype=np.float32)
-    b = np.array([0.0, 0.3], dtype=np.float32)
+    wdt = np.float16 if fp16 else np.float32  # fp16 weights: the graph really is fp16 (cxr-bench checks)
+    w = np.array([[weight, 0.0, 0.0], [-weight, 0.0, 0.0]], dtype=wdt)
+    b = np.array([0.0, 0.3], dtype=wdt)
+    if fp16:
+        nodes[1:1] = [helper.make_node("Cast", ["W"], ["Wf"], to=TensorProto.FLOAT),
+                      helper.make_node("Cast", ["B"], ["Bf"], to=TensorProto.FLOAT)]
     graph = helper.make_graph(
         nodes, "tiny_cxr",
         [helper.make_tensor_value_info("input", in_type, ["N", 3, image_size, image_size])],

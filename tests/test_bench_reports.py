@@ -130,18 +130,17 @@ def test_summary_merges_accuracy_and_latency(bench, tmp_path):
     out = tmp_path / "res"
     out.mkdir()
     (out / "accuracy.json").write_text((bench["out"] / "accuracy.json").read_text())
-    base = {"device": "cpu", "threads": 2, "batch": 1}
+    sha = {m["precision"]: m["sha256"] for m in bench["report"]["models"] if m["backbone"] == "resnet50"}
+    base = {"device": "cpu", "threads": 2, "batch": 1, "engine": "onnx", "backbone": "resnet50", "path": "a"}
+    a = {**base, "precision": "fp32", "sha256": sha["fp32"]}
     _latency_report(out / "latency.json", "2030-01-01T00:00:00Z", [
-        {**base, "engine": "onnx", "backbone": "resnet50", "precision": "fp32", "median_ms": 40.0, "path": "a"},
-        {**base, "engine": "onnx", "backbone": "resnet50", "precision": "fp16", "median_ms": 60.0, "path": "b"},
-        {**base, "engine": "onnx", "backbone": "resnet50", "precision": "fp32", "median_ms": 99.0, "path": "a",
-         "batch": 8},
-        {**base, "engine": "torch", "backbone": "resnet50", "precision": "fp32", "median_ms": 120.0, "path": "c"},
-        {**base, "engine": "onnx", "backbone": "resnet50", "precision": "fp32", "median_ms": 70.0, "path": "a",
-         "threads": 1},
+        {**a, "median_ms": 40.0},
+        {**base, "precision": "fp16", "sha256": sha["fp16"], "median_ms": 60.0, "path": "b"},
+        {**a, "median_ms": 99.0, "batch": 8},
+        {**base, "engine": "torch", "precision": "fp32", "median_ms": 120.0, "path": "c"},
+        {**a, "median_ms": 70.0, "threads": 1},
     ])
-    _latency_report(out / "latency-old.json", "2020-01-01T00:00:00Z", [
-        {**base, "engine": "onnx", "backbone": "resnet50", "precision": "fp32", "median_ms": 1.0, "path": "a"}])
+    _latency_report(out / "latency-old.json", "2020-01-01T00:00:00Z", [{**a, "median_ms": 1.0}])
     assert cli.main(["summary", "--results", str(out), "-q"]) == 0
     rows = json.loads((out / "summary.json").read_text())
     assert isinstance(rows, list) and all(tuple(r) == ROW_KEYS for r in rows)
@@ -157,6 +156,28 @@ def test_summary_merges_accuracy_and_latency(bench, tmp_path):
     assert "| Backbone | Precision | Accuracy |" in md and "3.0x" in md
     rows1, src = build_summary(out, threads=1)
     assert {(x["backbone"], x["precision"]): x for x in rows1}[("resnet50", "fp32")]["latency_ms_b1"] == 70.0
+
+
+def test_summary_never_merges_two_different_files(bench, tmp_path):
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "accuracy.json").write_text((bench["out"] / "accuracy.json").read_text())
+    _latency_report(out / "latency.json", "2030-01-01T00:00:00Z", [
+        {"device": "cpu", "threads": 1, "batch": 1, "engine": "onnx", "backbone": "vgg16", "precision": "fp32",
+         "median_ms": 5.0, "path": str(tmp_path / "another_vgg16.onnx"), "sha256": "0" * 64}])
+    rows, src = build_summary(out)
+    vgg = [r for r in rows if r["backbone"] == "vgg16"]
+    assert len(vgg) == 2 and sorted(str(r["latency_ms_b1"]) for r in vgg) == ["5.0", "None"]
+    assert any("different model files" in w for w in src["warnings"])
+
+
+def test_spec_precision_checked_against_graph(tmp_path):
+    from cxr_bench.models import inspect_model
+
+    _, facts, warnings = inspect_model(tiny_model(tmp_path / "claims_int8.onnx", precision="int8"))
+    assert facts["implied_precision"] == "fp32" and facts["quant_ops"] == 0
+    assert warnings and "says precision 'int8'" in warnings[0]
+    assert inspect_model(tiny_model(tmp_path / "ok.onnx"))[2] == []
 
 
 def test_summary_option_after_accuracy(bench, tmp_path):

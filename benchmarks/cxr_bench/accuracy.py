@@ -34,7 +34,7 @@ from cxr_infer.metrics import binary_metrics, roc_curve
 
 from . import __version__
 from .dataset import PixelCache, list_dataset
-from .models import OnnxModel, open_model, read_spec, resize_method
+from .models import OnnxModel, inspect_model, open_model, resize_method
 from .stats import CI_METRICS, bootstrap_metrics, calibration_bins
 from .util import (BenchError, Progress, command_line, fmt_ci, fmt_num, fmt_pct, mb, md_table, now_iso, say, write_json,
                    write_text)
@@ -81,8 +81,13 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
     paths = [Path(m) for m in models]
     if not paths:
         raise BenchError("no model given: pass --model FILE.onnx [FILE.onnx ...]")
+    facts: Dict[Path, Dict[str, Any]] = {}
+    warnings: List[str] = []
     for p in paths:  # every file checked before any image is decoded
-        read_spec(p)
+        _, facts[p], warn = inspect_model(p)
+        warnings += warn
+    for w in warnings:
+        say(f"warning: {w}", quiet)
     ds = list_dataset(data, limit=limit)
     say(f"data: {ds.root} ({len(ds.files)} images: "
         + ", ".join(f"{v} {k}" for k, v in ds.counts().items()) + ")", quiet)
@@ -106,6 +111,7 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
         fpr, tpr, thr = roc_curve(y, p)
         entry = model.describe()
         entry["name"] = label
+        entry["graph"] = facts[path]
         at_t = evaluate(y, p, model.spec.threshold, bootstrap, seed)
         entry.update(
             n_evaluated=int(keep.sum()),
@@ -133,6 +139,7 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
                       "method": "percentile bootstrap, images resampled with replacement; same draws for every "
                                 "model and threshold"},
         "models": results,
+        "warnings": warnings,
         "extra_sections": [],
         "files": {},
     }
@@ -220,6 +227,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
                     f"Created {report['created']} by cxr-bench {report['cxr_bench_version']}.", ""]
     if d["unreadable"]:
         L += [f"**{len(d['unreadable'])} image(s) could not be read and are left out** (listed at the end).", ""]
+    for w in report.get("warnings", []):
+        L += [f"**Warning:** {w}.", ""]
     L += ["## Results at each model's decision threshold", "",
           "Laid out like the reference table. Precision, recall and F1 are for the positive label "
           f"({models[0]['positive_label'] if models else 'PNEUMONIA'}); loss is the mean binary cross-entropy.", "",

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .machine import describe_machine, machine_markdown, package_version
-from .models import providers_for, read_spec
+from .models import inspect_model, providers_for
 from .util import BenchError, command_line, fmt_ms, fmt_num, mb, md_table, now_iso, say, write_json, write_text
 from .worker import MARKER
 
@@ -80,10 +80,12 @@ def checkpoint_info(folder: str | Path) -> Dict[str, Any]:
 
 def model_info(path: str | Path) -> Dict[str, Any]:
     """Backbone, precision and size of an ONNX model file (spec checked before any timing)."""
+    from .util import sha256_file
+
     p = Path(path)
-    spec = read_spec(p)
+    spec, facts, warnings = inspect_model(p)
     return {"engine": "onnx", "path": str(p), "name": p.stem, "backbone": spec.backbone, "precision": spec.precision,
-            "file_bytes": p.stat().st_size}
+            "file_bytes": p.stat().st_size, "sha256": sha256_file(p), "graph": facts, "warnings": warnings}
 
 
 def run_worker(cfg: Dict[str, Any], env: Dict[str, str], timeout: float) -> Dict[str, Any]:
@@ -147,6 +149,9 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         raise BenchError("--repeats, --iterations, --threads and every --batch must be at least 1")
     providers_for(device)  # fail before any process starts if the device is missing
     subjects = [model_info(m) for m in models] + [checkpoint_info(c) for c in checkpoints]
+    warnings = [w for s in subjects for w in s.pop("warnings", [])]
+    for w in warnings:
+        say(f"warning: {w}", quiet)
     configs: List[Dict[str, Any]] = []
     for s in subjects:
         for b in batches:
@@ -186,6 +191,7 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
                                             "inter_op_num_threads = 1",
                      "torch": "fp32 eager, torch.inference_mode, set_num_threads(threads), interop threads 1"},
         "results": results,
+        "warnings": warnings,
         "comparisons": comparisons(results),
         "files": {},
     }
@@ -220,7 +226,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
     """The Markdown latency report: machine, settings, results table, speed-ups, method."""
     s = report["settings"]
     L = ["# cxr-bench latency report", "", f"Created {report['created']} by cxr-bench {report['cxr_bench_version']}.",
-         "", "## Machine", "", machine_markdown(report["machine"]), "",
+         ""] + [f"**Warning:** {w}." for w in report.get("warnings", [])] + ([""] if report.get("warnings") else []) + [
+         "## Machine", "", machine_markdown(report["machine"]), "",
          "## Settings", "",
          f"- Device {s['device']}, {s['threads']} thread(s) fixed; batch sizes {', '.join(map(str, s['batches']))}.",
          f"- Each configuration measured in {s['repeats']} fresh process(es), interleaved in rotated order; "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -121,20 +121,65 @@ def model_input(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
     return x if dtype is np.float32 else x.astype(dtype)
 
 
-def read_spec(path: Path) -> ModelSpec:
-    """The validated spec of ``path`` without building an inference session (fast)."""
+QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+             "DynamicQuantizeLinear", "QLinearAdd", "QLinearGlobalAveragePool"}
+
+
+def _load_onnx(path: Path):
     import onnx
 
-    path = Path(path)
     _check_file(path)
     try:
-        m = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises several types for a bad file
         raise ModelError(f"{path}: not a readable ONNX file ({exc.__class__.__name__}: {exc})") from None
+
+
+def _spec_of(m, path: Path) -> ModelSpec:
     meta = {p.key: p.value for p in m.metadata_props}
     if SPEC_KEY not in meta:
         raise ModelError(f"{path}: no '{SPEC_KEY}' in the ONNX metadata: not a cxr model (export it with cxr-export)")
     return ModelSpec.from_json(meta[SPEC_KEY], source=str(path))
+
+
+def read_spec(path: Path) -> ModelSpec:
+    """The validated spec of ``path`` without building an inference session."""
+    path = Path(path)
+    return _spec_of(_load_onnx(path), path)
+
+
+def inspect_model(path: Path) -> Tuple[ModelSpec, Dict[str, Any], List[str]]:
+    """The spec, facts read from the graph itself, and warnings where the two disagree.
+
+    The precision a graph implies: ``int8`` when it holds quantization ops, ``fp16`` when most
+    float weights are float16, else ``fp32``. A spec that claims otherwise is reported (a
+    report must never file an INT8 model's figures under FP32).
+
+    Example:
+        >>> spec, facts, warnings = inspect_model(Path("m_int8.onnx"))  # doctest: +SKIP
+        >>> facts["implied_precision"], warnings                        # doctest: +SKIP
+        ('int8', [])
+    """
+    from onnx import TensorProto
+
+    path = Path(path)
+    m = _load_onnx(path)
+    spec = _spec_of(m, path)
+    ops: Dict[str, int] = {}
+    for node in m.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    quant = sum(n for op, n in ops.items() if op in QUANT_OPS)
+    f16 = sum(1 for t in m.graph.initializer if t.data_type == TensorProto.FLOAT16)
+    f32 = sum(1 for t in m.graph.initializer if t.data_type == TensorProto.FLOAT)
+    implied = "int8" if quant else ("fp16" if f16 > f32 else "fp32")
+    facts = {"nodes": sum(ops.values()), "quant_ops": quant, "fp16_initializers": f16, "fp32_initializers": f32,
+             "implied_precision": implied, "opset": max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
+                                                        default=None)}
+    warnings = []
+    if implied != spec.precision:
+        warnings.append(f"{path}: its spec says precision {spec.precision!r} but the graph looks {implied} "
+                        f"({quant} quantization ops, {f16} fp16 / {f32} fp32 weight tensors); check the export")
+    return spec, facts, warnings
 
 
 def _check_file(path: Path) -> None:

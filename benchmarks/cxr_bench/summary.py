@@ -10,7 +10,9 @@ rows, one per (backbone, precision) model file, each with exactly these keys::
 predictive value. Metrics are at the model's own decision threshold. ``latency_ms_b1`` is the
 ONNX Runtime median at batch 1 on the CPU; ``torch_latency_ms_b1`` the PyTorch eager median
 of the same backbone at batch 1 with the same thread count. Missing figures are ``null``.
-Where several reports hold the same model, the newest (by ``created``) wins.
+Accuracy and latency are joined per model file (its SHA-256); where several reports hold the
+same file, the newest (by ``created``) wins. Two files claiming the same backbone and precision
+give two rows and a warning.
 
 Example:
     >>> rows = build_summary("benchmarks/results")     # doctest: +SKIP
@@ -50,43 +52,58 @@ def load_reports(results: str | Path) -> Tuple[List[Tuple[Path, Dict]], List[Tup
     return acc, lat
 
 
+def _identity(entry: Dict[str, Any]) -> str:
+    """Which model file an entry measured: its SHA-256 when known, else its resolved path."""
+    return entry.get("sha256") or str(Path(entry["path"]).resolve())
+
+
 def build_summary(results: str | Path, threads: Optional[int] = None, device: str = "cpu"
                   ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-    """Rows of the summary contract and a ``sources`` dict saying which report gave what."""
+    """Rows of the summary contract and a ``sources`` dict saying which report gave what.
+
+    Accuracy and ONNX latency are joined per model file (same SHA-256), so figures of two
+    different files are never merged into one row; PyTorch latency is joined by backbone.
+    """
     acc_reports, lat_reports = load_reports(results)
     if not acc_reports and not lat_reports:
         raise BenchError(f"{results}: no accuracy or latency reports (*.json) to summarise; run "
                          f"`cxr-bench accuracy ... --out {results}` and `cxr-bench latency ... --out {results}` first")
-    acc: Dict[Tuple[str, str], Tuple[str, Dict, str]] = {}
+    acc: Dict[str, Tuple[str, Dict, str]] = {}
     for path, rep in acc_reports:
         for m in rep.get("models", []):
-            key = (m["backbone"], m["precision"])
+            key = _identity(m)
             if key not in acc or rep["created"] >= acc[key][2]:
                 acc[key] = (path.name, m, rep["created"])
     lat_rows = [(path.name, rep["created"], r) for path, rep in lat_reports for r in rep.get("results", [])
                 if r.get("batch") == 1 and r.get("device", "cpu") == device and r.get("median_ms")]
     measured_threads = sorted({r["threads"] for _, _, r in lat_rows})
     use_threads = threads if threads is not None else (max(measured_threads) if measured_threads else None)
-    ort: Dict[Tuple[str, str], Tuple[str, Dict, str]] = {}
+    ort: Dict[str, Tuple[str, Dict, str]] = {}
     torch: Dict[str, Tuple[str, Dict, str]] = {}
     for name, created, r in lat_rows:
         if r["threads"] != use_threads:
             continue
         if r["engine"] == "onnx":
-            key = (r["backbone"], r["precision"])
+            key = _identity(r)
             if key not in ort or created >= ort[key][2]:
                 ort[key] = (name, r, created)
         elif r["engine"] == "torch":
             if r["backbone"] not in torch or created >= torch[r["backbone"]][2]:
                 torch[r["backbone"]] = (name, r, created)
-    keys = sorted(set(acc) | set(ort), key=lambda k: (k[0], _PRECISION_ORDER.get(k[1], 9), k[1]))
+
+    def sort_key(ident: str) -> Tuple:
+        e = (acc.get(ident) or ort.get(ident))[1]
+        return e["backbone"], _PRECISION_ORDER.get(e["precision"], 9), e["precision"], e["path"]
+
     rows: List[Dict[str, Any]] = []
     sources: Dict[str, Any] = {"device": device, "threads": use_threads, "threads_measured": measured_threads,
-                               "rows": []}
-    for b, prec in keys:
-        m = acc.get((b, prec), (None, None, None))[1]
+                               "rows": [], "warnings": []}
+    for ident in sorted(set(acc) | set(ort), key=sort_key):
+        m = acc.get(ident, (None, None, None))[1]
+        lo = ort.get(ident, (None, None, None))[1]
+        e = m or lo
+        b, prec = e["backbone"], e["precision"]
         t = m["at_threshold"] if m else {}
-        lo = ort.get((b, prec), (None, None, None))[1]
         tt = torch.get(b, (None, None, None))[1]
         rows.append({
             "backbone": b, "precision": prec,
@@ -96,17 +113,26 @@ def build_summary(results: str | Path, threads: Optional[int] = None, device: st
             "latency_ms_b1": lo["median_ms"] if lo else None,
             "torch_latency_ms_b1": tt["median_ms"] if tt else None,
         })
-        sources["rows"].append({"backbone": b, "precision": prec,
-                                "model": m["path"] if m else (lo["path"] if lo else None),
-                                "threshold": m["threshold"] if m else None,
-                                "n_images": (t.get("n") if t else None),
-                                "accuracy_report": acc.get((b, prec), (None,))[0],
-                                "latency_report": ort.get((b, prec), (None,))[0],
+        sources["rows"].append({"backbone": b, "precision": prec, "model": e["path"], "sha256": e.get("sha256"),
+                                "threshold": m["threshold"] if m else None, "n_images": t.get("n"),
+                                "accuracy_report": acc.get(ident, (None,))[0],
+                                "latency_report": ort.get(ident, (None,))[0],
                                 "torch_report": torch.get(b, (None,))[0]})
+    seen: Dict[Tuple[str, str], List[str]] = {}
+    for s in sources["rows"]:
+        seen.setdefault((s["backbone"], s["precision"]), []).append(s["model"])
+    for (b, prec), paths in seen.items():
+        if len(paths) > 1:
+            sources["warnings"].append(f"{len(paths)} different model files are {b} {prec} ({', '.join(paths)}): "
+                                       "accuracy and latency were measured on different files, or a report is "
+                                       "stale; rerun both on the same file or remove the old report")
     for path, rep in acc_reports:
         sources.setdefault("data", {})[path.name] = rep["data"]["root"]
-    machines = {path.name: rep["machine"].get("cpu_model") for path, rep in lat_reports}
-    sources["machines"] = machines
+        sources["warnings"] += rep.get("warnings", [])
+    for path, rep in lat_reports:
+        sources["warnings"] += rep.get("warnings", [])
+    sources["warnings"] = list(dict.fromkeys(sources["warnings"]))
+    sources["machines"] = {path.name: rep["machine"].get("cpu_model") for path, rep in lat_reports}
     return rows, sources
 
 
@@ -126,7 +152,8 @@ def render_markdown(rows: List[Dict[str, Any]], sources: Dict[str, Any]) -> str:
          f"on {sources['device']}, {sources['threads']} thread(s), each in fresh processes.", "",
          md_table(["Backbone", "Precision", "Accuracy", "AUC", "Loss", "Precision (PPV)", "Recall", "F1",
                    "TP/FP/TN/FN", "ORT ms (b1)", "PyTorch ms (b1)", "ORT speed-up"], table, "llrrrrrrrrrr"),
-         "", "## Sources", ""]
+         ""] + [f"**Warning:** {w}." for w in sources.get("warnings", [])] + (
+        [""] if sources.get("warnings") else []) + ["## Sources", ""]
     for s in sources["rows"]:
         L.append(f"- {s['backbone']} {s['precision']}: model `{s['model']}`"
                  + (f", threshold {s['threshold']:.4g}" if s["threshold"] is not None else "")
@@ -144,6 +171,8 @@ def write_summary(results: str | Path, out: Optional[str | Path] = None, threads
     """Build the summary from ``results`` and write ``summary.json`` and ``summary.md`` to ``out``."""
     out = Path(out) if out is not None else Path(results)
     rows, sources = build_summary(results, threads=threads, device=device)
+    for w in sources["warnings"]:
+        say(f"warning: {w}", quiet)
     write_json(out / "summary.json", rows)
     write_text(out / "summary.md", render_markdown(rows, sources))
     say(f"wrote {out / 'summary.json'} ({len(rows)} rows) and summary.md", quiet)

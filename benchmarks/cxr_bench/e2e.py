@@ -17,7 +17,6 @@ Example:
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import numpy as np
 
 from . import __version__
 from .dataset import IMAGE_SUFFIXES
-from .latency import _child_env
+from .latency import child_env
 from .machine import describe_machine, machine_markdown
 from .util import BenchError, command_line, fmt_ms, mb, md_table, now_iso, say, write_json, write_text
 
@@ -162,7 +161,7 @@ def run_e2e(model: str | Path, images: str | Path | Sequence[str | Path], count:
     files = pick_images(images, count)
     if infer_args is None:  # same thread count as the in-process part; cxr-infer's own option
         infer_args = ["--threads", str(threads)]
-    env = _child_env(threads)
+    env = child_env(threads)
     report: Dict[str, Any] = {
         "kind": KIND, "format_version": 1, "created": now_iso(), "cxr_bench_version": __version__,
         "command": command_line(), "machine": describe_machine(), "model": str(model),

@@ -33,7 +33,7 @@ from .worker import MARKER
 KIND = "cxr-bench/latency"
 
 
-def _child_env(threads: int) -> Dict[str, str]:
+def child_env(threads: int) -> Dict[str, str]:
     """The parent's environment, thread variables pinned, and cxr packages importable."""
     import cxr_infer
 
@@ -156,7 +156,7 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
     for s in subjects:
         for b in batches:
             configs.append({**s, "batch": int(b)})
-    env = _child_env(threads)
+    env = child_env(threads)
     raw: List[List[Dict[str, Any]]] = [[] for _ in configs]
     order_log: List[List[int]] = []
     machine = describe_machine(torch_used=bool(checkpoints))

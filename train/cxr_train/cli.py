@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--ema", type=float, help="EMA decay of the weights (0 turns it off)")
     p.add_argument("--patience", type=int, default=0, help="early stop after N epochs without a better val AUC")
+    p.add_argument("--threshold-rule", default="balanced", choices=["balanced", "youden"],
+                   help="decision threshold stored with the model: balanced = 0.5 (default; the model is trained"
+                        " class-balanced), youden = maximise sensitivity + specificity - 1 on validation")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -78,7 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         label_smoothing=args.label_smoothing, balance=args.balance, augment=args.augment, dropout=args.dropout,
         ema=args.ema, patience=args.patience, val_fraction=args.val_fraction, seed=args.seed, device=args.device,
         max_images=args.max_images, image_size=args.image_size, amp={'auto': None, 'on': True, 'off': False}[args.amp], save_dtype=args.save_dtype,
-        time_limit=args.time_limit, time_budget=args.time_budget, resume=args.resume, workers=args.workers, progress=not args.no_progress)
+        time_limit=args.time_limit, threshold_rule=args.threshold_rule, time_budget=args.time_budget, resume=args.resume, workers=args.workers, progress=not args.no_progress)
     try:
         train(cfg, log=lambda *a: print(*a, flush=True))
     except (WeightsUnavailable, FileNotFoundError, ValueError, RuntimeError) as exc:

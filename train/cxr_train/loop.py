@@ -34,6 +34,13 @@ from .checkpoint import atomic_write_text, save_weights
 from .models import build_model
 
 RECIPES = ("finetune", "reference")
+THRESHOLD_RULES = {
+    # With a class-weighted loss (or a balanced sampler) the model is trained for balanced classes,
+    # so 0.5 is its balanced-error decision point. Youden's J on a small, in-distribution validation
+    # split picks extreme thresholds (0.07 on the first GPU runs) that did not carry over to shifted data.
+    "balanced": "0.5: the balanced decision point of a class-balanced model (Youden's J on validation recorded too)",
+    "youden": "Youden's J (sensitivity + specificity - 1) on validation",
+}
 
 
 @dataclass
@@ -70,6 +77,7 @@ class TrainConfig:
     time_budget: Optional[float] = None
     resume: bool = False
     save_last: bool = True
+    threshold_rule: str = "balanced"
     workers: int = 0
     progress: bool = True
     eval_batch_size: int = 128
@@ -93,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"unknown recipe {c.recipe!r}; choose one of {', '.join(RECIPES)}")
         if c.augment not in PRESETS:
             raise ValueError(f"unknown augmentation {c.augment!r}; choose one of {', '.join(PRESETS)}")
+        if c.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}")
         if c.balance not in ("loss", "sampler", "none"):
             raise ValueError("balance must be one of loss, sampler, none")
         return c
@@ -416,8 +426,10 @@ def train(cfg: TrainConfig, log=print) -> Dict:
                 fh.write(json.dumps(rec) + "\n")
         if improved:
             stalled = 0
-            thr = youden_threshold(y_va, probs)
-            best = dict(rec, threshold=thr, val_at_threshold=binary_metrics(y_va, probs, thr), val_at_05=m05)
+            youden = youden_threshold(y_va, probs)
+            thr = youden if c.threshold_rule == "youden" else 0.5
+            best = dict(rec, threshold=thr, youden_threshold=youden,
+                        val_at_threshold=binary_metrics(y_va, probs, thr), val_at_05=m05)
             if is_main:
                 dtype = torch.float16 if c.save_dtype == "fp16" else torch.float32
                 name, other = (("model_fp16.safetensors", "model.safetensors") if c.save_dtype == "fp16"
@@ -433,7 +445,8 @@ def train(cfg: TrainConfig, log=print) -> Dict:
             "transform_input": bool(getattr(model.base, "transform_input", False)),
             "image_size": c.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "labels": list(D.LABELS), "positive_label": D.LABELS[1],
-            "threshold": best["threshold"], "threshold_rule": "Youden's J (sensitivity + specificity - 1) on validation",
+            "threshold": best["threshold"], "threshold_rule": THRESHOLD_RULES[c.threshold_rule],
+            "youden_threshold": best.get("youden_threshold"),
             "best_epoch": best["epoch"], "val_metrics": best["val_at_threshold"], "val_metrics_at_0.5": best["val_at_05"],
             "selection": "highest validation AUC (ties within 1e-4: lowest validation loss), EMA weights" if ema else
                          "highest validation AUC (ties within 1e-4: lowest validation loss)",

@@ -120,7 +120,8 @@ def build_summary(results: str | Path, threads: Optional[int] = None, device: st
                                 "torch_report": torch.get(b, (None,))[0]})
     seen: Dict[Tuple[str, str], List[str]] = {}
     for s in sources["rows"]:
-        seen.setdefault((s["backbone"], s["precision"]), []).append(s["model"])
+        seen.setdefault((s["backbone"], s["precision"]), []).append(
+            f"{s['model']} (sha256 {s['sha256'][:8]})" if s.get("sha256") else f"{s['model']} (no sha256)")
     for (b, prec), paths in seen.items():
         if len(paths) > 1:
             sources["warnings"].append(f"{len(paths)} different model files are {b} {prec} ({', '.join(paths)}): "

@@ -72,7 +72,7 @@ def checkpoint_info(folder: str | Path) -> Dict[str, Any]:
                    None)
     if weights is None:
         raise BenchError(f"--checkpoint {p}: no model.safetensors or model_fp16.safetensors in {folder}")
-    return {"engine": "torch", "path": str(folder), "name": f"{meta.get('backbone', folder.name)} (PyTorch eager)",
+    return {"engine": "torch", "path": str(folder), "name": f"{meta.get('backbone', folder.name)} (PyTorch eager fp32)",
             "backbone": meta.get("backbone", folder.name), "precision": "fp32",
             "file_bytes": weights.stat().st_size, "weights_file": weights.name,
             "weights_note": "weights stored as fp16, run as fp32" if "fp16" in weights.name else ""}
@@ -264,7 +264,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
     if report["comparisons"]:
         L += ["## Speed-ups (ratio of medians)", "",
               md_table(["Backbone", "Batch", "Model", "Compared with", "Speed-up"],
-                       [[c["backbone"], c["batch"], c["model"], f"{c['baseline']} ({c['kind'][3:]})",
+                       [[c["backbone"], c["batch"], c["model"],
+                         c["baseline"] if "PyTorch" in c["baseline"] else f"{c['baseline']} ({c['kind'][3:]})",
                          f"{c['speedup']:.2f}x"] for c in report["comparisons"]], "lrllr"),
               "", "Speed-up = baseline median / model median (above 1: the model is faster).", ""]
     notes = [r for r in report["results"] if r.get("weights_note")]

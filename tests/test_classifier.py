@@ -119,6 +119,10 @@ def test_threads_default_to_the_cores_we_may_use(tiny_model):
     assert clf._session.get_session_options().intra_op_num_threads == clf.threads
     one = Classifier(tiny_model, threads=1)
     assert one._session.get_session_options().intra_op_num_threads == 1
+    spin = "session.intra_op.allow_spinning"
+    assert clf._session.get_session_options().get_session_config_entry(spin) == "0"
+    spinning = Classifier(tiny_model, threads=1, session_config={spin: "1"})
+    assert spinning._session.get_session_options().get_session_config_entry(spin) == "1"
 
 
 def test_device_selection(monkeypatch):

@@ -164,6 +164,12 @@ def test_exif_rotated_twin(base, ref, orientation, transpose):
         assert _mean_abs(load_image(_encode(stored, "PNG")), ref) > 5  # ignoring the tag would be wrong
 
 
+def test_orientation_of_an_in_memory_pil_image(base, ref):
+    img = base.transpose(Image.Transpose.ROTATE_90)
+    img.getexif()[0x0112] = 6
+    assert np.array_equal(load_image(img), ref)
+
+
 def test_broken_exif_does_not_lose_the_image(base, ref):
     data = _encode(base, "PNG", exif=b"Exif\x00\x00garbage")
     assert np.array_equal(load_image(data), ref)

@@ -33,6 +33,10 @@ from .spec import SPEC_KEY, ModelSpec
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.onnx"
 DEVICES = ("cpu", "cuda", "auto")
 DEFAULT_BATCH_SIZE = 8
+#: onnxruntime session config entries set by default. Worker threads that spin while idle burn
+#: cores the host application needs; on a shared 2-core CPU, turning spinning off made an INT8
+#: ResNet50 run faster (about 55 vs 95 ms) as well. ``session_config`` overrides these.
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 
 ModelSource = Union[str, "os.PathLike[str]", bytes]
 
@@ -113,6 +117,10 @@ class Classifier:
         threads: intra-op threads; default: the cores this process may use.
         threshold: overrides the spec's decision threshold.
         warmup: run one dummy batch on load so the first real call is not slow.
+        batch_size: the default number of images per inference batch for lists.
+        providers: onnxruntime execution providers, overriding ``device`` (advanced).
+        session_config: extra onnxruntime session config entries (advanced), e.g.
+            ``{"session.intra_op.allow_spinning": "1"}`` on a machine dedicated to inference.
 
     Raises:
         ModelError: the file is missing, not ONNX, or has no valid spec or the wrong graph.
@@ -126,7 +134,8 @@ class Classifier:
 
     def __init__(self, model: Optional[ModelSource] = None, device: str = "cpu", threads: Optional[int] = None,
                  threshold: Optional[float] = None, warmup: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
-                 providers: Optional[Sequence[Any]] = None) -> None:
+                 providers: Optional[Sequence[Any]] = None, session_config: Optional[Mapping[str, str]] = None
+                 ) -> None:
         import onnxruntime as ort
 
         self.model_path: Optional[str] = None
@@ -162,6 +171,9 @@ class Classifier:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        config = dict(SESSION_CONFIG, **(session_config or {}))
+        for key, value in config.items():
+            opts.add_session_config_entry(key, str(value))
         try:
             self._session = ort.InferenceSession(load_from, sess_options=opts, providers=list(providers))
         except Exception as exc:  # onnxruntime raises several unrelated types here

@@ -190,6 +190,9 @@ def _decode(data: bytes, draft_size: Optional[Sequence[int]]) -> Image.Image:
 
 def _orient(img: Image.Image) -> Image.Image:
     """Apply the EXIF orientation tag, if any (no copy when there is none)."""
+    if img.format not in (None, "TIFF") and not any(k in img.info for k in ("exif", "xmp", "XML:com.adobe.xmp",
+                                                                  "Raw profile type exif")):
+        return img  # nothing that could hold an orientation; skips Pillow's EXIF parser import
     try:
         orientation = img.getexif().get(0x0112, 1)
     except Exception:  # a broken EXIF block must not lose the image

@@ -155,6 +155,10 @@ def bad_models(tmp_path_factory) -> dict:
         "output.onnx": build_model(graph_prob_output="scores"),
         "labels.onnx": build_model(graph_labels=3),
     }
+    onnx = __import__("onnx")
+    extra = onnx.load_from_string(good)
+    extra.graph.input.append(onnx.helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, [1]))
+    cases["extra.onnx"] = extra.SerializeToString()
     raw16 = dict(raw, input=dict(raw["input"], dtype="float32"))
     cases["dtype.onnx"] = build_model(dtype="float16", spec=raw16)
     paths = {}
@@ -179,6 +183,7 @@ MODEL_EXPECT = {
     "dtype.onnx": "spec says float32",
     "output.onnx": "no probabilities output 'probabilities'",
     "labels.onnx": "expected [N, 2]",
+    "extra.onnx": "unexpected extra inputs ['mask']",
 }
 
 

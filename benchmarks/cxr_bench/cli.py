@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("accuracy", formatter_class=fmt, epilog=ACCURACY_EPILOG,
                        help="metrics, intervals and plots on a labelled folder",
                        description="Accuracy, loss, precision, recall, specificity, F1, ROC AUC and TP/FP/TN/FN "
-                                   "with 95%% bootstrap intervals, for one or more model files.")
+                                   "with 95% bootstrap intervals, for one or more model files.")
     a.add_argument("--model", nargs="+", action="extend", required=True, metavar="FILE.onnx", help="cxr model file(s)")
     a.add_argument("--data", required=True, metavar="DIR", help=f"labelled image folder, e.g. {TEST_SPLIT}")
     a.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap rounds (default 1000; 0: none)")

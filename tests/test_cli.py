@@ -152,6 +152,15 @@ def test_without_model_uses_default_or_says_none_is_installed(xrays224):
         assert err.count("\n") == 1
 
 
+def test_no_default_model_installed_message(xrays224, tmp_path):
+    prelude = f"import cxr_infer.classifier as c, pathlib\nc.DEFAULT_MODEL = pathlib.Path({str(tmp_path / 'none.onnx')!r})"
+    r = run_cli(str(xrays224[0]), prelude=prelude)
+    assert r.returncode == 2
+    err = r.stderr.decode()
+    assert "no default model is installed yet" in err and "cxr-infer --model MODEL.onnx" in err
+    assert err.count("\n") == 1 and r.stdout == b""
+
+
 def test_cuda_without_provider_exit_2(tiny_model, xrays224):
     import onnxruntime as ort
     if "CUDAExecutionProvider" in ort.get_available_providers():

@@ -30,6 +30,8 @@ def tree(tmp_path_factory, xrays224, xray):
         from test_dicom import make_dicom
         import numpy as np
         (root / "a" / "IM000001").write_bytes(make_dicom(np.asarray(Image.open(xray).convert("L"))))
+        (root / "a" / "b" / "IM000002").write_bytes(make_dicom(np.asarray(Image.open(xray).convert("L")))[132:])
+        (root / "a" / "b" / "README").write_text("extension-less, not DICOM: skipped")
     except ImportError:  # pragma: no cover  (pydicom absent)
         pass
     return root
@@ -55,8 +57,9 @@ def test_folder_file_and_glob_in_one_run(tiny_model, tree, xrays224):
     assert r.returncode == 0, r.stderr
     rows = _jsonl(r)
     paths = [o["path"] for o in rows]
-    assert len(paths) == len(set(paths)) == 3 + 2 + 1 + 1 + 1  # globbed files are already listed once
+    assert len(paths) == len(set(paths)) == 3 + 2 + 1 + 2 + 1  # globbed files are already listed once
     assert str(tree / "a" / "b" / "scan.PNG") in paths and str(tree / "a" / "IM000001") in paths
+    assert str(tree / "a" / "b" / "IM000002") in paths  # DICOM without preamble
     assert not any(".hidden" in p or p.endswith(".txt") for p in paths)
     for o in rows:
         assert set(o) >= {"path", "label", "probability", "threshold"}
@@ -197,5 +200,5 @@ def test_expand_inputs_keeps_order_and_drops_duplicates(tree):
     from cxr_infer.cli import expand_inputs
     first = str(tree / "a" / "b" / "scan.PNG")
     entries = expand_inputs([first, str(tree / "a" / "b"), first])
-    assert entries[0] == (first, None) and len(entries) == 3
+    assert entries[0] == (first, None) and len(entries) == 4  # scan.PNG, 2 JPEGs, IM000002
     assert all(problem is None for _, problem in entries)

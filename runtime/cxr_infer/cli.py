@@ -120,7 +120,9 @@ def _looks_like_extensionless_dicom(path: str) -> bool:
             head = fh.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    from .dicom import looks_like_dicom
+
+    return looks_like_dicom(head)
 
 
 def _walk(folder: str) -> List[str]:

@@ -37,7 +37,9 @@ def exported(run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "tiny.onnx"
     triton = out.parent / "triton"
     rc = main([str(run_dir), "--out", str(out), "--int8", "--calibration", str(TRAIN), "--calibration-count", "64",
-               "--fp16", "--triton", str(triton), "--threads", "2"])
+               "--fp16", "--triton", str(triton), "--threads", "2",
+               # 24 validation images: one flipped image is 4 points, so the gate's default is too tight here.
+               "--max-drop", "10"])
     assert rc == 0
     return out
 
@@ -90,6 +92,8 @@ def test_int8_is_quantized_and_agrees(exported, run_dir):
     p32 = run_probs(session(exported), spec, px)
     p8 = run_probs(session(int8), spec, px)
     assert np.mean(np.abs(p32 - p8)) < 0.05
+    # The Softmax stays FP32: probabilities are not rounded to multiples of 1/255.
+    assert np.mean(np.abs(p8 * 255 - np.round(p8 * 255)) > 1e-3) > 0.5
     assert np.mean((p32 >= spec.threshold) == (p8 >= spec.threshold)) >= 0.9
 
 

@@ -119,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             _say(f"INT8: {int8} ({int8.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t1:.1f}s; {result.line()}")
             if result.accuracy_drop_points > args.max_drop:
                 msg = (f"INT8 accuracy drops {result.accuracy_drop_points:.2f} points (> --max-drop {args.max_drop});"
-                       " try --calibration-method percentile or entropy, --reduce-range, or --exclude-nodes;"
+                       " try --calibration-method percentile or entropy, more --calibration-count, or --exclude-nodes;"
                        " --force writes it anyway")
                 if args.force:
                     _say(f"cxr-export: warning: {msg} (kept: --force)")

@@ -64,7 +64,8 @@ def load_checkpoint(ckpt: str | Path, map_location: str = "cpu") -> Tuple[torch.
                 break
     if weights is None:
         raise FileNotFoundError(f"{folder}: no model weights ({' or '.join(WEIGHTS_FILES)})")
-    model, _ = build_model(meta["backbone"], weights="none", dropout=meta.get("args", {}).get("dropout", 0.3))
+    model, _ = build_model(meta["backbone"], weights="none", dropout=meta.get("args", {}).get("dropout", 0.3),
+                           init=False)
     if meta["backbone"] == "inception_v3":
         model.base.transform_input = bool(meta.get("transform_input", False))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(weights)).items()}

@@ -117,7 +117,7 @@ def imagenet_state_dict(backbone: str, download: bool = True) -> Tuple[Dict[str,
         raise WeightsUnavailable(f"{hint} (download failed: {exc.__class__.__name__}: {exc})") from None
 
 
-def _make_base(backbone: str, pretrained: bool) -> Tuple[nn.Module, int]:
+def _make_base(backbone: str, pretrained: bool, init: bool = True) -> Tuple[nn.Module, int]:
     import torchvision.models as tvm
 
     if backbone in ("resnet50", "resnet18"):
@@ -128,7 +128,8 @@ def _make_base(backbone: str, pretrained: bool) -> Tuple[nn.Module, int]:
         return VGGBase(tvm.vgg16(weights=None).features), 512
     if backbone == "inception_v3":
         # transform_input re-scales ImageNet-normalised input the way Google's weights expect.
-        m = tvm.inception_v3(weights=None, aux_logits=False, init_weights=not pretrained, transform_input=pretrained)
+        m = tvm.inception_v3(weights=None, aux_logits=False, init_weights=init and not pretrained,
+                               transform_input=pretrained)
         m.fc = nn.Identity()
         m.dropout = nn.Identity()
         return m, 2048
@@ -152,7 +153,7 @@ def load_base_weights(base: nn.Module, state: Dict[str, torch.Tensor], min_fract
     return len(matched)
 
 
-def build_model(backbone: str, weights: str = "none", dropout: float = 0.3) -> Tuple[CXRNet, str]:
+def build_model(backbone: str, weights: str = "none", dropout: float = 0.3, init: bool = True) -> Tuple[CXRNet, str]:
     """The model and a one-line description of where its starting weights came from.
 
     Example:
@@ -194,7 +195,7 @@ def build_model(backbone: str, weights: str = "none", dropout: float = 0.3) -> T
         state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         origin = f"file {path}"
     pretrained = state is not None
-    base, dim = _make_base(backbone, pretrained)
+    base, dim = _make_base(backbone, pretrained, init)  # init=False: weights are loaded next (skips ~6 s)
     model = CXRNet(backbone, base, dim, dropout=dropout)
     if state is not None:
         if any(k.startswith("base.") for k in state):  # a whole cxr model: load everything

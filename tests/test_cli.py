@@ -83,7 +83,8 @@ def test_table_is_the_default(tiny_model, xrays224):
     r = run_cli("--model", str(tiny_model), str(xrays224[0]), str(xrays224[6]))
     assert r.returncode == 0
     lines = r.stdout.decode().splitlines()
-    assert lines[0].split() == ["path", "label", "probability", "threshold"]
+    assert lines[0].split() == ["path", "label", "probability", "threshold", "domain"]
+    assert lines[1].split()[-1] == "n/a"  # no domain statistics in the tiny model
     assert len(lines) == 3 and lines[1].startswith(str(xrays224[0]))
     assert r.stderr == b""
 

@@ -47,6 +47,12 @@ class Prediction:
 
     ``probability`` is the model's probability of ``positive_label``; ``label`` is the positive
     label when ``probability >= threshold``, otherwise the most probable other label.
+
+    ``in_domain`` says whether the image lies inside the model's training domain: ``False``
+    when its ``domain_score`` (a feature-space distance to the training images, see
+    ``cxr_export.domain``) exceeds the model's calibrated domain threshold, in which case the
+    label should not be trusted; ``None`` (and ``domain_score`` ``None``) when the model file
+    carries no domain statistics, i.e. the check is unavailable.
     """
 
     label: str
@@ -54,6 +60,8 @@ class Prediction:
     threshold: float
     probabilities: Mapping[str, float] = field(default_factory=dict)
     source: Optional[str] = None
+    in_domain: Optional[bool] = None
+    domain_score: Optional[float] = None
 
     @property
     def positive(self) -> bool:
@@ -61,9 +69,11 @@ class Prediction:
         return self.probability >= self.threshold
 
     def to_dict(self) -> Dict[str, Any]:
-        """A JSON-ready dict: ``path``, ``label``, ``probability``, ``threshold``, ``probabilities``."""
+        """A JSON-ready dict: ``path``, ``label``, ``probability``, ``threshold``, ``probabilities``,
+        ``in_domain``, ``domain_score``."""
         return {"path": self.source, "label": self.label, "probability": self.probability,
-                "threshold": self.threshold, "probabilities": dict(self.probabilities)}
+                "threshold": self.threshold, "probabilities": dict(self.probabilities),
+                "in_domain": self.in_domain, "domain_score": self.domain_score}
 
 
 def available_threads() -> int:
@@ -121,6 +131,8 @@ class Classifier:
         providers: onnxruntime execution providers, overriding ``device`` (advanced).
         session_config: extra onnxruntime session config entries (advanced), e.g.
             ``{"session.intra_op.allow_spinning": "1"}`` on a machine dedicated to inference.
+        domain_check: compute the out-of-domain score when the model has domain statistics
+            (default); ``False`` skips it and leaves ``in_domain`` ``None``.
 
     Raises:
         ModelError: the file is missing, not ONNX, or has no valid spec or the wrong graph.
@@ -134,8 +146,8 @@ class Classifier:
 
     def __init__(self, model: Optional[ModelSource] = None, device: str = "cpu", threads: Optional[int] = None,
                  threshold: Optional[float] = None, warmup: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
-                 providers: Optional[Sequence[Any]] = None, session_config: Optional[Mapping[str, str]] = None
-                 ) -> None:
+                 providers: Optional[Sequence[Any]] = None, session_config: Optional[Mapping[str, str]] = None,
+                 domain_check: bool = True) -> None:
         import onnxruntime as ort
 
         self.model_path: Optional[str] = None
@@ -200,6 +212,10 @@ class Classifier:
         self._mean = np.asarray(self.spec.mean, dtype=np.float32)
         self._std = np.asarray(self.spec.std, dtype=np.float32)
         self._method = str(self.spec.raw["resize"].get("method", "bicubic"))
+        #: the calibrated domain threshold; None when the check is unavailable (or turned off)
+        self.domain_threshold: Optional[float] = self.spec.domain_threshold if domain_check else None
+        self._outputs = [self.spec.prob_output] + ([self.spec.domain_output] if self.domain_threshold is not None
+                                                   else [])
         if warmup:
             w, h = self.spec.image_size
             self._run(np.zeros((self._static_batch or 1, h, w, 3), np.uint8))
@@ -227,7 +243,8 @@ class Classifier:
         if inp.type != _ORT_DTYPES[spec.input_dtype]:
             raise ModelError(f"{name}: input {inp.name!r} is {inp.type}, but its spec says {spec.input_dtype}")
         outputs = {o.name: o for o in self._session.get_outputs()}
-        for role, out_name in (("probabilities", spec.prob_output), ("features", spec.features_output)):
+        for role, out_name in (("probabilities", spec.prob_output), ("features", spec.features_output),
+                               ("domain score", spec.domain_output)):
             if out_name and out_name not in outputs:
                 raise ModelError(f"{name}: the graph has no {role} output {out_name!r} named by its spec "
                                  f"(outputs: {', '.join(outputs)})")
@@ -238,9 +255,18 @@ class Classifier:
                              f"labels {spec.labels}")
         return shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
 
+    @property
+    def domain_available(self) -> bool:
+        """True when predictions carry an out-of-domain check (the model has domain statistics)."""
+        return self.domain_threshold is not None
+
     # ---- inference
     def _run(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities ``(N, len(labels))`` for ``uint8`` pixels ``(N, H, W, 3)``."""
+        return self._run_all(pixels)[0]
+
+    def _run_all(self, pixels: np.ndarray) -> tuple:
+        """``(probabilities (N, L), domain scores (N,) or None)`` for ``uint8`` pixels ``(N, H, W, 3)``."""
         if self.spec.normalization_in_graph:
             x = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=self._np_dtype)
         else:
@@ -260,16 +286,21 @@ class Classifier:
                 chunks.append(c)
         name = self.spec.prob_output
         try:
-            outs = [self._session.run([name], {self.spec.input_name: c})[0] for c in chunks]
+            outs = [self._session.run(self._outputs, {self.spec.input_name: c}) for c in chunks]
         except Exception as exc:  # onnxruntime's own error types
             raise ModelError(f"{self.name}: inference failed ({_ort_message(exc, self.name)})") from None
-        probs = np.concatenate(outs)[:n].astype(np.float64)
+        probs = np.concatenate([o[0] for o in outs])[:n].astype(np.float64)
         if probs.shape != (n, len(self._labels)):
             raise ModelError(f"{self.name}: output {name!r} returned shape {probs.shape}, "
                              f"expected ({n}, {len(self._labels)})")
-        return probs
+        scores = None
+        if len(self._outputs) > 1:
+            scores = np.concatenate([np.asarray(o[1]).reshape(-1) for o in outs])[:n].astype(np.float64)
+            if scores.shape != (n,):
+                raise ModelError(f"{self.name}: output {self._outputs[1]!r} returned {scores.shape}, expected ({n},)")
+        return probs, scores
 
-    def _prediction(self, probs: np.ndarray, source: Optional[str]) -> Prediction:
+    def _prediction(self, probs: np.ndarray, source: Optional[str], score: Optional[float] = None) -> Prediction:
         p = float(probs[self._pos])
         if p >= self.threshold:
             label = self._labels[self._pos]
@@ -278,7 +309,8 @@ class Classifier:
             label = self._labels[max(others, key=lambda i: probs[i])]
         return Prediction(label=label, probability=p, threshold=self.threshold,
                           probabilities=MappingProxyType({k: float(v) for k, v in zip(self._labels, probs)}),
-                          source=source)
+                          source=source, in_domain=None if score is None or self.domain_threshold is None
+                          else bool(score <= self.domain_threshold), domain_score=score)
 
     def preprocess(self, item: ImageSource) -> np.ndarray:
         """The ``uint8`` ``(H, W, 3)`` pixels this model sees for ``item``."""
@@ -317,10 +349,11 @@ class Classifier:
                 results[i] = exc
         t1 = time.perf_counter()
         if pixels:
-            probs = self._run(np.stack(pixels))
-            for row, i in zip(probs, good):
+            probs, scores = self._run_all(np.stack(pixels))
+            for k, (row, i) in enumerate(zip(probs, good)):
                 src = items[i]
-                results[i] = self._prediction(row, describe(src) if isinstance(src, (str, os.PathLike)) else None)
+                results[i] = self._prediction(row, describe(src) if isinstance(src, (str, os.PathLike)) else None,
+                                              None if scores is None else float(scores[k]))
         if timing is not None:
             timing["preprocess"] = timing.get("preprocess", 0.0) + (t1 - t0)
             timing["inference"] = timing.get("inference", 0.0) + (time.perf_counter() - t1)
@@ -377,6 +410,11 @@ class Classifier:
             "providers": self.providers,
             "threads": self.threads,
             "threshold": self.threshold,
+            "domain_check": ({"available": True, "threshold": self.domain_threshold, "output": self.spec.domain_output}
+                             if self.domain_available else
+                             {"available": False, "reason": "the model file has no domain statistics (add them with "
+                              "python -m cxr_export.domain)" if self.spec.domain_threshold is None else
+                              "turned off (domain_check=False)"}),
             "inputs": [{"name": i.name, "shape": _shape(i), "type": i.type} for i in self._session.get_inputs()],
             "outputs": [{"name": o.name, "shape": _shape(o), "type": o.type} for o in self._session.get_outputs()],
             "spec": self.spec.raw,

@@ -43,13 +43,22 @@ examples:
       on the GPU (needs onnxruntime-gpu: pip install 'cxr[gpu]')
   cxr-infer --model m.onnx --info
       print the model's spec (backbone, input, labels, threshold, provenance)
+  cxr-infer --model m.onnx --reject-out-of-domain scans/
+      images unlike the model's training X-rays are not classified (reported as failed)
   cat image.dcm | cxr-infer --model m.onnx -
 
 output:
-  table   path, label, probability of the positive label, threshold
-  jsonl   {"path", "label", "probability", "threshold", "probabilities"} or {"path", "error"}
-  csv     path,label,probability,threshold,error
+  table   path, label, probability of the positive label, threshold, domain
+  jsonl   {"path", "label", "probability", "threshold", "probabilities", "in_domain",
+          "domain_score"} or {"path", "error"}
+  csv     path,label,probability,threshold,in_domain,domain_score,error
   Bad inputs are also reported on stderr, one line each; the rest are still classified.
+
+out-of-domain check:
+  Models with domain statistics score how far each image lies from the X-rays they were
+  trained on. domain "ok": inside; "OUTSIDE (!)": not like the training images (a photo,
+  an inverted or rotated scan, ...), so its label must not be trusted; "n/a": the model
+  file has no domain statistics (the check is unavailable; --info says so).
 
 exit status:
   0 all inputs classified, 1 some inputs failed, 2 usage, model or device error
@@ -102,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "jsonl", "csv"), default="table", help="output format (default table)")
     p.add_argument("-o", "--output", metavar="FILE", help="write results to FILE instead of stdout")
     p.add_argument("--info", action="store_true", help="print the model's spec and graph as JSON, then exit")
+    p.add_argument("--reject-out-of-domain", action="store_true",
+                   help="do not classify images outside the model's domain: report them as failed inputs "
+                        "(exit 1); needs a model with domain statistics")
     p.add_argument("--no-progress", action="store_true", help="never show the progress bar")
     p.add_argument("--timing", action="store_true", help="print import/session/preprocess/inference times to stderr")
     p.add_argument("--version", action="version", version=f"cxr-infer {_version()}")
@@ -184,26 +196,31 @@ class Writer:
         if fmt == "csv":
             import csv
             self._csv = csv.writer(out, lineterminator="\n")
-            self._csv.writerow(["path", "label", "probability", "threshold", "error"])
+            self._csv.writerow(["path", "label", "probability", "threshold", "in_domain", "domain_score", "error"])
         elif fmt == "table":
-            out.write(f"{'path':<{self.width}}  {'label':<12} {'probability':>11}  {'threshold':>9}\n")
+            out.write(f"{'path':<{self.width}}  {'label':<12} {'probability':>11}  {'threshold':>9}  domain\n")
 
     def result(self, path: str, pred: Any) -> None:
         p = round(pred.probability, 6)
+        score = None if pred.domain_score is None else round(pred.domain_score, 4)
         if self.fmt == "jsonl":
             obj = {"path": path, "label": pred.label, "probability": p, "threshold": pred.threshold,
-                   "probabilities": {k: round(v, 6) for k, v in pred.probabilities.items()}}
+                   "probabilities": {k: round(v, 6) for k, v in pred.probabilities.items()},
+                   "in_domain": pred.in_domain, "domain_score": score}
             self.out.write(json.dumps(obj) + "\n")
         elif self.fmt == "csv":
-            self._csv.writerow([path, pred.label, f"{p:.6f}", pred.threshold, ""])
+            in_domain = "" if pred.in_domain is None else str(pred.in_domain).lower()
+            self._csv.writerow([path, pred.label, f"{p:.6f}", pred.threshold, in_domain,
+                                "" if score is None else score, ""])
         else:
-            self.out.write(f"{path:<{self.width}}  {pred.label:<12} {p:>11.4f}  {pred.threshold:>9.4g}\n")
+            marker = "n/a" if pred.in_domain is None else ("ok" if pred.in_domain else "OUTSIDE (!)")
+            self.out.write(f"{path:<{self.width}}  {pred.label:<12} {p:>11.4f}  {pred.threshold:>9.4g}  {marker}\n")
 
     def error(self, path: str, message: str) -> None:
         if self.fmt == "jsonl":
             self.out.write(json.dumps({"path": path, "error": message}) + "\n")
         elif self.fmt == "csv":
-            self._csv.writerow([path, "", "", "", message])
+            self._csv.writerow([path, "", "", "", "", "", message])
 
 
 class Progress:
@@ -264,6 +281,9 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
     timing["session"] = time.perf_counter() - t0
     timing["cpu_session"] = time.process_time() - c0
     c0 = time.process_time()
+    if args.reject_out_of_domain and not args.info and not clf.domain_available:
+        raise UsageError(f"--reject-out-of-domain: {clf.name} has no domain statistics, so the out-of-domain check "
+                         "is unavailable (add them: python -m cxr_export.domain RUN_DIR MODEL.onnx --data TRAIN_DIR)")
 
     try:
         out: IO[str] = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
@@ -274,7 +294,7 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
             out.write(json.dumps(clf.info(), indent=2) + "\n")
             return 0
         writer = Writer(args.format, out, max((len(path) for path, _ in entries), default=4))
-        failed = 0
+        failed = outside = 0
         progress = Progress(len(files), enabled=not args.no_progress and len(files) >= PROGRESS_MIN_ITEMS
                             and sys.stderr.isatty())
         results = clf.iter_predict(_sources(files), timing=timing)
@@ -290,7 +310,15 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
                 progress.clear()
                 _say(f"{path}: {message}")
                 writer.error(path, message)
+            elif result.in_domain is False and args.reject_out_of_domain:
+                failed += 1
+                message = (f"not classified: outside the model's domain (domain score {result.domain_score:.4g} > "
+                           f"{clf.domain_threshold:.4g})")
+                progress.clear()
+                _say(f"{path}: {message}")
+                writer.error(path, message)
             else:
+                outside += result.in_domain is False
                 writer.result(path, result)
             if problem is None:
                 progress.step()
@@ -298,6 +326,9 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
         timing["cpu_classify"] = time.process_time() - c0
         out.flush()
         total = len(entries)
+        if outside:
+            _say(f"{outside} of {total} inputs look outside the model's domain (marked OUTSIDE): "
+                 "their labels are not reliable")
         if failed:
             _say(f"{total - failed} of {total} inputs classified, {failed} failed")
         return 1 if failed else 0

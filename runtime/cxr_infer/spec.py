@@ -127,6 +127,11 @@ class ModelSpec:
             raise ModelError(f"{source}: cxr.spec outputs must name the probabilities output")
         if not isinstance(r["provenance"], dict):
             raise ModelError(f"{source}: cxr.spec provenance must be an object")
+        if outs.get("domain_score"):
+            dom = r.get("domain")
+            if not isinstance(dom, dict) or not isinstance(dom.get("threshold"), (int, float)) \
+                    or isinstance(dom.get("threshold"), bool):
+                raise ModelError(f"{source}: cxr.spec names a domain_score output but no numeric domain.threshold")
 
     # ---- convenient views
     @property
@@ -185,3 +190,15 @@ class ModelSpec:
     @property
     def features_output(self) -> Optional[str]:
         return self.raw["outputs"].get("features")
+
+    @property
+    def domain_output(self) -> Optional[str]:
+        """The graph output with the out-of-domain score ([N]); None when the file has no domain statistics."""
+        return self.raw["outputs"].get("domain_score") or None
+
+    @property
+    def domain_threshold(self) -> Optional[float]:
+        """Scores above this are outside the model's domain; None when the check is unavailable."""
+        if not self.domain_output:
+            return None
+        return float(self.raw["domain"]["threshold"])

@@ -1,0 +1,156 @@
+"""The out-of-domain check: statistics written into a tiny model file, read back by the runtime.
+
+Torch-free: the tiny model's ``features`` are the three channel means of its normalised input,
+its "training images" are gray images of varying brightness, so a saturated colour image is
+far outside the domain and a gray one inside.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import build_model, run_cli
+
+from cxr_infer import Classifier, ModelError
+from cxr_export import domain
+from cxr_export.modelio import read_spec
+
+SIZE = 32
+
+
+def gray_images(n: int, seed: int) -> np.ndarray:
+    """Gray 'X-rays': a random brightness, small noise, a little colour jitter per image."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(60, 180, size=(n, 1, 1, 1))
+    jitter = np.array([0.0, 3.0, -3.0]) * rng.normal(1.0, 0.3, (n, 1, 1, 3))
+    return np.clip(base + rng.normal(0, 5, (n, SIZE, SIZE, 1)) + jitter, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def plain_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("domain") / "plain.onnx"
+    path.write_bytes(build_model(features=True, size=SIZE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def domain_model(plain_model):
+    train = gray_images(300, 0)
+    labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
+    out = plain_model.with_name("with_domain.onnx")
+    block = domain.add_domain_stats(plain_model, train, labels, gray_images(200, 1), out_path=out, threads=1)
+    return out, block, train
+
+
+def red() -> np.ndarray:
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    img[..., 0] = 255
+    return img
+
+
+def test_stats_round_trip_through_the_file(domain_model, plain_model):
+    import onnx
+
+    path, block, train = domain_model
+    spec = read_spec(path)
+    assert spec.domain_output == "domain_score" and spec.raw["domain"] == block
+    assert spec.domain_threshold == pytest.approx(block["threshold"]) and block["threshold"] > 0
+    assert block["fit"]["images"] == 300 and block["calibration"]["images"] == 200
+    assert abs(block["flag_rate_validation"] - 0.05) <= 0.02
+    m = onnx.load(str(path))
+    assert [o.name for o in m.graph.output] == ["probabilities", "features", "domain_score"]
+    assert {t.name for t in m.graph.initializer if t.name.startswith(domain.PREFIX)} >= {
+        domain.PREFIX + "means", domain.PREFIX + "vectors"}
+    # the graph computes what the numpy reference computes from the same features
+    feats = domain.run_outputs(plain_model, spec, train[:20], ["features"])[0]
+    stats = domain.fit_stats(domain.run_outputs(plain_model, spec, train, ["features"])[0],
+                             (train.mean(axis=(1, 2, 3)) > 120).astype(int))
+    graph = domain.run_outputs(path, spec, train[:20], ["domain_score"])[0]
+    np.testing.assert_allclose(graph, stats.scores(feats), rtol=1e-3)
+    # probabilities are untouched
+    before = domain.run_outputs(plain_model, spec, train[:20], ["probabilities"])[0]
+    after = domain.run_outputs(path, spec, train[:20], ["probabilities"])[0]
+    assert np.array_equal(before, after)
+
+
+def test_refreshing_replaces_the_old_statistics(domain_model, tmp_path):
+    import onnx
+
+    path, _, train = domain_model
+    again = tmp_path / "again.onnx"
+    domain.add_domain_stats(path, train[:100], np.zeros(100, int), train[100:160], out_path=again, rank=2)
+    m = onnx.load(str(again))
+    assert [o.name for o in m.graph.output].count("domain_score") == 1
+    assert read_spec(again).raw["domain"]["rank"] == 2
+
+
+def test_far_input_flagged_training_like_not(domain_model):
+    path, _, train = domain_model
+    clf = Classifier(path, threads=1)
+    assert clf.domain_available
+    inside = clf.predict(train[0])
+    outside = clf.predict(red())
+    assert inside.in_domain is True and outside.in_domain is False
+    assert outside.domain_score > clf.domain_threshold > inside.domain_score
+    assert outside.to_dict()["in_domain"] is False and outside.to_dict()["domain_score"] == outside.domain_score
+    # batches agree with single calls
+    batch = clf.predict([train[0], red()])
+    assert [p.in_domain for p in batch] == [True, False]
+    assert clf.info()["domain_check"]["available"] is True
+    off = Classifier(path, threads=1, domain_check=False)
+    assert off.predict(red()).in_domain is None and off.predict(red()).probability == outside.probability
+
+
+def test_old_model_without_stats_still_loads(plain_model):
+    clf = Classifier(plain_model, threads=1)
+    p = clf.predict(red())
+    assert not clf.domain_available and p.in_domain is None and p.domain_score is None
+    assert clf.info()["domain_check"]["available"] is False
+    r = run_cli("--model", str(plain_model), "--info")
+    assert r.returncode == 0 and json.loads(r.stdout)["domain_check"]["available"] is False
+
+
+def test_spec_naming_a_domain_output_needs_a_threshold(tmp_path):
+    from cxr_infer.spec import ModelSpec
+
+    spec = ModelSpec.new(backbone="tiny", features_output="features").raw
+    spec["outputs"]["domain_score"] = "domain_score"
+    with pytest.raises(ModelError, match="domain.threshold"):
+        ModelSpec(spec).validate()
+
+
+@pytest.fixture(scope="module")
+def images(domain_model, tmp_path_factory):
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("imgs")
+    gray, color = d / "gray.png", d / "photo.png"
+    Image.fromarray(domain_model[2][0]).save(gray)
+    Image.fromarray(red()).save(color)
+    return gray, color
+
+
+def test_cli_marks_and_rejects(domain_model, images):
+    path, _, _ = domain_model
+    gray, color = images
+    r = run_cli("--model", str(path), str(gray), str(color))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[1].endswith(" ok") and lines[2].endswith("OUTSIDE (!)")
+    assert "1 of 2 inputs look outside the model's domain" in r.stderr.decode()
+    r = run_cli("--model", str(path), "--format", "jsonl", str(gray), str(color))
+    rows = [json.loads(x) for x in r.stdout.decode().splitlines()]
+    assert [o["in_domain"] for o in rows] == [True, False] and rows[1]["domain_score"] > 0
+    r = run_cli("--model", str(path), "--format", "csv", "--reject-out-of-domain", str(gray), str(color))
+    assert r.returncode == 1
+    out = r.stdout.decode().splitlines()
+    assert out[0] == "path,label,probability,threshold,in_domain,domain_score,error"
+    assert out[1].split(",")[4] == "true" and "not classified: outside the model's domain" in out[2]
+    assert f"{color}: not classified: outside the model's domain" in r.stderr.decode()
+
+
+def test_reject_needs_statistics(plain_model, images):
+    r = run_cli("--model", str(plain_model), "--reject-out-of-domain", str(images[0]))
+    assert r.returncode == 2 and "no domain statistics" in r.stderr.decode()

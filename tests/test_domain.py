@@ -154,3 +154,27 @@ def test_cli_marks_and_rejects(domain_model, images):
 def test_reject_needs_statistics(plain_model, images):
     r = run_cli("--model", str(plain_model), "--reject-out-of-domain", str(images[0]))
     assert r.returncode == 2 and "no domain statistics" in r.stderr.decode()
+
+
+def test_bench_domain_report(domain_model, plain_model, xrays224, tmp_path):
+    import shutil
+
+    from cxr_bench.cli import main
+    from cxr_bench.domain import auroc
+
+    assert auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0 and auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    data = tmp_path / "data"
+    for f in xrays224[:3] + xrays224[6:9]:
+        (data / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, data / f.parent.name / f.name)
+    out = tmp_path / "out"
+    rc = main(["domain", "--model", str(domain_model[0]), str(plain_model), "--data", str(data), "--count", "4",
+               "--kinds", "documents,noise,inverted,upside_down,rotated_90,cropped", "--out", str(out), "-q"])
+    assert rc == 1  # the plain model has no statistics
+    rep = json.loads((out / "domain.json").read_text())
+    m = rep["models"][0]
+    assert m["in_domain"]["images"] == 6 and set(m["kinds"]) == {"documents", "noise", "inverted", "upside_down",
+                                                                "rotated_90", "cropped"}
+    assert m["kinds"]["noise"]["images"] == 4 and m["kinds"]["noise"]["flag_rate"] == 1.0  # colour noise: far away
+    assert rep["models"][1]["domain"] is None
+    assert "## Flag rate" in (out / "domain.md").read_text()

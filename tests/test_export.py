@@ -77,6 +77,21 @@ def test_runtime_loads_every_precision(exported):
     assert probs["tiny_int8.onnx"] == pytest.approx(probs["tiny.onnx"], abs=0.1)
 
 
+def test_every_file_gets_domain_statistics_of_its_own(exported):
+    from cxr_export.modelio import read_spec
+
+    thresholds = {}
+    for f in (exported, exported.with_name("tiny_int8.onnx"), exported.with_name("tiny_fp16.onnx")):
+        spec = read_spec(f)
+        assert spec.domain_output == "domain_score" and spec.raw["domain"]["fit"]["images"] > 0
+        assert spec.raw["domain"]["probabilities_unchanged"] is True
+        thresholds[f.name] = spec.domain_threshold
+    assert len(set(thresholds.values())) == 3  # fitted per file, on its own features
+    cxr_infer = pytest.importorskip("cxr_infer")
+    img = next((TRAIN / "NORMAL").glob("*.jpeg"))
+    assert cxr_infer.Classifier(str(exported), threads=1).predict(str(img)).domain_score is not None
+
+
 def test_int8_is_quantized_and_agrees(exported, run_dir):
     from cxr_export.modelio import read_spec, run_probs, session
     from cxr_export.quantize import count_qdq

@@ -25,6 +25,8 @@ commands:
   latency    per-call latency in fresh processes (ONNX Runtime, optional PyTorch eager baseline)
   e2e        a cold cxr-infer process on full-size images; decode+preprocess vs inference
   summary    merge the accuracy and latency reports of a folder into summary.json / summary.md
+  domain     out-of-domain check: flag rate on the test split and on photos, documents, noise,
+             inverted / rotated / cropped X-rays, with AUROCs
 
 examples:
   cxr-bench accuracy --model runs/export/resnet50_fp32.onnx runs/export/resnet50_int8.onnx \\
@@ -81,6 +83,19 @@ examples:
   cxr-bench e2e --model m_int8.onnx --images scans/ --count 16 --repeats 5 --threads 2
 
 writes e2e.json and e2e.md into --out.
+"""
+
+DOMAIN_EPILOG = f"""\
+examples:
+  cxr-bench domain --model runtime/cxr_infer/models/default.onnx models/*_int8.onnx --data {TEST_SPLIT}
+      flag rates and AUROCs of each model's out-of-domain check (models need domain statistics:
+      cxr-export adds them, or python -m cxr_export.domain RUN_DIR MODEL.onnx --data TRAIN_DIR)
+  cxr-bench domain --model m.onnx --data {TEST_SPLIT} --count 30 --kinds photos,noise --out /tmp/b
+      a quick look
+
+kinds: photos (scikit-image / matplotlib sample photographs; pip install scikit-image),
+documents (text rendered with Pillow), noise, inverted, upside_down, rotated_90, cropped
+(the last four from test-split X-rays). writes domain.json and domain.md into --out.
 """
 
 SUMMARY_EPILOG = f"""\
@@ -188,6 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-cold", action="store_true", help="skip the cold-process part")
     common(e, summary=False)
 
+    d = sub.add_parser("domain", formatter_class=fmt, epilog=DOMAIN_EPILOG,
+                       help="out-of-domain check: flag rates and AUROCs",
+                       description="Flag rate of each model's out-of-domain check on a labelled folder (in-domain) "
+                                   "and on out-of-domain kinds built here, with the AUROC between them.")
+    d.add_argument("--model", nargs="+", action="extend", required=True, metavar="FILE.onnx", help="cxr model file(s)")
+    d.add_argument("--data", required=True, metavar="DIR", help=f"in-domain labelled folder, e.g. {TEST_SPLIT}")
+    d.add_argument("--count", type=_positive, default=150, metavar="N", help="images per out-of-domain kind (default 150)")
+    d.add_argument("--kinds", default=None, metavar="K,K,...", help="comma-separated kinds (default: all)")
+    d.add_argument("--batch", type=_positive, default=16, metavar="N", help="inference batch size (default 16)")
+    d.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N", help="onnxruntime threads")
+    common(d, summary=False)
+
     s = sub.add_parser("summary", formatter_class=fmt, epilog=SUMMARY_EPILOG,
                        help="merge accuracy + latency reports into summary.json / summary.md",
                        description="Merge the accuracy and latency reports of a folder into the summary contract.")
@@ -230,6 +257,13 @@ def _run(args: argparse.Namespace) -> int:
         for k, msg in errs.items():
             print(f"cxr-bench: {k}: {msg}", file=sys.stderr)
         return 1 if errs else 0
+    elif args.command == "domain":
+        from .domain import KINDS, run_domain
+
+        kinds = [k for k in (args.kinds or ",".join(KINDS)).split(",") if k]
+        rep = run_domain(args.model, args.data, args.out, count=args.count, kinds=kinds, batch=args.batch,
+                         threads=args.threads, name=args.name, quiet=args.quiet)
+        return 0 if all(m.get("domain") for m in rep["models"]) else 1
     else:  # summary
         from .summary import write_summary
 

@@ -23,6 +23,12 @@ which images were training (calibration draws from those, class-balanced) and wh
 (the parity check and the INT8 accuracy gate use those). The test split is never read.
 The gate refuses (exit 3) when INT8 accuracy on validation drops more than --max-drop points
 below FP32, unless --force.
+
+Out-of-domain statistics (on by default when a data folder is known; --no-domain-stats
+leaves them out): every written file gets a domain_score output (a Mahalanobis distance of its
+own features, fitted on --domain-fit-count train images of the split) and a threshold that
+flags --domain-flag-rate of the validation images. Add them to an existing file with
+  python -m cxr_export.domain RUN_DIR MODEL.onnx --data TRAIN_DIR
 """
 
 
@@ -51,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decision threshold stored in the spec: 'checkpoint' (the one chosen on validation at"
                         " training, default) or a number such as 0.5")
     p.add_argument("--no-features", action="store_true", help="leave out the pooled-features output")
+    p.add_argument("--domain-stats", dest="domain_stats", action="store_true", default=None,
+                   help="add out-of-domain statistics to every file (default: on when a data folder is known)")
+    p.add_argument("--no-domain-stats", dest="domain_stats", action="store_false", help="leave them out")
+    p.add_argument("--domain-fit-count", type=int, default=1500, help="train images for the statistics (default 1500)")
+    p.add_argument("--domain-flag-rate", type=float, default=0.05,
+                   help="share of validation images the threshold flags (default 0.05)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--triton", help="also write a Triton model repository for each file into this folder")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads for checks (default: all)")
@@ -139,6 +151,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             finish_fp16(f16, spec, par16)
             _say(f"FP16: {f16} ({f16.stat().st_size / 2**20:.1f} MiB); parity: {json.dumps(par16)}")
             written.append(f16)
+        have_data = bool(data_dir) and Path(data_dir).is_dir()
+        if args.domain_stats and not have_data:
+            raise ValueError("--domain-stats needs the training folder: pass --calibration DIR")
+        if (args.domain_stats is None and have_data and not args.no_features) or args.domain_stats:
+            from .domain import add_domain_stats, load_sets
+
+            tr_px, tr_y, va_px = load_sets(ckpt_dir, data_dir, size, args.domain_fit_count)
+            for f in written:
+                block = add_domain_stats(f, tr_px, tr_y, va_px, flag_rate=args.domain_flag_rate,
+                                         threads=args.threads, source=str(data_dir))
+                _say(f"domain: {f.name}: threshold {block['threshold']:.4g} (flags "
+                     f"{block['flag_rate_validation']:.1%} of {block['calibration']['images']} validation images;"
+                     f" fitted on {block['fit']['images']} train images)")
         if args.triton:
             from .triton import write_triton_repo
 

@@ -62,13 +62,16 @@ def test_stats_round_trip_through_the_file(domain_model, plain_model):
     m = onnx.load(str(path))
     assert [o.name for o in m.graph.output] == ["probabilities", "features", "domain_score"]
     assert {t.name for t in m.graph.initializer if t.name.startswith(domain.PREFIX)} >= {
-        domain.PREFIX + "means", domain.PREFIX + "vectors"}
-    # the graph computes what the numpy reference computes from the same features
-    feats = domain.run_outputs(plain_model, spec, train[:20], ["features"])[0]
-    stats = domain.fit_stats(domain.run_outputs(plain_model, spec, train, ["features"])[0],
-                             (train.mean(axis=(1, 2, 3)) > 120).astype(int))
+        domain.PREFIX + "b0/means", domain.PREFIX + "b1/vectors"}
+    # the graph computes what the numpy reference computes from the same features and thumbnails
+    labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
+    feats = domain.run_outputs(plain_model, spec, train, ["features"])[0]
+    thumbs = domain.thumbnails(spec, train)
+    branches = []
+    for x, b in zip((feats, thumbs), block["branches"]):
+        branches.append((x[:20], domain.fit_stats(x, labels), b["scale"]))
     graph = domain.run_outputs(path, spec, train[:20], ["domain_score"])[0]
-    np.testing.assert_allclose(graph, stats.scores(feats), rtol=1e-3)
+    np.testing.assert_allclose(graph, domain.reference_scores(branches), rtol=1e-3)
     # probabilities are untouched
     before = domain.run_outputs(plain_model, spec, train[:20], ["probabilities"])[0]
     after = domain.run_outputs(path, spec, train[:20], ["probabilities"])[0]

@@ -85,7 +85,7 @@ def test_every_file_gets_domain_statistics_of_its_own(exported):
         spec = read_spec(f)
         assert spec.domain_output == "domain_score" and spec.raw["domain"]["fit"]["images"] > 0
         assert spec.raw["domain"]["probabilities_unchanged"] is True
-        thresholds[f.name] = spec.domain_threshold
+        thresholds[f.name] = spec.raw["domain"]["branches"][0]["scale"]  # of the features branch
     assert len(set(thresholds.values())) == 3  # fitted per file, on its own features
     cxr_infer = pytest.importorskip("cxr_infer")
     img = next((TRAIN / "NORMAL").glob("*.jpeg"))

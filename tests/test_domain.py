@@ -65,13 +65,19 @@ def test_stats_round_trip_through_the_file(domain_model, plain_model):
         domain.PREFIX + "b0/means", domain.PREFIX + "b1/vectors"}
     # the graph computes what the numpy reference computes from the same features and thumbnails
     labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
+    val = gray_images(200, 1)
     feats = domain.run_outputs(plain_model, spec, train, ["features"])[0]
-    thumbs = domain.thumbnails(spec, train)
-    branches = []
-    for x, b in zip((feats, thumbs), block["branches"]):
-        branches.append((x[:20], domain.fit_stats(x, labels), b["scale"]))
+    val_feats = domain.run_outputs(plain_model, spec, val, ["features"])[0]
+    branches, keys = domain.fit_branches(spec, "features", domain.branch_inputs(spec, train, feats), labels,
+                                         domain.branch_inputs(spec, val, val_feats))
+    assert [b.name for b in branches] == [b["name"] for b in block["branches"]] == [
+        "features", "thumb16", "thumb8", "orientation"]
+    assert [b.centre for b in branches] == pytest.approx([b["centre"] for b in block["branches"]])
+    assert [b.scale for b in branches] == pytest.approx([b["scale"] for b in block["branches"]])
+    inputs = domain.branch_inputs(spec, train[:20], feats[:20])
     graph = domain.run_outputs(path, spec, train[:20], ["domain_score"])[0]
-    np.testing.assert_allclose(graph, domain.reference_scores(branches), rtol=1e-3)
+    np.testing.assert_allclose(graph, domain.reference_scores(branches, [inputs[k] for k in keys]), rtol=1e-3,
+                               atol=1e-3)
     # probabilities are untouched
     before = domain.run_outputs(plain_model, spec, train[:20], ["probabilities"])[0]
     after = domain.run_outputs(path, spec, train[:20], ["probabilities"])[0]
@@ -104,6 +110,33 @@ def test_far_input_flagged_training_like_not(domain_model):
     assert clf.info()["domain_check"]["available"] is True
     off = Classifier(path, threads=1, domain_check=False)
     assert off.predict(red()).in_domain is None and off.predict(red()).probability == outside.probability
+
+
+def ramp_images(n: int, seed: int) -> np.ndarray:
+    """'X-rays' with a layout: dark at the top, bright at the bottom, any exposure and contrast."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(-1.0, 1.0, SIZE).reshape(1, SIZE, 1, 1)
+    level, contrast = rng.uniform(70, 170, (n, 1, 1, 1)), rng.uniform(20, 60, (n, 1, 1, 1))
+    return np.clip(level + contrast * ramp + rng.normal(0, 6, (n, SIZE, SIZE, 1)), 0, 255).astype(np.uint8).repeat(
+        3, axis=3)
+
+
+def test_upside_down_and_inverted_are_flagged(plain_model, tmp_path):
+    """The layout branches: a flipped or inverted image is outside, whatever its exposure."""
+    train, val = ramp_images(300, 2), ramp_images(200, 3)
+    out = tmp_path / "ramp.onnx"
+    block = domain.add_domain_stats(plain_model, train, np.arange(300) % 2, val, out_path=out, threads=1)
+    clf = Classifier(out, threads=1)
+    upright = ramp_images(40, 4)
+    flags = lambda imgs: [p.in_domain is False for p in clf.predict(list(imgs))]  # noqa: E731
+    assert sum(flags(upright)) <= 6  # about 5% of in-domain images, by construction
+    assert all(flags(upright[:, ::-1, ::-1]))  # upside down
+    assert all(flags(255 - upright))  # inverted gray levels
+    # the features branch alone (the channel means of this tiny model) could not tell them apart
+    feats = domain.run_outputs(plain_model, read_spec(out), np.concatenate([upright, upright[:, ::-1, ::-1]]),
+                               ["features"])[0]
+    np.testing.assert_allclose(feats[:40], feats[40:], atol=1e-5)
+    assert block["flagged_validation_by_branch"].keys() == {"features", "thumb16", "thumb8", "orientation"}
 
 
 def test_old_model_without_stats_still_loads(plain_model):
@@ -180,4 +213,21 @@ def test_bench_domain_report(domain_model, plain_model, xrays224, tmp_path):
                                                                 "rotated_90", "cropped"}
     assert m["kinds"]["noise"]["images"] == 4 and m["kinds"]["noise"]["flag_rate"] == 1.0  # colour noise: far away
     assert rep["models"][1]["domain"] is None
-    assert "## Flag rate" in (out / "domain.md").read_text()
+    md = (out / "domain.md").read_text()
+    assert "## Flag rate" in md and "| Model | features | thumb16 | thumb8 | orientation |" in md
+
+
+def test_bench_latency_times_the_check(domain_model, plain_model, tmp_path):
+    """--domain-check both: models with statistics are timed with and without the domain output."""
+    from cxr_bench.cli import main
+
+    rc = main(["latency", "--model", str(domain_model[0]), str(plain_model), "--batch", "1", "--threads", "1",
+               "--repeats", "1", "--iterations", "3", "--warmup", "1", "--domain-check", "both", "--out",
+               str(tmp_path), "-q"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "latency.json").read_text())
+    runs = {r["name"]: r["processes"][0]["outputs"] for r in rep["results"]}
+    assert runs == {"with_domain": ["probabilities"], "with_domain +domain check": ["probabilities", "domain_score"],
+                    "plain": ["probabilities"]}
+    assert [c["kind"] for c in rep["comparisons"]] == ["domain check on vs off"]
+    assert "+domain check" in (tmp_path / "latency.md").read_text()

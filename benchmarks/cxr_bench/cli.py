@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--max-seconds", type=float, default=10.0, metavar="S",
                     help="stop timing a process after S seconds, keeping at least 3 calls (default 10)")
     lt.add_argument("--timeout", type=float, default=600.0, metavar="S", help="kill a process after S seconds")
+    lt.add_argument("--domain-check", choices=("off", "on", "both"), default="off",
+                    help="for models with domain statistics: time the probabilities alone (off, default: what "
+                         "PyTorch computes), with the domain_score output too (on: what Classifier runs by "
+                         "default), or both, to see what the check costs")
     common(lt)
 
     e = sub.add_parser("e2e", formatter_class=fmt, epilog=E2E_EPILOG,
@@ -241,7 +245,7 @@ def _run(args: argparse.Namespace) -> int:
         rep = run_latency(args.model, args.checkpoint, batches=args.batch, threads=args.threads, device=args.device,
                           repeats=args.repeats, warmup=max(args.warmup, 1), iterations=args.iterations,
                           max_seconds=args.max_seconds, timeout=args.timeout, out=args.out, name=args.name,
-                          quiet=args.quiet)
+                          quiet=args.quiet, domain_check=args.domain_check)
         failed = [r for r in rep["results"] if r.get("error") or r.get("processes_failed")]
         for r in failed:
             print(f"cxr-bench: {r['name']} batch {r['batch']}: "

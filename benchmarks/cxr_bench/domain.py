@@ -12,6 +12,15 @@ calibration). Out-of-domain kinds, built here deterministically (seed 0), ``--co
     upside_down   test-split X-rays rotated 180 degrees
     rotated_90    test-split X-rays rotated 90 degrees
     cropped       test-split X-rays cropped to a random 30% x 30% window (9% of the area)
+    medical_other other medical and scientific images (scikit-image's retina fundus photo,
+                  microaneurysms, immunohistochemistry and cell micrographs, Shepp-Logan CT phantom)
+    flipped_vertical  test-split X-rays flipped top to bottom (not rotated)
+    mirrored      test-split X-rays flipped left to right: a *control*, not an out-of-domain kind
+                  (the anatomy is mirrored but it is still a readable chest X-ray); its flag rate
+                  shows whether the check flags any transformation or only implausible ones
+
+The last three were added after the current method was chosen on the first seven, as a check
+that it generalises beyond the kinds it was tuned on.
 
 Per model and kind: the flag rate at the model's own domain threshold, and the AUROC of the
 domain score between the in-domain images and that kind (1.0: every image of the kind scores
@@ -39,7 +48,10 @@ from .models import model_input, open_model, resize_method
 from .util import BenchError, command_line, fmt_num, fmt_pct, md_table, now_iso, say, write_json, write_text
 
 KIND = "cxr-bench/domain"
-KINDS = ("photos", "documents", "noise", "inverted", "upside_down", "rotated_90", "cropped")
+KINDS = ("photos", "documents", "noise", "inverted", "upside_down", "rotated_90", "cropped", "medical_other",
+         "flipped_vertical", "mirrored")
+CONTROLS = ("mirrored",)  # transformed X-rays that are still in the domain: reported, no target
+MEDICAL = ("retina", "microaneurysms", "immunohistochemistry", "cell", "shepp_logan_phantom")
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "hubble_deep_field", "brick",
           "grass", "gravel", "clock")
 WORDS = ("patient report the of and radiology chest findings impression lungs clear no acute history date "
@@ -67,20 +79,30 @@ def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
     return float((r_pos - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
 
 
-def _photo_sources() -> List[Tuple[str, Any]]:
+def _skimage_images(names: Sequence[str]) -> List[Tuple[str, Any]]:
     from PIL import Image
 
     out: List[Tuple[str, Any]] = []
     try:
         import skimage.data as skd
 
-        for name in PHOTOS:
+        for name in names:
             try:
-                out.append((f"skimage:{name}", Image.fromarray(getattr(skd, name)())))
-            except Exception:  # a sample missing from this scikit-image
+                a = np.asarray(getattr(skd, name)())
+                if a.dtype != np.uint8:  # the phantom is float in [0, 1]
+                    a = (np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
+                out.append((f"skimage:{name}", Image.fromarray(a)))
+            except Exception:  # a sample missing from this scikit-image (or needing a download)
                 pass
     except ImportError:
         pass
+    return out
+
+
+def _photo_sources() -> List[Tuple[str, Any]]:
+    from PIL import Image
+
+    out = _skimage_images(PHOTOS)
     try:
         import matplotlib
 
@@ -92,10 +114,11 @@ def _photo_sources() -> List[Tuple[str, Any]]:
     return out
 
 
-def make_photos(count: int, size: Tuple[int, int], rng: random.Random) -> Tuple[np.ndarray, List[str]]:
-    srcs = _photo_sources()
+def make_photos(count: int, size: Tuple[int, int], rng: random.Random,
+                srcs: Optional[List[Tuple[str, Any]]] = None) -> Tuple[np.ndarray, List[str]]:
+    srcs = _photo_sources() if srcs is None else srcs
     if not srcs:
-        raise BenchError("no sample photographs found: pip install scikit-image (or matplotlib)")
+        raise BenchError("no sample images found: pip install scikit-image (or matplotlib)")
     imgs, names = [], []
     for i in range(count):
         name, im = srcs[i % len(srcs)]
@@ -190,6 +213,11 @@ def build_kinds(test_pixels: np.ndarray, count: int, size: Tuple[int, int], kind
         "upside_down": lambda: (_xray_kind(xr, lambda x, i: x[::-1, ::-1], size), ["test-split X-rays, 180 deg"]),
         "rotated_90": lambda: (_xray_kind(xr, lambda x, i: np.rot90(x).copy(), size), ["test-split X-rays, 90 deg"]),
         "cropped": lambda: (_xray_kind(xr, crop, size), ["test-split X-rays, random 30% x 30% window"]),
+        "medical_other": lambda: make_photos(count, size, rng, _skimage_images(MEDICAL)),
+        "flipped_vertical": lambda: (_xray_kind(xr, lambda x, i: x[::-1].copy(), size),
+                                     ["test-split X-rays, top to bottom"]),
+        "mirrored": lambda: (_xray_kind(xr, lambda x, i: x[:, ::-1].copy(), size),
+                             ["test-split X-rays, left to right (control: still a chest X-ray)"]),
     }
     unknown = [k for k in kinds if k not in makers]
     if unknown:
@@ -274,12 +302,13 @@ def render_markdown(report: Dict[str, Any]) -> str:
              "against that kind.", ""]
     if not models:
         return "\n".join(lines + ["No model had domain statistics.", ""])
+    heads = [k + (" (control)" if k in CONTROLS else "") for k in kinds]
     lines += ["## Flag rate", "",
-              md_table(["Model", "test split (lower is better)"] + kinds,
+              md_table(["Model", "test split (lower is better)"] + heads,
                        [[m["name"], fmt_pct(m["in_domain"]["flag_rate"], 1)] +
                         [fmt_pct(m["kinds"][k]["flag_rate"], 1) for k in kinds] for m in models]), "",
               "## AUROC (test X-rays vs kind)", "",
-              md_table(["Model"] + kinds, [[m["name"]] + [fmt_num(m["kinds"][k]["auroc"], 3) for k in kinds]
+              md_table(["Model"] + heads, [[m["name"]] + [fmt_num(m["kinds"][k]["auroc"], 3) for k in kinds]
                                           for m in models]), "",
               "## Settings", "",
               md_table(["Model", "threshold", "val flag rate", "fit images", "val images", "rank", "shrinkage",
@@ -289,4 +318,15 @@ def render_markdown(report: Dict[str, Any]) -> str:
                          fmt_num(m["domain"]["shrinkage"], 3),
                          ", ".join(f"{k} {fmt_pct(v, 1)}" for k, v in m["in_domain"]["flag_rate_per_label"].items())]
                         for m in models]), ""]
+    branched = [m for m in models if m["domain"].get("flagged_validation_by_branch")]
+    if branched:
+        names = [b["name"] for b in branched[0]["domain"]["branches"]]
+        lines += ["## Branches", "",
+                  "Each branch's value is mapped to (value - centre) / scale (centre: its validation median; "
+                  "centre + scale: its validation 95th percentile); the score is the largest. Cells: centre / "
+                  "scale, and the share of validation images flagged with that branch deciding.", "",
+                  md_table(["Model"] + names,
+                           [[m["name"]] + [f"{fmt_num(b['centre'], 3)} / {fmt_num(b['scale'], 3)}, "
+                                           f"{fmt_pct(m['domain']['flagged_validation_by_branch'][b['name']], 1)}"
+                                           for b in m["domain"]["branches"]] for m in branched]), ""]
     return "\n".join(lines)

@@ -85,7 +85,7 @@ def model_info(path: str | Path) -> Dict[str, Any]:
     p = Path(path)
     spec, facts, warnings = inspect_model(p)
     return {"engine": "onnx", "path": str(p), "name": p.stem, "backbone": spec.backbone, "precision": spec.precision,
-            "file_bytes": p.stat().st_size, "sha256": sha256_file(p), "graph": facts, "warnings": warnings}
+            "domain_output": spec.domain_output, "file_bytes": p.stat().st_size, "sha256": sha256_file(p), "graph": facts, "warnings": warnings}
 
 
 def run_worker(cfg: Dict[str, Any], env: Dict[str, str], timeout: float) -> Dict[str, Any]:
@@ -141,8 +141,16 @@ def _median_or_none(values: List[Optional[float]]) -> Optional[float]:
 def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | Path] = (), batches: Sequence[int] = (1,),
                 threads: int = 1, device: str = "cpu", repeats: int = 3, warmup: int = 3, iterations: int = 20,
                 max_seconds: float = 10.0, timeout: float = 600.0, out: Optional[str | Path] = None,
-                name: Optional[str] = None, seed: int = 0, quiet: bool = False) -> Dict[str, Any]:
-    """Measure every (model or checkpoint) x batch, ``repeats`` fresh processes each, interleaved."""
+                name: Optional[str] = None, seed: int = 0, quiet: bool = False,
+                domain_check: str = "off") -> Dict[str, Any]:
+    """Measure every (model or checkpoint) x batch, ``repeats`` fresh processes each, interleaved.
+
+    ``domain_check``: "off" times the probabilities output alone (as PyTorch computes it), "on"
+    also the ``domain_score`` output of models that have one (what ``Classifier`` runs by
+    default), "both" measures such models both ways.
+    """
+    if domain_check not in ("off", "on", "both"):
+        raise BenchError(f"--domain-check {domain_check!r}: choose off, on or both")
     if not models and not checkpoints:
         raise BenchError("nothing to measure: pass --model FILE.onnx and/or --checkpoint RUN_FOLDER")
     if repeats < 1 or iterations < 1 or threads < 1 or any(b < 1 for b in batches):
@@ -154,8 +162,13 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         say(f"warning: {w}", quiet)
     configs: List[Dict[str, Any]] = []
     for s in subjects:
-        for b in batches:
-            configs.append({**s, "batch": int(b)})
+        modes = [False]
+        if s["engine"] == "onnx" and s.get("domain_output"):
+            modes = {"off": [False], "on": [True], "both": [False, True]}[domain_check]
+        for dc in modes:
+            subject = {**s, "domain_check": dc, "name": s["name"] + (" +domain check" if dc else "")}
+            for b in batches:
+                configs.append({**subject, "batch": int(b)})
     env = child_env(threads)
     raw: List[List[Dict[str, Any]]] = [[] for _ in configs]
     order_log: List[List[int]] = []
@@ -166,7 +179,8 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         for k, i in enumerate(order):
             c = configs[i]
             cfg = {"engine": c["engine"], "path": c["path"], "device": device, "batch": c["batch"], "threads": threads,
-                   "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed}
+                   "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed,
+                   "domain_check": c.get("domain_check", False)}
             res = run_worker(cfg, env, timeout)
             res["round"] = r + 1
             raw[i].append(res)
@@ -184,6 +198,7 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         "kind": KIND, "format_version": 1, "created": now_iso(), "cxr_bench_version": __version__,
         "command": command_line(), "machine": machine,
         "settings": {"device": device, "threads": threads, "batches": list(batches), "repeats": repeats,
+                     "domain_check": domain_check,
                      "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed,
                      "order": order_log,
                      "input": "seeded standard-normal tensor of the model's input shape and dtype",
@@ -211,6 +226,14 @@ def comparisons(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             same = base["backbone"] == r["backbone"] and base["batch"] == r["batch"] and base is not r
             if not same:
                 continue
+            if base["engine"] == "onnx" and base["path"] == r["path"]:
+                if r.get("domain_check") and not base.get("domain_check"):
+                    out.append({"backbone": r["backbone"], "batch": r["batch"], "model": r["name"],
+                                "baseline": base["name"], "kind": "domain check on vs off",
+                                "speedup": base["median_ms"] / r["median_ms"]})
+                continue
+            if r.get("domain_check") or base.get("domain_check"):
+                continue
             if base["engine"] == "torch":
                 kind = "vs PyTorch eager fp32"
             elif base["engine"] == "onnx" and base["precision"] == "fp32" and r["precision"] != "fp32":
@@ -234,7 +257,13 @@ def render_markdown(report: Dict[str, Any]) -> str:
          f"per process {s['warmup']} warm-up call(s), then up to {s['iterations']} timed calls "
          f"(fewer, at least 3, once {s['max_seconds']:g} s of timing is spent).",
          f"- ONNX Runtime: {s['onnxruntime_session']}. PyTorch: {s['torch']}.",
-         f"- Input: {s['input']}.", "", "## Results", "",
+         f"- Input: {s['input']}.",
+         "- Outputs: " + {"off": "the probabilities alone (domain check off, as PyTorch computes them)",
+                          "on": "probabilities and domain_score for models that have it (as Classifier runs "
+                                "by default; rows marked +domain check)",
+                          "both": "models with domain statistics measured with the domain_score output (rows "
+                                  "marked +domain check) and without"}[s.get("domain_check", "off")] + ".",
+         "", "## Results", "",
          "Median: median of the per-process medians. p90/p99: over all timed calls of all processes. "
          "Load: session/model load time (median). Peak RSS: largest peak resident memory of any process "
          "(interpreter and libraries included). CPU/wall: CPU seconds the process used per second of timing "
@@ -265,9 +294,11 @@ def render_markdown(report: Dict[str, Any]) -> str:
         L += ["## Speed-ups (ratio of medians)", "",
               md_table(["Backbone", "Batch", "Model", "Compared with", "Speed-up"],
                        [[c["backbone"], c["batch"], c["model"],
-                         c["baseline"] if "PyTorch" in c["baseline"] else f"{c['baseline']} ({c['kind'][3:]})",
+                         c["baseline"] if "PyTorch" in c["baseline"] else
+                         f"{c['baseline']} ({c['kind'][3:] if c['kind'].startswith('vs ') else 'check off'})",
                          f"{c['speedup']:.2f}x"] for c in report["comparisons"]], "lrllr"),
-              "", "Speed-up = baseline median / model median (above 1: the model is faster).", ""]
+              "", "Speed-up = baseline median / model median (above 1: the model is faster; for the domain "
+                  "check, below 1 is its cost).", ""]
     notes = [r for r in report["results"] if r.get("weights_note")]
     if notes:
         L += [f"- {r['name']}: file size is `{r['weights_file']}` ({r['weights_note']})." for r in notes[:1]] + [""]

@@ -76,6 +76,11 @@ def _onnx_runner(cfg: Dict[str, Any]) -> Tuple[Callable[[], Any], Dict[str, Any]
     x = np.random.default_rng(cfg.get("seed", 0)).standard_normal((cfg["batch"], 3, h, w)).astype(dtype)
     feeds = {spec.input_name: x}
     outs = [spec.prob_output]
+    if cfg.get("domain_check"):
+        if not spec.domain_output:
+            raise RuntimeError(f"{cfg['path']}: no domain statistics, so no domain check to time")
+        outs.append(spec.domain_output)  # what Classifier runs by default
+    info["outputs"] = outs
     return (lambda: sess.run(outs, feeds)), info
 
 

@@ -25,9 +25,10 @@ The gate refuses (exit 3) when INT8 accuracy on validation drops more than --max
 below FP32, unless --force.
 
 Out-of-domain statistics (on by default when a data folder is known; --no-domain-stats
-leaves them out): every written file gets a domain_score output (a Mahalanobis distance of its
-own features, fitted on --domain-fit-count train images of the split) and a threshold that
-flags --domain-flag-rate of the validation images. Add them to an existing file with
+leaves them out): every written file gets a domain_score output (Mahalanobis distances on its
+own features and on standardised thumbnails of its input, plus an upright-vs-upside-down test,
+fitted on --domain-fit-count train images of the split) and a threshold that flags
+--domain-flag-rate of the validation images. Add them to an existing file with
   python -m cxr_export.domain RUN_DIR MODEL.onnx --data TRAIN_DIR
 """
 

@@ -8,19 +8,32 @@ distance), is a known strong baseline for out-of-distribution detection on penul
 features (Lee et al. 2018), and the shrinkage keeps the inverse stable with ~1,500 images in
 512 or 2,048 dimensions.
 
-Two spaces, because pooled features alone are not enough: global average pooling throws the
-image's layout away, so an upside-down or heavily cropped X-ray has ordinary features (measured
-on VGG16 INT8: AUROC 0.51 and 0.38 against test X-rays). The same distance is therefore also
-taken on a 16 x 16 thumbnail of the model's input (an AveragePool of the normalised image,
-768 numbers: layout, gray levels and colour), and the score is the larger of the two distances,
-each divided by its median on the fitting images:
+Four branches, because pooled features alone are not enough. Global average pooling throws
+the image's layout away: an upside-down or heavily cropped X-ray has ordinary features
+(measured on VGG16 INT8: AUROC 0.51 and 0.38 against test X-rays). The branches are:
 
-    score = sqrt(max(d_features^2 / m_features^2, d_thumbnail^2 / m_thumbnail^2))
+    features      the distance above on the ``features`` output
+    thumb16       the same distance on a 16 x 16 thumbnail of the model's input (an
+                  AveragePool of the normalised image, 768 numbers), *standardised per image*
+                  (zero mean, unit variance): layout and colour, free of the exposure and
+                  contrast that vary between X-rays and would otherwise dominate the covariance
+    thumb8        the same on an 8 x 8 thumbnail (192 numbers, a better-conditioned covariance)
+    orientation   log d2(thumb16) - log d2(thumb16 rotated 180 degrees): how much nearer the
+                  training X-rays the image lies upside down than as given (a likelihood-ratio
+                  test of "is it upright?", which a distance alone answers poorly because a
+                  flipped chest is still chest-like)
+
+Each branch value ``v`` is mapped to ``(v - centre) / scale`` with ``centre`` its median and
+``centre + scale`` its 95th percentile on the *validation* images (out of sample, so a branch
+that overfits its fitting images gets no unfair weight), and the score is the largest of the
+four. Measured on the three shipped models (``benchmarks/results/domain.md``): the old
+max-of-two-distances with raw thumbnails, each over its fitting median, missed inverted,
+upside-down and cropped X-rays; this version flags all of them.
 
 Storage (why in the graph): the statistics become FP32 initializers of a few extra nodes
-appended to the graph after ``features``, with a new output ``domain_score`` ([N], the
-distance). The runtime then needs nothing but the output name and the threshold from the
-spec (``outputs.domain_score``, ``domain.threshold``), no linear algebra of its own, and the
+appended to the graph after ``features``, with a new output ``domain_score`` ([N]). The
+runtime then needs nothing but the output name and the threshold from the spec
+(``outputs.domain_score``, ``domain.threshold``), no linear algebra of its own, and the
 classification path (``probabilities``) is untouched: same nodes, same weights, same numbers.
 
 Compactness: the full inverse of a 2,048 x 2,048 covariance would add 16 MB. We keep the top
@@ -30,21 +43,22 @@ by their mean (the probabilistic-PCA form of the covariance), so that
     d_c^2 = |z_c|^2 / s2  +  sum_i p_ci^2 (1 / l_i - 1 / s2),   z_c = f - mu_c,  p_c = V^T z_c
 
 costs one [C, rank] matrix (2 MB at C = 2,048, rank = 256). With ``rank >= C`` it is the exact
-shrunk Mahalanobis distance. The score is ``sqrt(min_c d_c^2)``.
+shrunk Mahalanobis distance. A branch's distance is ``sqrt(min_c d_c^2)``.
 
 Fitting and calibration: statistics are fitted on up to ``fit_count`` class-balanced images of
 the *train* part of the run's split, through the model file itself (so an INT8 file gets
-statistics of its own, quantized features); the threshold is the (1 - ``flag_rate``) quantile
-of the scores of the *val* part, so about ``flag_rate`` of in-domain images are flagged. The
-test split is never read.
+statistics of its own, quantized features); centres, scales and the threshold come from the
+*val* part, the threshold being the (1 - ``flag_rate``) quantile of the graph's scores there,
+so about ``flag_rate`` of in-domain images are flagged. The test split is never read.
 
 Standalone use, to add (or refresh) statistics in an existing model file::
 
     python -m cxr_export.domain runs/gpu2/vgg16 runs/export/vgg16_int8.onnx --data .data/train
 
 Example:
-    >>> stats = fit_stats(feats, labels)                  # doctest: +SKIP
-    >>> add_domain_graph("m.onnx", stats, "m_dom.onnx")    # doctest: +SKIP
+    >>> block = add_domain_stats("m.onnx", train_px, train_y, val_px, "m_dom.onnx")   # doctest: +SKIP
+    >>> block["threshold"], block["flag_rate_validation"]                            # doctest: +SKIP
+    (1.31, 0.05)
 """
 from __future__ import annotations
 
@@ -64,11 +78,18 @@ from .modelio import read_spec, session, write_spec
 
 DOMAIN_OUTPUT = "domain_score"
 PREFIX = "cxr_domain/"
-METHOD = ("mahalanobis on pooled features and on a 16x16 input thumbnail (max of the two, each over its median); "
-          "class means, shared Ledoit-Wolf-shrunk covariance, top-rank eigenvectors exact + mean tail")
+METHOD = ("max of four branches, each standardised on validation (median 0, 95th percentile 1): Mahalanobis "
+          "distance on pooled features, on a per-image standardised 16x16 and 8x8 input thumbnail, and an "
+          "upright-vs-180-degrees log-likelihood ratio on the 16x16 thumbnail; class means, shared "
+          "Ledoit-Wolf-shrunk covariance, top-rank eigenvectors exact + mean tail")
 DEFAULT_FIT_COUNT = 1500
 DEFAULT_RANK = 256
 DEFAULT_FLAG_RATE = 0.05
+THUMB = 16          # thumbnail side of the layout branch
+THUMB_COARSE = 8    # and of the coarse one
+STD_EPS = 1e-6      # added to a thumbnail's variance before dividing (a flat image stays finite)
+LOG_EPS = 1e-6      # added to squared distances before the orientation branch's logarithm
+CENTRE_Q, SCALE_Q = 0.5, 0.95
 
 
 @dataclass
@@ -82,8 +103,8 @@ class DomainStats:
     shrinkage: float
     n_images: int
 
-    def scores(self, feats: np.ndarray) -> np.ndarray:
-        """The reference (float64 numpy) score of features ``[N, C]``: what the graph computes."""
+    def d2(self, feats: np.ndarray) -> np.ndarray:
+        """Squared distance to the nearest class mean (float64): what the graph computes."""
         f = np.asarray(feats, np.float64)
         best = None
         for mu in self.means.astype(np.float64):
@@ -91,14 +112,50 @@ class DomainStats:
             p = z @ self.vectors.astype(np.float64)
             d2 = (z * z).sum(1) / self.tail_variance + (p * p) @ (1.0 / self.eigenvalues - 1.0 / self.tail_variance)
             best = d2 if best is None else np.minimum(best, d2)
-        return np.sqrt(np.maximum(best, 0.0))
+        return np.maximum(best, 0.0)
 
-    def d2(self, feats: np.ndarray) -> np.ndarray:
-        """Squared distance to the nearest class mean (float64)."""
-        return self.scores(feats) ** 2
+    def scores(self, feats: np.ndarray) -> np.ndarray:
+        """The distance ``sqrt(d2)``."""
+        return np.sqrt(self.d2(feats))
 
 
-THUMB = 16  # thumbnail side of the layout branch
+@dataclass
+class Branch:
+    """One term of the score: ``(value - centre) / scale``.
+
+    ``kind`` "distance": ``value = sqrt(d2(x))``; "orientation": ``value = log(d2(x) + eps) -
+    log(d2(rot180(x)) + eps)``. ``source`` is a graph output name (the features) or
+    ``"thumbnail"`` with ``grid`` its side.
+    """
+
+    name: str
+    kind: str
+    source: str
+    stats: DomainStats
+    grid: int = 0
+    centre: float = 0.0
+    scale: float = 1.0
+
+    def values(self, x: np.ndarray) -> np.ndarray:
+        """The raw branch value for inputs ``x`` [N, C] (features, or standardised thumbnails)."""
+        if self.kind == "distance":
+            return np.sqrt(self.stats.d2(x))
+        if self.kind == "orientation":
+            return np.log(self.stats.d2(x) + LOG_EPS) - np.log(self.stats.d2(rotate180(x, self.grid)) + LOG_EPS)
+        raise ValueError(f"unknown branch kind {self.kind!r}")
+
+    def describe(self, model_input: str) -> Dict[str, Any]:
+        src = (self.source if self.source != "thumbnail" else
+               f"{self.grid}x{self.grid} thumbnail (AveragePool) of {model_input}, standardised per image")
+        return {"name": self.name, "kind": self.kind, "input": src, "dim": int(self.stats.means.shape[1]),
+                "rank": int(self.stats.vectors.shape[1]), "shrinkage": self.stats.shrinkage,
+                "tail_variance": self.stats.tail_variance, "centre": self.centre, "scale": self.scale}
+
+
+def rotate180(x: np.ndarray, grid: int) -> np.ndarray:
+    """Flattened [N, 3 * g * g] thumbnails turned upside down (180 degrees)."""
+    n = len(x)
+    return x.reshape(n, -1, grid, grid)[:, :, ::-1, ::-1].reshape(n, -1)
 
 
 def graph_input(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
@@ -109,17 +166,30 @@ def graph_input(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
     return to_input(pixels, spec.mean, spec.std).astype(dtype)
 
 
-def thumbnails(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
-    """What the graph's AveragePool makes of the input: [N, 3 * 16 * 16] (numpy reference)."""
+def pool_kernel(spec: ModelSpec, grid: int) -> Tuple[int, int]:
+    """The AveragePool kernel (= stride) that turns the model's input into a ``grid`` x ``grid`` thumbnail."""
+    w, h = spec.image_size
+    return max(1, h // grid), max(1, w // grid)
+
+
+def standardise(x: np.ndarray) -> np.ndarray:
+    """Each row to zero mean and unit variance (what the graph does to a thumbnail)."""
+    x = x - x.mean(1, keepdims=True)
+    return x / np.sqrt((x * x).mean(1, keepdims=True) + STD_EPS)
+
+
+def thumbnails(spec: ModelSpec, pixels: np.ndarray, grid: int = THUMB, standardised: bool = True) -> np.ndarray:
+    """What the graph's AveragePool (and standardisation) makes of the input: [N, 3 * grid * grid]."""
+    kh, kw = pool_kernel(spec, grid)
     out = []
     for i in range(0, len(pixels), 64):
         x = graph_input(spec, pixels[i:i + 64]).astype(np.float32)
         n, c, h, w = x.shape
-        kh, kw = max(1, h // THUMB), max(1, w // THUMB)
         oh, ow = h // kh, w // kw
         t = x[:, :, :oh * kh, :ow * kw].reshape(n, c, oh, kh, ow, kw).mean(axis=(3, 5))
         out.append(t.reshape(n, -1).astype(np.float64))
-    return np.concatenate(out)
+    t = np.concatenate(out) if out else np.zeros((0, 3 * grid * grid))
+    return standardise(t) if standardised else t
 
 
 def ledoit_wolf(x: np.ndarray) -> Tuple[np.ndarray, float, float]:
@@ -192,13 +262,12 @@ def _opset(model) -> int:
     return max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] or [13])
 
 
-def add_domain_graph(model_path: str | Path, branches: List[Tuple[str, DomainStats, float]],
-                     out_path: Optional[str | Path] = None, thumbnail_kernel: Tuple[int, int] = (14, 14)) -> Path:
-    """Append the FP32 nodes computing ``domain_score`` [N]; write the file.
+def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: Optional[str | Path] = None,
+                     kernels: Optional[Dict[int, Tuple[int, int]]] = None) -> Path:
+    """Append the FP32 nodes computing ``domain_score`` [N] = max over ``branches``; write the file.
 
-    ``branches``: ``(tensor, stats, scale)`` with ``tensor`` a graph output (the features) or
-    ``"thumbnail"`` (AveragePool of the graph input); the score is
-    ``sqrt(max_b(d2_b / scale_b^2))``. Any earlier domain graph is replaced; nothing else changes.
+    ``kernels`` maps a thumbnail grid to its AveragePool kernel (default: 224 / grid). Any
+    earlier domain graph is replaced; nothing else changes.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -210,43 +279,88 @@ def add_domain_graph(model_path: str | Path, branches: List[Tuple[str, DomainSta
     opset = _opset(m)
     P = PREFIX
     nodes: List[Any] = []
-    inits: Dict[str, np.ndarray] = {P + "axis1": np.array([1], np.int64)}
+    inits: Dict[str, np.ndarray] = {P + "axis1": np.array([1], np.int64), P + "axes123": np.array([1, 2, 3], np.int64),
+                                    P + "std_eps": np.array(STD_EPS, np.float32),
+                                    P + "log_eps": np.array(LOG_EPS, np.float32)}
 
     def node(op: str, ins: List[str], out: str, **kw: Any) -> str:
         nodes.append(helper.make_node(op, ins, [out], name=out, **kw))
         return out
 
-    scaled = []
-    for j, (tensor, stats, scale) in enumerate(branches):
-        b = f"{P}b{j}/"
-        if tensor == "thumbnail":
-            x = g.input[0].name
-            if g.input[0].type.tensor_type.elem_type != TensorProto.FLOAT:
-                x = node("Cast", [x], b + "x32", to=TensorProto.FLOAT)
-            x = node("AveragePool", [x], b + "pooled", kernel_shape=list(thumbnail_kernel),
-                     strides=list(thumbnail_kernel))
-            x = node("Flatten", [x], b + "flat", axis=1)
-        elif tensor in outputs:
-            x = tensor
-        else:
-            raise ValueError(f"{model_path}: the graph has no {tensor!r} output to compute a domain score from")
-        inv_tail = 1.0 / stats.tail_variance
-        c = stats.means.shape[1]
-        inits.update({b + "means": stats.means.astype(np.float32), b + "vectors": stats.vectors.astype(np.float32),
-                      b + "weights": ((1.0 / stats.eigenvalues - inv_tail) / scale ** 2).astype(np.float32),
-                      b + "inv_tail": np.full((c,), inv_tail / scale ** 2, np.float32)})
-        f3 = node("Unsqueeze", [x, P + "axis1"], b + "f3")                  # [N, 1, C]
-        z = node("Sub", [f3, b + "means"], b + "z")                          # [N, K, C]
-        iso = node("MatMul", [node("Mul", [z, z], b + "z2"), b + "inv_tail"], b + "iso")     # [N, K]
-        p = node("MatMul", [z, b + "vectors"], b + "p")                      # [N, K, r]
-        corr = node("MatMul", [node("Mul", [p, p], b + "p2"), b + "weights"], b + "corr")  # [N, K]
-        d2 = node("Add", [iso, corr], b + "d2")
+    def reduce(op: str, x: str, axes: str, out: str) -> str:
         if opset >= 18:
-            scaled.append(node("ReduceMin", [d2, P + "axis1"], b + "dmin", keepdims=0))
+            return node(op, [x, P + axes], out, keepdims=1 if op == "ReduceMean" else 0)
+        return node(op, [x], out, axes=inits[P + axes].tolist(), keepdims=1 if op == "ReduceMean" else 0)
+
+    thumbs: Dict[int, Any] = {}  # grid -> (standardised, flattened); 0 -> the FP32 input
+
+    def thumbnail(grid: int) -> Tuple[str, str]:
+        """(standardised [N, 3, g, g], flattened [N, 3 g g]) for the graph input."""
+        if grid in thumbs:
+            return thumbs[grid]
+        t = f"{P}thumb{grid}/"
+        x = g.input[0].name
+        if g.input[0].type.tensor_type.elem_type != TensorProto.FLOAT:
+            x = thumbs.get(0) or node("Cast", [x], P + "x32", to=TensorProto.FLOAT)
+            thumbs[0] = x
+        k = list((kernels or {}).get(grid, (224 // grid, 224 // grid)))
+        x = node("AveragePool", [x], t + "pooled", kernel_shape=k, strides=k)
+        c = node("Sub", [x, reduce("ReduceMean", x, "axes123", t + "mean")], t + "centred")
+        var = reduce("ReduceMean", node("Mul", [c, c], t + "sq"), "axes123", t + "var")
+        sd = node("Sqrt", [node("Add", [var, P + "std_eps"], t + "var_eps")], t + "sd")
+        x4 = node("Div", [c, sd], t + "std")
+        thumbs[grid] = (x4, node("Flatten", [x4], t + "flat", axis=1))
+        return thumbs[grid]
+
+    done: Dict[Tuple[str, int], str] = {}
+    stats_prefix: Dict[int, str] = {}
+
+    def d2(x: str, stats: DomainStats, b: str, tag: str) -> str:
+        """Squared distance [N] of ``x`` [N, C] to the nearest class mean (computed once per input and stats)."""
+        if (x, id(stats)) in done:
+            return done[(x, id(stats))]
+        s = stats_prefix.setdefault(id(stats), b)
+        if s == b:
+            inv_tail = 1.0 / stats.tail_variance
+            inits.update({s + "means": stats.means.astype(np.float32), s + "vectors": stats.vectors.astype(np.float32),
+                          s + "weights": (1.0 / stats.eigenvalues - inv_tail).astype(np.float32),
+                          s + "inv_tail": np.full((stats.means.shape[1],), inv_tail, np.float32)})
+        n = b + tag
+        f3 = node("Unsqueeze", [x, P + "axis1"], n + "f3")                      # [N, 1, C]
+        z = node("Sub", [f3, s + "means"], n + "z")                              # [N, K, C]
+        iso = node("MatMul", [node("Mul", [z, z], n + "z2"), s + "inv_tail"], n + "iso")        # [N, K]
+        p = node("MatMul", [z, s + "vectors"], n + "p")                          # [N, K, r]
+        corr = node("MatMul", [node("Mul", [p, p], n + "p2"), s + "weights"], n + "corr")     # [N, K]
+        done[(x, id(stats))] = reduce("ReduceMin", node("Add", [iso, corr], n + "d2all"), "axis1", n + "d2")
+        return done[(x, id(stats))]
+
+    terms = []
+    for j, br in enumerate(branches):
+        b = f"{P}b{j}/"
+        if br.source == "thumbnail":
+            x4, x = thumbnail(br.grid)
+        elif br.source in outputs:
+            x4, x = "", br.source
         else:
-            scaled.append(node("ReduceMin", [d2], b + "dmin", axes=[1], keepdims=0))
-    worst = node("Max", scaled, P + "dmax") if len(scaled) > 1 else scaled[0]
-    node("Sqrt", [node("Relu", [worst], P + "dpos")], DOMAIN_OUTPUT)
+            raise ValueError(f"{model_path}: the graph has no {br.source!r} output to compute a domain score from")
+        if br.kind == "distance":
+            v = node("Sqrt", [node("Relu", [d2(x, br.stats, b, "")], b + "d2pos")], b + "value")
+        elif br.kind == "orientation":
+            if not x4:
+                raise ValueError("the orientation branch works on a thumbnail")
+            flip = np.ascontiguousarray(np.eye(br.grid, dtype=np.float32)[::-1])
+            inits[b + "flip"] = flip
+            rot = node("MatMul", [b + "flip", node("MatMul", [x4, b + "flip"], b + "rot_w")], b + "rot")
+            rot = node("Flatten", [rot], b + "rot_flat", axis=1)
+            up = node("Log", [node("Add", [d2(x, br.stats, b, ""), P + "log_eps"], b + "up_eps")], b + "log_up")
+            down = node("Log", [node("Add", [d2(rot, br.stats, b, "rot_"), P + "log_eps"], b + "down_eps")], b + "log_down")
+            v = node("Sub", [up, down], b + "value")
+        else:
+            raise ValueError(f"unknown branch kind {br.kind!r}")
+        inits[b + "centre"] = np.array(br.centre, np.float32)
+        inits[b + "inv_scale"] = np.array(1.0 / br.scale, np.float32)
+        terms.append(node("Mul", [node("Sub", [v, b + "centre"], b + "centred"), b + "inv_scale"], b + "term"))
+    node("Max", terms, DOMAIN_OUTPUT) if len(terms) > 1 else node("Identity", terms, DOMAIN_OUTPUT)
     nodes[-1].name = P + DOMAIN_OUTPUT
     g.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
     g.node.extend(nodes)
@@ -260,9 +374,17 @@ def add_domain_graph(model_path: str | Path, branches: List[Tuple[str, DomainSta
     return out
 
 
-def reference_scores(branches: List[Tuple[np.ndarray, DomainStats, float]]) -> np.ndarray:
+def reference_scores(branches: List[Branch], inputs: List[np.ndarray]) -> np.ndarray:
     """The score the graph computes, from each branch's inputs (float64 numpy)."""
-    return np.sqrt(np.max(np.stack([st.d2(x) / sc ** 2 for x, st, sc in branches]), axis=0))
+    return np.max(np.stack([(br.values(x) - br.centre) / br.scale for br, x in zip(branches, inputs)]), axis=0)
+
+
+def standardise_branch(br: Branch, val_values: np.ndarray) -> None:
+    """Set the branch's centre and scale from its validation values (median 0, 95th percentile 1)."""
+    v = np.asarray(val_values, np.float64)
+    br.centre = float(np.quantile(v, CENTRE_Q))
+    spread = float(np.quantile(v, SCALE_Q)) - br.centre
+    br.scale = spread if spread > 1e-6 * max(1.0, abs(br.centre)) else max(1e-6, 1e-3 * abs(br.centre))
 
 
 def calibrate(val_scores: np.ndarray, flag_rate: float = DEFAULT_FLAG_RATE) -> float:
@@ -272,10 +394,32 @@ def calibrate(val_scores: np.ndarray, flag_rate: float = DEFAULT_FLAG_RATE) -> f
     return float(np.quantile(np.asarray(val_scores, np.float64), 1.0 - flag_rate, method="higher"))
 
 
+def branch_inputs(spec: ModelSpec, pixels: np.ndarray, feats: np.ndarray) -> Dict[str, np.ndarray]:
+    """Each branch source's numbers for ``pixels``: the features and the standardised thumbnails."""
+    return {"features": feats, f"thumb{THUMB}": thumbnails(spec, pixels, THUMB),
+            f"thumb{THUMB_COARSE}": thumbnails(spec, pixels, THUMB_COARSE)}
+
+
+def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], labels: np.ndarray,
+                 val: Dict[str, np.ndarray], rank: int = DEFAULT_RANK) -> Tuple[List[Branch], List[str]]:
+    """The four branches fitted on ``train`` and standardised on ``val``; and which input each reads."""
+    sf = fit_stats(train["features"], labels, rank)
+    s16 = fit_stats(train[f"thumb{THUMB}"], labels, rank)
+    s8 = fit_stats(train[f"thumb{THUMB_COARSE}"], labels, rank)
+    branches = [Branch("features", "distance", feat_name, sf),
+                Branch(f"thumb{THUMB}", "distance", "thumbnail", s16, THUMB),
+                Branch(f"thumb{THUMB_COARSE}", "distance", "thumbnail", s8, THUMB_COARSE),
+                Branch("orientation", "orientation", "thumbnail", s16, THUMB)]
+    keys = ["features", f"thumb{THUMB}", f"thumb{THUMB_COARSE}", f"thumb{THUMB}"]
+    for br, k in zip(branches, keys):
+        standardise_branch(br, br.values(val[k]))
+    return branches, keys
+
+
 def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_labels: np.ndarray,
                      val_pixels: np.ndarray, out_path: Optional[str | Path] = None, rank: int = DEFAULT_RANK,
                      flag_rate: float = DEFAULT_FLAG_RATE, threads: int = 0, source: str = "") -> Dict[str, Any]:
-    """Fit on ``train_pixels`` through this file's own features, add the graph, calibrate on ``val_pixels``.
+    """Fit on ``train_pixels`` through this file's own features, standardise and calibrate on ``val_pixels``.
 
     Writes ``out_path`` (default: in place) and returns the spec's new ``domain`` block.
     The probabilities output is checked to be bit-identical before and after.
@@ -288,43 +432,44 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
         raise ValueError(f"{model_path}: its spec names no features output (exported with --no-features?)")
     t0 = time.perf_counter()
     probs_before, feats = run_outputs(model_path, spec, train_pixels, [spec.prob_output, feat_name], threads=threads)
-    thumbs = thumbnails(spec, train_pixels)
-    stats_f = fit_stats(feats, train_labels, rank)
-    stats_t = fit_stats(thumbs, train_labels, rank)
-    scale_f = float(np.median(np.sqrt(stats_f.d2(feats))))
-    scale_t = float(np.median(np.sqrt(stats_t.d2(thumbs))))
-    h, w = spec.image_size[1], spec.image_size[0]
-    kernel = (max(1, h // THUMB), max(1, w // THUMB))
-    add_domain_graph(model_path, [(feat_name, stats_f, scale_f), ("thumbnail", stats_t, scale_t)], out, kernel)
+    (val_feats,) = run_outputs(model_path, spec, val_pixels, [feat_name], threads=threads)
+    train_in = branch_inputs(spec, train_pixels, feats)
+    val_in = branch_inputs(spec, val_pixels, val_feats)
+    branches, keys = fit_branches(spec, feat_name, train_in, train_labels, val_in, rank)
+    kernels = {grid: pool_kernel(spec, grid) for grid in (THUMB, THUMB_COARSE)}
+    add_domain_graph(model_path, branches, out, kernels)
     val_probs, val_scores = run_outputs(out, spec, val_pixels, [spec.prob_output, DOMAIN_OUTPUT], threads=threads)
     k = min(16, len(train_pixels))
     probs_after, train_scores = run_outputs(out, spec, train_pixels[:k], [spec.prob_output, DOMAIN_OUTPUT],
                                             threads=threads)
-    ref = reference_scores([(feats[:k], stats_f, scale_f), (thumbs[:k], stats_t, scale_t)])
-    graph_vs_numpy = float(np.max(np.abs(train_scores - ref) / np.maximum(ref, 1e-6))) if len(ref) else 0.0
+    ref = reference_scores(branches, [train_in[key][:k] for key in keys])
+    graph_vs_numpy = float(np.max(np.abs(train_scores - ref) / np.maximum(np.abs(ref), 1.0))) if len(ref) else 0.0
     if not np.array_equal(probs_after, probs_before[:k]):
         raise RuntimeError(f"{out}: adding the domain graph changed the probabilities (a bug)")
+    if graph_vs_numpy > 0.05:
+        raise RuntimeError(f"{out}: the graph's domain score differs from the numpy reference by {graph_vs_numpy:.3g} "
+                           "(a bug)")
     threshold = calibrate(val_scores, flag_rate)
+    val_terms = np.stack([(br.values(val_in[key]) - br.centre) / br.scale for br, key in zip(branches, keys)])
+    deciding = {br.name: float(np.mean((np.argmax(val_terms, 0) == j) & (val_scores > threshold)))
+                for j, br in enumerate(branches)}
     block = {
         "method": METHOD,
-        "score": "sqrt(max over branches of (min over classes of the squared Mahalanobis distance) / scale^2)",
+        "score": "max over branches of (value - centre) / scale; a branch's value is sqrt(min over classes of the "
+                 "squared Mahalanobis distance), or for orientation log(d2 upright) - log(d2 rotated 180 degrees)",
         "threshold": threshold,
         "target_flag_rate": flag_rate,
         "flag_rate_validation": float(np.mean(val_scores > threshold)),
+        "flagged_validation_by_branch": deciding,
         "features_output": feat_name,
-        "branches": [
-            {"input": feat_name, "dim": int(feats.shape[1]), "rank": int(stats_f.vectors.shape[1]),
-             "shrinkage": stats_f.shrinkage, "tail_variance": stats_f.tail_variance, "scale": scale_f},
-            {"input": f"thumbnail: AveragePool {kernel[0]}x{kernel[1]} of the graph input", "dim": int(thumbs.shape[1]),
-             "rank": int(stats_t.vectors.shape[1]), "shrinkage": stats_t.shrinkage,
-             "tail_variance": stats_t.tail_variance, "scale": scale_t}],
-        "rank": int(stats_f.vectors.shape[1]),
-        "shrinkage": stats_f.shrinkage,
+        "branches": [br.describe(spec.input_name) for br in branches],
+        "rank": int(branches[0].stats.vectors.shape[1]),
+        "shrinkage": branches[0].stats.shrinkage,
         "fit": {"images": int(len(train_pixels)), "part": "train part of the split, class-balanced",
                 "source": source},
         "calibration": {"images": int(len(val_pixels)), "part": "val part of the split",
                         "val_score_median": float(np.median(val_scores))},
-        "graph_vs_numpy_max_rel_diff": graph_vs_numpy,
+        "graph_vs_numpy_max_diff": graph_vs_numpy,
         "probabilities_unchanged": True,
         "seconds": round(time.perf_counter() - t0, 1),
     }

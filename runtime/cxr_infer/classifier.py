@@ -49,7 +49,7 @@ class Prediction:
     label when ``probability >= threshold``, otherwise the most probable other label.
 
     ``in_domain`` says whether the image lies inside the model's training domain: ``False``
-    when its ``domain_score`` (a feature-space distance to the training images, see
+    when its ``domain_score`` (how far the image lies from the training images, see
     ``cxr_export.domain``) exceeds the model's calibrated domain threshold, in which case the
     label should not be trusted; ``None`` (and ``domain_score`` ``None``) when the model file
     carries no domain statistics, i.e. the check is unavailable.

@@ -108,6 +108,8 @@ def test_far_input_flagged_training_like_not(domain_model):
     batch = clf.predict([train[0], red()])
     assert [p.in_domain for p in batch] == [True, False]
     assert clf.info()["domain_check"]["available"] is True
+    assert clf.info()["domain_check"]["branches"] == ["features", "thumb16", "thumb8", "orientation"]
+    assert clf.info()["domain_check"]["flags_of_in_domain_validation"] == pytest.approx(0.05, abs=0.02)
     off = Classifier(path, threads=1, domain_check=False)
     assert off.predict(red()).in_domain is None and off.predict(red()).probability == outside.probability
 

@@ -410,7 +410,11 @@ class Classifier:
             "providers": self.providers,
             "threads": self.threads,
             "threshold": self.threshold,
-            "domain_check": ({"available": True, "threshold": self.domain_threshold, "output": self.spec.domain_output}
+            "domain_check": ({"available": True, "threshold": self.domain_threshold, "output": self.spec.domain_output,
+                              "flags_of_in_domain_validation": (self.spec.raw.get("domain") or {}).get(
+                                  "flag_rate_validation"),
+                              "branches": [b.get("name") for b in (self.spec.raw.get("domain") or {}).get(
+                                  "branches", []) if isinstance(b, dict)]}
                              if self.domain_available else
                              {"available": False, "reason": "the model file has no domain statistics (add them with "
                               "python -m cxr_export.domain)" if self.spec.domain_threshold is None else

@@ -68,8 +68,8 @@ def test_stats_round_trip_through_the_file(domain_model, plain_model):
     val = gray_images(200, 1)
     feats = domain.run_outputs(plain_model, spec, train, ["features"])[0]
     val_feats = domain.run_outputs(plain_model, spec, val, ["features"])[0]
-    branches, keys = domain.fit_branches(spec, "features", domain.branch_inputs(spec, train, feats), labels,
-                                         domain.branch_inputs(spec, val, val_feats))
+    branches, keys, _ = domain.fit_branches(spec, "features", domain.branch_inputs(spec, train, feats), labels,
+                                            domain.branch_inputs(spec, val, val_feats))
     assert [b.name for b in branches] == [b["name"] for b in block["branches"]] == [
         "features", "thumb16", "thumb8", "orientation"]
     assert [b.centre for b in branches] == pytest.approx([b["centre"] for b in block["branches"]])

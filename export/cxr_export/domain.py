@@ -114,10 +114,6 @@ class DomainStats:
             best = d2 if best is None else np.minimum(best, d2)
         return np.maximum(best, 0.0)
 
-    def scores(self, feats: np.ndarray) -> np.ndarray:
-        """The distance ``sqrt(d2)``."""
-        return np.sqrt(self.d2(feats))
-
 
 @dataclass
 class Branch:
@@ -178,8 +174,8 @@ def standardise(x: np.ndarray) -> np.ndarray:
     return x / np.sqrt((x * x).mean(1, keepdims=True) + STD_EPS)
 
 
-def thumbnails(spec: ModelSpec, pixels: np.ndarray, grid: int = THUMB, standardised: bool = True) -> np.ndarray:
-    """What the graph's AveragePool (and standardisation) makes of the input: [N, 3 * grid * grid]."""
+def thumbnails(spec: ModelSpec, pixels: np.ndarray, grid: int = THUMB) -> np.ndarray:
+    """What the graph's AveragePool and standardisation make of the input: [N, 3 * grid * grid]."""
     kh, kw = pool_kernel(spec, grid)
     out = []
     for i in range(0, len(pixels), 64):
@@ -189,7 +185,7 @@ def thumbnails(spec: ModelSpec, pixels: np.ndarray, grid: int = THUMB, standardi
         t = x[:, :, :oh * kh, :ow * kw].reshape(n, c, oh, kh, ow, kw).mean(axis=(3, 5))
         out.append(t.reshape(n, -1).astype(np.float64))
     t = np.concatenate(out) if out else np.zeros((0, 3 * grid * grid))
-    return standardise(t) if standardised else t
+    return standardise(t)
 
 
 def ledoit_wolf(x: np.ndarray) -> Tuple[np.ndarray, float, float]:
@@ -292,17 +288,19 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
             return node(op, [x, P + axes], out, keepdims=1 if op == "ReduceMean" else 0)
         return node(op, [x], out, axes=inits[P + axes].tolist(), keepdims=1 if op == "ReduceMean" else 0)
 
-    thumbs: Dict[int, Any] = {}  # grid -> (standardised, flattened); 0 -> the FP32 input
+    thumbs: Dict[int, Tuple[str, str]] = {}  # grid -> (standardised [N, 3, g, g], flattened)
+    x32: List[str] = []  # the graph input as FP32, made once if a thumbnail needs it
 
     def thumbnail(grid: int) -> Tuple[str, str]:
         """(standardised [N, 3, g, g], flattened [N, 3 g g]) for the graph input."""
         if grid in thumbs:
             return thumbs[grid]
         t = f"{P}thumb{grid}/"
-        x = g.input[0].name
-        if g.input[0].type.tensor_type.elem_type != TensorProto.FLOAT:
-            x = thumbs.get(0) or node("Cast", [x], P + "x32", to=TensorProto.FLOAT)
-            thumbs[0] = x
+        if not x32:
+            x = g.input[0].name
+            fp32 = g.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+            x32.append(x if fp32 else node("Cast", [x], P + "x32", to=TensorProto.FLOAT))
+        x = x32[0]
         k = list((kernels or {}).get(grid, (224 // grid, 224 // grid)))
         x = node("AveragePool", [x], t + "pooled", kernel_shape=k, strides=k)
         c = node("Sub", [x, reduce("ReduceMean", x, "axes123", t + "mean")], t + "centred")
@@ -401,8 +399,10 @@ def branch_inputs(spec: ModelSpec, pixels: np.ndarray, feats: np.ndarray) -> Dic
 
 
 def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], labels: np.ndarray,
-                 val: Dict[str, np.ndarray], rank: int = DEFAULT_RANK) -> Tuple[List[Branch], List[str]]:
-    """The four branches fitted on ``train`` and standardised on ``val``; and which input each reads."""
+                 val: Dict[str, np.ndarray], rank: int = DEFAULT_RANK
+                 ) -> Tuple[List[Branch], List[str], np.ndarray]:
+    """The four branches fitted on ``train`` and standardised on ``val``, which input each reads, and
+    their standardised validation terms ``[branches, N]``."""
     sf = fit_stats(train["features"], labels, rank)
     s16 = fit_stats(train[f"thumb{THUMB}"], labels, rank)
     s8 = fit_stats(train[f"thumb{THUMB_COARSE}"], labels, rank)
@@ -411,9 +411,12 @@ def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], 
                 Branch(f"thumb{THUMB_COARSE}", "distance", "thumbnail", s8, THUMB_COARSE),
                 Branch("orientation", "orientation", "thumbnail", s16, THUMB)]
     keys = ["features", f"thumb{THUMB}", f"thumb{THUMB_COARSE}", f"thumb{THUMB}"]
+    terms = []
     for br, k in zip(branches, keys):
-        standardise_branch(br, br.values(val[k]))
-    return branches, keys
+        v = br.values(val[k])
+        standardise_branch(br, v)
+        terms.append((v - br.centre) / br.scale)
+    return branches, keys, np.stack(terms)
 
 
 def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_labels: np.ndarray,
@@ -435,10 +438,10 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
     (val_feats,) = run_outputs(model_path, spec, val_pixels, [feat_name], threads=threads)
     train_in = branch_inputs(spec, train_pixels, feats)
     val_in = branch_inputs(spec, val_pixels, val_feats)
-    branches, keys = fit_branches(spec, feat_name, train_in, train_labels, val_in, rank)
+    branches, keys, val_terms = fit_branches(spec, feat_name, train_in, train_labels, val_in, rank)
     kernels = {grid: pool_kernel(spec, grid) for grid in (THUMB, THUMB_COARSE)}
     add_domain_graph(model_path, branches, out, kernels)
-    val_probs, val_scores = run_outputs(out, spec, val_pixels, [spec.prob_output, DOMAIN_OUTPUT], threads=threads)
+    (val_scores,) = run_outputs(out, spec, val_pixels, [DOMAIN_OUTPUT], threads=threads)
     k = min(16, len(train_pixels))
     probs_after, train_scores = run_outputs(out, spec, train_pixels[:k], [spec.prob_output, DOMAIN_OUTPUT],
                                             threads=threads)
@@ -450,7 +453,6 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
         raise RuntimeError(f"{out}: the graph's domain score differs from the numpy reference by {graph_vs_numpy:.3g} "
                            "(a bug)")
     threshold = calibrate(val_scores, flag_rate)
-    val_terms = np.stack([(br.values(val_in[key]) - br.centre) / br.scale for br, key in zip(branches, keys)])
     deciding = {br.name: float(np.mean((np.argmax(val_terms, 0) == j) & (val_scores > threshold)))
                 for j, br in enumerate(branches)}
     block = {

@@ -116,17 +116,17 @@ def test_threads_default_to_the_cores_we_may_use(tiny_model):
     import os
     clf = Classifier(tiny_model)
     assert clf.threads == len(os.sched_getaffinity(0))
-    assert clf._session.get_session_options().intra_op_num_threads == clf.threads
+    assert clf.model.session.get_session_options().intra_op_num_threads == clf.threads
     one = Classifier(tiny_model, threads=1)
-    assert one._session.get_session_options().intra_op_num_threads == 1
+    assert one.model.session.get_session_options().intra_op_num_threads == 1
     spin = "session.intra_op.allow_spinning"
-    assert clf._session.get_session_options().get_session_config_entry(spin) == "0"
+    assert clf.model.session.get_session_options().get_session_config_entry(spin) == "0"
     spinning = Classifier(tiny_model, threads=1, session_config={spin: "1"})
-    assert spinning._session.get_session_options().get_session_config_entry(spin) == "1"
+    assert spinning.model.session.get_session_options().get_session_config_entry(spin) == "1"
 
 
 def test_device_selection(monkeypatch):
-    providers = classifier_module._providers_for
+    from cxr_infer.model import providers_for as providers
     assert providers("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert providers("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == "CUDAExecutionProvider"

@@ -66,8 +66,9 @@ def test_stats_round_trip_through_the_file(domain_model, plain_model):
     # the graph computes what the numpy reference computes from the same features and thumbnails
     labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
     val = gray_images(200, 1)
-    feats = domain.run_outputs(plain_model, spec, train, ["features"])[0]
-    val_feats = domain.run_outputs(plain_model, spec, val, ["features"])[0]
+    plain_spec = read_spec(plain_model)
+    feats = domain.run_outputs(plain_model, plain_spec, train, ["features"])[0]
+    val_feats = domain.run_outputs(plain_model, plain_spec, val, ["features"])[0]
     branches, keys, _ = domain.fit_branches(spec, "features", domain.branch_inputs(spec, train, feats), labels,
                                             domain.branch_inputs(spec, val, val_feats))
     assert [b.name for b in branches] == [b["name"] for b in block["branches"]] == [
@@ -79,7 +80,7 @@ def test_stats_round_trip_through_the_file(domain_model, plain_model):
     np.testing.assert_allclose(graph, domain.reference_scores(branches, [inputs[k] for k in keys]), rtol=1e-3,
                                atol=1e-3)
     # probabilities are untouched
-    before = domain.run_outputs(plain_model, spec, train[:20], ["probabilities"])[0]
+    before = domain.run_outputs(plain_model, plain_spec, train[:20], ["probabilities"])[0]
     after = domain.run_outputs(path, spec, train[:20], ["probabilities"])[0]
     assert np.array_equal(before, after)
 
@@ -135,7 +136,7 @@ def test_upside_down_and_inverted_are_flagged(plain_model, tmp_path):
     assert all(flags(upright[:, ::-1, ::-1]))  # upside down
     assert all(flags(255 - upright))  # inverted gray levels
     # the features branch alone (the channel means of this tiny model) could not tell them apart
-    feats = domain.run_outputs(plain_model, read_spec(out), np.concatenate([upright, upright[:, ::-1, ::-1]]),
+    feats = domain.run_outputs(plain_model, read_spec(plain_model), np.concatenate([upright, upright[:, ::-1, ::-1]]),
                                ["features"])[0]
     np.testing.assert_allclose(feats[:40], feats[40:], atol=1e-5)
     assert block["flagged_validation_by_branch"].keys() == {"features", "thumb16", "thumb8", "orientation"}

@@ -34,7 +34,7 @@ from cxr_infer.metrics import binary_metrics, roc_curve
 
 from . import __version__
 from .dataset import PixelCache, list_dataset
-from .models import OnnxModel, inspect_model, open_model, resize_method
+from .models import OnnxModel, inspect_model, open_model
 from .stats import CI_METRICS, bootstrap_metrics, calibration_bins
 from .util import (BenchError, Progress, command_line, fmt_ci, fmt_num, fmt_pct, mb, md_table, now_iso, say, write_json,
                    write_text)
@@ -101,7 +101,7 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
         say(f"{label}: {model.label}, threshold {model.spec.threshold:.4g}, input {model.spec.image_size}", quiet)
         y_all = ds.targets(model.spec.positive_label, model.spec.labels)
         targets = y_all if targets is None else targets
-        pixels = cache.pixels(model.spec.image_size, resize_method(model.spec))
+        pixels = cache.pixels(model.spec.image_size, model.spec.resize_method)
         keep = np.ones(len(ds.files), dtype=bool)
         keep[list(cache.failed)] = False
         t0 = time.perf_counter()

@@ -44,7 +44,7 @@ from cxr_infer.preprocess import load_image
 
 from . import __version__
 from .dataset import PixelCache, list_dataset
-from .models import model_input, open_model, resize_method
+from .models import open_model
 from .util import BenchError, command_line, fmt_num, fmt_pct, md_table, now_iso, say, write_json, write_text
 
 KIND = "cxr-bench/domain"
@@ -226,12 +226,10 @@ def build_kinds(test_pixels: np.ndarray, count: int, size: Tuple[int, int], kind
 
 
 def _scores(model, pixels: np.ndarray, batch: int) -> np.ndarray:
-    spec = model.spec
-    out = []
-    for i in range(0, len(pixels), batch):
-        out.append(np.asarray(model.session.run([spec.domain_output], {spec.input_name: model_input(
-            spec, pixels[i:i + batch])})[0], np.float64).reshape(-1))
-    return np.concatenate(out) if out else np.zeros(0)
+    if not len(pixels):
+        return np.zeros(0)
+    (scores,) = model.model.run(pixels, [model.spec.domain_output], batch)
+    return np.asarray(scores, np.float64).reshape(-1)
 
 
 def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, count: int = 150,
@@ -252,7 +250,7 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
             results.append({**model.describe(), "domain": None})
             continue
         size = spec.image_size
-        test_px = cache.pixels(size, resize_method(spec))
+        test_px = cache.pixels(size, spec.resize_method)
         keep = np.ones(len(ds.files), bool)
         keep[list(cache.failed)] = False
         test_px = test_px[keep]

@@ -114,11 +114,11 @@ def per_image(model: Path, images: List[Path], threads: int, device: str = "cpu"
 
     from cxr_infer.preprocess import load_image, open_image
 
-    from .models import model_input, open_model, resize_method
+    from .models import open_model
 
     m = open_model(model, device=device, threads=threads)
     spec = m.spec
-    size, method = spec.image_size, resize_method(spec)
+    size, method = spec.image_size, spec.resize_method
 
     def stages(path: Path) -> Dict[str, Any]:
         # load_image(path) == load_image(open_image(path, draft_size=size)): the same calls, split in two.
@@ -127,9 +127,9 @@ def per_image(model: Path, images: List[Path], threads: int, device: str = "cpu"
         t1 = time.perf_counter()
         px = load_image(img, size, method=method)
         t2 = time.perf_counter()
-        x = model_input(spec, px[None])
+        x = m.model.graph_input(px[None])
         t3 = time.perf_counter()
-        m.predict_proba(x)
+        m.model.run_input(x, [spec.prob_output])
         t4 = time.perf_counter()
         with Image.open(path) as im:
             full = im.size
@@ -196,7 +196,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
               md_table(["Run", "Seconds", "Command"], rows, "lrl"), ""]
         marg = cold.get("marginal_s_per_image")
         if marg is not None:
-            L += [f"Each further image in the same process (difference of the two medians): "
+            L += ["Each further image in the same process (difference of the two medians): "
                   + (f"{1000 * marg:.1f} ms." if marg > 0 else "below the process-to-process noise."), ""]
         it = cold.get("imports_torch")
         L += [f"torch imported by cxr-infer: {'**yes**' if it else 'no' if it is False else 'unknown (run failed)'}"

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .machine import describe_machine, machine_markdown, package_version
-from .models import inspect_model, providers_for
+from .models import inspect_model
 from .util import BenchError, command_line, fmt_ms, fmt_num, mb, md_table, now_iso, say, write_json, write_text
 from .worker import MARKER
 
@@ -156,7 +156,11 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         raise BenchError("nothing to measure: pass --model FILE.onnx and/or --checkpoint RUN_FOLDER")
     if repeats < 1 or iterations < 1 or threads < 1 or any(b < 1 for b in batches):
         raise BenchError("--repeats, --iterations, --threads and every --batch must be at least 1")
-    providers_for(device)  # fail before any process starts if the device is missing
+    import onnxruntime as ort
+
+    from cxr_infer.model import providers_for
+
+    providers_for(device, ort.get_available_providers())  # fail before any process starts if the device is missing
     subjects = [model_info(m) for m in models] + [checkpoint_info(c) for c in checkpoints]
     warnings = [w for s in subjects for w in s.pop("warnings", [])]
     for w in warnings:

@@ -130,7 +130,7 @@ def machine_markdown(m: Dict[str, Any]) -> str:
         if m.get("memory_bytes") else f"- CPU: {m['cpu_model']}; {m['logical_cpus']} logical CPUs",
         f"- Vector ISA present: {m['cpu_isa_summary']}"
         + (f"; absent: {', '.join(missing)}" if missing else ""),
-        f"- Load average (1/5/15 min) at start: "
+        "- Load average (1/5/15 min) at start: "
         + (" / ".join(f"{x:.2f}" for x in m["load_average_1_5_15"]) if m.get("load_average_1_5_15") else "n/a")
         + (f"; at end: {' / '.join(f'{x:.2f}' for x in m['load_average_end_1_5_15'])}"
            if m.get("load_average_end_1_5_15") else "")

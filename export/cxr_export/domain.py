@@ -71,10 +71,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from cxr_infer.preprocess import to_input
+from cxr_infer.model import graph_input
 from cxr_infer.spec import ModelSpec
 
-from .modelio import read_spec, session, write_spec
+from .modelio import open_model, read_spec, write_spec
 
 DOMAIN_OUTPUT = "domain_score"
 PREFIX = "cxr_domain/"
@@ -154,14 +154,6 @@ def rotate180(x: np.ndarray, grid: int) -> np.ndarray:
     return x.reshape(n, -1, grid, grid)[:, :, ::-1, ::-1].reshape(n, -1)
 
 
-def graph_input(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
-    """The graph input for uint8 NHWC pixels, as the runtime builds it."""
-    dtype = np.float16 if spec.input_dtype == "float16" else np.float32
-    if spec.normalization_in_graph:
-        return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=dtype)
-    return to_input(pixels, spec.mean, spec.std).astype(dtype)
-
-
 def pool_kernel(spec: ModelSpec, grid: int) -> Tuple[int, int]:
     """The AveragePool kernel (= stride) that turns the model's input into a ``grid`` x ``grid`` thumbnail."""
     w, h = spec.image_size
@@ -229,15 +221,9 @@ def fit_stats(feats: np.ndarray, labels: np.ndarray, rank: int = DEFAULT_RANK) -
 
 def run_outputs(model_path: str | Path, spec: ModelSpec, pixels: np.ndarray, names: List[str], batch_size: int = 32,
                 threads: int = 0) -> List[np.ndarray]:
-    """The graph outputs ``names`` for uint8 NHWC ``pixels`` (through the runtime's normalisation)."""
-    sess = session(model_path, threads)
-    dtype = np.float16 if spec.input_dtype == "float16" else np.float32
-    out: List[List[np.ndarray]] = [[] for _ in names]
-    for i in range(0, len(pixels), batch_size):
-        x = to_input(pixels[i:i + batch_size], spec.mean, spec.std).astype(dtype)
-        for j, v in enumerate(sess.run(names, {spec.input_name: x})):
-            out[j].append(np.asarray(v, np.float64))
-    return [np.concatenate(o) for o in out]
+    """The graph outputs ``names`` (float64) for uint8 NHWC ``pixels``, through the runtime's model layer."""
+    outs = open_model(model_path, threads, spec).run(pixels, names, batch_size)
+    return [np.asarray(v, np.float64) for v in outs]
 
 
 def strip_domain_graph(model) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from cxr_infer.spec import ModelSpec
 
-from .modelio import run_probs, session, write_spec
+from .modelio import open_model, write_spec
 
 
 def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
@@ -24,15 +24,15 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
 
 def fp16_parity(fp32_path: str | Path, fp16_path: str | Path, spec: ModelSpec, pixels: np.ndarray) -> Dict:
     """Max |difference in probability| FP16 vs FP32, on the GPU when one is available, else CPU."""
-    import onnxruntime as ort
+    from cxr_infer.errors import CXRError
 
-    providers = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else ["CPUExecutionProvider"]
     try:
-        p16 = run_probs(session(fp16_path, providers=providers), spec, pixels)
-    except Exception as exc:  # an execution provider without FP16 kernels
-        return {"checked": False, "why": f"{providers[0]} could not run the FP16 model: {str(exc).splitlines()[0][:200]}"}
-    p32 = run_probs(session(fp32_path), spec, pixels)
-    return {"checked": True, "provider": providers[0], "images": int(len(pixels)),
+        model16 = open_model(fp16_path, spec=spec, device="auto")
+        p16 = model16.positive_probability(pixels)
+    except CXRError as exc:  # an execution provider without FP16 kernels
+        return {"checked": False, "why": f"could not run the FP16 model: {exc}"}
+    p32 = open_model(fp32_path, spec=spec).positive_probability(pixels)
+    return {"checked": True, "provider": model16.providers[0], "images": int(len(pixels)),
             "max_abs_diff_probability": float(np.max(np.abs(p16 - p32)))}
 
 

@@ -1,4 +1,9 @@
-"""Read and write the ``cxr.spec`` of an ONNX file, and run a model file on pixels.
+"""Read and write the ``cxr.spec`` of an ONNX file with ``onnx``; open one with the runtime's model layer.
+
+Running a model file always goes through :class:`cxr_infer.model.ModelFile` (one session
+set-up, one graph input, one output runner for the Classifier, export and benchmarks);
+this module only adds what needs the ``onnx`` package: reading a spec without building a
+session, and writing one into a file.
 
 Example:
     >>> from cxr_export.modelio import read_spec   # doctest: +SKIP
@@ -8,12 +13,11 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-import numpy as np
-
-from cxr_infer.preprocess import to_input
-from cxr_infer.spec import SPEC_KEY, ModelSpec
+from cxr_infer.errors import ModelError
+from cxr_infer.model import ModelFile
+from cxr_infer.spec import SPEC_KEY, ModelSpec, spec_from_metadata
 
 
 def write_spec(model_path: str | Path, spec: ModelSpec, out_path: Optional[str | Path] = None) -> Path:
@@ -33,35 +37,33 @@ def write_spec(model_path: str | Path, spec: ModelSpec, out_path: Optional[str |
     return out
 
 
-def read_spec(model_path: str | Path) -> ModelSpec:
-    """The validated spec of a model file (``ModelError`` when absent or invalid)."""
+def load_onnx(model_path: str | Path):
+    """The ``onnx.ModelProto`` of a file (weights not loaded), or one clear :class:`ModelError`."""
     import onnx
 
-    from cxr_infer.errors import ModelError
-
-    m = onnx.load(str(model_path), load_external_data=False)
-    for p in m.metadata_props:
-        if p.key == SPEC_KEY:
-            return ModelSpec.from_json(p.value, str(model_path))
-    raise ModelError(f"{model_path}: no cxr.spec in the model's metadata")
-
-
-def session(model_path: str | Path, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), sess_options=so, providers=list(providers))
+    path = Path(model_path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such model file (pass the path of a .onnx file made by cxr-export)")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a folder; pass the .onnx file itself")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises several types for a bad file
+        raise ModelError(f"{path}: not a readable ONNX file ({exc.__class__.__name__}: {exc})") from None
 
 
-def run_probs(sess, spec: ModelSpec, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Positive-class probabilities of uint8 NHWC ``pixels`` through an ORT session."""
-    out = []
-    dtype = np.float16 if spec.input_dtype == "float16" else np.float32
-    for i in range(0, len(pixels), batch_size):
-        x = to_input(pixels[i:i + batch_size], spec.mean, spec.std).astype(dtype)
-        probs = sess.run([spec.prob_output], {spec.input_name: x})[0]
-        out.append(probs[:, spec.positive_index].astype(np.float64))
-    return np.concatenate(out) if out else np.zeros(0)
+def spec_of(model, source: str) -> ModelSpec:
+    """The validated spec of a loaded ``onnx.ModelProto``."""
+    return spec_from_metadata({p.key: p.value for p in model.metadata_props}, source)
+
+
+def read_spec(model_path: str | Path) -> ModelSpec:
+    """The validated spec of a model file, without building an inference session."""
+    return spec_of(load_onnx(model_path), str(model_path))
+
+
+def open_model(model_path: str | Path, threads: int = 0, spec: Optional[ModelSpec] = None,
+               device: str = "cpu") -> ModelFile:
+    """The model file opened for checks (``threads`` 0: every core), optionally with the ``spec``
+    about to be written into it (a file fresh from conversion has none of its own yet)."""
+    return ModelFile(model_path, device=device, threads=threads or None, spec=spec)

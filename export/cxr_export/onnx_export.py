@@ -17,7 +17,7 @@ import numpy as np
 from cxr_infer import __version__ as cxr_version
 from cxr_infer.spec import ModelSpec
 
-from .modelio import run_probs, session, write_spec
+from .modelio import open_model, write_spec
 
 
 def _wrapper(model):
@@ -35,14 +35,15 @@ def _wrapper(model):
     return Exportable(model).eval()
 
 
-def fold_batchnorm(module):
-    """Conv+BN fused by torch.fx (eval mode); the module unchanged if it cannot be traced."""
+def fold_batchnorm(module) -> Tuple[object, bool]:
+    """``(module with Conv+BN fused by torch.fx, True)`` in eval mode, or ``(module, False)``
+    unchanged when it cannot be traced (ONNX Runtime then folds BatchNorm at load time)."""
     try:
         from torch.fx.experimental.optimization import fuse
 
-        return fuse(module)
-    except Exception:  # not fx-traceable: ONNX Runtime folds BN at load time anyway
-        return module
+        return fuse(module), True
+    except Exception:  # fx raises many types for code it cannot trace
+        return module, False
 
 
 def spec_from_checkpoint(meta: Dict, precision: str = "fp32", features: bool = True) -> ModelSpec:
@@ -72,17 +73,18 @@ def spec_from_checkpoint(meta: Dict, precision: str = "fp32", features: bool = T
     )
 
 
-def torch_probs(model, pixels: np.ndarray, mean, std, batch_size: int = 16) -> np.ndarray:
-    """Positive-class probabilities from the PyTorch model (fp32, eval) on uint8 NHWC pixels."""
+def torch_probs(model, pixels: np.ndarray, spec: ModelSpec, batch_size: int = 16) -> np.ndarray:
+    """Positive-class probabilities from the PyTorch model (fp32, eval) on uint8 NHWC pixels,
+    fed the same input as the exported graph (:func:`cxr_infer.model.graph_input`)."""
     import torch
 
-    from cxr_infer.preprocess import to_input
+    from cxr_infer.model import graph_input
 
     out = []
     with torch.inference_mode():
-        for i in range(0, len(pixels), batch_size):
-            x = torch.from_numpy(to_input(pixels[i:i + batch_size], mean, std))
-            out.append(torch.softmax(model(x), dim=1)[:, 1].double().numpy())
+        for start in range(0, len(pixels), batch_size):
+            x = torch.from_numpy(graph_input(spec, pixels[start:start + batch_size]))
+            out.append(torch.softmax(model(x), dim=1)[:, spec.positive_index].double().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -98,7 +100,7 @@ def export_fp32(model, meta: Dict, out: str | Path, parity_pixels: Optional[np.n
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().float()
-    wrapped = fold_batchnorm(_wrapper(model))
+    wrapped, folded = fold_batchnorm(_wrapper(model))
     size = int(meta.get("image_size", 224))
     x = torch.zeros(2, 3, size, size)
     names = ["probabilities", "features"]
@@ -115,10 +117,10 @@ def export_fp32(model, meta: Dict, out: str | Path, parity_pixels: Optional[np.n
     if not features:
         _drop_output(out, "features")
         spec.raw["outputs"]["features"] = None
-    spec.raw["export"] = {"opset": opset, "batchnorm_folded": wrapped is not None, "torch": torch.__version__}
+    spec.raw["export"] = {"opset": opset, "batchnorm_folded": folded, "torch": torch.__version__}
     if parity_pixels is not None and len(parity_pixels):
-        ref = torch_probs(model, parity_pixels, spec.mean, spec.std)
-        got = run_probs(session(out), spec, parity_pixels)
+        ref = torch_probs(model, parity_pixels, spec)
+        got = open_model(out, spec=spec).positive_probability(parity_pixels)
         spec.raw["export"]["parity"] = {"images": int(len(parity_pixels)), "max_abs_diff_probability":
                                         float(np.max(np.abs(ref - got))), "against": "PyTorch fp32 eager"}
     write_spec(out, spec)

@@ -11,15 +11,15 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 from cxr_infer.metrics import binary_metrics
-from cxr_infer.preprocess import to_input
+from cxr_infer.model import graph_input
 from cxr_infer.spec import ModelSpec
 
-from .modelio import run_probs, session, write_spec
+from .modelio import open_model, write_spec
 
 METHODS = ("minmax", "entropy", "percentile")
 
@@ -40,7 +40,7 @@ def _reader(pixels: np.ndarray, spec: ModelSpec, batch_size: int):
                 return None
             batch = pixels[self.i:self.i + batch_size]
             self.i += batch_size
-            return {spec.input_name: to_input(batch, spec.mean, spec.std)}
+            return {spec.input_name: graph_input(spec, batch)}
 
         def rewind(self):
             self.i = 0
@@ -126,8 +126,8 @@ class GateResult:
 def gate(fp32_path: str | Path, int8_path: str | Path, spec: ModelSpec, pixels: np.ndarray, labels: np.ndarray,
          threads: int = 0) -> GateResult:
     """Compare INT8 with FP32 on validation pixels at the model's threshold."""
-    p32 = run_probs(session(fp32_path, threads), spec, pixels)
-    p8 = run_probs(session(int8_path, threads), spec, pixels)
+    p32 = open_model(fp32_path, threads, spec).positive_probability(pixels)
+    p8 = open_model(int8_path, threads, spec).positive_probability(pixels)
     t = spec.threshold
     m32, m8 = binary_metrics(labels, p32, t), binary_metrics(labels, p8, t)
     return GateResult(images=int(len(labels)), agreement=float(np.mean((p32 >= t) == (p8 >= t))),

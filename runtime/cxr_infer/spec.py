@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from .errors import ModelError
 
@@ -22,10 +22,21 @@ SPEC_KEY = "cxr.spec"
 FORMAT_VERSION = "1.0"
 SUPPORTED_MAJOR = 1
 PRECISIONS = ("fp32", "int8", "fp16")
-KNOWN_BACKBONES = ("vgg16", "resnet50", "inception_v3")
 
 REQUIRED = ("format_version", "backbone", "precision", "input", "outputs", "resize", "normalization", "labels",
             "positive_label", "threshold", "provenance")
+
+
+def spec_from_metadata(metadata: Mapping[str, str], source: str = "model") -> "ModelSpec":
+    """The validated spec in a model file's metadata (``{key: value}`` of its ``metadata_props``).
+
+    Example:
+        >>> spec_from_metadata({SPEC_KEY: ModelSpec.new(backbone="tiny").to_json()}).backbone
+        'tiny'
+    """
+    if SPEC_KEY not in metadata:
+        raise ModelError(f"{source}: has no {SPEC_KEY} metadata, so it is not a cxr model (make one with cxr-export)")
+    return ModelSpec.from_json(metadata[SPEC_KEY], source=source)
 
 
 @dataclass
@@ -170,6 +181,11 @@ class ModelSpec:
     def image_size(self) -> tuple:
         w, h = self.raw["resize"]["size"]
         return int(w), int(h)
+
+    @property
+    def resize_method(self) -> str:
+        """The Pillow resampling filter the model was trained with (``bicubic`` for every cxr model so far)."""
+        return str(self.raw["resize"].get("method", "bicubic"))
 
     @property
     def mean(self) -> List[float]:

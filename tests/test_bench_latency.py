@@ -33,7 +33,11 @@ def test_latency_runner_one_repeat(tiny, tmp_path):
         assert r["file_bytes"] > 0 and r["timed_calls"] == 5 and r["processes_ok"] == 1
         pids.add(r["processes"][0]["pid"])
     assert len(pids) == 4  # every configuration in its own process
-    assert rep["machine"]["cpu_model"] and "avx2" in rep["machine"]["cpu_isa"]
+    # the report states this CPU's vector ISA, whatever it is (AVX2 only, AVX-512 VNNI, AMX, ...)
+    flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith(("flags", "Features"))), [])
+    assert rep["machine"]["cpu_model"]
+    assert rep["machine"]["cpu_isa"] == {f: f in flags for f in rep["machine"]["cpu_isa"]}
     assert rep["machine"]["onnxruntime_providers"]
     assert {c["kind"] for c in rep["comparisons"]} == {"vs ONNX fp32"}
     md = (tmp_path / "latency.md").read_text()
@@ -66,10 +70,8 @@ def test_e2e_on_full_size_images(tiny, tmp_path):
     assert rep["per_image"]["images"][0]["width"] > 500  # really full size
     cold = rep["cold"]
     assert cold["median_s"]["python_startup"] > 0
-    if rc == 0:  # cxr-infer present and working: it must not import torch
-        assert cold["median_s"]["cxr_infer_1_image"] > 0 and cold["imports_torch"] is False
-    else:
-        assert cold["errors"]
+    assert rc == 0, cold.get("errors")
+    assert cold["median_s"]["cxr_infer_1_image"] > 0 and cold["imports_torch"] is False  # never loads torch
     assert "decode + preprocess" in (tmp_path / "e2e.md").read_text()
 
 

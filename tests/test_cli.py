@@ -145,15 +145,15 @@ def test_empty_folder_and_unmatched_glob_exit_1(tiny_model, tmp_path, xrays224):
     assert "label" in rows[2]
 
 
-def test_without_model_uses_default_or_says_none_is_installed(xrays224):
-    r = run_cli(str(xrays224[0]))
-    if classifier_module.DEFAULT_MODEL.is_file():
-        assert r.returncode == 0
-    else:
-        assert r.returncode == 2
-        err = r.stderr.decode()
-        assert "no default model is installed yet" in err and "--model" in err
-        assert err.count("\n") == 1
+def test_without_model_uses_the_shipped_default(xrays224):
+    """The repository ships a default model (VGG16 INT8): no --model classifies with it."""
+    assert classifier_module.DEFAULT_MODEL.is_file()
+    r = run_cli("--format", "jsonl", str(xrays224[0]))
+    assert r.returncode == 0, r.stderr.decode()
+    (row,) = _jsonl(r)
+    assert row["label"] in ("NORMAL", "PNEUMONIA") and row["in_domain"] in (True, False)
+    info = run_cli("--info")
+    assert info.returncode == 0 and "vgg16" in info.stdout.decode() and "int8" in info.stdout.decode()
 
 
 def test_no_default_model_installed_message(xrays224, tmp_path):

@@ -103,6 +103,13 @@ def test_int8_is_quantized_and_agrees(exported, run_dir):
     assert spec.precision == "int8"
     g = spec.raw["export"]["int8"]["gate"]
     assert g["images"] > 0 and g["agreement"] >= 0.9
+    # the settings are the Int8Config the CLI built, recorded as they are
+    from cxr_export.quantize import Int8Config
+
+    settings = {k: v for k, v in spec.raw["export"]["int8"].items() if k not in ("gate", "qdq_nodes")}
+    expected = Int8Config(calibration_count=64, max_drop_points=10.0).spec_block()
+    assert settings == dict(expected, calibration_images=64)
+    assert settings["reduce_range"] is True and settings["weights"] == "s8 per-channel"
     px, y, _ = _val(run_dir, 40)
     p32 = open_model(exported).positive_probability(px)
     p8 = open_model(int8).positive_probability(px)
@@ -122,13 +129,14 @@ def test_gate_catches_bad_calibration(exported, run_dir, tmp_path):
     out of it altogether.
     """
     from cxr_export.modelio import open_model, read_spec
-    from cxr_export.quantize import gate, quantize_int8
+    from cxr_export.quantize import Int8Config, gate, quantize_int8
 
     spec = read_spec(exported)
     px, y, _ = _val(run_dir)
     mid_gray = np.round(255 * np.array(spec.mean)).astype(np.uint8)
     bad = tmp_path / "bad_int8.onnx"
-    quantize_int8(exported, bad, np.broadcast_to(mid_gray, (16, 64, 64, 3)).copy(), spec, reduce_range=True)
+    quantize_int8(exported, bad, np.broadcast_to(mid_gray, (16, 64, 64, 3)).copy(), spec,
+                  Int8Config(reduce_range=True))
     p32 = open_model(exported).positive_probability(px)
     p8 = open_model(bad, spec=spec).positive_probability(px)
     assert np.ptp(p8) < 0.1 * np.ptp(p32)  # collapsed

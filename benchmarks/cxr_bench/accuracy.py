@@ -12,10 +12,6 @@ Files written to ``out`` (``-NAME`` appended to each stem when ``name`` is given
     predictions.csv    per-image probabilities of every model (anyone can recompute)
     roc.png, calibration.png   (when matplotlib is installed)
 
-Later sections (e.g. an out-of-domain section) can be added by appending
-``{"title": ..., "markdown": ..., "data": ...}`` to ``report["extra_sections"]`` before
-:func:`render_markdown`.
-
 Example:
     >>> rep = run_accuracy(["m.onnx"], "data/test", "/tmp/bench", bootstrap=200)  # doctest: +SKIP
     >>> rep["models"][0]["at_threshold"]["accuracy"]                             # doctest: +SKIP
@@ -32,18 +28,13 @@ import numpy as np
 
 from cxr_infer.metrics import binary_metrics, roc_curve
 
-from . import __version__
 from .dataset import PixelCache, list_dataset
 from .models import OnnxModel, inspect_model, open_model
 from .stats import CI_METRICS, bootstrap_metrics, calibration_bins
-from .util import (BenchError, Progress, command_line, fmt_ci, fmt_num, fmt_pct, mb, md_table, now_iso, say, write_json,
-                   write_text)
+from .util import (BenchError, Progress, fmt_ci, fmt_num, fmt_pct, mb, md_table, new_report, report_stem, say,
+                   write_report)
 
 KIND = "cxr-bench/accuracy"
-
-
-def _stem(base: str, name: Optional[str]) -> str:
-    return f"{base}-{name}" if name else base
 
 
 def _unique_names(paths: Sequence[Path]) -> List[str]:
@@ -127,11 +118,7 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
         say(f"{label}: accuracy {fmt_pct(at_t['accuracy'])}, AUC {fmt_num(at_t['auc'])}, "
             f"TP {at_t['tp']} FP {at_t['fp']} TN {at_t['tn']} FN {at_t['fn']}", quiet)
     report: Dict[str, Any] = {
-        "kind": KIND,
-        "format_version": 1,
-        "created": now_iso(),
-        "cxr_bench_version": __version__,
-        "command": command_line(),
+        **new_report(KIND),
         "data": {"root": str(ds.root), "n_images": len(ds.files), "counts": ds.counts(), "limit_per_label": limit,
                  "decoded_images": cache.decodes,
                  "unreadable": [{"file": str(ds.files[i]), "reason": r} for i, r in sorted(cache.failed.items())]},
@@ -140,8 +127,6 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
                                 "model and threshold"},
         "models": results,
         "warnings": warnings,
-        "extra_sections": [],
-        "files": {},
     }
     write_reports(report, ds, prob_columns, targets, out, name=name, plots=plots, quiet=quiet)
     return report
@@ -154,7 +139,7 @@ def write_reports(report: Dict[str, Any], ds, prob_columns: Dict[str, np.ndarray
 
     out.mkdir(parents=True, exist_ok=True)
     files: Dict[str, str] = {}
-    pred_path = out / f"{_stem('predictions', name)}.csv"
+    pred_path = out / f"{report_stem('predictions', name)}.csv"
     with open(pred_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "label", "target"] + [f"p_positive:{k}" for k in prob_columns])
@@ -165,18 +150,13 @@ def write_reports(report: Dict[str, Any], ds, prob_columns: Dict[str, np.ndarray
     if plots and have_matplotlib():
         rocs = [{"name": m["name"], "fpr": m["roc"]["fpr"], "tpr": m["roc"]["tpr"], "auc": m["at_threshold"]["auc"],
                  "point": m["roc"]["point"]} for m in report["models"]]
-        files["roc_png"] = roc_png(rocs, out / f"{_stem('roc', name)}.png").name
+        files["roc_png"] = roc_png(rocs, out / f"{report_stem('roc', name)}.png").name
         cals = [{"name": m["name"], **m["calibration"]} for m in report["models"]]
-        files["calibration_png"] = calibration_png(cals, out / f"{_stem('calibration', name)}.png").name
+        files["calibration_png"] = calibration_png(cals, out / f"{report_stem('calibration', name)}.png").name
     elif plots:
         report["plots_skipped"] = "matplotlib is not installed (pip install '.[bench]')"
-    files["json"] = f"{_stem('accuracy', name)}.json"
-    files["markdown"] = f"{_stem('accuracy', name)}.md"
     report["files"] = files
-    write_json(out / files["json"], report)
-    write_text(out / files["markdown"], render_markdown(report))
-    say(f"wrote {out / files['markdown']} and {files['json']}", quiet)
-    return files
+    return write_report(out, "accuracy", name, report, render_markdown, quiet)
 
 
 # ---- Markdown
@@ -261,13 +241,12 @@ def render_markdown(report: Dict[str, Any]) -> str:
               "Calibration (10 equal-width bins of the predicted probability): "
               f"ECE {fmt_num(m['calibration']['ece'], 4)}, max gap {fmt_num(m['calibration']['mce'], 4)}, "
               f"Brier score {fmt_num(m['calibration']['brier'], 4)}.", ""]
-    for sec in report.get("extra_sections", []):
-        L += [f"## {sec['title']}", "", sec["markdown"].rstrip(), ""]
     L += ["## Method", "",
           "- Pixels: the runtime's `cxr_infer.preprocess.load_image` (RGB, resize to the model's input by the "
-          "spec's method) and `to_input` (normalisation from the model's spec), as `cxr_infer.Classifier` "
-          "does; each image decoded once per input size.",
-          "- Inference: onnxruntime, one session per model, probabilities read from the model's output.",
+          "spec's method) and the graph input built by `cxr_infer.model` (normalisation and dtype from the "
+          "model's spec), as `cxr_infer.Classifier` does; each image decoded once per input size.",
+          "- Inference: onnxruntime through `cxr_infer.model.ModelFile`, one session per model, probabilities "
+          "read from the model's output.",
           f"- Confidence intervals: {b['method']}; {b['rounds']} rounds, seed {b['seed']}, "
           "2.5th-97.5th percentiles." if b["rounds"] else "- Confidence intervals: not computed (--bootstrap 0).",
           "- A prediction is positive when P(positive) >= threshold. Loss: mean of -log p(true label), "

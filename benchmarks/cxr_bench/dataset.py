@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-
+from cxr_infer import IMAGE_SUFFIXES
 from cxr_infer.errors import InputError
 from cxr_infer.preprocess import load_image
 
 from .util import BenchError, Progress
-
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 
 
 @dataclass

@@ -39,13 +39,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-
+from cxr_infer.metrics import roc_auc
 from cxr_infer.preprocess import load_image
 
-from . import __version__
 from .dataset import PixelCache, list_dataset
 from .models import open_model
-from .util import BenchError, command_line, fmt_num, fmt_pct, md_table, now_iso, say, write_json, write_text
+from .util import BenchError, fmt_num, fmt_pct, md_table, new_report, say, write_report
 
 KIND = "cxr-bench/domain"
 KINDS = ("photos", "documents", "noise", "inverted", "upside_down", "rotated_90", "cropped", "medical_other",
@@ -60,23 +59,10 @@ WORDS = ("patient report the of and radiology chest findings impression lungs cl
 
 
 def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
-    """P(score of a ``pos`` item > score of a ``neg`` item), ties counted half (Mann-Whitney)."""
+    """P(score of a ``pos`` item > score of a ``neg`` item), ties counted half: the ROC AUC of
+    ``pos`` against ``neg`` (:func:`cxr_infer.metrics.roc_auc`)."""
     neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
-    if not len(neg) or not len(pos):
-        return float("nan")
-    allv = np.concatenate([neg, pos])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    i = 0
-    while i < len(allv):  # average ranks of ties
-        j = i
-        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    r_pos = ranks[len(neg):].sum()
-    return float((r_pos - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
+    return roc_auc(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos])
 
 
 def _skimage_images(names: Sequence[str]) -> List[Tuple[str, Any]]:
@@ -275,15 +261,9 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
         results.append(entry)
         say(f"{model.name}: test flag rate {fmt_pct(entry['in_domain']['flag_rate'])}; " + ", ".join(
             f"{k} {fmt_pct(v['flag_rate'], 1)} (AUROC {v['auroc']:.3f})" for k, v in entry["kinds"].items()), quiet)
-    report = {"kind": KIND, "format_version": 1, "created": now_iso(), "cxr_bench_version": __version__,
-              "command": command_line(), "data": {"root": str(ds.root), "n_images": len(ds.files),
-                                                  "counts": ds.counts()},
-              "count_per_kind": count, "seed": 0, "models": results}
-    stem = f"domain-{name}" if name else "domain"
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{stem}.json", report)
-    write_text(out / f"{stem}.md", render_markdown(report))
-    say(f"wrote {out / (stem + '.md')} and .json", quiet)
+    report = new_report(KIND, data={"root": str(ds.root), "n_images": len(ds.files), "counts": ds.counts()},
+                        count_per_kind=count, seed=0, models=results)
+    write_report(out, "domain", name, report, render_markdown, quiet)
     return report
 
 

@@ -25,11 +25,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import __version__
 from .dataset import IMAGE_SUFFIXES
 from .latency import child_env
 from .machine import describe_machine, machine_markdown
-from .util import BenchError, command_line, fmt_ms, mb, md_table, now_iso, say, write_json, write_text
+from .util import BenchError, fmt_ms, mb, md_table, new_report, say, write_report
 
 KIND = "cxr-bench/e2e"
 STAGES = ("read_decode", "resize", "normalise", "inference")
@@ -163,20 +162,14 @@ def run_e2e(model: str | Path, images: str | Path | Sequence[str | Path], count:
         infer_args = ["--threads", str(threads)]
     env = child_env(threads)
     report: Dict[str, Any] = {
-        "kind": KIND, "format_version": 1, "created": now_iso(), "cxr_bench_version": __version__,
-        "command": command_line(), "machine": describe_machine(), "model": str(model),
+        **new_report(KIND), "machine": describe_machine(), "model": str(model),
         "model_bytes": model.stat().st_size, "settings": {"count": len(files), "repeats": repeats, "threads": threads,
                                                           "device": device, "infer_args": list(infer_args)},
         "per_image": per_image(model, files, threads, device, quiet),
         "cold": cold_runs(model, files, repeats, env, timeout, infer_args, quiet) if cold else None,
     }
     if out is not None:
-        stem = f"e2e-{name}" if name else "e2e"
-        out = Path(out)
-        report["files"] = {"json": f"{stem}.json", "markdown": f"{stem}.md"}
-        write_json(out / f"{stem}.json", report)
-        write_text(out / f"{stem}.md", render_markdown(report))
-        say(f"wrote {out / (stem + '.md')} and {stem}.json", quiet)
+        write_report(Path(out), "e2e", name, report, render_markdown, quiet)
     return report
 
 

@@ -24,10 +24,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import __version__
 from .machine import describe_machine, machine_markdown, package_version
 from .models import inspect_model
-from .util import BenchError, command_line, fmt_ms, fmt_num, mb, md_table, now_iso, say, write_json, write_text
+from .util import BenchError, fmt_ms, fmt_num, mb, md_table, new_report, say, write_report
 from .worker import MARKER
 
 KIND = "cxr-bench/latency"
@@ -200,20 +199,20 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
     for c, procs in zip(configs, raw):
         results.append({**c, "device": device, "threads": threads, **aggregate(procs, c["batch"]), "processes": procs})
     report: Dict[str, Any] = {
-        "kind": KIND, "format_version": 1, "created": now_iso(), "cxr_bench_version": __version__,
-        "command": command_line(), "machine": machine,
+        **new_report(KIND), "machine": machine,
         "settings": {"device": device, "threads": threads, "batches": list(batches), "repeats": repeats,
                      "domain_check": domain_check,
                      "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed,
                      "order": order_log,
-                     "input": "seeded standard-normal tensor of the model's input shape and dtype",
-                     "onnxruntime_session": "ORT_ENABLE_ALL, sequential, intra_op_num_threads = threads, "
-                                            "inter_op_num_threads = 1",
+                     "input": "ONNX: the graph input (cxr_infer.model.graph_input) of seeded random uint8 pixels, "
+                              "built once; PyTorch: a seeded standard-normal tensor of the input shape",
+                     "onnxruntime_session": "cxr_infer.model.session_options: ORT_ENABLE_ALL, sequential, "
+                                            "intra_op_num_threads = threads, inter_op_num_threads = 1, "
+                                            "no spinning workers (as the Classifier)",
                      "torch": "fp32 eager, torch.inference_mode, set_num_threads(threads), interop threads 1"},
         "results": results,
         "warnings": warnings,
         "comparisons": comparisons(results),
-        "files": {},
     }
     if out is not None:
         write_latency(report, Path(out), name=name, quiet=quiet)
@@ -314,8 +313,4 @@ def render_markdown(report: Dict[str, Any]) -> str:
 
 def write_latency(report: Dict[str, Any], out: Path, name: Optional[str] = None, quiet: bool = False) -> None:
     """Write ``latency[-NAME].json`` and ``.md`` into ``out``."""
-    stem = f"latency-{name}" if name else "latency"
-    report["files"] = {"json": f"{stem}.json", "markdown": f"{stem}.md"}
-    write_json(out / f"{stem}.json", report)
-    write_text(out / f"{stem}.md", render_markdown(report))
-    say(f"wrote {out / (stem + '.md')} and {stem}.json", quiet)
+    write_report(out, "latency", name, report, render_markdown, quiet)

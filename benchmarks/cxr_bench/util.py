@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from cxr_infer.errors import CXRError
 
@@ -63,6 +63,42 @@ def write_text(path: Path, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def new_report(kind: str, **fields: Any) -> Dict[str, Any]:
+    """A report's envelope (kind, format version, time, tool version, the command) and ``fields``.
+
+    Example:
+        >>> new_report("cxr-bench/example", models=[])["kind"]
+        'cxr-bench/example'
+    """
+    from . import __version__
+
+    return {"kind": kind, "format_version": 1, "created": now_iso(), "cxr_bench_version": __version__,
+            "command": command_line(), **fields}
+
+
+def report_stem(base: str, name: Optional[str] = None) -> str:
+    """``base``, or ``base-NAME`` for a named run (``accuracy-test``)."""
+    return f"{base}-{name}" if name else base
+
+
+def write_report(out: Path, base: str, name: Optional[str], report: Dict[str, Any],
+                 render: Callable[[Dict[str, Any]], str], quiet: bool = False) -> Dict[str, str]:
+    """Write ``report`` as ``out/STEM.json`` and its Markdown (``render(report)``) as ``out/STEM.md``.
+
+    The file names are recorded in ``report["files"]`` (kept where a command added more, such
+    as plots) before either file is written; returns that dict.
+    """
+    stem = report_stem(base, name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = dict(report.get("files") or {}, json=f"{stem}.json", markdown=f"{stem}.md")
+    report["files"] = files
+    write_json(out / files["json"], report)
+    write_text(out / files["markdown"], render(report))
+    say(f"wrote {out / files['markdown']} and {files['json']}", quiet)
+    return files
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

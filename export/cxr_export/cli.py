@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -89,6 +88,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from . import images
     from .onnx_export import export_fp32
+    from .precisions import PRECISIONS, ExportJob, write_precision
+    from .quantize import Int8Config
 
     try:
         t0 = time.perf_counter()
@@ -113,45 +114,26 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "; parity not checked (no data folder)"))
         written = [out]
         status = 0
-        if args.int8:
-            from .quantize import finish_int8, gate, quantize_int8
-
+        int8 = Int8Config(calibration_method=args.calibration_method, calibration_count=args.calibration_count,
+                          per_channel=not args.per_tensor, activations=args.activations,
+                          reduce_range=not args.full_range, nodes_excluded=tuple(args.exclude_nodes),
+                          max_drop_points=args.max_drop)
+        job = ExportJob(fp32=out, spec=spec, ckpt_dir=ckpt_dir, size=size, int8=int8, parity_pixels=parity_px,
+                        data_dir=Path(args.calibration) if args.calibration else None,
+                        gate_count=args.gate_count or None, threads=args.threads)
+        for name in [n for n in PRECISIONS if getattr(args, n)]:
             t1 = time.perf_counter()
-            cal_px, _, _ = images.image_set(ckpt_dir, args.calibration, "train", args.calibration_count, size)
-            int8 = out.with_name(out.stem + "_int8.onnx")
-            quantize_int8(out, int8, cal_px, spec, args.calibration_method, not args.per_tensor, args.activations,
-                          args.exclude_nodes, not args.full_range)
-            val_px, val_y, _ = images.image_set(ckpt_dir, args.calibration, "val", args.gate_count or None, size)
-            result = gate(out, int8, spec, val_px, val_y, args.threads)
-            settings = {"format": "QDQ", "weights": "s8 per-tensor" if args.per_tensor else "s8 per-channel",
-                        "activations": args.activations, "calibration_method": args.calibration_method,
-                        "calibration_images": int(len(cal_px)), "calibration_source": "training part of the split",
-                        "reduce_range": not args.full_range, "nodes_excluded": args.exclude_nodes,
-                        "max_drop_points": args.max_drop}
-            finish_int8(int8, spec, settings, result)
-            _say(f"INT8: {int8} ({int8.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t1:.1f}s; {result.line()}")
-            if result.accuracy_drop_points > args.max_drop:
-                msg = (f"INT8 accuracy drops {result.accuracy_drop_points:.2f} points (> --max-drop {args.max_drop});"
-                       " try --calibration-method percentile or entropy, more --calibration-count, or --exclude-nodes;"
-                       " --force writes it anyway")
-                if args.force:
-                    _say(f"cxr-export: warning: {msg} (kept: --force)")
-                    written.append(int8)
-                else:
-                    int8.unlink()
-                    _say(f"cxr-export: refused: {msg}")
-                    status = 3
-            else:
-                written.append(int8)
-        if args.fp16:
-            from .fp16 import convert_fp16, finish_fp16, fp16_parity
-
-            f16 = out.with_name(out.stem + "_fp16.onnx")
-            convert_fp16(out, f16)
-            par16 = fp16_parity(out, f16, spec, parity_px) if parity_px is not None else None
-            finish_fp16(f16, spec, par16)
-            _say(f"FP16: {f16} ({f16.stat().st_size / 2**20:.1f} MiB); parity: {json.dumps(par16)}")
-            written.append(f16)
+            result = write_precision(name, job)
+            _say(f"{name.upper()}: {result.path} ({result.path.stat().st_size / 2**20:.1f} MiB) in "
+                 f"{time.perf_counter() - t1:.1f}s; {result.line}")
+            if result.refusal and not args.force:
+                result.path.unlink()
+                _say(f"cxr-export: refused: {result.refusal}")
+                status = 3
+                continue
+            if result.refusal:
+                _say(f"cxr-export: warning: {result.refusal} (kept: --force)")
+            written.append(result.path)
         have_data = bool(data_dir) and Path(data_dir).is_dir()
         if args.domain_stats and not have_data:
             raise ValueError("--domain-stats needs the training folder: pass --calibration DIR")

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
 from cxr_infer.spec import ModelSpec
 
-from .modelio import open_model, write_spec
+from .modelio import open_model
 
 
 def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
@@ -34,13 +34,3 @@ def fp16_parity(fp32_path: str | Path, fp16_path: str | Path, spec: ModelSpec, p
     p32 = open_model(fp32_path, spec=spec).positive_probability(pixels)
     return {"checked": True, "provider": model16.providers[0], "images": int(len(pixels)),
             "max_abs_diff_probability": float(np.max(np.abs(p16 - p32)))}
-
-
-def finish_fp16(path: Path, spec: ModelSpec, parity: Optional[Dict]) -> ModelSpec:
-    s = spec.copy()
-    s.raw["precision"] = "fp16"
-    s.raw["export"] = dict(s.raw.get("export", {}))
-    s.raw["export"].pop("parity", None)
-    s.raw["export"]["fp16"] = {"io_types": "float32 (kept)", "parity": parity}
-    write_spec(path, s)
-    return s

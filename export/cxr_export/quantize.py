@@ -1,17 +1,22 @@
 """Static INT8 quantization (QDQ, calibrated) and the accuracy gate that guards it.
 
-Defaults: per-channel signed 8-bit weights with reduced range, unsigned 8-bit activations
-(S8 activations leave the residual Adds and many convolutions unfused in ONNX Runtime and
-are much slower), MinMax calibration on class-balanced training images read through the
-runtime's preprocessing, and the final Softmax kept in FP32 so that probabilities keep
-their resolution. ``quant_pre_process`` runs first (shape inference, graph optimisation).
+Defaults (:class:`Int8Config`): per-channel signed 8-bit weights with reduced (7-bit) range,
+unsigned 8-bit activations (S8 activations leave the residual Adds and many convolutions
+unfused in ONNX Runtime and are much slower), MinMax calibration on class-balanced training
+images read through the runtime's preprocessing, and the final Softmax kept in FP32 so that
+probabilities keep their resolution. ``quant_pre_process`` runs first (shape inference, graph
+optimisation). The settings are written into the file's spec as they are (``asdict``).
+
+Example:
+    >>> Int8Config(calibration_method="percentile").weights
+    's8 per-channel'
 """
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
@@ -19,13 +24,50 @@ from cxr_infer.metrics import binary_metrics
 from cxr_infer.model import graph_input
 from cxr_infer.spec import ModelSpec
 
-from .modelio import open_model, write_spec
+from .modelio import open_model
 
 METHODS = ("minmax", "entropy", "percentile")
+ACTIVATIONS = ("u8", "s8")
 
 
-class GateRefused(RuntimeError):
-    """INT8 lost more accuracy than allowed on the validation images."""
+@dataclass(frozen=True)
+class Int8Config:
+    """How an INT8 file is made and gated; stored in its spec under ``export.int8``.
+
+    ``reduce_range`` (7-bit weights) is on by default: on CPUs without VNNI (AVX2 only)
+    u8 x s8 products saturate; measured on ResNet50 validation, max |dp| 0.44 with the full
+    range and 0.03 with the reduced one, at no accuracy cost.
+    """
+
+    calibration_method: str = "minmax"
+    calibration_count: int = 300
+    per_channel: bool = True
+    activations: str = "u8"
+    reduce_range: bool = True
+    nodes_excluded: Tuple[str, ...] = ()
+    max_drop_points: float = 1.0
+    batch_size: int = 16
+    format: str = field(default="QDQ", init=False)
+    calibration_source: str = field(default="training part of the split", init=False)
+
+    def __post_init__(self) -> None:
+        if self.calibration_method not in METHODS:
+            raise ValueError(f"calibration method {self.calibration_method!r}: choose one of {', '.join(METHODS)}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations {self.activations!r}: choose one of {', '.join(ACTIVATIONS)}")
+        object.__setattr__(self, "nodes_excluded", tuple(self.nodes_excluded))
+
+    @property
+    def weights(self) -> str:
+        return "s8 per-channel" if self.per_channel else "s8 per-tensor"
+
+    def spec_block(self) -> Dict[str, Any]:
+        """The settings as the spec records them."""
+        block = asdict(self)
+        block.pop("batch_size")
+        block["nodes_excluded"] = list(self.nodes_excluded)
+        block["weights"] = self.weights
+        return block
 
 
 def _reader(pixels: np.ndarray, spec: ModelSpec, batch_size: int):
@@ -49,29 +91,26 @@ def _reader(pixels: np.ndarray, spec: ModelSpec, batch_size: int):
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.ndarray, spec: ModelSpec,
-                  method: str = "minmax", per_channel: bool = True, activation: str = "u8",
-                  exclude_nodes: Sequence[str] = (), reduce_range: bool = False, batch_size: int = 16) -> Path:
+                  config: Int8Config = Int8Config()) -> Path:
     """Write a QDQ INT8 model calibrated on ``calib_pixels`` (uint8 NHWC, runtime-preprocessed)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if method not in METHODS:
-        raise ValueError(f"calibration method {method!r}: choose one of {', '.join(METHODS)}")
     if len(calib_pixels) == 0:
         raise ValueError("no calibration images")
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory() as tmp:
         prep = Path(tmp) / "prep.onnx"
         quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
-        exclude_nodes = list(exclude_nodes) + output_softmax_nodes(prep)
-        cal = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}[method]
+        exclude_nodes = list(config.nodes_excluded) + output_softmax_nodes(prep)
+        calibration = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                       "percentile": CalibrationMethod.Percentile}[config.calibration_method]
         quantize_static(
-            str(prep), str(out_path), _reader(calib_pixels, spec, batch_size),
-            quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8 if activation == "u8" else QuantType.QInt8,
-            weight_type=QuantType.QInt8, calibrate_method=cal, nodes_to_exclude=list(exclude_nodes),
-            extra_options={"CalibMovingAverage": False, "ActivationSymmetric": activation == "s8"},
+            str(prep), str(out_path), _reader(calib_pixels, spec, config.batch_size),
+            quant_format=QuantFormat.QDQ, per_channel=config.per_channel, reduce_range=config.reduce_range,
+            activation_type=QuantType.QUInt8 if config.activations == "u8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8, calibrate_method=calibration, nodes_to_exclude=exclude_nodes,
+            extra_options={"CalibMovingAverage": False, "ActivationSymmetric": config.activations == "s8"},
         )
     return out_path
 
@@ -133,16 +172,3 @@ def gate(fp32_path: str | Path, int8_path: str | Path, spec: ModelSpec, pixels: 
     return GateResult(images=int(len(labels)), agreement=float(np.mean((p32 >= t) == (p8 >= t))),
                       accuracy_fp32=m32["accuracy"], accuracy_int8=m8["accuracy"], auc_fp32=m32["auc"],
                       auc_int8=m8["auc"], max_abs_diff_probability=float(np.max(np.abs(p32 - p8))), threshold=t)
-
-
-def finish_int8(int8_path: Path, spec: ModelSpec, settings: Dict, result: Optional[GateResult]) -> ModelSpec:
-    """Write the INT8 file's spec: precision, quantization settings and the gate's figures."""
-    s = spec.copy()
-    s.raw["precision"] = "int8"
-    s.raw.setdefault("export", {})
-    s.raw["export"] = dict(s.raw["export"])
-    s.raw["export"].pop("parity", None)
-    s.raw["export"]["int8"] = dict(settings, qdq_nodes=count_qdq(int8_path),
-                                   gate=result.as_dict() if result else None)
-    write_spec(int8_path, s)
-    return s

@@ -13,8 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+#: File name endings read as images everywhere (cxr-infer folders, cxr-train, cxr-bench data);
+#: extension-less DICOM files are recognised by content where a tool says so.
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
+
 __all__ = ["Classifier", "Prediction", "ModelSpec", "load_image", "to_input", "CXRError", "InputError",
-           "ModelError", "DeviceError", "DEFAULT_MODEL", "__version__"]
+           "ModelError", "DeviceError", "DEFAULT_MODEL", "IMAGE_SUFFIXES", "__version__"]
 
 _WHERE = {
     "Classifier": "classifier", "Prediction": "classifier", "DEFAULT_MODEL": "classifier",

@@ -17,13 +17,14 @@ import sys
 import time
 from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from . import IMAGE_SUFFIXES
+
 T_START = time.perf_counter()
 
 # numpy's OpenBLAS would start a spinning thread per core at import; nothing here uses BLAS
 # (onnxruntime has its own threads), so a cold cxr-infer saves ~100 ms of CPU without them.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 PROGRESS_MIN_ITEMS = 16
 
 EPILOG = """\

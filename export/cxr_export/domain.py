@@ -254,16 +254,17 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    m = onnx.load(str(model_path), load_external_data=True)
-    strip_domain_graph(m)
-    g = m.graph
-    outputs = [o.name for o in g.output]
-    opset = _opset(m)
-    P = PREFIX
+    model = onnx.load(str(model_path), load_external_data=True)
+    strip_domain_graph(model)
+    graph = model.graph
+    outputs = [o.name for o in graph.output]
+    opset = _opset(model)
+    prefix = PREFIX
     nodes: List[Any] = []
-    inits: Dict[str, np.ndarray] = {P + "axis1": np.array([1], np.int64), P + "axes123": np.array([1, 2, 3], np.int64),
-                                    P + "std_eps": np.array(STD_EPS, np.float32),
-                                    P + "log_eps": np.array(LOG_EPS, np.float32)}
+    inits: Dict[str, np.ndarray] = {prefix + "axis1": np.array([1], np.int64),
+                                    prefix + "axes123": np.array([1, 2, 3], np.int64),
+                                    prefix + "std_eps": np.array(STD_EPS, np.float32),
+                                    prefix + "log_eps": np.array(LOG_EPS, np.float32)}
 
     def node(op: str, ins: List[str], out: str, **kw: Any) -> str:
         nodes.append(helper.make_node(op, ins, [out], name=out, **kw))
@@ -271,56 +272,57 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
 
     def reduce(op: str, x: str, axes: str, out: str) -> str:
         if opset >= 18:
-            return node(op, [x, P + axes], out, keepdims=1 if op == "ReduceMean" else 0)
-        return node(op, [x], out, axes=inits[P + axes].tolist(), keepdims=1 if op == "ReduceMean" else 0)
+            return node(op, [x, prefix + axes], out, keepdims=1 if op == "ReduceMean" else 0)
+        return node(op, [x], out, axes=inits[prefix + axes].tolist(), keepdims=1 if op == "ReduceMean" else 0)
 
-    thumbs: Dict[int, Tuple[str, str]] = {}  # grid -> (standardised [N, 3, g, g], flattened)
+    thumbs: Dict[int, Tuple[str, str]] = {}  # grid -> (standardised [N, 3, grid, grid], flattened)
     x32: List[str] = []  # the graph input as FP32, made once if a thumbnail needs it
 
     def thumbnail(grid: int) -> Tuple[str, str]:
-        """(standardised [N, 3, g, g], flattened [N, 3 g g]) for the graph input."""
+        """(standardised [N, 3, grid, grid], flattened [N, 3 grid grid]) for the graph input."""
         if grid in thumbs:
             return thumbs[grid]
-        t = f"{P}thumb{grid}/"
+        names = f"{prefix}thumb{grid}/"
         if not x32:
-            x = g.input[0].name
-            fp32 = g.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
-            x32.append(x if fp32 else node("Cast", [x], P + "x32", to=TensorProto.FLOAT))
+            x = graph.input[0].name
+            fp32 = graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+            x32.append(x if fp32 else node("Cast", [x], prefix + "x32", to=TensorProto.FLOAT))
         x = x32[0]
-        k = list((kernels or {}).get(grid, (224 // grid, 224 // grid)))
-        x = node("AveragePool", [x], t + "pooled", kernel_shape=k, strides=k)
-        c = node("Sub", [x, reduce("ReduceMean", x, "axes123", t + "mean")], t + "centred")
-        var = reduce("ReduceMean", node("Mul", [c, c], t + "sq"), "axes123", t + "var")
-        sd = node("Sqrt", [node("Add", [var, P + "std_eps"], t + "var_eps")], t + "sd")
-        x4 = node("Div", [c, sd], t + "std")
-        thumbs[grid] = (x4, node("Flatten", [x4], t + "flat", axis=1))
+        kernel = list((kernels or {}).get(grid, (224 // grid, 224 // grid)))
+        x = node("AveragePool", [x], names + "pooled", kernel_shape=kernel, strides=kernel)
+        centred = node("Sub", [x, reduce("ReduceMean", x, "axes123", names + "mean")], names + "centred")
+        var = reduce("ReduceMean", node("Mul", [centred, centred], names + "sq"), "axes123", names + "var")
+        sd = node("Sqrt", [node("Add", [var, prefix + "std_eps"], names + "var_eps")], names + "sd")
+        x4 = node("Div", [centred, sd], names + "std")
+        thumbs[grid] = (x4, node("Flatten", [x4], names + "flat", axis=1))
         return thumbs[grid]
 
     done: Dict[Tuple[str, int], str] = {}
     stats_prefix: Dict[int, str] = {}
 
-    def d2(x: str, stats: DomainStats, b: str, tag: str) -> str:
+    def d2(x: str, stats: DomainStats, branch: str, tag: str) -> str:
         """Squared distance [N] of ``x`` [N, C] to the nearest class mean (computed once per input and stats)."""
         if (x, id(stats)) in done:
             return done[(x, id(stats))]
-        s = stats_prefix.setdefault(id(stats), b)
-        if s == b:
+        key = stats_prefix.setdefault(id(stats), branch)
+        if key == branch:
             inv_tail = 1.0 / stats.tail_variance
-            inits.update({s + "means": stats.means.astype(np.float32), s + "vectors": stats.vectors.astype(np.float32),
-                          s + "weights": (1.0 / stats.eigenvalues - inv_tail).astype(np.float32),
-                          s + "inv_tail": np.full((stats.means.shape[1],), inv_tail, np.float32)})
-        n = b + tag
-        f3 = node("Unsqueeze", [x, P + "axis1"], n + "f3")                      # [N, 1, C]
-        z = node("Sub", [f3, s + "means"], n + "z")                              # [N, K, C]
-        iso = node("MatMul", [node("Mul", [z, z], n + "z2"), s + "inv_tail"], n + "iso")        # [N, K]
-        p = node("MatMul", [z, s + "vectors"], n + "p")                          # [N, K, r]
-        corr = node("MatMul", [node("Mul", [p, p], n + "p2"), s + "weights"], n + "corr")     # [N, K]
-        done[(x, id(stats))] = reduce("ReduceMin", node("Add", [iso, corr], n + "d2all"), "axis1", n + "d2")
+            inits.update({key + "means": stats.means.astype(np.float32),
+                          key + "vectors": stats.vectors.astype(np.float32),
+                          key + "weights": (1.0 / stats.eigenvalues - inv_tail).astype(np.float32),
+                          key + "inv_tail": np.full((stats.means.shape[1],), inv_tail, np.float32)})
+        name = branch + tag
+        f3 = node("Unsqueeze", [x, prefix + "axis1"], name + "f3")                      # [N, 1, C]
+        z = node("Sub", [f3, key + "means"], name + "z")                              # [N, K, C]
+        iso = node("MatMul", [node("Mul", [z, z], name + "z2"), key + "inv_tail"], name + "iso")        # [N, K]
+        p = node("MatMul", [z, key + "vectors"], name + "p")                          # [N, K, r]
+        corr = node("MatMul", [node("Mul", [p, p], name + "p2"), key + "weights"], name + "corr")     # [N, K]
+        done[(x, id(stats))] = reduce("ReduceMin", node("Add", [iso, corr], name + "d2all"), "axis1", name + "d2")
         return done[(x, id(stats))]
 
     terms = []
-    for j, br in enumerate(branches):
-        b = f"{P}b{j}/"
+    for index, br in enumerate(branches):
+        branch = f"{prefix}b{index}/"
         if br.source == "thumbnail":
             x4, x = thumbnail(br.grid)
         elif br.source in outputs:
@@ -328,33 +330,37 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
         else:
             raise ValueError(f"{model_path}: the graph has no {br.source!r} output to compute a domain score from")
         if br.kind == "distance":
-            v = node("Sqrt", [node("Relu", [d2(x, br.stats, b, "")], b + "d2pos")], b + "value")
+            value = node("Sqrt", [node("Relu", [d2(x, br.stats, branch, "")], branch + "d2pos")], branch + "value")
         elif br.kind == "orientation":
             if not x4:
                 raise ValueError("the orientation branch works on a thumbnail")
             flip = np.ascontiguousarray(np.eye(br.grid, dtype=np.float32)[::-1])
-            inits[b + "flip"] = flip
-            rot = node("MatMul", [b + "flip", node("MatMul", [x4, b + "flip"], b + "rot_w")], b + "rot")
-            rot = node("Flatten", [rot], b + "rot_flat", axis=1)
-            up = node("Log", [node("Add", [d2(x, br.stats, b, ""), P + "log_eps"], b + "up_eps")], b + "log_up")
-            down = node("Log", [node("Add", [d2(rot, br.stats, b, "rot_"), P + "log_eps"], b + "down_eps")], b + "log_down")
-            v = node("Sub", [up, down], b + "value")
+            inits[branch + "flip"] = flip
+            rot_w = node("MatMul", [x4, branch + "flip"], branch + "rot_w")
+            rot = node("MatMul", [branch + "flip", rot_w], branch + "rot")
+            rot = node("Flatten", [rot], branch + "rot_flat", axis=1)
+            up_eps = node("Add", [d2(x, br.stats, branch, ""), prefix + "log_eps"], branch + "up_eps")
+            down_eps = node("Add", [d2(rot, br.stats, branch, "rot_"), prefix + "log_eps"], branch + "down_eps")
+            up = node("Log", [up_eps], branch + "log_up")
+            down = node("Log", [down_eps], branch + "log_down")
+            value = node("Sub", [up, down], branch + "value")
         else:
             raise ValueError(f"unknown branch kind {br.kind!r}")
-        inits[b + "centre"] = np.array(br.centre, np.float32)
-        inits[b + "inv_scale"] = np.array(1.0 / br.scale, np.float32)
-        terms.append(node("Mul", [node("Sub", [v, b + "centre"], b + "centred"), b + "inv_scale"], b + "term"))
+        inits[branch + "centre"] = np.array(br.centre, np.float32)
+        inits[branch + "inv_scale"] = np.array(1.0 / br.scale, np.float32)
+        centred = node("Sub", [value, branch + "centre"], branch + "centred")
+        terms.append(node("Mul", [centred, branch + "inv_scale"], branch + "term"))
     node("Max", terms, DOMAIN_OUTPUT) if len(terms) > 1 else node("Identity", terms, DOMAIN_OUTPUT)
-    nodes[-1].name = P + DOMAIN_OUTPUT
-    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
-    g.node.extend(nodes)
+    nodes[-1].name = prefix + DOMAIN_OUTPUT
+    graph.initializer.extend(numpy_helper.from_array(array, key) for key, array in inits.items())
+    graph.node.extend(nodes)
     batch = None
-    d = g.output[0].type.tensor_type.shape.dim
-    if len(d):
-        batch = d[0].dim_param or d[0].dim_value or None
-    g.output.append(helper.make_tensor_value_info(DOMAIN_OUTPUT, TensorProto.FLOAT, [batch]))
+    dims = graph.output[0].type.tensor_type.shape.dim
+    if len(dims):
+        batch = dims[0].dim_param or dims[0].dim_value or None
+    graph.output.append(helper.make_tensor_value_info(DOMAIN_OUTPUT, TensorProto.FLOAT, [batch]))
     out = Path(out_path or model_path)
-    onnx.save(m, str(out))
+    onnx.save(model, str(out))
     return out
 
 

@@ -36,16 +36,14 @@ def write_triton_repo(model_path: str | Path, repo: str | Path, name: str = "", 
                       cpu_instances: int = 2, gpu_instances: int = 1,
                       preferred_batch_sizes: Sequence[int] = (8, 16, 32), max_queue_delay_us: int = 2000) -> Path:
     """Write ``repo/<name>/`` for ``model_path``; returns the path of config.pbtxt."""
-    import onnx
-
-    from cxr_infer.spec import SPEC_KEY
+    from .modelio import load_onnx, spec_of
 
     model_path = Path(model_path)
-    m = onnx.load(str(model_path), load_external_data=False)
+    m = load_onnx(model_path)
     name = name or re.sub(r"[^A-Za-z0-9_]", "_", model_path.stem)
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]
-    spec = next((p.value for p in m.metadata_props if p.key == SPEC_KEY), None)
+    spec = spec_of(m, str(model_path)).to_json()  # validated: a repository never serves a file cxr would refuse
     folder = Path(repo) / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_path, folder / "1" / "model.onnx")
@@ -58,8 +56,7 @@ def write_triton_repo(model_path: str | Path, repo: str | Path, name: str = "", 
         + (f"  {{\n    kind: KIND_GPU\n    count: {gpu_instances}\n  }},\n" if gpu_instances else "")
         + f"  {{\n    kind: KIND_CPU\n    count: {cpu_instances}\n  }}\n]\n"
     )
-    if spec:
-        text += f'parameters {{\n  key: "cxr_spec"\n  value: {{ string_value: {json.dumps(spec)} }}\n}}\n'
+    text += f'parameters {{\n  key: "cxr_spec"\n  value: {{ string_value: {json.dumps(spec)} }}\n}}\n'
     cfg = folder / "config.pbtxt"
     cfg.write_text(text)
     return cfg

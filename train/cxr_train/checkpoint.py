@@ -1,72 +1,159 @@
 """Checkpoints: ``model.safetensors`` (weights) beside ``checkpoint.json`` (everything else).
 
+Reading what a checkpoint is (:func:`read_meta`, :func:`find_weights`, :func:`checkpoint_summary`)
+needs no torch: importing this module does not import it, so tools that only list or describe
+run folders (``cxr-bench latency``) start fast. Saving and loading weights import torch inside.
+
 Example:
-    >>> from cxr_train.checkpoint import load_checkpoint   # doctest: +SKIP
-    >>> model, meta = load_checkpoint("runs/resnet50")     # doctest: +SKIP
-    >>> meta["backbone"], meta["threshold"]                # doctest: +SKIP
-    ('resnet50', 0.62)
+    >>> from cxr_train.checkpoint import checkpoint_summary, load_checkpoint   # doctest: +SKIP
+    >>> checkpoint_summary("runs/resnet50")["weights_name"]                    # doctest: +SKIP
+    'model_fp16.safetensors'
+    >>> model, meta = load_checkpoint("runs/resnet50")                         # doctest: +SKIP
+    >>> meta["backbone"], meta["threshold"]                                    # doctest: +SKIP
+    ('resnet50', 0.5)
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
+#: Weights file names, in the order :func:`find_weights` prefers them.
 WEIGHTS_FILES = ("model.safetensors", "model_fp16.safetensors")
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half of it."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def save_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
-    """Save a state dict as safetensors (floating tensors cast to ``dtype``), atomically."""
-    from safetensors.torch import save_file
-
-    state = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().to("cpu")
-        state[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
-
-
-def read_meta(ckpt: str | Path) -> Dict:
-    """The ``checkpoint.json`` of a run folder (or of the folder holding a weights file)."""
+def _folder_of(ckpt: str | Path) -> Path:
     p = Path(ckpt)
-    folder = p if p.is_dir() else p.parent
+    return p if p.is_dir() else p.parent
+
+
+def read_meta(ckpt: str | Path) -> Dict[str, Any]:
+    """The ``checkpoint.json`` of a run folder (or of the folder holding a weights file).
+
+    Example:
+        >>> read_meta("runs/resnet50")["backbone"]   # doctest: +SKIP
+        'resnet50'
+    """
+    folder = _folder_of(ckpt)
     meta_path = folder / "checkpoint.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: no checkpoint.json (is this a cxr-train output folder?)")
     return json.loads(meta_path.read_text())
 
 
-def load_checkpoint(ckpt: str | Path, map_location: str = "cpu") -> Tuple[torch.nn.Module, Dict]:
-    """Rebuild the trained model (fp32, eval mode) and its metadata from a run folder."""
+def find_weights(ckpt: str | Path) -> Path:
+    """The weights file of a run folder: ``ckpt`` itself when it is a ``.safetensors`` file, else
+    the folder's ``model.safetensors``, else its ``model_fp16.safetensors``.
+
+    Example:
+        >>> find_weights("runs/resnet50").name   # doctest: +SKIP
+        'model.safetensors'
+    """
+    p = Path(ckpt)
+    if p.is_file() and p.suffix == ".safetensors":
+        return p
+    folder = _folder_of(p)
+    for name in WEIGHTS_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder}: no model weights ({' or '.join(WEIGHTS_FILES)})")
+
+
+def safetensors_dtypes(path: str | Path) -> List[str]:
+    """The tensor dtypes (``"F32"``, ``"F16"``, ``"I64"``, ...) named in a safetensors file's
+    JSON header; reads the header only.
+
+    Example:
+        >>> safetensors_dtypes("runs/resnet50/model_fp16.safetensors")   # doctest: +SKIP
+        ['F16', 'I64']
+    """
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if not 2 <= size <= 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header size {size})")
+        try:
+            header = json.loads(fh.read(size))
+        except ValueError:
+            raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    return sorted({entry["dtype"] for key, entry in header.items() if key != "__metadata__"})
+
+
+def checkpoint_summary(ckpt: str | Path) -> Dict[str, Any]:
+    """What a run folder holds, read without torch: backbone, weights file, its size and dtype.
+
+    Keys: ``folder``, ``backbone``, ``weights_file`` (path), ``weights_name``, ``file_bytes``,
+    ``dtypes`` (from the safetensors header), ``stored_fp16`` (every floating tensor is fp16;
+    :func:`load_checkpoint` runs such weights as fp32), ``image_size`` and ``eval_precision``
+    (``None`` in checkpoints older than that field). Raises ``FileNotFoundError`` without a
+    ``checkpoint.json`` or weights, ``ValueError`` when either is not what it should be.
+
+    Example:
+        >>> s = checkpoint_summary("runs/resnet50")        # doctest: +SKIP
+        >>> s["backbone"], s["weights_name"], s["stored_fp16"]   # doctest: +SKIP
+        ('resnet50', 'model_fp16.safetensors', True)
+    """
+    meta = read_meta(ckpt)
+    folder = _folder_of(ckpt)
+    if not isinstance(meta.get("backbone"), str):
+        raise ValueError(f"{folder}/checkpoint.json names no backbone")
+    weights = find_weights(ckpt)
+    dtypes = safetensors_dtypes(weights)
+    floating = [d for d in dtypes if d in _FLOAT_DTYPES]
+    return {
+        "folder": str(folder), "backbone": meta["backbone"], "weights_file": str(weights),
+        "weights_name": weights.name, "file_bytes": weights.stat().st_size, "dtypes": dtypes,
+        "stored_fp16": bool(floating) and set(floating) == {"F16"},
+        "image_size": meta.get("image_size"), "eval_precision": meta.get("eval_precision"),
+    }
+
+
+def save_weights(model: "torch.nn.Module", path: Path, dtype: "torch.dtype | None" = None) -> None:
+    """Save a state dict as safetensors (floating tensors cast to ``dtype``, default fp32), atomically.
+
+    Example:
+        >>> save_weights(model, Path("runs/x/model_fp16.safetensors"), torch.float16)   # doctest: +SKIP
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = torch.float32 if dtype is None else dtype
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().to("cpu")
+        state[key] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(ckpt: str | Path, map_location: str = "cpu") -> Tuple["torch.nn.Module", Dict[str, Any]]:
+    """Rebuild the trained model (fp32, eval mode) and its metadata from a run folder or weights file.
+
+    Example:
+        >>> model, meta = load_checkpoint("runs/resnet50")   # doctest: +SKIP
+    """
     from safetensors.torch import load_file
 
+    from .backbones import get_backbone
     from .models import build_model
 
-    p = Path(ckpt)
-    folder = p if p.is_dir() else p.parent
-    meta = read_meta(folder)
-    weights = p if p.is_file() and p.suffix == ".safetensors" else None
-    if weights is None:
-        for name in WEIGHTS_FILES:
-            if (folder / name).is_file():
-                weights = folder / name
-                break
-    if weights is None:
-        raise FileNotFoundError(f"{folder}: no model weights ({' or '.join(WEIGHTS_FILES)})")
+    meta = read_meta(ckpt)
+    weights = find_weights(ckpt)
     model, _ = build_model(meta["backbone"], weights="none", dropout=meta.get("args", {}).get("dropout", 0.3),
                            init=False)
-    if meta["backbone"] == "inception_v3":
+    if get_backbone(meta["backbone"]).transform_input:
         model.base.transform_input = bool(meta.get("transform_input", False))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(weights)).items()}
     model.load_state_dict(state)

@@ -23,10 +23,18 @@ split.json (the patient-wise split) and last.pt (for --resume). The test split i
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``cxr-train`` argument parser (building it imports no torch).
+
+    Example:
+        >>> build_parser().parse_args(["--backbone", "tiny", "--data", "d", "--out", "o"]).amp
+        'auto'
+    """
+    from .backbones import BACKBONES
+
     p = argparse.ArgumentParser(
         prog="cxr-train", description="Fine-tune a chest X-ray pneumonia classifier (PyTorch).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", required=True, choices=["vgg16", "resnet50", "inception_v3", "resnet18", "tiny"])
+    p.add_argument("--backbone", required=True, choices=list(BACKBONES))
     p.add_argument("--data", required=True, help="training folder with NORMAL/ and PNEUMONIA/ subfolders")
     p.add_argument("--out", required=True, help="run folder for checkpoint, logs and split manifest")
     p.add_argument("--recipe", default="finetune", choices=["finetune", "reference"])
@@ -53,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, help="class-balanced subset of N images (smoke runs)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
-                   help="bf16 autocast: auto = on for CUDA and for CPUs with AVX512-BF16/AMX, else fp32")
+                   help="bf16 autocast for training and validation: auto = the environment variable"
+                        " CXR_TRAIN_AMP (on, off or auto) when set, else on for CUDA and for CPUs with"
+                        " AVX512-BF16/AMX, else fp32 (default: auto)")
     p.add_argument("--save-dtype", default="fp32", choices=["fp32", "fp16"])
     p.add_argument("--time-limit", type=float, help="stop after the epoch that passes this many training seconds")
     p.add_argument("--time-budget", type=float,
@@ -66,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``cxr-train`` with ``argv``; returns the exit status (0, 2 on a clear error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     try:
         import torch  # noqa: F401
@@ -80,8 +91,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, balance=args.balance, augment=args.augment, dropout=args.dropout,
         ema=args.ema, patience=args.patience, val_fraction=args.val_fraction, seed=args.seed, device=args.device,
-        max_images=args.max_images, image_size=args.image_size, amp={'auto': None, 'on': True, 'off': False}[args.amp], save_dtype=args.save_dtype,
-        time_limit=args.time_limit, threshold_rule=args.threshold_rule, time_budget=args.time_budget, resume=args.resume, workers=args.workers, progress=not args.no_progress)
+        max_images=args.max_images, image_size=args.image_size, amp={"auto": None, "on": True, "off": False}[args.amp],
+        save_dtype=args.save_dtype, time_limit=args.time_limit, threshold_rule=args.threshold_rule,
+        time_budget=args.time_budget, resume=args.resume, workers=args.workers, progress=not args.no_progress)
     try:
         train(cfg, log=lambda *a: print(*a, flush=True))
     except (WeightsUnavailable, FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -11,16 +11,16 @@ import json
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from cxr_infer import IMAGE_SUFFIXES
 from cxr_infer.preprocess import load_image
 
 LABELS = ("NORMAL", "PNEUMONIA")
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm"}
 
 _PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
 _IM = re.compile(r"IM-(\d+)-", re.IGNORECASE)
@@ -175,12 +175,3 @@ def decode_all(samples: List[Sample], size: int = 224, workers: int = 0, progres
     if bar:
         bar.close()
     return out
-
-
-@dataclass
-class ArrayData:
-    """Decoded images and labels held in memory (on the training device once moved)."""
-
-    pixels: np.ndarray  # (N, H, W, 3) uint8
-    labels: np.ndarray  # (N,) int64
-    paths: List[str] = field(default_factory=list)

@@ -2,7 +2,8 @@
 
 ``build_model("resnet50", weights="none")`` gives a :class:`CXRNet`: a torchvision base
 that returns pooled features (global average pooling) and the reference head
-``Linear(C, 1024) -> ReLU -> Dropout -> Linear(1024, 2)``.
+``Linear(C, 1024) -> ReLU -> Dropout -> Linear(1024, 2)``. Which backbones exist, their feature
+widths and loading quirks are entries of the registry :data:`cxr_train.backbones.BACKBONES`.
 
 Weights: ``"imagenet"`` (torchvision's weights enum: the torch hub cache first, then a
 download), a path to a local state dict (loaded with ``weights_only=True``), ``"auto"``
@@ -17,8 +18,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-BACKBONES = ("vgg16", "resnet50", "inception_v3", "resnet18", "tiny")
-FEATURE_DIMS = {"vgg16": 512, "resnet50": 2048, "inception_v3": 2048, "resnet18": 512, "tiny": 32}
+from .backbones import BACKBONES, Backbone, get_backbone  # noqa: F401  (the registry; re-exported here)
 
 
 class WeightsUnavailable(RuntimeError):
@@ -63,26 +63,28 @@ class CXRNet(nn.Module):
             nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
         )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.base(x))
 
 
-def _tv_name(backbone: str) -> str:
-    return backbone
-
-
 def _imagenet_enum(backbone: str):
+    """torchvision's weights enum of ``backbone`` (``ValueError`` for a backbone without one)."""
     import torchvision
 
-    return torchvision.models.get_model_weights(_tv_name(backbone))
+    if not get_backbone(backbone).imagenet:
+        raise ValueError(f"{backbone} has no ImageNet weights; use --weights none or --weights FILE")
+    return torchvision.models.get_model_weights(backbone)
 
 
 def cached_imagenet_file(backbone: str) -> Optional[Path]:
-    """The torch hub cache file of any ImageNet weights of ``backbone``, if one exists."""
-    if backbone not in ("vgg16", "resnet50", "inception_v3", "resnet18"):
+    """The torch hub cache file of any ImageNet weights of ``backbone``, if one exists.
+
+    Example:
+        >>> cached_imagenet_file("tiny") is None   # no ImageNet weights exist for it
+        True
+    """
+    spec = BACKBONES.get(backbone)
+    if spec is None or not spec.imagenet:
         return None
     enum = _imagenet_enum(backbone)
     ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
@@ -117,27 +119,6 @@ def imagenet_state_dict(backbone: str, download: bool = True) -> Tuple[Dict[str,
         raise WeightsUnavailable(f"{hint} (download failed: {exc.__class__.__name__}: {exc})") from None
 
 
-def _make_base(backbone: str, pretrained: bool, init: bool = True) -> Tuple[nn.Module, int]:
-    import torchvision.models as tvm
-
-    if backbone in ("resnet50", "resnet18"):
-        m = getattr(tvm, backbone)(weights=None)
-        m.fc = nn.Identity()
-        return m, FEATURE_DIMS[backbone]
-    if backbone == "vgg16":
-        return VGGBase(tvm.vgg16(weights=None).features), 512
-    if backbone == "inception_v3":
-        # transform_input re-scales ImageNet-normalised input the way Google's weights expect.
-        m = tvm.inception_v3(weights=None, aux_logits=False, init_weights=init and not pretrained,
-                               transform_input=pretrained)
-        m.fc = nn.Identity()
-        m.dropout = nn.Identity()
-        return m, 2048
-    if backbone == "tiny":
-        return TinyBase(), FEATURE_DIMS["tiny"]
-    raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-
-
 def load_base_weights(base: nn.Module, state: Dict[str, torch.Tensor], min_fraction: float = 0.95) -> int:
     """Load an ImageNet-style state dict into ``base``; classifier keys are skipped.
 
@@ -161,8 +142,7 @@ def build_model(backbone: str, weights: str = "none", dropout: float = 0.3, init
         >>> origin
         'random init'
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    spec = get_backbone(backbone)
     w = (weights or "none").strip()
     state, origin = None, "random init"
     if w.lower() == "auto":
@@ -195,8 +175,8 @@ def build_model(backbone: str, weights: str = "none", dropout: float = 0.3, init
         state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         origin = f"file {path}"
     pretrained = state is not None
-    base, dim = _make_base(backbone, pretrained, init)  # init=False: weights are loaded next (skips ~6 s)
-    model = CXRNet(backbone, base, dim, dropout=dropout)
+    base = spec.build(pretrained, init)  # init=False: weights are loaded next (inception: skips ~6 s)
+    model = CXRNet(backbone, base, spec.feature_dim, dropout=dropout)
     if state is not None:
         if any(k.startswith("base.") for k in state):  # a whole cxr model: load everything
             model.load_state_dict(state)

@@ -56,25 +56,21 @@ def child_env(threads: int) -> Dict[str, str]:
 
 
 def checkpoint_info(folder: str | Path) -> Dict[str, Any]:
-    """Backbone, weights file and size of a cxr-train run folder, read without importing torch."""
-    p = Path(folder)
-    folder = p if p.is_dir() else p.parent
-    meta_path = folder / "checkpoint.json"
-    if not meta_path.is_file():
-        raise BenchError(f"--checkpoint {p}: no checkpoint.json there (pass a cxr-train run folder, "
-                         f"e.g. runs/gpu2/resnet50)")
+    """Backbone, weights file and size of a cxr-train run folder (read without importing torch)."""
+    from cxr_train.checkpoint import checkpoint_summary  # torch-free
+
+    try:
+        summary = checkpoint_summary(folder)
+    except (FileNotFoundError, ValueError) as exc:
+        raise BenchError(f"--checkpoint {folder}: {exc} (pass a cxr-train run folder, e.g. runs/gpu2/resnet50)"
+                         ) from None
     if package_version("torch") is None:
-        raise BenchError("--checkpoint needs PyTorch for the eager baseline: pip install '.[train]' "
+        raise BenchError("--checkpoint needs PyTorch for the eager baseline: pip install '.[bench,train]' "
                          "(or leave --checkpoint out)")
-    meta = json.loads(meta_path.read_text())
-    weights = next((folder / n for n in ("model.safetensors", "model_fp16.safetensors") if (folder / n).is_file()),
-                   None)
-    if weights is None:
-        raise BenchError(f"--checkpoint {p}: no model.safetensors or model_fp16.safetensors in {folder}")
-    return {"engine": "torch", "path": str(folder), "name": f"{meta.get('backbone', folder.name)} (PyTorch eager fp32)",
-            "backbone": meta.get("backbone", folder.name), "precision": "fp32",
-            "file_bytes": weights.stat().st_size, "weights_file": weights.name,
-            "weights_note": "weights stored as fp16, run as fp32" if "fp16" in weights.name else ""}
+    return {"engine": "torch", "path": summary["folder"], "name": f"{summary['backbone']} (PyTorch eager fp32)",
+            "backbone": summary["backbone"], "precision": "fp32", "file_bytes": summary["file_bytes"],
+            "weights_file": summary["weights_name"],
+            "weights_note": "weights stored as fp16, run as fp32" if summary["stored_fp16"] else ""}
 
 
 def model_info(path: str | Path) -> Dict[str, Any]:

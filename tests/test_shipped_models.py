@@ -1,0 +1,234 @@
+"""The shipped model files are what README.md, models/README.md and the benchmark reports say.
+
+Files: ``runtime/cxr_infer/models/default.onnx`` (the embedded default, INT8 VGG16),
+``models/resnet50_int8.onnx`` and ``models/inception_v3_int8.onnx``. Fast and torch-free:
+onnxruntime for the runtime view, onnx (the test extra) to read the graph's nodes.
+
+Arithmetic differs between CPUs (AVX2, AVX-512 VNNI, AMX run different INT8 kernels), so the
+checks hold labels and in-domain status of an image far from its thresholds, never exact digits.
+The figures README.md reports (its Results table, the out-of-domain flag rates) are matched
+to benchmarks/results/*.json by the files' SHA-256: README's numbers were measured on these
+very bytes, so a re-shipped model without re-measured reports fails here.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "runtime"))
+
+from cxr_infer import Classifier  # noqa: E402
+from cxr_infer.spec import SPEC_KEY, ModelSpec  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+SAMPLE = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"
+DEFAULT = REPO / "runtime" / "cxr_infer" / "models" / "default.onnx"
+
+#: file -> (backbone, README's name in its Results table, pooled feature width of the backbone)
+SHIPPED = {
+    "runtime/cxr_infer/models/default.onnx": ("vgg16", "cxr VGG16 INT8 (default)", 512),
+    "models/resnet50_int8.onnx": ("resnet50", "cxr ResNet50 INT8", 2048),
+    "models/inception_v3_int8.onnx": ("inception_v3", "cxr InceptionV3 INT8", 2048),
+}
+FILES = list(SHIPPED)
+#: README: "at each model's threshold (0.5)"; the labels every cxr model uses.
+THRESHOLD = 0.5
+LABELS = ["NORMAL", "PNEUMONIA"]
+#: README: the domain score is the largest of four tests, its threshold flags 5% of validation.
+DOMAIN_BRANCHES = {"features", "thumb16", "thumb8", "orientation"}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def sessions():
+    import onnxruntime as ort
+
+    out = {}
+    for rel in FILES:
+        sess = ort.InferenceSession(str(REPO / rel), providers=["CPUExecutionProvider"])
+        out[rel] = sess
+    return out
+
+
+@pytest.fixture(scope="module")
+def specs(sessions):
+    return {rel: ModelSpec.from_json(s.get_modelmeta().custom_metadata_map[SPEC_KEY], source=rel)
+            for rel, s in sessions.items()}
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    onnx = pytest.importorskip("onnx")
+    return {rel: onnx.load(str(REPO / rel)) for rel in FILES}
+
+
+@pytest.fixture(scope="module")
+def readme() -> str:
+    return (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize("rel", FILES)
+def test_file_is_a_real_model_not_a_pointer(rel):
+    path = REPO / rel
+    assert path.is_file(), f"{rel} is missing"
+    head = path.read_bytes()[:200]
+    assert not head.startswith(b"version https://git-lfs"), f"{rel} is a Git LFS pointer, not the model"
+    assert path.stat().st_size > 5_000_000, f"{rel}: {path.stat().st_size} bytes is too small for a CNN"
+
+
+@pytest.mark.parametrize("rel", FILES)
+def test_spec_says_backbone_int8_labels_threshold(rel, specs):
+    spec = specs[rel]
+    backbone = SHIPPED[rel][0]
+    assert spec.backbone == backbone
+    assert spec.precision == "int8"
+    assert spec.labels == LABELS and spec.positive_label == "PNEUMONIA"
+    assert spec.threshold == pytest.approx(THRESHOLD)
+    assert spec.image_size == (224, 224)
+    assert spec.input_dtype == "float32"
+    assert spec.raw["resize"]["method"] == "bicubic" and spec.raw["resize"]["convert"] == "RGB"
+
+
+@pytest.mark.parametrize("rel", FILES)
+def test_graph_is_int8_qdq_with_fp32_softmax(rel, graphs, specs):
+    """README: static INT8 (QDQ, per-channel S8 weights, U8 activations); runtime README: the
+    output Softmax in FP32. The graph's QDQ counts are the ones cxr-export recorded."""
+    g = graphs[rel].graph
+    ops = collections.Counter(n.op_type for n in g.node)
+    recorded = specs[rel].raw["export"]["int8"]["qdq_nodes"]
+    assert ops["QuantizeLinear"] == recorded["QuantizeLinear"] > 0
+    assert ops["DequantizeLinear"] == recorded["DequantizeLinear"] > 0
+    int8_weights = [t for t in g.initializer if t.data_type == 3]  # TensorProto.INT8
+    uint8_points = [t for t in g.initializer if t.data_type == 2]  # TensorProto.UINT8
+    assert int8_weights, "no INT8 weights"
+    assert uint8_points, "no U8 activation zero points"
+    producer = {o: n for n in g.node for o in n.output}
+    prob = specs[rel].prob_output
+    assert producer[prob].op_type == "Softmax", f"{prob} is made by {producer[prob].op_type}, not an FP32 Softmax"
+    consumers = [n.op_type for n in g.node if prob in n.input]
+    assert "QuantizeLinear" not in consumers
+
+
+@pytest.mark.parametrize("rel", FILES)
+def test_outputs_exist_and_the_spec_names_them(rel, sessions, specs):
+    spec = specs[rel]
+    outs = {o.name: o for o in sessions[rel].get_outputs()}
+    named = spec.raw["outputs"]
+    for role in ("probabilities", "features", "domain_score"):
+        assert named.get(role), f"the spec names no {role} output"
+        assert named[role] in outs, f"the spec's {role} output {named[role]!r} is not a graph output"
+    assert spec.prob_output == named["probabilities"]
+    assert spec.features_output == named["features"]
+    assert spec.domain_output == named["domain_score"]
+    assert outs[spec.prob_output].shape[-1] == len(LABELS)
+    assert outs[spec.features_output].shape[-1] == SHIPPED[rel][2]
+    assert len(outs[spec.domain_output].shape) == 1  # one score per image
+
+
+@pytest.mark.parametrize("rel", FILES)
+def test_domain_threshold_and_branches(rel, specs):
+    spec = specs[rel]
+    dom = spec.raw["domain"]
+    assert spec.domain_threshold is not None and np.isfinite(spec.domain_threshold) and spec.domain_threshold > 0
+    assert {b["name"] for b in dom["branches"]} == DOMAIN_BRANCHES
+    assert dom["target_flag_rate"] == pytest.approx(0.05)
+    assert dom["flag_rate_validation"] == pytest.approx(0.05, abs=0.01)  # "flags 5% of the validation images"
+    assert dom["probabilities_unchanged"] is True
+
+
+def test_default_model_is_the_embedded_one_and_labels_the_sample():
+    """README quick start: the embedded default (an INT8 VGG16) classifies the bundled sample;
+    samples/README.md: the sample is class PNEUMONIA, a test image. Its probability (0.87 on
+    AVX2) and domain score (0.29 against 1.34) are far from their thresholds on every CPU."""
+    clf = Classifier()
+    assert Path(clf.info()["model"]).resolve() == DEFAULT.resolve()
+    assert clf.info()["spec"]["backbone"] == "vgg16" and clf.info()["spec"]["precision"] == "int8"
+    r = clf.predict(str(SAMPLE))
+    assert r.label == "PNEUMONIA"
+    assert r.probability > 0.7
+    assert r.in_domain is True
+    assert sum(r.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("rel", FILES[1:])
+def test_other_shipped_models_run_through_the_classifier(rel):
+    r = Classifier(str(REPO / rel)).predict(str(SAMPLE))
+    assert r.label in LABELS
+    assert sum(r.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+    assert r.in_domain is True  # a test X-ray, score far below the threshold
+
+
+def _readme_row(readme: str, name: str) -> dict:
+    """README's Results table row ``name`` as {column header: cell}."""
+    header = None
+    for line in readme.splitlines():
+        if not line.strip().startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif cells[0] == name:
+            return dict(zip(header, cells))
+    raise AssertionError(f"README.md's Results table has no row {name!r}")
+
+
+@pytest.mark.parametrize("rel", FILES)
+def test_readme_results_row_was_measured_on_these_bytes(rel, readme):
+    """README's Results row of each shipped model = benchmarks/results/accuracy-test.json's
+    entry whose SHA-256 is this file's (accuracy, precision, recall, F1, AUC, TP/FP/TN/FN)."""
+    report = json.loads((RESULTS / "accuracy-test.json").read_text())
+    sha = _sha256(REPO / rel)
+    entry = [m for m in report["models"] if m.get("sha256") == sha]
+    assert entry, (f"{rel} (sha256 {sha[:12]}) is not among the models measured in "
+                   f"benchmarks/results/accuracy-test.json: re-measure after re-shipping a model")
+    m = entry[0]
+    assert m["backbone"] == SHIPPED[rel][0] and m["precision"] == "int8"
+    row = _readme_row(readme, SHIPPED[rel][1])
+    at = m["at_threshold"]
+    assert at["threshold"] == pytest.approx(THRESHOLD)
+    assert row["Accuracy"] == f"{at['accuracy']:.4f}", f"README accuracy {row['Accuracy']} vs measured {at['accuracy']:.4f}"
+    for col, key in (("F1", "f1"), ("AUC", "auc"), ("Precision", "precision"), ("Recall", "recall")):
+        assert row[col] == f"{at[key]:.4f}", f"README {col} {row[col]} vs measured {at[key]:.4f}"
+    assert row["TP/FP/TN/FN"] == f"{at['tp']}/{at['fp']}/{at['tn']}/{at['fn']}"
+
+
+def test_readme_domain_flag_rates_were_measured_on_these_bytes(readme):
+    """README: "on the shipped models: 1.8 to 3.2% of the test X-rays are flagged, and 100% of"
+    every out-of-domain kind; benchmarks/results/domain.json holds it for these bytes."""
+    match = re.search(r"([\d.]+) to ([\d.]+)%\s+of the test X-rays are flagged", " ".join(readme.split()))
+    assert match, "README no longer states the test split's flag rate"
+    lo, hi = float(match.group(1)), float(match.group(2))
+    report = json.loads((RESULTS / "domain.json").read_text())
+    by_sha = {m["sha256"]: m for m in report["models"]}
+    rates = []
+    for rel in FILES:
+        m = by_sha.get(_sha256(REPO / rel))
+        assert m, f"{rel} is not among the models measured in benchmarks/results/domain.json"
+        rates.append(round(100 * m["in_domain"]["flag_rate"], 1))
+        flagged = {kind: k["flag_rate"] for kind, k in m["kinds"].items() if kind != "mirrored"}  # mirrored: a control
+        assert all(rate == 1.0 for rate in flagged.values()), flagged
+    assert min(rates) == lo and max(rates) == hi, (rates, lo, hi)
+
+
+def test_readme_names_the_shipped_files(readme):
+    assert "runtime/cxr_infer/models/default.onnx" in readme or "an INT8 VGG16" in readme
+    assert "models/resnet50_int8.onnx" in readme
+    models_readme = (REPO / "models" / "README.md").read_text()
+    for rel in FILES:
+        assert rel in models_readme, f"models/README.md does not name {rel}"

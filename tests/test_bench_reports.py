@@ -192,3 +192,22 @@ def test_summary_option_after_accuracy(bench, tmp_path):
 def test_summary_without_reports_says_what_to_run(tmp_path, capsys):
     assert cli.main(["summary", "--results", str(tmp_path)]) == 2
     assert "cxr-bench accuracy" in capsys.readouterr().err
+
+
+def test_missing_bench_extra_is_one_line_naming_the_install(tmp_path):
+    """In a base install (no onnx), cxr-bench names the extra to install instead of a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    model = tiny_model(tmp_path / "m.onnx", image_size=32)
+    code = ("import sys\nsys.modules['onnx'] = None\nfrom cxr_bench.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(repo / p) for p in ("runtime", "export", "benchmarks")))
+    r = subprocess.run([sys.executable, "-c", code, "accuracy", "--model", str(model), "--data", str(tmp_path),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "cxr-bench: error: this command needs the Python package 'onnx', which is not installed: "
+        "pip install 'cxr[bench]'"]

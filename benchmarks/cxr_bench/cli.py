@@ -294,6 +294,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CXRError as exc:
         print(f"cxr-bench: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:  # a base install without the bench extra
+        extra = "bench,train" if exc.name in ("torch", "torchvision", "safetensors") else "bench"
+        print(f"cxr-bench: error: this command needs the Python package {exc.name!r}, which is not installed: "
+              f"pip install 'cxr[{extra}]'", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("cxr-bench: interrupted", file=sys.stderr)
         return 130

@@ -60,7 +60,7 @@ def test_stats_round_trip_through_the_file(domain_model, plain_model):
     assert block["fit"]["images"] == 300 and block["calibration"]["images"] == 200
     assert abs(block["flag_rate_validation"] - 0.05) <= 0.02
     m = onnx.load(str(path))
-    assert [o.name for o in m.graph.output] == ["probabilities", "features", "domain_score"]
+    assert [o.name for o in m.graph.output] == ["probabilities", "features", "domain_score", "domain_terms"]
     assert {t.name for t in m.graph.initializer if t.name.startswith(domain.PREFIX)} >= {
         domain.PREFIX + "b0/means", domain.PREFIX + "b1/vectors"}
     # the graph computes what the numpy reference computes from the same features and thumbnails
@@ -76,7 +76,9 @@ def test_stats_round_trip_through_the_file(domain_model, plain_model):
     assert [b.centre for b in branches] == pytest.approx([b["centre"] for b in block["branches"]])
     assert [b.scale for b in branches] == pytest.approx([b["scale"] for b in block["branches"]])
     inputs = domain.branch_inputs(spec, train[:20], feats[:20])
-    graph = domain.run_outputs(path, spec, train[:20], ["domain_score"])[0]
+    graph, terms = domain.run_outputs(path, spec, train[:20], ["domain_score", "domain_terms"])
+    assert terms.shape == (20, len(branches)) and spec.domain_terms_output == "domain_terms"
+    np.testing.assert_allclose(terms.max(axis=1), graph, rtol=1e-6)  # the score is the largest term
     np.testing.assert_allclose(graph, domain.reference_scores(branches, [inputs[k] for k in keys]), rtol=1e-3,
                                atol=1e-3)
     # probabilities are untouched

@@ -77,6 +77,8 @@ from cxr_infer.spec import ModelSpec
 from .modelio import open_model, read_spec, write_spec
 
 DOMAIN_OUTPUT = "domain_score"
+#: [N, branches]: each branch's standardised term, so the runtime can say which test fired
+TERMS_OUTPUT = "domain_terms"
 PREFIX = "cxr_domain/"
 METHOD = ("max of four branches, each standardised on validation (median 0, 95th percentile 1): Mahalanobis "
           "distance on pooled features, on a per-image standardised 16x16 and 8x8 input thumbnail, and an "
@@ -235,7 +237,7 @@ def strip_domain_graph(model) -> None:
     inits = [t for t in g.initializer if not t.name.startswith(PREFIX)]
     del g.initializer[:]
     g.initializer.extend(inits)
-    outs = [o for o in g.output if o.name != DOMAIN_OUTPUT]
+    outs = [o for o in g.output if o.name not in (DOMAIN_OUTPUT, TERMS_OUTPUT)]
     del g.output[:]
     g.output.extend(outs)
 
@@ -352,6 +354,9 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
         terms.append(node("Mul", [centred, branch + "inv_scale"], branch + "term"))
     node("Max", terms, DOMAIN_OUTPUT) if len(terms) > 1 else node("Identity", terms, DOMAIN_OUTPUT)
     nodes[-1].name = prefix + DOMAIN_OUTPUT
+    columns = [node("Unsqueeze", [term, prefix + "axis1"], term + "_col") for term in terms]
+    node("Concat", columns, TERMS_OUTPUT, axis=1)
+    nodes[-1].name = prefix + TERMS_OUTPUT
     graph.initializer.extend(numpy_helper.from_array(array, key) for key, array in inits.items())
     graph.node.extend(nodes)
     batch = None
@@ -359,6 +364,7 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
     if len(dims):
         batch = dims[0].dim_param or dims[0].dim_value or None
     graph.output.append(helper.make_tensor_value_info(DOMAIN_OUTPUT, TensorProto.FLOAT, [batch]))
+    graph.output.append(helper.make_tensor_value_info(TERMS_OUTPUT, TensorProto.FLOAT, [batch, len(terms)]))
     out = Path(out_path or model_path)
     onnx.save(model, str(out))
     return out
@@ -468,7 +474,7 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
         "seconds": round(time.perf_counter() - t0, 1),
     }
     new = spec.copy()
-    new.raw["outputs"] = dict(new.raw["outputs"], domain_score=DOMAIN_OUTPUT)
+    new.raw["outputs"] = dict(new.raw["outputs"], domain_score=DOMAIN_OUTPUT, domain_terms=TERMS_OUTPUT)
     new.raw["domain"] = block
     write_spec(out, new)
     return block

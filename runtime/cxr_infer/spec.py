@@ -213,6 +213,12 @@ class ModelSpec:
         return self.raw["outputs"].get("domain_score") or None
 
     @property
+    def domain_terms_output(self) -> Optional[str]:
+        """The graph output with each domain branch's term ([N, branches], named by ``domain.branches``);
+        None in files made before it existed."""
+        return self.raw["outputs"].get("domain_terms") or None
+
+    @property
     def domain_threshold(self) -> Optional[float]:
         """Scores above this are outside the model's domain; None when the check is unavailable."""
         if not self.domain_output:

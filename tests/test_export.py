@@ -60,6 +60,9 @@ def test_fp32_spec_round_trip_and_parity(exported, run_dir):
     assert spec.raw["provenance"]["training_data_hash"] == meta["data_hash"]
     assert spec.raw["provenance"]["split_hash"] == meta["split_hash"]
     assert spec.image_size == (64, 64) and spec.features_output == "features"
+    # the training data's intended use, by default the Kermany children, in every file written
+    assert spec.raw["intended_use"]["age_years"] == [1, 5] and spec.raw["intended_use"]["views"] == ["PA", "AP"]
+    assert read_spec(exported.with_name("tiny_int8.onnx")).raw["intended_use"] == spec.raw["intended_use"]
     parity = spec.raw["export"]["parity"]
     assert parity["images"] > 0 and parity["max_abs_diff_probability"] < 1e-4
 

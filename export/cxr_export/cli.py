@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from .intended import add_arguments, block_from_args
+
 EXAMPLES = """examples:
   cxr-export runs/resnet50 --out models/resnet50.onnx
   cxr-export runs/resnet50 --out models/resnet50.onnx --int8 --calibration ../shared/data/chest_xray_224/train
@@ -29,6 +31,11 @@ own features and on standardised thumbnails of its input, plus an upright-vs-ups
 fitted on --domain-fit-count train images of the split) and a threshold that flags
 --domain-flag-rate of the validation images. Add them to an existing file with
   python -m cxr_export.domain RUN_DIR MODEL.onnx --data TRAIN_DIR
+
+Intended use: every file's spec says who and what the model is for (default: the Kermany
+training data, children aged 1 to 5 years, CHEST, PA/AP, CR/DX/DR); cxr-infer checks DICOM
+headers against it. Set it for other data with the --intended-* options; write it into an
+existing file with  python -m cxr_export.intended MODEL.onnx [--intended-* ...]
 """
 
 
@@ -66,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--triton", help="also write a Triton model repository for each file into this folder")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads for checks (default: all)")
+    add_arguments(p)
     return p
 
 
@@ -107,7 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parity_px = None
         if data_dir and Path(data_dir).is_dir() and args.parity_count:
             parity_px, _, _ = images.image_set(ckpt_dir, data_dir, "val", args.parity_count, size)
-        out, spec = export_fp32(model, meta, args.out, parity_px, args.opset, features=not args.no_features)
+        out, spec = export_fp32(model, meta, args.out, parity_px, args.opset, features=not args.no_features,
+                                intended_use=block_from_args(args))
         par = spec.raw.get("export", {}).get("parity")
         _say(f"FP32: {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s"
              + (f"; parity with PyTorch on {par['images']} images: max |dp| {par['max_abs_diff_probability']:.2e}" if par else

@@ -46,8 +46,10 @@ def fold_batchnorm(module) -> Tuple[object, bool]:
         return module, False
 
 
-def spec_from_checkpoint(meta: Dict, precision: str = "fp32", features: bool = True) -> ModelSpec:
-    """The model spec of a trained checkpoint's metadata (``checkpoint.json``)."""
+def spec_from_checkpoint(meta: Dict, precision: str = "fp32", features: bool = True,
+                         intended_use: Optional[Dict] = None) -> ModelSpec:
+    """The model spec of a trained checkpoint's metadata (``checkpoint.json``), with the
+    ``intended_use`` block when one is given (see :mod:`cxr_export.intended`)."""
     history = meta.get("history", [])
     provenance = {
         "training_data_hash": meta.get("data_hash"),
@@ -70,6 +72,7 @@ def spec_from_checkpoint(meta: Dict, precision: str = "fp32", features: bool = T
         image_size=int(meta.get("image_size", 224)), labels=meta.get("labels"), mean=meta.get("mean", (0.485, 0.456, 0.406)),
         std=meta.get("std", (0.229, 0.224, 0.225)), features_output="features" if features else None,
         provenance=provenance, threshold_rule=meta.get("threshold_rule", "0.5 (no rule recorded)"),
+        **({"intended_use": dict(intended_use)} if intended_use else {}),
     )
 
 
@@ -89,7 +92,7 @@ def torch_probs(model, pixels: np.ndarray, spec: ModelSpec, batch_size: int = 16
 
 
 def export_fp32(model, meta: Dict, out: str | Path, parity_pixels: Optional[np.ndarray] = None, opset: int = 18,
-                features: bool = True) -> Tuple[Path, ModelSpec]:
+                features: bool = True, intended_use: Optional[Dict] = None) -> Tuple[Path, ModelSpec]:
     """Export ``model`` (a CXRNet in eval mode) to ``out`` with its spec; returns (path, spec).
 
     When ``parity_pixels`` are given, PyTorch and ONNX Runtime probabilities are compared
@@ -113,7 +116,7 @@ def export_fp32(model, meta: Dict, out: str | Path, parity_pixels: Optional[np.n
         except TypeError:  # a torch without the dynamo switch
             torch.onnx.export(wrapped, (x,), str(out), input_names=["input"], output_names=names,
                               dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
-    spec = spec_from_checkpoint(meta, "fp32", features=True)
+    spec = spec_from_checkpoint(meta, "fp32", features=True, intended_use=intended_use)
     if not features:
         _drop_output(out, "features")
         spec.raw["outputs"]["features"] = None

@@ -26,12 +26,16 @@ import numpy as np
 
 from .errors import InputError, ModelError
 from .model import DEVICES, ModelFile, ModelSource, available_threads  # noqa: F401  (re-exported)
-from .preprocess import ImageSource, describe, load_image
+from .intended_use import IntendedUse, intended_use_of
+from .preprocess import ImageSource, describe, load_image, load_image_and_header
 from .spec import ModelSpec
 
 #: Where the embedded default model lives (package data; see setup.cfg).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.onnx"
 DEFAULT_BATCH_SIZE = 8
+#: How a domain branch (``spec.domain.branches[i].name``) is named in a reason.
+BRANCH_WORDS = {"features": "the model's features", "thumb16": "image layout at 16x16",
+                "thumb8": "image layout at 8x8", "orientation": "orientation (upright versus upside down)"}
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,13 @@ class Prediction:
     ``probability`` is the model's probability of ``positive_label``; ``label`` is the positive
     label when ``probability >= threshold``, otherwise the most probable other label.
 
-    ``in_domain`` says whether the image lies inside the model's training domain: ``False``
-    when its ``domain_score`` (how far the image lies from the training images, see
-    ``cxr_export.domain``) exceeds the model's calibrated domain threshold, in which case the
-    label should not be trusted; ``None`` (and ``domain_score`` ``None``) when the model file
-    carries no domain statistics, i.e. the check is unavailable.
+    ``in_domain`` says whether the image lies inside the model's intended use: ``False`` when
+    a DICOM header says otherwise (an adult, a lateral view, a CT: see
+    :mod:`cxr_infer.intended_use`) or when its ``domain_score`` (how far the image lies from the
+    training images, see ``cxr_export.domain``) exceeds the model's calibrated domain threshold;
+    the label should then not be trusted, and ``domain_reasons`` says why in words (empty when
+    in domain). ``None`` when no check is possible (the model file carries no domain statistics
+    and no header said otherwise).
     """
 
     label: str
@@ -55,6 +61,7 @@ class Prediction:
     source: Optional[str] = None
     in_domain: Optional[bool] = None
     domain_score: Optional[float] = None
+    domain_reasons: Tuple[str, ...] = ()
 
     @property
     def positive(self) -> bool:
@@ -63,10 +70,11 @@ class Prediction:
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict: ``path``, ``label``, ``probability``, ``threshold``, ``probabilities``,
-        ``in_domain``, ``domain_score``."""
+        ``in_domain``, ``domain_score``, ``domain_reasons``."""
         return {"path": self.source, "label": self.label, "probability": self.probability,
                 "threshold": self.threshold, "probabilities": dict(self.probabilities),
-                "in_domain": self.in_domain, "domain_score": self.domain_score}
+                "in_domain": self.in_domain, "domain_score": self.domain_score,
+                "domain_reasons": list(self.domain_reasons)}
 
 
 class Classifier:
@@ -84,7 +92,9 @@ class Classifier:
         session_config: extra onnxruntime session config entries (advanced), e.g.
             ``{"session.intra_op.allow_spinning": "1"}`` on a machine dedicated to inference.
         domain_check: compute the out-of-domain score when the model has domain statistics
-            (default); ``False`` skips it and leaves ``in_domain`` ``None``.
+            (default); ``False`` skips it.
+        header_check: check DICOM headers against the model's ``intended_use`` (default);
+            ``False`` skips it. Files without an ``intended_use`` block have no header checks.
 
     Raises:
         ModelError: the file is missing, not ONNX, or has no valid spec or the wrong graph.
@@ -99,7 +109,7 @@ class Classifier:
     def __init__(self, model: Optional[ModelSource] = None, device: str = "cpu", threads: Optional[int] = None,
                  threshold: Optional[float] = None, warmup: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
                  providers: Optional[Sequence[Any]] = None, session_config: Optional[Mapping[str, str]] = None,
-                 domain_check: bool = True) -> None:
+                 domain_check: bool = True, header_check: bool = True) -> None:
         if model is None:
             if not DEFAULT_MODEL.is_file():
                 raise ModelError(f"no default model is installed yet (expected at {DEFAULT_MODEL}); pass a "
@@ -124,8 +134,14 @@ class Classifier:
         self._pos = self.spec.positive_index
         #: the calibrated domain threshold; None when the check is unavailable (or turned off)
         self.domain_threshold: Optional[float] = self.spec.domain_threshold if domain_check else None
-        self._outputs = [self.spec.prob_output] + ([self.spec.domain_output] if self.domain_threshold is not None
-                                                   else [])
+        self._outputs = [self.spec.prob_output]
+        if self.domain_threshold is not None:
+            self._outputs += [self.spec.domain_output] + ([self.spec.domain_terms_output]
+                                                          if self.spec.domain_terms_output else [])
+        #: the model's intended use (None: the file has none, or header checks are off)
+        self.intended_use: Optional[IntendedUse] = intended_use_of(self.spec.raw, self.name) if header_check else None
+        self._branch_names = [str(b.get("name", f"branch {i}")) for i, b in enumerate(
+            (self.spec.raw.get("domain") or {}).get("branches", [])) if isinstance(b, dict)]
         if warmup:
             w, h = self.spec.image_size
             self._run_all(np.zeros((self.model.static_batch or 1, h, w, 3), np.uint8))
@@ -136,8 +152,9 @@ class Classifier:
         return self.domain_threshold is not None
 
     # ---- inference
-    def _run_all(self, pixels: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """``(probabilities (N, L), domain scores (N,) or None)`` for ``uint8`` pixels ``(N, H, W, 3)``."""
+    def _run_all(self, pixels: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+        """``(probabilities (N, L), domain scores (N,) or None, domain terms (N, branches) or None)``
+        for ``uint8`` pixels ``(N, H, W, 3)``."""
         n = len(pixels)
         outs = self.model.run(pixels, self._outputs)
         probs = np.asarray(outs[0], np.float64)
@@ -149,23 +166,42 @@ class Classifier:
             scores = np.asarray(outs[1], np.float64).reshape(-1)
             if scores.shape != (n,):
                 raise ModelError(f"{self.name}: output {self._outputs[1]!r} returned {scores.shape}, expected ({n},)")
-        return probs, scores
+        terms = np.asarray(outs[2], np.float64).reshape(n, -1) if len(outs) > 2 else None
+        return probs, scores, terms
 
-    def _prediction(self, probs: np.ndarray, source: Optional[str], score: Optional[float] = None) -> Prediction:
+    def _image_reason(self, score: float, terms: Optional[np.ndarray]) -> str:
+        """Why the image check flagged an image, naming the test that fired (the largest term)."""
+        reason = f"image unlike the training X-rays (domain score {score:.3g} > {self.domain_threshold:.3g}"
+        if terms is not None and len(terms) == len(self._branch_names) and len(terms):
+            name = self._branch_names[int(np.argmax(terms))]
+            reason += f"; test that fired: {BRANCH_WORDS.get(name, name)}"
+        return reason + ")"
+
+    def _prediction(self, probs: np.ndarray, source: Optional[str], score: Optional[float] = None,
+                    terms: Optional[np.ndarray] = None, header_reasons: Sequence[str] = ()) -> Prediction:
         p = float(probs[self._pos])
         if p >= self.threshold:
             label = self._labels[self._pos]
         else:
             others = [i for i in range(len(self._labels)) if i != self._pos]
             label = self._labels[max(others, key=lambda i: probs[i])]
+        reasons = list(header_reasons)
+        image_checked = score is not None and self.domain_threshold is not None
+        if image_checked and score > self.domain_threshold:
+            reasons.append(self._image_reason(score, terms))
+        in_domain = False if reasons else (True if image_checked else None)
         return Prediction(label=label, probability=p, threshold=self.threshold,
                           probabilities=MappingProxyType({k: float(v) for k, v in zip(self._labels, probs)}),
-                          source=source, in_domain=None if score is None or self.domain_threshold is None
-                          else bool(score <= self.domain_threshold), domain_score=score)
+                          source=source, in_domain=in_domain, domain_score=score, domain_reasons=tuple(reasons))
 
     def preprocess(self, item: ImageSource) -> np.ndarray:
         """The ``uint8`` ``(H, W, 3)`` pixels this model sees for ``item``."""
         return load_image(item, self.spec.image_size, method=self.spec.resize_method)
+
+    def header_reasons(self, header: Optional[Mapping[str, Any]]) -> List[str]:
+        """Why a DICOM header puts its image outside the model's intended use ([] when it does not,
+        or when the model has no ``intended_use``)."""
+        return self.intended_use.header_reasons(header) if self.intended_use is not None else []
 
     def iter_predict(self, items: Iterable[ImageSource], batch_size: Optional[int] = None,
                      timing: Optional[MutableMapping[str, float]] = None
@@ -192,19 +228,24 @@ class Classifier:
         results: List[Any] = [None] * len(items)
         good: List[int] = []
         pixels: List[np.ndarray] = []
+        headers: List[List[str]] = []
         for i, item in enumerate(items):
             try:
-                pixels.append(self.preprocess(item))
-                good.append(i)
+                px, header = load_image_and_header(item, self.spec.image_size, method=self.spec.resize_method)
             except InputError as exc:
                 results[i] = exc
+                continue
+            pixels.append(px)
+            headers.append(self.header_reasons(header))  # before inference
+            good.append(i)
         t1 = time.perf_counter()
         if pixels:
-            probs, scores = self._run_all(np.stack(pixels))
+            probs, scores, terms = self._run_all(np.stack(pixels))
             for k, (row, i) in enumerate(zip(probs, good)):
                 src = items[i]
                 results[i] = self._prediction(row, describe(src) if isinstance(src, (str, os.PathLike)) else None,
-                                              None if scores is None else float(scores[k]))
+                                              None if scores is None else float(scores[k]),
+                                              None if terms is None else terms[k], headers[k])
         if timing is not None:
             timing["preprocess"] = timing.get("preprocess", 0.0) + (t1 - t0)
             timing["inference"] = timing.get("inference", 0.0) + (time.perf_counter() - t1)
@@ -261,6 +302,11 @@ class Classifier:
             "providers": self.providers,
             "threads": self.threads,
             "threshold": self.threshold,
+            "intended_use": ({"header_checks": True, "summary": self.intended_use.describe(),
+                              **self.spec.raw["intended_use"]} if self.intended_use is not None else
+                             {"header_checks": False, "reason": "the model file has no intended_use block, so DICOM "
+                              "header checks are off (cxr-export writes one)" if "intended_use" not in self.spec.raw
+                              else "turned off (header_check=False)"}),
             "domain_check": ({"available": True, "threshold": self.domain_threshold, "output": self.spec.domain_output,
                               "flags_of_in_domain_validation": (self.spec.raw.get("domain") or {}).get(
                                   "flag_rate_validation"),

@@ -45,21 +45,26 @@ examples:
   cxr-infer --model m.onnx --info
       print the model's spec (backbone, input, labels, threshold, provenance)
   cxr-infer --model m.onnx --reject-out-of-domain scans/
-      images unlike the model's training X-rays are not classified (reported as failed)
+      images outside the model's intended use (by DICOM header or by the image itself)
+      are not classified (reported as failed, with the reasons)
   cat image.dcm | cxr-infer --model m.onnx -
 
 output:
   table   path, label, probability of the positive label, threshold, domain
   jsonl   {"path", "label", "probability", "threshold", "probabilities", "in_domain",
-          "domain_score"} or {"path", "error"}
-  csv     path,label,probability,threshold,in_domain,domain_score,error
+          "domain_score", "domain_reasons": [...]} or {"path", "error"}
+  csv     path,label,probability,threshold,in_domain,domain_score,domain_reasons,error
+          (reasons joined with "; ")
   Bad inputs are also reported on stderr, one line each; the rest are still classified.
 
-out-of-domain check:
-  Models with domain statistics score how far each image lies from the X-rays they were
-  trained on. domain "ok": inside; "OUTSIDE (!)": not like the training images (a photo,
-  an inverted or rotated scan, ...), so its label must not be trusted; "n/a": the model
-  file has no domain statistics (the check is unavailable; --info says so).
+intended use and the out-of-domain check:
+  A model's intended use (for the shipped models: chest radiographs, PA/AP, of children aged
+  1-5 years) is checked against each DICOM header before inference: an adult, a lateral view,
+  a CT or a localizer is outside, with the reason in words ("patient age 67Y is outside the
+  intended 1-5 years"); a missing tag is never a reason. Models with domain statistics also
+  score how far each image lies from the X-rays they were trained on. domain "ok": inside;
+  "OUTSIDE (!): reasons": outside, so its label must not be trusted; "n/a": no check was
+  possible (the model file has no domain statistics; --info says which checks it has).
 
 exit status:
   0 all inputs classified, 1 some inputs failed, 2 usage, model or device error
@@ -113,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write results to FILE instead of stdout")
     p.add_argument("--info", action="store_true", help="print the model's spec and graph as JSON, then exit")
     p.add_argument("--reject-out-of-domain", action="store_true",
-                   help="do not classify images outside the model's domain: report them as failed inputs "
-                        "(exit 1); needs a model with domain statistics")
+                   help="do not classify images outside the model's intended use (DICOM header or image "
+                        "check): report them as failed inputs with the reasons (exit 1)")
     p.add_argument("--no-progress", action="store_true", help="never show the progress bar")
     p.add_argument("--timing", action="store_true", help="print import/session/preprocess/inference times to stderr")
     p.add_argument("--version", action="version", version=f"cxr-infer {_version()}")
@@ -197,7 +202,8 @@ class Writer:
         if fmt == "csv":
             import csv
             self._csv = csv.writer(out, lineterminator="\n")
-            self._csv.writerow(["path", "label", "probability", "threshold", "in_domain", "domain_score", "error"])
+            self._csv.writerow(["path", "label", "probability", "threshold", "in_domain", "domain_score",
+                                "domain_reasons", "error"])
         elif fmt == "table":
             out.write(f"{'path':<{self.width}}  {'label':<12} {'probability':>11}  {'threshold':>9}  domain\n")
 
@@ -207,21 +213,23 @@ class Writer:
         if self.fmt == "jsonl":
             obj = {"path": path, "label": pred.label, "probability": p, "threshold": pred.threshold,
                    "probabilities": {k: round(v, 6) for k, v in pred.probabilities.items()},
-                   "in_domain": pred.in_domain, "domain_score": score}
+                   "in_domain": pred.in_domain, "domain_score": score, "domain_reasons": list(pred.domain_reasons)}
             self.out.write(json.dumps(obj) + "\n")
         elif self.fmt == "csv":
             in_domain = "" if pred.in_domain is None else str(pred.in_domain).lower()
             self._csv.writerow([path, pred.label, f"{p:.6f}", pred.threshold, in_domain,
-                                "" if score is None else score, ""])
+                                "" if score is None else score, "; ".join(pred.domain_reasons), ""])
         else:
             marker = "n/a" if pred.in_domain is None else ("ok" if pred.in_domain else "OUTSIDE (!)")
+            if pred.domain_reasons:
+                marker += ": " + "; ".join(pred.domain_reasons)
             self.out.write(f"{path:<{self.width}}  {pred.label:<12} {p:>11.4f}  {pred.threshold:>9.4g}  {marker}\n")
 
     def error(self, path: str, message: str) -> None:
         if self.fmt == "jsonl":
             self.out.write(json.dumps({"path": path, "error": message}) + "\n")
         elif self.fmt == "csv":
-            self._csv.writerow([path, "", "", "", "", "", message])
+            self._csv.writerow([path, "", "", "", "", "", "", message])
 
 
 class Progress:
@@ -282,9 +290,10 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
     timing["session"] = time.perf_counter() - t0
     timing["cpu_session"] = time.process_time() - c0
     c0 = time.process_time()
-    if args.reject_out_of_domain and not args.info and not clf.domain_available:
-        raise UsageError(f"--reject-out-of-domain: {clf.name} has no domain statistics, so the out-of-domain check "
-                         "is unavailable (add them: python -m cxr_export.domain RUN_DIR MODEL.onnx --data TRAIN_DIR)")
+    if args.reject_out_of_domain and not args.info and not clf.domain_available and clf.intended_use is None:
+        raise UsageError(f"--reject-out-of-domain: {clf.name} has neither domain statistics nor an intended_use "
+                         "block, so no check is possible (add statistics: python -m cxr_export.domain RUN_DIR "
+                         "MODEL.onnx --data TRAIN_DIR)")
 
     try:
         out: IO[str] = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
@@ -313,8 +322,7 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
                 writer.error(path, message)
             elif result.in_domain is False and args.reject_out_of_domain:
                 failed += 1
-                message = (f"not classified: outside the model's domain (domain score {result.domain_score:.4g} > "
-                           f"{clf.domain_threshold:.4g})")
+                message = "not classified: outside the model's intended use: " + "; ".join(result.domain_reasons)
                 progress.clear()
                 _say(f"{path}: {message}")
                 writer.error(path, message)

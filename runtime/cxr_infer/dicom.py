@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from typing import Any
+from typing import Any, Dict
 
 import numpy as np
 from PIL import Image
@@ -147,6 +147,14 @@ def _ensure_transfer_syntax(ds: Any) -> None:
         ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
+def _with_header(img: Image.Image, ds: Any) -> Image.Image:
+    try:
+        img.info[HEADER_INFO_KEY] = header_of(ds)
+    except Exception:  # a malformed header element: the checks then see no header, never a traceback
+        img.info[HEADER_INFO_KEY] = {}
+    return img
+
+
 def _describe_object(ds: Any) -> str:
     sop = ds.get("SOPClassUID")
     sop_name = getattr(sop, "name", None) or (str(sop) if sop else "unknown SOP class")
@@ -154,8 +162,42 @@ def _describe_object(ds: Any) -> str:
     return f"{sop_name}{', modality ' + str(modality) if modality else ''}"
 
 
+#: Where :func:`read_dicom` leaves the header fields of the intended-use checks on the image.
+HEADER_INFO_KEY = "cxr.dicom_header"
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def header_of(ds: Any) -> Dict[str, Any]:
+    """The header fields the intended-use checks read (:data:`cxr_infer.intended_use.HEADER_FIELDS`),
+    as plain strings and lists; absent or empty tags are left out."""
+    header: Dict[str, Any] = {}
+    for key in ("PatientAge", "PatientBirthDate", "StudyDate", "SeriesDate", "AcquisitionDate", "ViewPosition",
+                "Modality", "BodyPartExamined"):
+        value = _text(ds.get(key))
+        if value:
+            header[key] = value
+    image_type = ds.get("ImageType")
+    if image_type:
+        values = [image_type] if isinstance(image_type, (str, bytes)) else list(image_type)
+        header["ImageType"] = [_text(v) for v in values if _text(v)]
+    meanings = []
+    for item in ds.get("ViewCodeSequence") or []:
+        meaning = _text(item.get("CodeMeaning")) if hasattr(item, "get") else ""
+        if meaning:
+            meanings.append(meaning)
+    if meanings:
+        header["ViewCodeMeanings"] = meanings
+    return header
+
+
 def read_dicom(data: bytes, name: str) -> Image.Image:
     """Decode one DICOM frame into an 8-bit PIL image (``L``, or ``RGB`` for colour objects).
+
+    The header fields of the intended-use checks (:func:`header_of`) travel with the image in
+    ``image.info[HEADER_INFO_KEY]``.
 
     Raises :class:`InputError` (one line naming ``name``) for objects without an image,
     multi-frame objects, undecodable pixel data, or a missing pydicom.
@@ -190,10 +232,10 @@ def read_dicom(data: bytes, name: str) -> Image.Image:
                 if photometric == "MONOCHROME1":
                     unit = 1.0 - unit
                 gray = np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
-                return Image.fromarray(gray, "L")
+                return _with_header(Image.fromarray(gray, "L"), ds)
             if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") and raw.ndim == 3 and raw.shape[-1] == 3 \
                     and raw.dtype == np.uint8:
-                return Image.fromarray(np.ascontiguousarray(raw), "RGB")
+                return _with_header(Image.fromarray(np.ascontiguousarray(raw), "RGB"), ds)
             raise InputError(f"DICOM photometric interpretation {photometric} with pixel data "
                              f"{raw.dtype} {raw.shape} is not supported (expected MONOCHROME1/2 or 8-bit RGB)")
     except InputError as exc:

@@ -22,7 +22,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -250,9 +250,19 @@ def load_image(source: ImageSource, size: Sequence[int] = (224, 224), *, method:
         Traceback (most recent call last):
         cxr_infer.errors.InputError: <bytes>: not a supported image (text; ...)
     """
+    return load_image_and_header(source, size, method=method, draft=draft)[0]
+
+
+def load_image_and_header(source: ImageSource, size: Sequence[int] = (224, 224), *, method: str = "bicubic",
+                          draft: bool = True) -> Tuple[np.ndarray, Optional[Dict[str, Any]]]:
+    """:func:`load_image`'s pixels and, for a DICOM input, the header fields of the intended-use
+    checks (:func:`cxr_infer.dicom.header_of`; None for other inputs)."""
     target = (int(size[0]), int(size[1]))
     name = describe(source)
     img = open_image(source, target if draft else None)
+    from .dicom import HEADER_INFO_KEY
+
+    header = img.info.get(HEADER_INFO_KEY)
     try:
         img = _flatten_alpha(_to_8bit(img))
         if img.mode not in ("RGB", "L"):
@@ -268,7 +278,7 @@ def load_image(source: ImageSource, size: Sequence[int] = (224, 224), *, method:
     if arr.ndim == 2:
         # Gray resized once, then repeated: identical to resizing its RGB twin, 3x cheaper.
         arr = np.repeat(arr[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr), header
 
 
 def to_input(pixels: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,

@@ -138,6 +138,10 @@ class ModelSpec:
             raise ModelError(f"{source}: cxr.spec outputs must name the probabilities output")
         if not isinstance(r["provenance"], dict):
             raise ModelError(f"{source}: cxr.spec provenance must be an object")
+        if "intended_use" in r:
+            from .intended_use import IntendedUse
+
+            IntendedUse.from_spec(r["intended_use"], source)
         if outs.get("domain_score"):
             dom = r.get("domain")
             if not isinstance(dom, dict) or not isinstance(dom.get("threshold"), (int, float)) \

@@ -63,6 +63,10 @@ def test_fp32_spec_round_trip_and_parity(exported, run_dir):
     # the training data's intended use, by default the Kermany children, in every file written
     assert spec.raw["intended_use"]["age_years"] == [1, 5] and spec.raw["intended_use"]["views"] == ["PA", "AP"]
     assert read_spec(exported.with_name("tiny_int8.onnx")).raw["intended_use"] == spec.raw["intended_use"]
+    # every file carries the Grad-CAM output, named in its spec
+    for name in ("tiny.onnx", "tiny_int8.onnx", "tiny_fp16.onnx"):
+        written = read_spec(exported.with_name(name))
+        assert written.heatmap_output == "heatmap" and written.raw["heatmap"]["grid"] == [4, 4]
     parity = spec.raw["export"]["parity"]
     assert parity["images"] > 0 and parity["max_abs_diff_probability"] < 1e-4
 
@@ -135,6 +139,8 @@ def test_gate_catches_bad_calibration(exported, run_dir, tmp_path):
     from cxr_export.quantize import Int8Config, gate, quantize_int8
 
     spec = read_spec(exported)
+    # the spec as export has it before the per-file outputs (domain score, heatmap) are added
+    spec.raw["outputs"] = {k: spec.raw["outputs"][k] for k in ("probabilities", "features")}
     px, y, _ = _val(run_dir)
     mid_gray = np.round(255 * np.array(spec.mean)).astype(np.uint8)
     bad = tmp_path / "bad_int8.onnx"

@@ -32,6 +32,10 @@ fitted on --domain-fit-count train images of the split) and a threshold that fla
 --domain-flag-rate of the validation images. Add them to an existing file with
   python -m cxr_export.domain RUN_DIR MODEL.onnx --data TRAIN_DIR
 
+Heatmap: every file gets a Grad-CAM output (heatmap, [N, h, w] at the last feature map) computed
+in the graph from the head's own weights; cxr-infer --heatmap DIR draws it. Add it to an existing
+file with  python -m cxr_export.heatmap MODEL.onnx
+
 Intended use: every file's spec says who and what the model is for (default: the Kermany
 training data, children aged 1 to 5 years, CHEST, PA/AP, CR/DX/DR); cxr-infer checks DICOM
 headers against it. Set it for other data with the --intended-* options; write it into an
@@ -70,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain-fit-count", type=int, default=1500, help="train images for the statistics (default 1500)")
     p.add_argument("--domain-flag-rate", type=float, default=0.05,
                    help="share of validation images the threshold flags (default 0.05)")
+    p.add_argument("--no-heatmap", action="store_true",
+                   help="leave out the Grad-CAM heatmap output (default: every file gets one)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--triton", help="also write a Triton model repository for each file into this folder")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads for checks (default: all)")
@@ -156,6 +162,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 _say(f"domain: {f.name}: threshold {block['threshold']:.4g} (flags "
                      f"{block['flag_rate_validation']:.1%} of {block['calibration']['images']} validation images;"
                      f" fitted on {block['fit']['images']} train images)")
+        if not args.no_heatmap and not args.no_features:
+            from .heatmap import add_heatmap
+
+            for f in written:
+                block = add_heatmap(f, threads=args.threads)
+                _say(f"heatmap: {f.name}: Grad-CAM at {block['grid'][0]}x{block['grid'][1]} "
+                     f"({block['feature_map']})")
         if args.triton:
             from .triton import write_triton_repo
 

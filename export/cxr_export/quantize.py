@@ -100,8 +100,10 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.
         raise ValueError("no calibration images")
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory() as tmp:
+        core = Path(tmp) / "core.onnx"
+        strip_added_graphs(fp32_path, core)
         prep = Path(tmp) / "prep.onnx"
-        quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
+        quant_pre_process(str(core), str(prep), skip_symbolic_shape=True)
         exclude_nodes = list(config.nodes_excluded) + output_softmax_nodes(prep)
         calibration = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}[config.calibration_method]
@@ -113,6 +115,21 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.
             extra_options={"CalibMovingAverage": False, "ActivationSymmetric": config.activations == "s8"},
         )
     return out_path
+
+
+def strip_added_graphs(path: str | Path, out: str | Path) -> Path:
+    """Write ``path`` without the nodes cxr adds after export (domain statistics, heatmap): they are
+    per file and are added again to the INT8 file, fitted on its own features."""
+    import onnx
+
+    from .domain import strip_domain_graph
+    from .heatmap import strip_heatmap_graph
+
+    model = onnx.load(str(path), load_external_data=True)
+    strip_domain_graph(model)
+    strip_heatmap_graph(model)
+    onnx.save(model, str(out))
+    return Path(out)
 
 
 def output_softmax_nodes(path: str | Path) -> list:

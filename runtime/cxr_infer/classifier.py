@@ -62,6 +62,26 @@ class Prediction:
     in_domain: Optional[bool] = None
     domain_score: Optional[float] = None
     domain_reasons: Tuple[str, ...] = ()
+    #: Grad-CAM of the positive label, float32 ``(h, w)`` at the model's last feature-map grid (7 x 7 for
+    #: VGG16 and ResNet50 at 224), scaled to 0..1; only with ``predict(..., heatmap=True)``. Model
+    #: attention, not a localisation: see :meth:`heatmap_at` for the image's own size.
+    heatmap: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
+
+    def heatmap_at(self, size: Tuple[int, int]) -> np.ndarray:
+        """The heatmap resized (bilinear) to ``size`` = ``(width, height)``, e.g. the original image's.
+
+        Example:
+            >>> p = clf.predict("chest.jpeg", heatmap=True)               # doctest: +SKIP
+            >>> p.heatmap.shape, p.heatmap_at((1024, 880)).shape        # doctest: +SKIP
+            ((7, 7), (880, 1024))
+        """
+        if self.heatmap is None:
+            raise ValueError("this prediction has no heatmap: ask for it with predict(..., heatmap=True)")
+        from PIL import Image
+
+        resized = Image.fromarray(np.asarray(self.heatmap, np.float32), "F").resize(
+            (int(size[0]), int(size[1])), Image.Resampling.BILINEAR)
+        return np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
 
     @property
     def positive(self) -> bool:
@@ -75,6 +95,13 @@ class Prediction:
                 "threshold": self.threshold, "probabilities": dict(self.probabilities),
                 "in_domain": self.in_domain, "domain_score": self.domain_score,
                 "domain_reasons": list(self.domain_reasons)}
+
+
+def _unit_maps(maps: np.ndarray) -> np.ndarray:
+    """Each non-negative map divided by its maximum (0..1, float32); an all-zero map stays zero."""
+    maps = np.maximum(np.asarray(maps, np.float32), 0.0)
+    peak = maps.reshape(len(maps), -1).max(axis=1).reshape(-1, *([1] * (maps.ndim - 1)))
+    return np.where(peak > 0, maps / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
 
 
 class Classifier:
@@ -152,11 +179,13 @@ class Classifier:
         return self.domain_threshold is not None
 
     # ---- inference
-    def _run_all(self, pixels: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
-        """``(probabilities (N, L), domain scores (N,) or None, domain terms (N, branches) or None)``
-        for ``uint8`` pixels ``(N, H, W, 3)``."""
+    def _run_all(self, pixels: np.ndarray, heatmap: bool = False
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
+        """``(probabilities (N, L), domain scores (N,) or None, domain terms (N, branches) or None,
+        heatmaps (N, h, w) scaled to 0..1 or None)`` for ``uint8`` pixels ``(N, H, W, 3)``."""
         n = len(pixels)
-        outs = self.model.run(pixels, self._outputs)
+        outs = self.model.run(pixels, self._outputs + ([self._heatmap_output()] if heatmap else []))
+        maps = _unit_maps(outs.pop()) if heatmap else None
         probs = np.asarray(outs[0], np.float64)
         if probs.shape != (n, len(self._labels)):
             raise ModelError(f"{self.name}: output {self.spec.prob_output!r} returned shape {probs.shape}, "
@@ -167,7 +196,18 @@ class Classifier:
             if scores.shape != (n,):
                 raise ModelError(f"{self.name}: output {self._outputs[1]!r} returned {scores.shape}, expected ({n},)")
         terms = np.asarray(outs[2], np.float64).reshape(n, -1) if len(outs) > 2 else None
-        return probs, scores, terms
+        return probs, scores, terms, maps
+
+    def _heatmap_output(self) -> str:
+        name = self.spec.heatmap_output
+        if not name:
+            raise ModelError(f"{self.name}: has no heatmap output (add it: python -m cxr_export.heatmap MODEL.onnx)")
+        return name
+
+    @property
+    def heatmap_available(self) -> bool:
+        """True when the model file can explain its answers with a Grad-CAM heatmap."""
+        return bool(self.spec.heatmap_output)
 
     def _image_reason(self, score: float, terms: Optional[np.ndarray]) -> str:
         """Why the image check flagged an image, naming the test that fired (the largest term)."""
@@ -178,7 +218,8 @@ class Classifier:
         return reason + ")"
 
     def _prediction(self, probs: np.ndarray, source: Optional[str], score: Optional[float] = None,
-                    terms: Optional[np.ndarray] = None, header_reasons: Sequence[str] = ()) -> Prediction:
+                    terms: Optional[np.ndarray] = None, header_reasons: Sequence[str] = (),
+                    heatmap: Optional[np.ndarray] = None) -> Prediction:
         p = float(probs[self._pos])
         if p >= self.threshold:
             label = self._labels[self._pos]
@@ -192,7 +233,8 @@ class Classifier:
         in_domain = False if reasons else (True if image_checked else None)
         return Prediction(label=label, probability=p, threshold=self.threshold,
                           probabilities=MappingProxyType({k: float(v) for k, v in zip(self._labels, probs)}),
-                          source=source, in_domain=in_domain, domain_score=score, domain_reasons=tuple(reasons))
+                          source=source, in_domain=in_domain, domain_score=score, domain_reasons=tuple(reasons),
+                          heatmap=heatmap)
 
     def preprocess(self, item: ImageSource) -> np.ndarray:
         """The ``uint8`` ``(H, W, 3)`` pixels this model sees for ``item``."""
@@ -204,12 +246,15 @@ class Classifier:
         return self.intended_use.header_reasons(header) if self.intended_use is not None else []
 
     def iter_predict(self, items: Iterable[ImageSource], batch_size: Optional[int] = None,
-                     timing: Optional[MutableMapping[str, float]] = None
+                     timing: Optional[MutableMapping[str, float]] = None, heatmap: bool = False
                      ) -> Iterator[Union[Prediction, InputError]]:
         """Yield a :class:`Prediction` or an :class:`InputError` per item, in order, batch by batch.
 
-        ``timing``, when given, accumulates seconds under ``"preprocess"`` and ``"inference"``.
+        ``timing``, when given, accumulates seconds under ``"preprocess"`` and ``"inference"``;
+        ``heatmap=True`` fetches the Grad-CAM map too (:attr:`Prediction.heatmap`).
         """
+        if heatmap:
+            self._heatmap_output()  # a model without one: one clear error before any image is read
         size = int(batch_size or self.batch_size)
         if size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -217,13 +262,13 @@ class Classifier:
         for item in items:
             batch.append(item)
             if len(batch) >= size:
-                yield from self._predict_batch(batch, timing)
+                yield from self._predict_batch(batch, timing, heatmap)
                 batch = []
         if batch:
-            yield from self._predict_batch(batch, timing)
+            yield from self._predict_batch(batch, timing, heatmap)
 
-    def _predict_batch(self, items: List[ImageSource], timing: Optional[MutableMapping[str, float]]
-                       ) -> List[Union[Prediction, InputError]]:
+    def _predict_batch(self, items: List[ImageSource], timing: Optional[MutableMapping[str, float]],
+                       heatmap: bool = False) -> List[Union[Prediction, InputError]]:
         t0 = time.perf_counter()
         results: List[Any] = [None] * len(items)
         good: List[int] = []
@@ -240,18 +285,19 @@ class Classifier:
             good.append(i)
         t1 = time.perf_counter()
         if pixels:
-            probs, scores, terms = self._run_all(np.stack(pixels))
+            probs, scores, terms, maps = self._run_all(np.stack(pixels), heatmap)
             for k, (row, i) in enumerate(zip(probs, good)):
                 src = items[i]
                 results[i] = self._prediction(row, describe(src) if isinstance(src, (str, os.PathLike)) else None,
                                               None if scores is None else float(scores[k]),
-                                              None if terms is None else terms[k], headers[k])
+                                              None if terms is None else terms[k], headers[k],
+                                              None if maps is None else maps[k])
         if timing is not None:
             timing["preprocess"] = timing.get("preprocess", 0.0) + (t1 - t0)
             timing["inference"] = timing.get("inference", 0.0) + (time.perf_counter() - t1)
         return results
 
-    def predict_many(self, items: Iterable[ImageSource], batch_size: Optional[int] = None
+    def predict_many(self, items: Iterable[ImageSource], batch_size: Optional[int] = None, heatmap: bool = False
                      ) -> List[Union[Prediction, InputError]]:
         """Classify every item; a bad item gives its :class:`InputError` in its place, the rest go on.
 
@@ -259,21 +305,23 @@ class Classifier:
             >>> [type(r).__name__ for r in clf.predict_many(["ok.jpeg", "missing.jpeg"])]  # doctest: +SKIP
             ['Prediction', 'InputError']
         """
-        return list(self.iter_predict(items, batch_size))
+        return list(self.iter_predict(items, batch_size, heatmap=heatmap))
 
     @overload
     def predict(self, x: Union[List[ImageSource], tuple], batch_size: Optional[int] = ...,
-                errors: str = ...) -> List[Any]: ...
+                errors: str = ..., heatmap: bool = ...) -> List[Any]: ...
 
     @overload
-    def predict(self, x: ImageSource, batch_size: Optional[int] = ..., errors: str = ...) -> Prediction: ...
+    def predict(self, x: ImageSource, batch_size: Optional[int] = ..., errors: str = ...,
+                heatmap: bool = ...) -> Prediction: ...
 
-    def predict(self, x: Any, batch_size: Optional[int] = None, errors: str = "raise") -> Any:
+    def predict(self, x: Any, batch_size: Optional[int] = None, errors: str = "raise", heatmap: bool = False) -> Any:
         """Classify one image (path, bytes, PIL image, numpy array) or a list of them.
 
         A list gives a list in the same order, batched by ``batch_size``. With
         ``errors="raise"`` the first bad input raises :class:`InputError`; with
-        ``errors="return"`` it takes that input's place in the list.
+        ``errors="return"`` it takes that input's place in the list. ``heatmap=True`` adds the
+        Grad-CAM map (:attr:`Prediction.heatmap`); without it the map is not even computed.
 
         Example:
             >>> clf.predict("chest.jpeg").label                       # doctest: +SKIP
@@ -282,13 +330,15 @@ class Classifier:
         if errors not in ("raise", "return"):
             raise ValueError("errors must be 'raise' or 'return'")
         if isinstance(x, (list, tuple)):
-            results = self.predict_many(x, batch_size)
+            results = self.predict_many(x, batch_size, heatmap=heatmap)
             if errors == "raise":
                 for r in results:
                     if isinstance(r, InputError):
                         raise r
             return results
-        result = self._predict_batch([x], None)[0]
+        if heatmap:
+            self._heatmap_output()
+        result = self._predict_batch([x], None, heatmap)[0]
         if isinstance(result, InputError):
             if errors == "raise":
                 raise result

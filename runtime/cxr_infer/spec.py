@@ -217,6 +217,11 @@ class ModelSpec:
         return self.raw["outputs"].get("domain_score") or None
 
     @property
+    def heatmap_output(self) -> Optional[str]:
+        """The graph output with the Grad-CAM map ([N, h, w], see ``cxr_export.heatmap``); None when absent."""
+        return self.raw["outputs"].get("heatmap") or None
+
+    @property
     def domain_terms_output(self) -> Optional[str]:
         """The graph output with each domain branch's term ([N, branches], named by ``domain.branches``);
         None in files made before it existed."""

@@ -1,0 +1,282 @@
+"""Grad-CAM computed by the model file itself: a ``heatmap`` output beside the probabilities.
+
+Why it needs no autograd: the head is ``p -> Linear(W1, b1) -> ReLU -> Linear(W2, b2)`` on the
+pooled features ``p = mean_ij A[:, i, j]`` of the last feature map ``A`` (C x h x w). The
+gradient of the positive-class logit ``z_c`` with respect to ``p`` is a forward expression,
+
+    dz_c / dp = (W2[c] * 1[W1 p + b1 > 0]) @ W1                       ([C])
+
+and since ``dp_k / dA_kij = 1 / (h w)``, Grad-CAM's channel weights (the spatial mean of the
+gradient) are ``alpha_k = (dz_c / dp)_k / (h w)`` and the map is ``ReLU(sum_k alpha_k A_k)``
+([h, w]): exactly what ``pytorch-grad-cam`` computes with autograd for this head, with no
+backward pass. The nodes appended here compute it in FP32 from the graph's own tensors: the
+feature map feeding the global pooling, the head's activation after the ReLU (for the ReLU
+mask: ``relu(x) > 0`` exactly where ``x > 0``), and the head weights as the graph uses them (the dequantized weights in an INT8 file),
+so the map explains the very computation that gave the probability.
+
+The output ``heatmap`` is [N, h, w] (7 x 7 for ResNet50 and VGG16 at 224, 5 x 5 for
+InceptionV3 at 224), non-negative and not normalised; the runtime scales each map to 0..1 and
+fetches it only when asked (``predict(..., heatmap=True)``), so it costs nothing otherwise.
+Nothing on the probabilities path changes (checked bit for bit when the nodes are added).
+
+Add it to an existing file (in place unless ``--out``)::
+
+    python -m cxr_export.heatmap models/resnet50_int8.onnx
+
+Example:
+    >>> block = add_heatmap("m.onnx")   # doctest: +SKIP
+    >>> block["grid"]                   # doctest: +SKIP
+    [7, 7]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+HEATMAP_OUTPUT = "heatmap"
+#: the largest change of an FP16 file's probabilities accepted when the nodes are added (see add_heatmap)
+FP16_TOLERANCE = 1e-4
+PREFIX = "cxr_heatmap/"
+#: nodes walked through between the named tensors (quantization, reshapes, casts, dropout)
+_PASS_THROUGH = {"QuantizeLinear", "DequantizeLinear", "Flatten", "Reshape", "Squeeze", "Identity", "Cast",
+                 "Dropout"}
+_POOLS = {"GlobalAveragePool", "ReduceMean"}
+_LINEAR = {"Gemm", "MatMul", "FusedGemm"}
+
+
+class HeadNotFound(ValueError):
+    """The graph does not have the pooled-features -> Linear -> ReLU -> Linear head Grad-CAM needs."""
+
+
+def _producers(graph) -> Dict[str, Any]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _consumers(graph) -> Dict[str, List[Any]]:
+    found: Dict[str, List[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            found.setdefault(name, []).append(node)
+    return found
+
+
+def _attribute(node, name: str, default: int) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
+def find_head(model, features: str) -> Dict[str, Any]:
+    """The tensors Grad-CAM needs, found from the ``features`` tensor: the feature map, the first
+    linear layer (its output, weight and layout) and the second layer's weight.
+
+    Raises :class:`HeadNotFound` naming what is missing.
+    """
+    graph = model.graph
+    producers, consumers = _producers(graph), _consumers(graph)
+    # back from the features to the global pooling: its input is the last feature map
+    node = producers.get(features)
+    while node is not None and node.op_type in _PASS_THROUGH:
+        node = producers.get(node.input[0])
+    if node is None or node.op_type not in _POOLS:
+        raise HeadNotFound(f"no global average pooling before the {features!r} output")
+    feature_map = node.input[0]
+
+    def next_linear(tensor: str) -> Any:
+        queue, seen = [tensor], set()
+        while queue:
+            name = queue.pop(0)
+            for user in consumers.get(name, []):
+                if id(user) in seen or user.name.startswith(("cxr_domain/", PREFIX)):
+                    continue
+                seen.add(id(user))
+                if user.op_type in _LINEAR:
+                    return user
+                if user.op_type in _PASS_THROUGH | {"Relu"}:
+                    queue.extend(user.output)
+        return None
+
+    # forward from the pooling (not from the features output: an FP16 file casts that output
+    # for its callers while the head reads the FP16 tensor before the cast)
+    first = next_linear(node.output[0])
+    if first is None:
+        raise HeadNotFound(f"no linear layer after the {features!r} output")
+    second = next_linear(first.output[0])
+    if second is None:
+        raise HeadNotFound("no second linear layer in the head")
+    # the ReLU mask is read where the second layer reads its input (relu(x) > 0 exactly when x > 0): a new
+    # consumer of the first layer's own output would stop onnxruntime fusing Gemm + ReLU, and the FP16
+    # probabilities would then round differently; in an INT8 file it is the dequantized activation
+    return {"feature_map": feature_map, "activation": second.input[0], "w1": first.input[1],
+            "w1_transposed": first.op_type != "MatMul" and _attribute(first, "transB", 0) == 1,
+            "w2": second.input[1], "w2_transposed": second.op_type != "MatMul" and _attribute(second, "transB", 0) == 1}
+
+
+def _float_types(model) -> Dict[str, int]:
+    """Element type of every tensor shape inference can tell (initializers included)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        types[value.name] = value.type.tensor_type.elem_type
+    return types
+
+
+def _grid(model, feature_map: str) -> Tuple[Optional[int], Optional[int]]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for value in inferred.graph.value_info:
+        if value.name == feature_map:
+            dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
+            if len(dims) == 4:
+                return dims[2], dims[3]
+    return None, None
+
+
+def strip_heatmap_graph(model) -> None:
+    """Remove what :func:`add_heatmap_graph` added (in place)."""
+    graph = model.graph
+    keep = [n for n in graph.node if not n.name.startswith(PREFIX)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    inits = [t for t in graph.initializer if not t.name.startswith(PREFIX)]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    outs = [o for o in graph.output if o.name != HEATMAP_OUTPUT]
+    del graph.output[:]
+    graph.output.extend(outs)
+
+
+def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, Any]:
+    """Append the Grad-CAM nodes and the ``heatmap`` output to ``model`` (an ``onnx.ModelProto``,
+    in place); returns the spec block that describes it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    strip_heatmap_graph(model)
+    head = find_head(model, features)
+    types = _float_types(model)
+    opset = max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] or [13])
+    nodes: List[Any] = []
+
+    def node(op: str, inputs: List[str], name: str, **attrs: Any) -> str:
+        out = PREFIX + name
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def as_float(tensor: str, name: str) -> str:
+        return tensor if types.get(tensor, TensorProto.FLOAT) == TensorProto.FLOAT else \
+            node("Cast", [tensor], name, to=TensorProto.FLOAT)
+
+    inits = {PREFIX + "zero": np.array(0.0, np.float32), PREFIX + "class": np.array([positive_index], np.int64),
+             PREFIX + "axes23": np.array([2, 3], np.int64), PREFIX + "axis1": np.array([1], np.int64)}
+    feature_map = as_float(head["feature_map"], "feature_map")                    # [N, C, h, w]
+    activation = as_float(head["activation"], "activation")                       # [N, H], after the ReLU
+    w1 = as_float(head["w1"], "w1")                                               # [H, C] (or [C, H])
+    w2 = as_float(head["w2"], "w2")                                               # [K, H] (or [H, K])
+    mask = node("Cast", [node("Greater", [activation, PREFIX + "zero"], "active")], "mask", to=TensorProto.FLOAT)
+    w2_row = node("Gather", [w2, PREFIX + "class"], "w2_class", axis=0 if head["w2_transposed"] else 1)
+    w2_row = node("Flatten", [w2_row], "w2_row", axis=0) if head["w2_transposed"] else \
+        node("Transpose", [w2_row], "w2_row", perm=[1, 0])                        # [1, H]
+    gated = node("Mul", [mask, w2_row], "gated")                                  # [N, H]
+    gradient = node("MatMul", [gated, w1 if head["w1_transposed"] else node("Transpose", [w1], "w1_t", perm=[1, 0])],
+                    "gradient")                                                   # [N, C] = dz / dp
+    # Grad-CAM's weights: the spatial mean of dz / dA = gradient / (h w)
+    size = node("ReduceProd", [node("Slice", [node("Shape", [feature_map], "shape"), PREFIX + "start2",
+                                              PREFIX + "end4"], "hw")], "area", keepdims=1)
+    inits[PREFIX + "start2"], inits[PREFIX + "end4"] = np.array([2], np.int64), np.array([4], np.int64)
+    alpha = node("Div", [gradient, node("Cast", [size], "area_f", to=TensorProto.FLOAT)], "alpha")
+    if opset >= 13:
+        alpha4 = node("Unsqueeze", [alpha, PREFIX + "axes23"], "alpha4")         # [N, C, 1, 1]
+        weighted = node("Mul", [feature_map, alpha4], "weighted")
+        summed = node("ReduceSum", [weighted, PREFIX + "axis1"], "summed", keepdims=0)
+    else:  # pragma: no cover - cxr exports opset 18
+        alpha4 = node("Unsqueeze", [alpha], "alpha4", axes=[2, 3])
+        weighted = node("Mul", [feature_map, alpha4], "weighted")
+        summed = node("ReduceSum", [weighted], "summed", axes=[1], keepdims=0)
+    nodes.append(helper.make_node("Relu", [summed], [HEATMAP_OUTPUT], name=PREFIX + HEATMAP_OUTPUT))
+    model.graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in inits.items())
+    model.graph.node.extend(nodes)
+    height, width = _grid(model, head["feature_map"])
+    model.graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT,
+                                                            ["batch", height, width]))
+    return {
+        "method": "Grad-CAM of the positive-class logit at the last feature map, computed in the graph without "
+                  "autograd: alpha = ((W2[c] * 1[W1 p + b1 > 0]) @ W1) / (h w), map = ReLU(sum_k alpha_k A_k)",
+        "output": HEATMAP_OUTPUT, "grid": [height, width], "feature_map": head["feature_map"],
+        "positive_index": int(positive_index), "normalised": False,
+        "use": "model attention, not a localisation; the runtime scales each map to 0..1",
+    }
+
+
+def add_heatmap(model_path: str | Path, out_path: Optional[str | Path] = None, threads: int = 0) -> Dict[str, Any]:
+    """Add the ``heatmap`` output to a cxr model file and name it in its spec; the probabilities
+    are checked to be bit-identical before and after. Returns the spec's ``heatmap`` block."""
+    import onnx
+
+    from .modelio import open_model, read_spec, write_spec
+
+    model_path = Path(model_path)
+    out = Path(out_path or model_path)
+    spec = read_spec(model_path)
+    if not spec.features_output:
+        raise ValueError(f"{model_path}: its spec names no features output, so the head cannot be found")
+    model = onnx.load(str(model_path), load_external_data=True)
+    block = add_heatmap_graph(model, spec.features_output, spec.positive_index)
+    rng = np.random.default_rng(0)
+    width, height = spec.image_size
+    pixels = rng.integers(0, 256, (4, height, width, 3), np.uint8)
+    before = open_model(model_path, threads, spec).run(pixels, [spec.prob_output])[0]
+    staged = out.with_name(out.name + ".tmp")
+    onnx.save(model, str(staged))
+    try:
+        after, maps = open_model(staged, threads, spec).run(pixels, [spec.prob_output, HEATMAP_OUTPUT])
+        change = float(np.max(np.abs(after.astype(np.float64) - before)))
+        # FP32 and INT8: bit for bit. FP16 on a CPU: onnxruntime runs FP16 ops through inserted casts, and a
+        # tensor with one more consumer keeps a cast pair it would otherwise remove: float32 rounding, ~1e-6.
+        if (change != 0.0 and spec.precision != "fp16") or change > FP16_TOLERANCE:
+            raise RuntimeError(f"{out}: adding the heatmap changed the probabilities by {change:.3g} (a bug)")
+        if maps.ndim != 3 or not np.all(np.isfinite(maps)) or np.any(maps < 0):
+            raise RuntimeError(f"{out}: the heatmap output is not a finite non-negative [N, h, w] map (a bug)")
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
+    block["grid"] = [int(maps.shape[1]), int(maps.shape[2])]
+    block["probabilities_unchanged"] = "bit for bit" if change == 0.0 else f"within {change:.2g} (FP16 on CPU)"
+    new = spec.copy()
+    new.raw["outputs"] = dict(new.raw["outputs"], heatmap=HEATMAP_OUTPUT)
+    new.raw["heatmap"] = block
+    write_spec(out, new)
+    return block
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cxr_export.heatmap",
+                                     description="Add (or refresh) the Grad-CAM heatmap output in cxr model files.",
+                                     epilog="example: python -m cxr_export.heatmap models/resnet50_int8.onnx")
+    parser.add_argument("models", nargs="+", help="model file(s), updated in place unless --out")
+    parser.add_argument("--out", help="write here instead of in place (one model only)")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.out and len(args.models) > 1:
+        parser.error("--out takes one model")
+    from cxr_infer.errors import CXRError
+
+    status = 0
+    for path in args.models:
+        try:
+            block = add_heatmap(path, args.out, args.threads)
+            print(f"{args.out or path}: heatmap {block['grid'][0]}x{block['grid'][1]} from {block['feature_map']}",
+                  file=sys.stderr)
+        except (CXRError, HeadNotFound, ValueError) as exc:
+            print(f"python -m cxr_export.heatmap: {path}: {exc}", file=sys.stderr)
+            status = 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -292,3 +292,37 @@ def test_colormap_is_viridis():
     t = np.linspace(0, 1, 256)
     reference = matplotlib.colormaps["viridis"](t)[:, :3] * 255
     assert np.abs(viridis(t).astype(float) - reference).max() <= 3  # within 3 of 255 gray levels
+
+
+def test_bench_heatmaps_report(square_model, tmp_path):
+    """cxr-bench heatmaps: a grid chosen by file name per kind, and the INT8 agreement figure."""
+    import json
+
+    from PIL import Image
+
+    from cxr_bench.cli import main
+    from cxr_export.heatmap import add_heatmap
+    from cxr_export.modelio import read_spec, write_spec
+    from cxr_export.quantize import quantize_int8
+
+    images, labels, _ = square_images(16, seed=11)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = tmp_path / "data" / ("PNEUMONIA" if label else "NORMAL")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"img{i:02d}.png")
+    spec = read_spec(square_model)
+    spec.raw["outputs"] = {k: spec.raw["outputs"][k] for k in ("probabilities", "features")}
+    int8 = quantize_int8(square_model, tmp_path / "square_int8.onnx", images, spec)
+    spec8 = spec.copy()
+    spec8.raw["precision"] = "int8"
+    write_spec(int8, spec8)
+    add_heatmap(int8, threads=1)
+    assert main(["heatmaps", "--model", str(int8), "--data", str(tmp_path / "data"), "--per-kind", "2",
+                 "--threads", "1", "--out", str(tmp_path / "out"), "-q"]) == 0
+    report = json.loads((tmp_path / "out" / "heatmaps.json").read_text())
+    (entry,) = report["models"]
+    assert entry["chosen"]["true positive"] == sorted(entry["chosen"]["true positive"])  # by file name
+    assert sum(entry["counts"].values()) == 16 and entry["int8_vs_fp32_activations"]["median"] > 0.8
+    grid = Image.open(tmp_path / "out" / entry["grid_png"])
+    assert grid.width == 2 * 320 and grid.height > 4 * 300  # two columns, one row per kind
+    assert "never picked by eye" in (tmp_path / "out" / "heatmaps.md").read_text()

@@ -98,6 +98,15 @@ documents (text rendered with Pillow), noise, inverted, upside_down, rotated_90,
 (the last four from test-split X-rays). writes domain.json and domain.md into --out.
 """
 
+HEATMAPS_EPILOG = f"""\
+example:
+  cxr-bench heatmaps --model runtime/cxr_infer/models/default.onnx --data {TEST_SPLIT} --per-kind 4
+
+Writes heatmaps.json, heatmaps.md and one grid PNG per model into --out: rows of true positives,
+false positives, false negatives and true negatives, the first of each by file name (never picked
+by eye). The map is model attention, not a localisation.
+"""
+
 SUMMARY_EPILOG = f"""\
 Reads every accuracy*.json and latency*.json in --results and writes summary.json (a list of
 rows: backbone, precision, accuracy, auc, loss, precision_score, recall, f1, tp, fp, tn, fn,
@@ -219,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N", help="onnxruntime threads")
     common(d, summary=False)
 
+    h = sub.add_parser("heatmaps", formatter_class=fmt, epilog=HEATMAPS_EPILOG,
+                       help="Grad-CAM overlay grids (TP/FP/FN/TN by a fixed rule) and INT8 map agreement",
+                       description="Grad-CAM overlays of a labelled folder: for each kind at the model's threshold, "
+                                   "the first images by file name; and the INT8 maps' rank correlation with the "
+                                   "same graph's FP32 activations.")
+    h.add_argument("--model", nargs="+", action="extend", required=True, metavar="FILE.onnx", help="cxr model file(s)")
+    h.add_argument("--data", required=True, metavar="DIR", help=f"labelled folder, e.g. {TEST_SPLIT}")
+    h.add_argument("--per-kind", type=_positive, default=4, metavar="N", help="images of each kind (default 4)")
+    h.add_argument("--batch", type=_positive, default=16, metavar="N", help="inference batch size (default 16)")
+    h.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N", help="onnxruntime threads")
+    common(h, summary=False)
+
     s = sub.add_parser("summary", formatter_class=fmt, epilog=SUMMARY_EPILOG,
                        help="merge accuracy + latency reports into summary.json / summary.md",
                        description="Merge the accuracy and latency reports of a folder into the summary contract.")
@@ -268,6 +289,12 @@ def _run(args: argparse.Namespace) -> int:
         rep = run_domain(args.model, args.data, args.out, count=args.count, kinds=kinds, batch=args.batch,
                          threads=args.threads, name=args.name, quiet=args.quiet)
         return 0 if all(m.get("domain") for m in rep["models"]) else 1
+    elif args.command == "heatmaps":
+        from .heatmaps import run_heatmaps
+
+        run_heatmaps(args.model, args.data, args.out, per_kind=args.per_kind, threads=args.threads, batch=args.batch,
+                     name=args.name, quiet=args.quiet)
+        return 0
     else:  # summary
         from .summary import write_summary
 

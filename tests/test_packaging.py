@@ -10,7 +10,7 @@ Wheel (fast, default suite): ``pip wheel`` of a clean copy of this checkout hold
 packages, the embedded default model and the bundled sample, and no tests or test data.
 
 Fresh virtual environments (``-m slow``): the wheel installed with each torch-free extra (base,
-``.[bench]``, ``.[dicom]``) into a new venv runs that extra's own command. ``.[train]`` and
+``.[bench]``, ``.[dicom]``, ``.[pacs]``) into a new venv runs that extra's own command. ``.[train]`` and
 ``.[export]`` install the 5.5 GB torch wheel, so they also need ``CXR_VENV_TORCH=1``;
 ``.[gpu]`` downloads onnxruntime-gpu and needs ``CXR_VENV_GPU=1`` (checked on a CPU: the CUDA
 provider is present and cxr-infer runs):
@@ -44,7 +44,8 @@ TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]  # as README's test comman
 #: Which packages each way of installing is for (the extra's own command).
 EXTRA_PACKAGES: Dict[str, List[str]] = {
     "": ["cxr_infer"],         # pip install .      -> cxr-infer, cxr_infer.Classifier
-    "dicom": ["cxr_infer"],    # .[dicom]           -> DICOM inputs
+    "dicom": ["cxr_infer"],    # .[dicom]           -> DICOM inputs, --format dicom-sr
+    "pacs": ["cxr_infer"],     # .[pacs]            -> cxr-pacs (Orthanc REST; reads images, writes SRs)
     "gpu": ["cxr_infer"],      # .[gpu]             -> --device cuda
     "train": ["cxr_train"],    # .[train]           -> cxr-train
     "export": ["cxr_export"],  # .[export]          -> cxr-export
@@ -57,6 +58,10 @@ OPTIONAL: Dict[str, str] = {
     # cxr_infer.dicom._pydicom(): DICOM inputs only; without pydicom a DICOM input fails with
     # "install the DICOM extra: pip install 'cxr[dicom]'" and every other format still works.
     "pydicom": "dicom",
+    # cxr_infer.sr._highdicom(): --format dicom-sr and cxr-pacs only; without highdicom they say
+    # "writing DICOM SR needs highdicom: pip install 'cxr[dicom]'" (exit 2) and every other
+    # format, --format fhir included, still works.
+    "highdicom": "dicom",
     # cxr_bench.domain: scikit-image's sample photos are one optional source of out-of-domain
     # images for `cxr-bench domain`; skipped when scikit-image is absent (matplotlib's sample
     # photo, which the bench extra brings, is the other).
@@ -82,6 +87,7 @@ PROVIDERS: Dict[str, Set[str]] = {
     "PIL": {"pillow"},
     "skimage": {"scikit-image"},
     "onnxruntime": {"onnxruntime", "onnxruntime-gpu"},
+    "fhir": {"fhir-resources"},
 }
 
 
@@ -406,7 +412,7 @@ def test_wheel_holds_the_packages_the_default_model_and_the_sample(wheel, cfg):
         assert f"cxr_infer/samples/{f.name}" in names, f"the wheel lacks the bundled sample {f.name}"
     info = zipfile.ZipFile(wheel)
     entry_points = next(info.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
-    for script in ("cxr-infer", "cxr-train", "cxr-export", "cxr-bench"):
+    for script in ("cxr-infer", "cxr-train", "cxr-export", "cxr-bench", "cxr-pacs"):
         assert re.search(rf"^{script} = ", entry_points, re.M), f"no {script} console script"
     with info.open("cxr_infer/models/default.onnx") as f:
         assert f.read() == DEFAULT_MODEL.read_bytes()
@@ -519,6 +525,11 @@ def check_base(venv: Venv, tmp: Path) -> None:
     # a DICOM input without the dicom extra: one line that says how to install it, exit 1
     r = venv.run("cxr-infer", str(_dicom(tmp / "x.dcm")), cwd=tmp)
     assert r.returncode == 1 and "cxr[dicom]" in r.stderr, r.stderr
+    # SR output names its extra; FHIR output is plain JSON and needs none
+    r = venv.run("cxr-infer", "--format", "dicom-sr", "--output", str(tmp / "sr"), str(tmp / "x.dcm"), cwd=tmp)
+    assert r.returncode == 2 and "cxr[dicom]" in r.stderr, r.stderr
+    r = venv.run("cxr-infer", "--format", "fhir", str(SAMPLE), cwd=tmp)
+    assert r.returncode == 0 and '"resourceType": "Observation"' in r.stdout, r.stdout + r.stderr
     # the torch commands say which extra to install instead of a traceback
     r = venv.run("cxr-train", "--backbone", "tiny", "--data", str(tmp), "--out", str(tmp / "run"), cwd=tmp)
     assert r.returncode == 2 and "cxr[train]" in r.stderr, r.stderr
@@ -540,6 +551,18 @@ def check_bench(venv: Venv, tmp: Path) -> None:
 def check_dicom(venv: Venv, tmp: Path) -> None:
     r = venv.run("cxr-infer", str(_dicom(tmp / "sample.dcm")), cwd=tmp)
     assert r.returncode == 0 and LABEL.search(r.stdout), r.stdout + r.stderr
+    assert set(venv.missing("torch", "onnx")) == {"torch", "onnx"}
+    # --format dicom-sr: _dicom's file has no study, which an SR must name: one line, exit 1
+    r = venv.run("cxr-infer", "--format", "dicom-sr", "--output", str(tmp / "sr"), str(tmp / "sample.dcm"), cwd=tmp)
+    assert r.returncode == 1 and "lacks StudyInstanceUID" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def check_pacs(venv: Venv, tmp: Path) -> None:
+    r = venv.run("cxr-pacs", "--help", cwd=tmp)
+    assert r.returncode == 0 and "--once" in r.stdout, r.stdout + r.stderr
+    r = venv.run("cxr-pacs", "--url", "http://127.0.0.1:9", "--once", cwd=tmp)  # nothing listens on port 9
+    assert r.returncode == 2 and "Orthanc is not reachable" in r.stderr, r.stderr
+    assert not venv.missing("pydicom", "highdicom")
     assert set(venv.missing("torch", "onnx")) == {"torch", "onnx"}
 
 
@@ -588,7 +611,8 @@ def check_gpu(venv: Venv, tmp: Path) -> None:
     assert r.returncode == 0 and LABEL.search(r.stdout), r.stdout + r.stderr
 
 
-CHECKS = {"gpu": check_gpu, "": check_base, "bench": check_bench, "dicom": check_dicom, "train": check_train, "export": check_export}
+CHECKS = {"gpu": check_gpu, "": check_base, "bench": check_bench, "dicom": check_dicom, "pacs": check_pacs,
+          "train": check_train, "export": check_export}
 
 
 @pytest.mark.slow
@@ -596,6 +620,7 @@ CHECKS = {"gpu": check_gpu, "": check_base, "bench": check_bench, "dicom": check
     pytest.param("", id="base"),
     pytest.param("bench", id="bench"),
     pytest.param("dicom", id="dicom"),
+    pytest.param("pacs", id="pacs"),
     pytest.param("train", id="train", marks=needs_torch_switch),
     pytest.param("export", id="export", marks=needs_torch_switch),
     pytest.param("gpu", id="gpu", marks=needs_gpu_switch),

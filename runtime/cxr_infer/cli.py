@@ -55,6 +55,10 @@ output:
           "domain_score", "domain_reasons": [...]} or {"path", "error"}
   csv     path,label,probability,threshold,in_domain,domain_score,domain_reasons,error
           (reasons joined with "; ")
+  dicom-sr  one DICOM Comprehensive SR per DICOM input, into the folder --output DIR (needs
+          pip install 'cxr[dicom]'); stdout lists input<TAB>SR file. Non-DICOM inputs fail.
+  fhir    one FHIR R4 Bundle (JSON): a Device for the model, an Observation per result,
+          an OperationOutcome per failed input
   Bad inputs are also reported on stderr, one line each; the rest are still classified.
 
 intended use and the out-of-domain check:
@@ -114,12 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per inference batch (default 8)")
     p.add_argument("--threads", type=_positive, metavar="N",
                    help="CPU threads for inference (default: the cores this process may use)")
-    p.add_argument("--format", choices=("table", "jsonl", "csv"), default="table", help="output format (default table)")
-    p.add_argument("-o", "--output", metavar="FILE", help="write results to FILE instead of stdout")
+    p.add_argument("--format", choices=("table", "jsonl", "csv", "dicom-sr", "fhir"), default="table",
+                   help="output format (default table)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write results to FILE instead of stdout (for dicom-sr: the folder DIR to write SRs into)")
     p.add_argument("--info", action="store_true", help="print the model's spec and graph as JSON, then exit")
     p.add_argument("--reject-out-of-domain", action="store_true",
                    help="do not classify images outside the model's intended use (DICOM header or image "
                         "check): report them as failed inputs with the reasons (exit 1)")
+    p.add_argument("--heatmap", metavar="DIR",
+                   help="also write one PNG per input into DIR: the image with the model's Grad-CAM attention over "
+                        "it, the label, probability and intended-use status (model attention, not a localisation)")
     p.add_argument("--no-progress", action="store_true", help="never show the progress bar")
     p.add_argument("--timing", action="store_true", help="print import/session/preprocess/inference times to stderr")
     p.add_argument("--version", action="version", version=f"cxr-infer {_version()}")
@@ -195,11 +204,19 @@ def expand_inputs(args: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
 
 # ---- output
 class Writer:
-    """Streams results as a table, JSON lines or CSV."""
+    """Streams results as a table, JSON lines or CSV; DICOM SR and FHIR are views of their own
+    (:class:`cxr_infer.sr.SRFolderWriter`, :class:`cxr_infer.fhir.FhirBundleWriter`)."""
 
-    def __init__(self, fmt: str, out: IO[str], width: int) -> None:
+    def __init__(self, fmt: str, out: IO[str], width: int, classifier: Any = None, folder: Optional[str] = None) -> None:
         self.fmt, self.out, self.width = fmt, out, max(4, min(width, 100))
-        if fmt == "csv":
+        self._view: Any = None
+        if fmt == "dicom-sr":
+            from .sr import SRFolderWriter
+            self._view = SRFolderWriter(folder or ".", classifier, out)
+        elif fmt == "fhir":
+            from .fhir import FhirBundleWriter
+            self._view = FhirBundleWriter(classifier, out)
+        elif fmt == "csv":
             import csv
             self._csv = csv.writer(out, lineterminator="\n")
             self._csv.writerow(["path", "label", "probability", "threshold", "in_domain", "domain_score",
@@ -208,6 +225,8 @@ class Writer:
             out.write(f"{'path':<{self.width}}  {'label':<12} {'probability':>11}  {'threshold':>9}  domain\n")
 
     def result(self, path: str, pred: Any) -> None:
+        if self._view is not None:
+            return self._view.result(path, pred)
         p = round(pred.probability, 6)
         score = None if pred.domain_score is None else round(pred.domain_score, 4)
         if self.fmt == "jsonl":
@@ -225,7 +244,19 @@ class Writer:
                 marker += ": " + "; ".join(pred.domain_reasons)
             self.out.write(f"{path:<{self.width}}  {pred.label:<12} {p:>11.4f}  {pred.threshold:>9.4g}  {marker}\n")
 
+    def rejected(self, path: str, pred: Any, message: str) -> None:
+        """An input left unclassified because it is outside the intended use."""
+        if self._view is not None:
+            return self._view.rejected(path, pred, message)
+        self.error(path, message)
+
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.close()
+
     def error(self, path: str, message: str) -> None:
+        if self._view is not None:
+            return self._view.error(path, message)
         if self.fmt == "jsonl":
             self.out.write(json.dumps({"path": path, "error": message}) + "\n")
         elif self.fmt == "csv":
@@ -265,9 +296,44 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
+_STDIN: Dict[str, bytes] = {}
+
+
 def _sources(files: List[str]) -> Iterator[Any]:
     for f in files:
-        yield sys.stdin.buffer.read() if f == "-" else f
+        if f == "-":
+            _STDIN["-"] = sys.stdin.buffer.read()  # kept: a --heatmap overlay shows the image again
+            yield _STDIN["-"]
+        else:
+            yield f
+
+
+def _overlay_writer(folder: str, clf: Any) -> Any:
+    """``write(path, prediction)``: the input's heatmap overlay as DIR/<name>.png (names never reused)."""
+    from .errors import InputError
+
+    if not clf.heatmap_available:
+        raise UsageError(f"--heatmap: {clf.name} has no heatmap output (add it: python -m cxr_export.heatmap "
+                         "MODEL.onnx)")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--heatmap {folder}: cannot create the folder ({exc.strerror or exc})") from None
+    from .overlay import open_display, overlay_name, render_overlay
+
+    taken: set = set()  # names unique within the run; a rerun into the same folder replaces its files
+
+    def write(path: str, prediction: Any) -> None:
+        image = open_display(_STDIN.get(path, path))
+        if image is None:
+            raise InputError("cannot be read again for its --heatmap overlay")
+        target = os.path.join(folder, overlay_name(path, taken))
+        try:
+            render_overlay(image, prediction).save(target)
+        except OSError as exc:
+            raise InputError(f"cannot write its overlay {target} ({exc.strerror or exc})") from None
+
+    return write
 
 
 def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
@@ -282,6 +348,13 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
     timing["cpu_import"] = time.process_time() - c0
 
     entries = expand_inputs(args.inputs)
+    if args.format == "dicom-sr" and not args.info:
+        from .sr import available, input_problem
+        if not args.output:
+            raise UsageError("--format dicom-sr writes one SR file per DICOM input: give the folder with --output DIR")
+        if available():
+            raise UsageError(f"--format dicom-sr: {available()}")
+        entries = [(path, problem or input_problem(path)) for path, problem in entries]
     files = [path for path, problem in entries if problem is None]
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -296,18 +369,22 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
                          "MODEL.onnx --data TRAIN_DIR)")
 
     try:
-        out: IO[str] = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+        if args.format == "dicom-sr" and args.output:
+            os.makedirs(args.output, exist_ok=True)
+        out: IO[str] = open(args.output, "w", encoding="utf-8", newline="") \
+            if args.output and args.format != "dicom-sr" else sys.stdout
     except OSError as exc:
         raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
     try:
         if args.info:
             out.write(json.dumps(clf.info(), indent=2) + "\n")
             return 0
-        writer = Writer(args.format, out, max((len(path) for path, _ in entries), default=4))
+        writer = Writer(args.format, out, max((len(path) for path, _ in entries), default=4), clf, args.output)
         failed = outside = 0
         progress = Progress(len(files), enabled=not args.no_progress and len(files) >= PROGRESS_MIN_ITEMS
                             and sys.stderr.isatty())
-        results = clf.iter_predict(_sources(files), timing=timing)
+        overlays = _overlay_writer(args.heatmap, clf) if args.heatmap else None
+        results = clf.iter_predict(_sources(files), timing=timing, heatmap=overlays is not None)
         for path, problem in entries:
             result = next(results) if problem is None else InputError(problem)
             if isinstance(result, InputError):
@@ -325,13 +402,24 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
                 message = "not classified: outside the model's intended use: " + "; ".join(result.domain_reasons)
                 progress.clear()
                 _say(f"{path}: {message}")
-                writer.error(path, message)
+                try:
+                    writer.rejected(path, result, message)
+                except InputError as exc:  # its "not classified" SR cannot be written
+                    _say(f"{path}: {exc}")
             else:
                 outside += result.in_domain is False
-                writer.result(path, result)
+                try:
+                    writer.result(path, result)
+                    if overlays is not None:
+                        overlays(path, result)
+                except InputError as exc:  # e.g. its SR cannot be written: this input failed, the rest go on
+                    failed += 1
+                    progress.clear()
+                    _say(f"{path}: {exc}")
             if problem is None:
                 progress.step()
         progress.close()
+        writer.close()
         timing["cpu_classify"] = time.process_time() - c0
         out.flush()
         total = len(entries)

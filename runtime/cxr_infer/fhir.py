@@ -1,0 +1,191 @@
+"""FHIR R4 view of :class:`~cxr_infer.classifier.Prediction` records (``cxr-infer --format fhir``).
+
+Plain JSON built here (no FHIR library at run time; the tests validate it with
+``fhir.resources``): one Bundle of type ``collection`` holding
+
+* one ``Device`` for the model (names, version, SHA-256 as identifier, manufacturer cxr);
+* one ``Observation`` per classified input: ``status`` preliminary, ``category`` imaging,
+  ``code`` SNOMED CT 233604007 "Pneumonia", ``valueCodeableConcept`` Present / Absent (text:
+  the label), components for the probability and the threshold (``valueQuantity``, UCUM
+  ``1``), whether the image is within the intended use (``valueBoolean``) and each reason it
+  is not (``valueString``), ``subject`` from the DICOM PatientID where there is one,
+  ``derivedFrom`` the DICOM study and instance (``urn:oid:`` identifiers), ``device`` the model,
+  the AI-asserted security label (v3 ObservationValue ``AIAST``) and a note that it is not a
+  diagnosis;
+* an image outside the intended use that was not classified (``--reject-out-of-domain``)
+  gets an Observation with ``dataAbsentReason`` not-performed and the reasons; an input that
+  could not be read gets an ``OperationOutcome`` naming it, so the bundle loses nothing.
+
+Example:
+    >>> from cxr_infer.classifier import Prediction
+    >>> from cxr_infer.report import ModelIdentity
+    >>> m = ModelIdentity("default.onnx", "vgg16", "int8", "ab" * 32, "0.1.0", 0.5)
+    >>> obs = observation(Prediction("PNEUMONIA", 0.87, 0.5, in_domain=True), m, "urn:uuid:x")
+    >>> obs["status"], obs["valueCodeableConcept"]["text"], obs["component"][0]["valueQuantity"]["value"]
+    ('preliminary', 'PNEUMONIA', 0.87)
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import uuid
+from typing import IO, Any, Dict, List, Optional, Tuple
+
+from .report import (ABSENT, DECISION_THRESHOLD, DISCLAIMER, IN_INTENDED_USE, OUT_OF_USE_REASON, PNEUMONIA,
+                     PRESENT, PROBABILITY_OF_POSITIVE, UCUM_FHIR, ModelIdentity, SourceIds, finding_words, model_identity, not_classified_words, result_uid, source_ids)
+
+AI_ASSERTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "AIAST",
+               "display": "Artificial Intelligence asserted"}
+IMAGING = {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "imaging",
+           "display": "Imaging"}
+NOT_PERFORMED = {"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "not-performed",
+                 "display": "Not Performed"}
+#: Identifier system of DICOM UIDs (``urn:oid:`` values).
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _uuid_url(*parts: str) -> str:
+    return "urn:uuid:" + str(uuid.uuid5(uuid.NAMESPACE_OID, result_uid(*parts)))
+
+
+def device(model: ModelIdentity) -> Dict[str, Any]:
+    """The FHIR Device of the model (R4).
+
+    Example:
+        >>> device(ModelIdentity("m.onnx", "resnet50", "int8", "cd" * 32, "0.1.0", 0.4))["modelNumber"]
+        'resnet50 int8'
+    """
+    return {
+        "resourceType": "Device",
+        "identifier": [{"system": "urn:cxr:model-sha256", "value": model.sha256}],
+        "manufacturer": "cxr",
+        "deviceName": [{"name": model.title, "type": "user-friendly-name"},
+                       {"name": model.name, "type": "model-name"}],
+        "modelNumber": f"{model.backbone} {model.precision}",
+        "version": [{"type": {"text": "cxr"}, "value": model.cxr_version}],
+        "property": [{"type": {"coding": [DECISION_THRESHOLD.fhir()]},
+                      "valueQuantity": [{"value": model.threshold, "system": UCUM_FHIR, "code": "1"}]}],
+        "note": [{"text": DISCLAIMER}],
+    }
+
+
+def _quantity(value: float) -> Dict[str, Any]:
+    return {"value": round(float(value), 6), "unit": "1", "system": UCUM_FHIR, "code": "1"}
+
+
+def _component(concept: Any, **value: Any) -> Dict[str, Any]:
+    return {"code": {"coding": [concept.fhir()], "text": concept.display}, **value}
+
+
+def observation(pred: Any, model: ModelIdentity, device_url: str, source: Optional[SourceIds] = None,
+                classified: bool = True, path: Optional[str] = None) -> Dict[str, Any]:
+    """The FHIR R4 Observation of one result (see the module docstring for its fields).
+
+    ``source``: the DICOM image's identifiers (``subject`` and ``derivedFrom``); ``path``: the
+    input's name, kept in ``identifier`` where there is no SOP Instance UID.
+    """
+    components: List[Dict[str, Any]] = []
+    if classified:
+        components += [_component(PROBABILITY_OF_POSITIVE, valueQuantity=_quantity(pred.probability)),
+                       _component(DECISION_THRESHOLD, valueQuantity=_quantity(pred.threshold))]
+    if pred.in_domain is not None or not classified:
+        components.append(_component(IN_INTENDED_USE, valueBoolean=bool(pred.in_domain) and classified))
+    components += [_component(OUT_OF_USE_REASON, valueString=reason) for reason in pred.domain_reasons]
+    key = source.sop_instance_uid if source and source.sop_instance_uid else (path or "")
+    obs: Dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": str(uuid.uuid5(uuid.NAMESPACE_OID, model.sr_uid(key))),
+        "meta": {"security": [AI_ASSERTED]},
+        "status": "preliminary",
+        "category": [{"coding": [IMAGING]}],
+        "code": {"coding": [PNEUMONIA.fhir()], "text": "Pneumonia on chest X-ray (AI classifier)"},
+        "issued": _now(),
+        "device": {"reference": device_url, "display": model.title},
+    }
+    if key:
+        obs["identifier"] = [{"system": "urn:cxr:input", "value": key}]
+    if source is not None and source.patient_id:
+        obs["subject"] = {"identifier": {"value": source.patient_id}, "type": "Patient",
+                          **({"display": source.patient_name} if source.patient_name else {})}
+    if source is not None:
+        derived = [{"type": "ImagingStudy", "identifier": {"system": DICOM_UID_SYSTEM,
+                                                           "value": f"urn:oid:{source.study_instance_uid}"}}
+                   if source.study_instance_uid else None,
+                   {"type": "Media", "identifier": {"system": DICOM_UID_SYSTEM,
+                                                    "value": f"urn:oid:{source.sop_instance_uid}"}}
+                   if source.sop_instance_uid else None]
+        if any(derived):
+            obs["derivedFrom"] = [d for d in derived if d]
+    if classified:
+        positive = pred.label == model.positive_label
+        obs["valueCodeableConcept"] = {"coding": [(PRESENT if positive else ABSENT).fhir()], "text": pred.label}
+        obs["note"] = [{"text": finding_words(pred, model.positive_label)}, {"text": DISCLAIMER}]
+    else:
+        obs["dataAbsentReason"] = {"coding": [NOT_PERFORMED], "text": not_classified_words(pred)}
+        obs["note"] = [{"text": not_classified_words(pred)}, {"text": DISCLAIMER}]
+    if components:
+        obs["component"] = components
+    return obs
+
+
+def operation_outcome(path: str, message: str) -> Dict[str, Any]:
+    """An OperationOutcome naming an input that could not be classified."""
+    return {"resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": "processing", "diagnostics": f"{path}: {message}"}]}
+
+
+def bundle(entries: List[Tuple[Optional[str], Dict[str, Any]]]) -> Dict[str, Any]:
+    """A Bundle of type collection holding ``(fullUrl, resource)`` entries (``None``: a new ``urn:uuid:``)."""
+    items = [{"fullUrl": url or "urn:uuid:" + str(uuid.uuid4()), "resource": resource} for url, resource in entries]
+    return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "collection", "timestamp": _now(),
+            "entry": items}
+
+
+class FhirBundleWriter:
+    """``cxr-infer --format fhir``: collects every result, writes one Bundle on :meth:`close`.
+
+    Example:
+        >>> w = FhirBundleWriter(classifier, sys.stdout)                # doctest: +SKIP
+        >>> w.result("chest.dcm", classifier.predict("chest.dcm")); w.close()  # doctest: +SKIP
+    """
+
+    def __init__(self, classifier: Any, out: IO[str]) -> None:
+        self.model = model_identity(classifier)
+        self.out = out
+        self.device_url = _uuid_url("device", self.model.sha256)
+        self.entries: List[Tuple[Optional[str], Dict[str, Any]]] = [(self.device_url, device(self.model))]
+
+    def _source(self, path: str) -> Optional[SourceIds]:
+        from .errors import InputError
+        from .report import read_header
+
+        if path == "-":
+            return None
+        try:
+            return source_ids(read_header(path))
+        except InputError:  # not DICOM (or unreadable now): no patient or study to name
+            return None
+
+    def _add(self, path: str, pred: Any, classified: bool) -> None:
+        obs = observation(pred, self.model, self.device_url, self._source(path), classified=classified, path=path)
+        self.entries.append(("urn:uuid:" + obs["id"], obs))
+
+    def result(self, path: str, pred: Any) -> None:
+        """Add the Observation of a classified input."""
+        self._add(path, pred, classified=True)
+
+    def rejected(self, path: str, pred: Any, message: str) -> None:
+        """Add the not-performed Observation of an input outside the intended use."""
+        self._add(path, pred, classified=False)
+
+    def error(self, path: str, message: str) -> None:
+        """Add an OperationOutcome naming an input that failed."""
+        self.entries.append((None, operation_outcome(path, message)))
+
+    def close(self) -> None:
+        """Write the Bundle (pretty JSON) and a newline."""
+        self.out.write(json.dumps(bundle(self.entries), indent=2) + "\n")

@@ -1,0 +1,259 @@
+"""What every hospital-facing view of a :class:`~cxr_infer.classifier.Prediction` says, in one place.
+
+The DICOM SR writer (:mod:`cxr_infer.sr`), the FHIR writer (:mod:`cxr_infer.fhir`) and the
+PACS client (:mod:`cxr_infer.pacs`) share this vocabulary, so a result reads the same wherever
+it lands: the finding as words and as a SNOMED CT code, the sentence that the result is not a
+diagnosis, the model that made it (:class:`ModelIdentity`: file name, backbone, precision,
+SHA-256, cxr version, threshold) and the identifiers of the DICOM image it came from
+(:class:`SourceIds`). Torch-free and import-light (pydicom only inside :func:`source_ids`).
+
+Result UIDs are name-based (:func:`result_uid`): the SR of one source image, made by one model
+file at one threshold, always has the same SOP Instance UID. Writing it again overwrites the
+same file, storing it again into a PACS is "already stored": a retry or a second run can never
+make a duplicate.
+
+Example:
+    >>> finding_for("PNEUMONIA").code, finding_for("NORMAL").display
+    ('233604007', 'Normal')
+    >>> result_uid("sr", "1.2.3", "abc") == result_uid("sr", "1.2.3", "abc")
+    True
+    >>> result_uid("sr", "1.2.3", "abc").startswith("2.25.") and len(result_uid("sr", "x")) <= 64
+    True
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Tuple, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .classifier import Classifier, Prediction
+
+#: Says on every SR, FHIR Observation and PACS log what the result is and is not.
+DISCLAIMER = ("Computer-generated result of the cxr AI model, for decision support only: not a diagnosis. "
+              "A qualified clinician must read the image.")
+
+#: Namespace of cxr's name-based UIDs (a fixed, random UUID; never change it: it keeps UIDs stable).
+UID_NAMESPACE = uuid.UUID("6d1c3f4e-8a43-4b7e-9d0c-2f5b8e1a7c90")
+
+SNOMED_FHIR = "http://snomed.info/sct"
+UCUM_FHIR = "http://unitsofmeasure.org"
+#: cxr's own code system, for the concepts no standard terminology has (FHIR system URI;
+#: in DICOM the private coding scheme designator ``99CXR``).
+CXR_FHIR = "urn:cxr:codes"
+CXR_SCHEME = "99CXR"
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One coded concept: ``code`` in the DICOM coding ``scheme`` (FHIR ``system``), ``display`` words.
+
+    Example:
+        >>> PNEUMONIA.fhir()
+        {'system': 'http://snomed.info/sct', 'code': '233604007', 'display': 'Pneumonia'}
+    """
+
+    code: str
+    scheme: str
+    display: str
+
+    @property
+    def system(self) -> str:
+        """The FHIR code system URI of ``scheme``."""
+        return {"SCT": SNOMED_FHIR, "UCUM": UCUM_FHIR, CXR_SCHEME: CXR_FHIR}.get(self.scheme, self.scheme)
+
+    def fhir(self) -> Dict[str, str]:
+        """This concept as a FHIR Coding."""
+        return {"system": self.system, "code": self.code, "display": self.display}
+
+
+PNEUMONIA = Concept("233604007", "SCT", "Pneumonia")
+NORMAL = Concept("17621005", "SCT", "Normal")
+#: What the report is about (the procedure reported).
+PLAIN_CHEST_XRAY = Concept("399208008", "SCT", "Plain chest X-ray")
+PRESENT = Concept("52101004", "SCT", "Present")
+ABSENT = Concept("272519000", "SCT", "Absent")
+YES = Concept("373066001", "SCT", "Yes")
+NO = Concept("373067005", "SCT", "No")
+PROBABILITY = Concept("122157", "DCM", "Probability")
+THRESHOLD = Concept("122411", "DCM", "Threshold Value")
+UNITLESS = Concept("1", "UCUM", "no units")
+# cxr's own concepts (99CXR / urn:cxr:codes)
+PROBABILITY_OF_POSITIVE = Concept("probability", CXR_SCHEME, "Probability of the positive label")
+DECISION_THRESHOLD = Concept("threshold", CXR_SCHEME, "Decision threshold")
+IN_INTENDED_USE = Concept("in-intended-use", CXR_SCHEME, "Within the model's intended use")
+OUT_OF_USE_REASON = Concept("intended-use-reason", CXR_SCHEME, "Reason outside the model's intended use")
+CLASSIFIED = Concept("classified", CXR_SCHEME, "Classified by the model")
+
+_FINDINGS = {"PNEUMONIA": PNEUMONIA, "NORMAL": NORMAL}
+
+
+def finding_for(label: str) -> Concept:
+    """The coded finding of a label: SNOMED CT Pneumonia or Normal; other labels get a 99CXR code."""
+    return _FINDINGS.get(label.upper(), Concept(label, CXR_SCHEME, label.capitalize()))
+
+
+def result_uid(*parts: str) -> str:
+    """A DICOM UID (``2.25.`` + a name-based UUID, at most 44 characters) that depends only on ``parts``."""
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, chr(31).join(str(p) for p in parts)).int}"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model that made a result, as the SR observer device and the FHIR Device name it.
+
+    Example:
+        >>> m = ModelIdentity("default.onnx", "vgg16", "int8", "ab" * 32, "0.1.0", 0.5)
+        >>> m.title
+        'cxr 0.1.0 vgg16 int8'
+        >>> m.device_uid == ModelIdentity("other.onnx", "vgg16", "int8", "ab" * 32, "0.2.0", 0.3).device_uid
+        True
+    """
+
+    name: str
+    backbone: str
+    precision: str
+    sha256: str
+    cxr_version: str
+    threshold: float
+    positive_label: str = "PNEUMONIA"
+
+    @property
+    def title(self) -> str:
+        """``cxr VERSION BACKBONE PRECISION``: the device's name."""
+        return f"cxr {self.cxr_version} {self.backbone} {self.precision}"
+
+    @property
+    def device_uid(self) -> str:
+        """One UID per model file content (its SHA-256): the SR's Device Observer UID."""
+        return result_uid("device", self.sha256)
+
+    def sr_uid(self, source_sop_instance_uid: str) -> str:
+        """The SOP Instance UID of this model's SR about one source image (same inputs, same UID)."""
+        return result_uid("sr", source_sop_instance_uid, self.sha256, f"{self.threshold:.6g}")
+
+    def series_uid(self, study_instance_uid: str) -> str:
+        """The Series Instance UID of this model's SRs in one study: one cxr series per study and model."""
+        return result_uid("series", study_instance_uid, self.sha256, f"{self.threshold:.6g}")
+
+    def parameters(self) -> Dict[str, str]:
+        """``{name: value}`` of what identifies the run: file, backbone, precision, SHA-256, threshold."""
+        return {"model file": self.name, "backbone": self.backbone, "precision": self.precision,
+                "sha256": self.sha256, "threshold": f"{self.threshold:g}", "cxr version": self.cxr_version}
+
+
+_SHA_CACHE: Dict[Tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """The hex SHA-256 of a file (cached per path, size and modification time)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def model_identity(classifier: "Classifier") -> ModelIdentity:
+    """The :class:`ModelIdentity` of a loaded classifier (its threshold as it runs, not only its spec's).
+
+    A model given as bytes has no file to hash: its spec's JSON is hashed instead.
+    """
+    from . import __version__
+
+    if classifier.model_path:
+        sha, name = file_sha256(classifier.model_path), Path(classifier.model_path).name
+    else:
+        sha, name = hashlib.sha256(classifier.spec.to_json().encode()).hexdigest(), classifier.name
+    return ModelIdentity(name=name, backbone=classifier.spec.backbone, precision=classifier.spec.precision,
+                         sha256=sha, cxr_version=__version__, threshold=float(classifier.threshold),
+                         positive_label=classifier.spec.positive_label)
+
+
+def finding_words(pred: "Prediction", positive_label: str = "PNEUMONIA") -> str:
+    """The result in one sentence.
+
+    Example:
+        >>> from cxr_infer.classifier import Prediction
+        >>> finding_words(Prediction("PNEUMONIA", 0.8734, 0.5))
+        'PNEUMONIA: probability of PNEUMONIA 0.873, at or above the decision threshold 0.5'
+    """
+    side = "at or above" if pred.probability >= pred.threshold else "below"
+    return (f"{pred.label}: probability of {positive_label} {pred.probability:.3f}, {side} the decision "
+            f"threshold {pred.threshold:g}")
+
+
+def intended_use_words(pred: "Prediction") -> str:
+    """Whether the image lies inside the model's intended use, with the reasons when it does not."""
+    if pred.in_domain is None:
+        return "intended use not checked (the model file has no domain statistics or intended-use block)"
+    if pred.in_domain:
+        return "inside the model's intended use"
+    return "OUTSIDE the model's intended use: " + "; ".join(pred.domain_reasons or ("no reason given",))
+
+
+def not_classified_words(pred: "Prediction") -> str:
+    """Why an image outside the intended use was not classified."""
+    return "Not classified: the image is outside the model's intended use: " + "; ".join(
+        pred.domain_reasons or ("no reason given",))
+
+
+@dataclass(frozen=True)
+class SourceIds:
+    """Identifiers of a DICOM source image: whom and which study, series and instance it belongs to."""
+
+    patient_id: str
+    patient_name: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    accession_number: str = ""
+
+
+def read_header(source: Union[str, os.PathLike, bytes]) -> Any:
+    """The pydicom dataset of a DICOM file or bytes, without its pixel data.
+
+    Raises :class:`~cxr_infer.errors.InputError` when it is not DICOM or pydicom is missing.
+    """
+    from .dicom import _pydicom, looks_like_dicom
+    from .errors import InputError
+
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source[:132])
+    else:
+        try:
+            with open(source, "rb") as fh:
+                data = fh.read(132)
+        except OSError as exc:
+            raise InputError(f"cannot read ({exc.strerror or exc})") from None
+    if not looks_like_dicom(data):
+        raise InputError("not a DICOM file")
+    pydicom = _pydicom()
+    try:
+        return pydicom.dcmread(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                               force=True, stop_before_pixels=True)
+    except Exception as exc:
+        raise InputError(f"corrupt DICOM header ({exc})") from None
+
+
+def source_ids(header: Any) -> SourceIds:
+    """The :class:`SourceIds` of a pydicom dataset (empty strings for absent tags)."""
+    def text(key: str) -> str:
+        value = header.get(key)
+        return "" if value is None else str(value).strip()
+
+    meta = getattr(header, "file_meta", None)
+    sop_class = text("SOPClassUID") or ("" if meta is None else str(meta.get("MediaStorageSOPClassUID") or ""))
+    return SourceIds(patient_id=text("PatientID"), patient_name=text("PatientName"),
+                     study_instance_uid=text("StudyInstanceUID"), series_instance_uid=text("SeriesInstanceUID"),
+                     sop_instance_uid=text("SOPInstanceUID"), sop_class_uid=sop_class,
+                     accession_number=text("AccessionNumber"))

@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--max-seconds", type=float, default=10.0, metavar="S",
                     help="stop timing a process after S seconds, keeping at least 3 calls (default 10)")
     lt.add_argument("--timeout", type=float, default=600.0, metavar="S", help="kill a process after S seconds")
+    lt.add_argument("--heatmap", choices=("off", "on", "both"), default="off",
+                    help="also fetch the Grad-CAM heatmap output of models that have one (both: with and without)")
     lt.add_argument("--domain-check", choices=("off", "on", "both"), default="off",
                     help="for models with domain statistics: time the probabilities alone (off, default: what "
                          "PyTorch computes), with the domain_score output too (on: what Classifier runs by "
@@ -266,7 +268,7 @@ def _run(args: argparse.Namespace) -> int:
         rep = run_latency(args.model, args.checkpoint, batches=args.batch, threads=args.threads, device=args.device,
                           repeats=args.repeats, warmup=max(args.warmup, 1), iterations=args.iterations,
                           max_seconds=args.max_seconds, timeout=args.timeout, out=args.out, name=args.name,
-                          quiet=args.quiet, domain_check=args.domain_check)
+                          quiet=args.quiet, domain_check=args.domain_check, heatmap=args.heatmap)
         failed = [r for r in rep["results"] if r.get("error") or r.get("processes_failed")]
         for r in failed:
             print(f"cxr-bench: {r['name']} batch {r['batch']}: "

@@ -80,7 +80,7 @@ def model_info(path: str | Path) -> Dict[str, Any]:
     p = Path(path)
     spec, facts, warnings = inspect_model(p)
     return {"engine": "onnx", "path": str(p), "name": p.stem, "backbone": spec.backbone, "precision": spec.precision,
-            "domain_output": spec.domain_output, "file_bytes": p.stat().st_size, "sha256": sha256_file(p),
+            "domain_output": spec.domain_output, "heatmap_output": spec.heatmap_output, "file_bytes": p.stat().st_size, "sha256": sha256_file(p),
             "graph": facts, "warnings": warnings}
 
 
@@ -138,7 +138,7 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
                 threads: int = 1, device: str = "cpu", repeats: int = 3, warmup: int = 3, iterations: int = 20,
                 max_seconds: float = 10.0, timeout: float = 600.0, out: Optional[str | Path] = None,
                 name: Optional[str] = None, seed: int = 0, quiet: bool = False,
-                domain_check: str = "off") -> Dict[str, Any]:
+                domain_check: str = "off", heatmap: str = "off") -> Dict[str, Any]:
     """Measure every (model or checkpoint) x batch, ``repeats`` fresh processes each, interleaved.
 
     ``domain_check``: "off" times the probabilities output alone (as PyTorch computes it), "on"
@@ -147,6 +147,8 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
     """
     if domain_check not in ("off", "on", "both"):
         raise BenchError(f"--domain-check {domain_check!r}: choose off, on or both")
+    if heatmap not in ("off", "on", "both"):
+        raise BenchError(f"--heatmap {heatmap!r}: choose off, on or both")
     if not models and not checkpoints:
         raise BenchError("nothing to measure: pass --model FILE.onnx and/or --checkpoint RUN_FOLDER")
     if repeats < 1 or iterations < 1 or threads < 1 or any(b < 1 for b in batches):
@@ -165,10 +167,15 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         modes = [False]
         if s["engine"] == "onnx" and s.get("domain_output"):
             modes = {"off": [False], "on": [True], "both": [False, True]}[domain_check]
+        maps = [False]
+        if s["engine"] == "onnx" and s.get("heatmap_output"):
+            maps = {"off": [False], "on": [True], "both": [False, True]}[heatmap]
         for dc in modes:
-            subject = {**s, "domain_check": dc, "name": s["name"] + (" +domain check" if dc else "")}
-            for b in batches:
-                configs.append({**subject, "batch": int(b)})
+            for hm in maps:
+                subject = {**s, "domain_check": dc, "heatmap": hm,
+                           "name": s["name"] + (" +domain check" if dc else "") + (" +heatmap" if hm else "")}
+                for b in batches:
+                    configs.append({**subject, "batch": int(b)})
     env = child_env(threads)
     raw: List[List[Dict[str, Any]]] = [[] for _ in configs]
     order_log: List[List[int]] = []
@@ -180,7 +187,7 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
             c = configs[i]
             cfg = {"engine": c["engine"], "path": c["path"], "device": device, "batch": c["batch"], "threads": threads,
                    "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed,
-                   "domain_check": c.get("domain_check", False)}
+                   "domain_check": c.get("domain_check", False), "heatmap": c.get("heatmap", False)}
             res = run_worker(cfg, env, timeout)
             res["round"] = r + 1
             raw[i].append(res)
@@ -197,7 +204,7 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
     report: Dict[str, Any] = {
         **new_report(KIND), "machine": machine,
         "settings": {"device": device, "threads": threads, "batches": list(batches), "repeats": repeats,
-                     "domain_check": domain_check,
+                     "domain_check": domain_check, "heatmap": heatmap,
                      "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed,
                      "order": order_log,
                      "input": "ONNX: the graph input (cxr_infer.model.graph_input) of seeded random uint8 pixels, "
@@ -219,6 +226,7 @@ def comparisons(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Speed-ups: ONNX vs PyTorch eager (same backbone, batch) and INT8/FP16 vs FP32 ONNX."""
     ok = [r for r in results if r.get("median_ms")]
     plain = {r["path"] for r in ok if r["engine"] == "onnx" and not r.get("domain_check")}
+    unmapped = {r["path"] for r in ok if r["engine"] == "onnx" and not r.get("heatmap")}
     out = []
     for r in ok:
         if r["engine"] != "onnx":
@@ -228,13 +236,20 @@ def comparisons(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             if not same:
                 continue
             if base["engine"] == "onnx" and base["path"] == r["path"]:
-                if r.get("domain_check") and not base.get("domain_check"):
+                if r.get("heatmap") and not base.get("heatmap") and r.get("domain_check") == base.get("domain_check"):
+                    out.append({"backbone": r["backbone"], "batch": r["batch"], "model": r["name"],
+                                "baseline": base["name"], "kind": "heatmap on vs off",
+                                "speedup": base["median_ms"] / r["median_ms"]})
+                    continue
+                if r.get("domain_check") and not base.get("domain_check") and r.get("heatmap") == base.get("heatmap"):
                     out.append({"backbone": r["backbone"], "batch": r["batch"], "model": r["name"],
                                 "baseline": base["name"], "kind": "domain check on vs off",
                                 "speedup": base["median_ms"] / r["median_ms"]})
                 continue
             if any(x.get("domain_check") and x["path"] in plain for x in (r, base)):
                 continue  # like with like: the check-off row of that file stands for it
+            if any(x.get("heatmap") and x["path"] in unmapped for x in (r, base)):
+                continue  # and the heatmap-off row
             if base["engine"] == "torch":
                 kind = "vs PyTorch eager fp32"
             elif base["engine"] == "onnx" and base["precision"] == "fp32" and r["precision"] != "fp32":
@@ -263,7 +278,10 @@ def render_markdown(report: Dict[str, Any]) -> str:
                           "on": "probabilities and domain_score for models that have it (as Classifier runs "
                                 "by default; rows marked +domain check)",
                           "both": "models with domain statistics measured with the domain_score output (rows "
-                                  "marked +domain check) and without"}[s.get("domain_check", "off")] + ".",
+                                  "marked +domain check) and without"}[s.get("domain_check", "off")]
+         + {"off": "", "on": "; plus the heatmap output (rows marked +heatmap)",
+            "both": "; models with a heatmap output measured with it (rows marked +heatmap) and without"}[
+             s.get("heatmap", "off")] + ".",
          "", "## Results", "",
          "Median: median of the per-process medians. p90/p99: over all timed calls of all processes. "
          "Load: session/model load time (median). Peak RSS: largest peak resident memory of any process "

@@ -72,6 +72,10 @@ def _onnx_runner(cfg: Dict[str, Any]) -> Tuple[Callable[[], Any], Dict[str, Any]
         if not spec.domain_output:
             raise RuntimeError(f"{cfg['path']}: no domain statistics, so no domain check to time")
         outs.append(spec.domain_output)  # what Classifier runs by default
+    if cfg.get("heatmap"):
+        if not spec.heatmap_output:
+            raise RuntimeError(f"{cfg['path']}: no heatmap output to time")
+        outs.append(spec.heatmap_output)  # what predict(..., heatmap=True) adds
     info["outputs"] = outs
     return (lambda: model.run_input(x, outs)), info
 

@@ -211,6 +211,7 @@ def test_predict_gives_a_unit_map_only_when_asked(square_model, monkeypatch):
     from cxr_infer import Classifier
 
     clf = Classifier(square_model, threads=1)
+    assert clf.info()["heatmap"]["available"] and clf.info()["heatmap"]["grid"] == [4, 4]
     asked = []
     original = ModelFile.run
 
@@ -241,7 +242,7 @@ def test_a_model_without_the_output_says_how_to_add_it(tiny_model, tmp_path):
     from cxr_infer.errors import ModelError
 
     clf = Classifier(tiny_model, threads=1)
-    assert not clf.heatmap_available
+    assert not clf.heatmap_available and "python -m cxr_export.heatmap" in clf.info()["heatmap"]["reason"]
     with pytest.raises(ModelError, match="python -m cxr_export.heatmap"):
         clf.predict(np.zeros((224, 224, 3), np.uint8), heatmap=True)
     r = run_cli("--model", str(tiny_model), "--heatmap", str(tmp_path / "maps"), str(tmp_path / "x.png"))

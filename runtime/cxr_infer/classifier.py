@@ -357,6 +357,14 @@ class Classifier:
                              {"header_checks": False, "reason": "the model file has no intended_use block, so DICOM "
                               "header checks are off (cxr-export writes one)" if "intended_use" not in self.spec.raw
                               else "turned off (header_check=False)"}),
+            "heatmap": ({"available": True, "output": self.spec.heatmap_output,
+                         "grid": (self.spec.raw.get("heatmap") or {}).get("grid"),
+                         "method": (self.spec.raw.get("heatmap") or {}).get("method"),
+                         "use": "predict(..., heatmap=True) or cxr-infer --heatmap DIR; model attention, not a "
+                                "localisation"}
+                        if self.heatmap_available else
+                        {"available": False, "reason": "the model file has no heatmap output (add it with python -m "
+                                                       "cxr_export.heatmap MODEL.onnx)"}),
             "domain_check": ({"available": True, "threshold": self.domain_threshold, "output": self.spec.domain_output,
                               "flags_of_in_domain_validation": (self.spec.raw.get("domain") or {}).get(
                                   "flag_rate_validation"),

@@ -72,7 +72,7 @@ def test_stats_round_trip_through_the_file(domain_model, plain_model):
     branches, keys, _ = domain.fit_branches(spec, "features", domain.branch_inputs(spec, train, feats), labels,
                                             domain.branch_inputs(spec, val, val_feats))
     assert [b.name for b in branches] == [b["name"] for b in block["branches"]] == [
-        "features", "thumb16", "thumb8", "orientation"]
+        "features", "thumb16", "thumb8", "thumb4", "orientation"]
     assert [b.centre for b in branches] == pytest.approx([b["centre"] for b in block["branches"]])
     assert [b.scale for b in branches] == pytest.approx([b["scale"] for b in block["branches"]])
     inputs = domain.branch_inputs(spec, train[:20], feats[:20])
@@ -111,7 +111,7 @@ def test_far_input_flagged_training_like_not(domain_model):
     batch = clf.predict([train[0], red()])
     assert [p.in_domain for p in batch] == [True, False]
     assert clf.info()["domain_check"]["available"] is True
-    assert clf.info()["domain_check"]["branches"] == ["features", "thumb16", "thumb8", "orientation"]
+    assert clf.info()["domain_check"]["branches"] == ["features", "thumb16", "thumb8", "thumb4", "orientation"]
     assert clf.info()["domain_check"]["flags_of_in_domain_validation"] == pytest.approx(0.05, abs=0.02)
     off = Classifier(path, threads=1, domain_check=False)
     assert off.predict(red()).in_domain is None and off.predict(red()).probability == outside.probability
@@ -141,7 +141,58 @@ def test_upside_down_and_inverted_are_flagged(plain_model, tmp_path):
     feats = domain.run_outputs(plain_model, read_spec(plain_model), np.concatenate([upright, upright[:, ::-1, ::-1]]),
                                ["features"])[0]
     np.testing.assert_allclose(feats[:40], feats[40:], atol=1e-5)
-    assert block["flagged_validation_by_branch"].keys() == {"features", "thumb16", "thumb8", "orientation"}
+    assert block["flagged_validation_by_branch"].keys() == {"features", "thumb16", "thumb8", "thumb4", "orientation"}
+
+
+def checkered(images: np.ndarray, amplitude: int = 40) -> np.ndarray:
+    """The same images with a one-pixel checkerboard of +-``amplitude`` added: every channel mean and
+    every 2 x 2 (and coarser) average stays as it was, only the pixel-level spread changes."""
+    sign = np.where((np.arange(SIZE)[:, None] + np.arange(SIZE)[None, :]) % 2 == 0, 1, -1)[None, :, :, None]
+    return (images.astype(int) + amplitude * sign).astype(np.uint8)  # 60..180 +- 40 stays in 0..255
+
+
+def test_stage_branch_flags_what_pooled_features_and_thumbnails_cannot(plain_model, tmp_path):
+    """A stage branch (channel means and standard deviations of a graph tensor, here the tiny model's
+    input) flags a checkered image; its plain twin is not flagged, and no other branch sees a difference."""
+    train, val = gray_images(300, 5), gray_images(200, 6)
+    labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
+    out = tmp_path / "stage.onnx"
+    block = domain.add_domain_stats(plain_model, train, labels, val, out_path=out, threads=1, taps=["input"])
+    names = [b["name"] for b in block["branches"]]
+    assert names == ["features", "thumb16", "thumb8", "thumb4", "orientation", "stage1"]
+    assert block["stage_tensors"] == ["input"] and "channel means and standard deviations of input" in \
+        block["branches"][-1]["input"]
+    spec = read_spec(out)
+    plain = gray_images(40, 7)
+    plain = np.clip(plain, 60, 180)  # room for the checkerboard
+    twin = checkered(plain)
+    score_p, terms_p = domain.run_outputs(out, spec, plain, ["domain_score", "domain_terms"])
+    score_c, terms_c = domain.run_outputs(out, spec, twin, ["domain_score", "domain_terms"])
+    thr = block["threshold"]
+    assert np.mean(score_p > thr) <= 0.15 and np.all(score_c > thr)
+    assert np.all(np.argmax(terms_c, axis=1) == names.index("stage1"))  # the stage branch fired
+    np.testing.assert_allclose(terms_c[:, :5], terms_p[:, :5], rtol=1e-3, atol=1e-3)  # the others saw no change
+    # graph == numpy reference, stage branch included
+    stages = domain.stage_features(out, spec, twin, ["input"])
+    x = domain.graph_input(spec, twin).astype(np.float64)
+    np.testing.assert_allclose(stages[0], np.c_[x.mean(axis=(2, 3)), x.std(axis=(2, 3))], rtol=1e-3, atol=1e-3)
+    plain_spec = read_spec(plain_model)
+    feats = domain.run_outputs(plain_model, plain_spec, twin, ["features"])[0]
+    fit_in, val_in = [domain.branch_inputs(spec, imgs, domain.run_outputs(plain_model, plain_spec, imgs, ["features"])[0],
+                                           domain.stage_features(plain_model, plain_spec, imgs, ["input"]))
+                      for imgs in (train, val)]
+    branches, keys, _ = domain.fit_branches(spec, "features", fit_in, labels, val_in, taps=["input"])
+    ref = domain.reference_scores(branches, [domain.branch_inputs(spec, twin, feats, stages)[k] for k in keys])
+    np.testing.assert_allclose(score_c, ref, rtol=1e-3, atol=1e-3)
+    # probabilities untouched
+    before = domain.run_outputs(plain_model, read_spec(plain_model), twin, ["probabilities"])[0]
+    assert np.array_equal(before, domain.run_outputs(out, spec, twin, ["probabilities"])[0])
+
+
+def test_default_taps_follow_the_backbone(plain_model):
+    assert domain.default_taps(read_spec(plain_model), plain_model) == []  # "tiny": no table entry
+    assert set(domain.STAGE_TAPS) == {"vgg16", "resnet50", "inception_v3"}
+    assert all(len(t) == 4 for t in domain.STAGE_TAPS.values())
 
 
 def test_old_model_without_stats_still_loads(plain_model):
@@ -179,7 +230,7 @@ def test_cli_marks_and_rejects(domain_model, images):
     r = run_cli("--model", str(path), str(gray), str(color))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.decode().splitlines()
-    assert lines[1].endswith(" ok") and lines[2].endswith("OUTSIDE (!)")
+    assert lines[1].endswith(" ok") and "OUTSIDE (!): image unlike the training X-rays (domain score" in lines[2]
     assert "1 of 2 inputs look outside the model's domain" in r.stderr.decode()
     r = run_cli("--model", str(path), "--format", "jsonl", str(gray), str(color))
     rows = [json.loads(x) for x in r.stdout.decode().splitlines()]
@@ -187,14 +238,15 @@ def test_cli_marks_and_rejects(domain_model, images):
     r = run_cli("--model", str(path), "--format", "csv", "--reject-out-of-domain", str(gray), str(color))
     assert r.returncode == 1
     out = r.stdout.decode().splitlines()
-    assert out[0] == "path,label,probability,threshold,in_domain,domain_score,error"
-    assert out[1].split(",")[4] == "true" and "not classified: outside the model's domain" in out[2]
-    assert f"{color}: not classified: outside the model's domain" in r.stderr.decode()
+    assert out[0] == "path,label,probability,threshold,in_domain,domain_score,domain_reasons,error"
+    assert out[1].split(",")[4] == "true" and "not classified: outside the model's intended use: image unlike" in out[2]
+    assert f"{color}: not classified: outside the model's intended use: image unlike the training X-rays" \
+        in r.stderr.decode()
 
 
 def test_reject_needs_statistics(plain_model, images):
     r = run_cli("--model", str(plain_model), "--reject-out-of-domain", str(images[0]))
-    assert r.returncode == 2 and "no domain statistics" in r.stderr.decode()
+    assert r.returncode == 2 and "neither domain statistics nor an intended_use" in r.stderr.decode()
 
 
 def test_bench_domain_report(domain_model, plain_model, xrays224, tmp_path):
@@ -219,7 +271,7 @@ def test_bench_domain_report(domain_model, plain_model, xrays224, tmp_path):
     assert m["kinds"]["noise"]["images"] == 4 and m["kinds"]["noise"]["flag_rate"] == 1.0  # colour noise: far away
     assert rep["models"][1]["domain"] is None
     md = (out / "domain.md").read_text()
-    assert "## Flag rate" in md and "| Model | features | thumb16 | thumb8 | orientation |" in md
+    assert "## Flag rate" in md and "| Model | features | thumb16 | thumb8 | thumb4 | orientation |" in md
 
 
 def test_bench_latency_times_the_check(domain_model, plain_model, tmp_path):
@@ -236,3 +288,32 @@ def test_bench_latency_times_the_check(domain_model, plain_model, tmp_path):
                     "plain": ["probabilities"]}
     assert [c["kind"] for c in rep["comparisons"]] == ["domain check on vs off"]
     assert "+domain check" in (tmp_path / "latency.md").read_text()
+
+
+def test_bench_domain_foreign_folder(domain_model, xrays224, tmp_path):
+    """--foreign DIR: each sub-folder a kind, flag rate and AUROC each; files.csv findings give the AUC."""
+    import shutil
+
+    from PIL import Image
+
+    from cxr_bench.cli import main
+
+    data = tmp_path / "data"
+    for f in xrays224[:3] + xrays224[6:9]:
+        (data / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, data / f.parent.name / f.name)
+    foreign = tmp_path / "foreign"
+    (foreign / "photos").mkdir(parents=True)
+    rows = ["file,source,finding,view,modality,age,original_size,license"]
+    for i in range(4):
+        Image.fromarray(np.full((40, 40, 3), (i * 60, 200, 30), np.uint8)).save(foreign / "photos" / f"p{i}.png")
+        rows.append(f"photos/p{i}.png,test,{'No finding' if i % 2 else 'Pneumonia'},AP,X-ray,,40x40,none")
+    (foreign / "files.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert main(["domain", "--model", str(domain_model[0]), "--data", str(data), "--count", "2", "--kinds", "noise",
+                 "--foreign", str(foreign), "--out", str(out), "-q"]) == 0
+    rep = json.loads((out / "domain.json").read_text())
+    (m,) = rep["models"]
+    assert m["foreign"]["photos"]["images"] == 4 and m["foreign"]["photos"]["flag_rate"] == 1.0
+    assert m["foreign"]["photos"]["auroc"] == 1.0
+    assert "evaluation only" in (out / "domain.md").read_text()

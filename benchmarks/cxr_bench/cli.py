@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", required=True, metavar="DIR", help=f"in-domain labelled folder, e.g. {TEST_SPLIT}")
     d.add_argument("--count", type=_positive, default=150, metavar="N", help="images per out-of-domain kind (default 150)")
     d.add_argument("--kinds", default=None, metavar="K,K,...", help="comma-separated kinds (default: all)")
+    d.add_argument("--foreign", metavar="DIR",
+                   help="real out-of-domain images, each sub-folder a kind (e.g. ../shared/data/foreign_cxr; "
+                        "files.csv with a finding column adds the classifier's AUC on them); evaluation only")
     d.add_argument("--batch", type=_positive, default=16, metavar="N", help="inference batch size (default 16)")
     d.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N", help="onnxruntime threads")
     common(d, summary=False)
@@ -289,7 +292,7 @@ def _run(args: argparse.Namespace) -> int:
 
         kinds = [k for k in (args.kinds or ",".join(KINDS)).split(",") if k]
         rep = run_domain(args.model, args.data, args.out, count=args.count, kinds=kinds, batch=args.batch,
-                         threads=args.threads, name=args.name, quiet=args.quiet)
+                         threads=args.threads, name=args.name, quiet=args.quiet, foreign=args.foreign)
         return 0 if all(m.get("domain") for m in rep["models"]) else 1
     elif args.command == "heatmaps":
         from .heatmaps import run_heatmaps

@@ -26,6 +26,16 @@ Per model and kind: the flag rate at the model's own domain threshold, and the A
 domain score between the in-domain images and that kind (1.0: every image of the kind scores
 above every test X-ray). Every kind goes through the runtime's one preprocessing.
 
+``--foreign DIR`` adds real images from other sources (e.g. ``../shared/data/foreign_cxr``):
+every sub-folder of ``DIR`` is a kind (adult_frontal, lateral, ct), measured like the built
+kinds, with the branch that decided for each flagged image (``domain_terms``). When ``DIR``
+has a ``files.csv`` (columns ``file``, ``finding``, ``view``, ``modality``), the classifier
+itself is also scored on its frontal X-rays whose finding is known ("No finding" is NORMAL,
+"inconclusive" or empty is left out, any other finding is PNEUMONIA): AUC and confusion
+counts at the model's threshold. That is a pediatric model outside its population (adults,
+other hospitals, other diseases), reported to show what an unflagged adult image would get,
+not as an accuracy claim. These images are for measuring only: nothing here is fitted on them.
+
 Example:
     >>> rep = run_domain(["m_int8.onnx"], "../shared/data/chest_xray_224/test", "/tmp/b")  # doctest: +SKIP
     >>> rep["models"][0]["in_domain"]["flag_rate"]                                        # doctest: +SKIP
@@ -211,6 +221,90 @@ def build_kinds(test_pixels: np.ndarray, count: int, size: Tuple[int, int], kind
     return {k: makers[k]() for k in kinds}
 
 
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+
+
+def load_foreign(root: str | Path, size: Tuple[int, int], method: str = "bicubic"
+                 ) -> Tuple[Dict[str, Tuple[np.ndarray, List[str]]], Dict[str, Dict[str, str]]]:
+    """Pixels and file names (relative to ``root``) per sub-folder of ``root``, and the rows of
+    ``root/files.csv`` by file name (empty without one)."""
+    import csv
+
+    root = Path(root)
+    if not root.is_dir():
+        raise BenchError(f"{root}: --foreign needs a folder whose sub-folders are kinds of image")
+    kinds: Dict[str, Tuple[np.ndarray, List[str]]] = {}
+    for sub in sorted(d for d in root.iterdir() if d.is_dir()):
+        files = sorted(f for f in sub.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+        if files:
+            px = np.stack([load_image(f, size, method=method) for f in files])
+            kinds[sub.name] = (px, [str(f.relative_to(root)) for f in files])
+    if not kinds:
+        raise BenchError(f"{root}: no sub-folder with images")
+    rows: Dict[str, Dict[str, str]] = {}
+    if (root / "files.csv").is_file():
+        with open(root / "files.csv", newline="") as fh:
+            rows = {r["file"]: r for r in csv.DictReader(fh) if r.get("file")}
+    return kinds, rows
+
+
+def finding_label(row: Dict[str, str]) -> Optional[int]:
+    """1 (PNEUMONIA-like), 0 (no finding) or None (unknown) for a frontal X-ray row of files.csv;
+    None for lateral views and other modalities."""
+    view = (row.get("view") or "").strip().upper()
+    if (row.get("modality") or "X-ray").strip().lower() not in ("x-ray", "xray", "cr", "dx") or not (
+            view.startswith("PA") or view.startswith("AP")):
+        return None
+    finding = (row.get("finding") or "").strip().lower()
+    if finding in ("", "inconclusive", "unknown"):
+        return None
+    return 0 if finding in ("no finding", "normal") else 1
+
+
+def _deciding(model, pixels: np.ndarray, batch: int, thr: float) -> Dict[str, int]:
+    """How many of ``pixels`` are flagged with each branch deciding (from ``domain_terms``)."""
+    spec = model.spec
+    names = [b.get("name", str(i)) for i, b in enumerate((spec.raw.get("domain") or {}).get("branches", []))]
+    if not spec.domain_terms_output or not len(pixels) or not names:
+        return {}
+    score, terms = model.model.run(pixels, [spec.domain_output, spec.domain_terms_output], batch)
+    flagged = np.asarray(score).reshape(-1) > thr
+    top = np.argmax(np.asarray(terms), axis=1)
+    return {n: int(np.sum(flagged & (top == j))) for j, n in enumerate(names) if np.any(flagged & (top == j))}
+
+
+def classifier_on_foreign(model, kinds: Dict[str, Tuple[np.ndarray, List[str]]], rows: Dict[str, Dict[str, str]],
+                          scores: Dict[str, np.ndarray], thr: float, batch: int) -> Optional[Dict[str, Any]]:
+    """The classifier's AUC and confusion counts on the frontal X-rays of ``rows`` with a known finding."""
+    px, y, flagged = [], [], []
+    for kind, (pixels, files) in kinds.items():
+        for i, f in enumerate(files):
+            lab = finding_label(rows.get(f, {})) if f in rows else None
+            if lab is not None:
+                px.append(pixels[i])
+                y.append(lab)
+                flagged.append(bool(scores[kind][i] > thr))
+    if not px:
+        return None
+    y_arr, fl = np.array(y), np.array(flagged)
+    p = model.model.positive_probability(np.stack(px), batch)
+    pred = (p >= float(model.spec.threshold)).astype(int)
+
+    def counts(mask: np.ndarray) -> Dict[str, Any]:
+        yy, pp, prob = y_arr[mask], pred[mask], p[mask]
+        both = 0 < yy.sum() < len(yy)
+        return {"images": int(mask.sum()), "positives": int(yy.sum()), "tp": int(((pp == 1) & (yy == 1)).sum()),
+                "fp": int(((pp == 1) & (yy == 0)).sum()), "tn": int(((pp == 0) & (yy == 0)).sum()),
+                "fn": int(((pp == 0) & (yy == 1)).sum()), "auc": roc_auc(yy, prob) if both else None,
+                "called_positive": float(np.mean(pp)) if len(pp) else None}
+
+    return {"rule": "frontal (PA/AP) X-rays with a known finding: 'No finding' is NORMAL, any other finding "
+                    "(COVID-19, SARS, ARDS, bacterial, fungal ...) PNEUMONIA; 'inconclusive' left out",
+            "caveat": "a pediatric (age 1-5) model outside its population: adults, other hospitals, other diseases",
+            "threshold": float(model.spec.threshold), "all": counts(np.ones(len(y_arr), bool)),
+            "not_flagged": counts(~fl)}
+
+
 def _scores(model, pixels: np.ndarray, batch: int) -> np.ndarray:
     if not len(pixels):
         return np.zeros(0)
@@ -220,13 +314,16 @@ def _scores(model, pixels: np.ndarray, batch: int) -> np.ndarray:
 
 def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, count: int = 150,
                kinds: Sequence[str] = KINDS, batch: int = 16, threads: int = 1, name: Optional[str] = None,
-               quiet: bool = False) -> Dict[str, Any]:
-    """Measure each model's out-of-domain check; write domain.json / domain.md into ``out``."""
+               quiet: bool = False, foreign: Optional[str | Path] = None) -> Dict[str, Any]:
+    """Measure each model's out-of-domain check; write domain.json / domain.md into ``out``.
+
+    ``foreign``: a folder whose sub-folders are real out-of-domain kinds (see the module docstring)."""
     out = Path(out)
     ds = list_dataset(data)
     cache = PixelCache(ds.files, quiet=quiet)
     results: List[Dict[str, Any]] = []
     built: Dict[Tuple[int, int], Dict[str, Tuple[np.ndarray, List[str]]]] = {}
+    real: Dict[Tuple[int, int, str], Any] = {}
     for path in models:
         model = open_model(path, threads=threads)
         spec = model.spec
@@ -257,12 +354,27 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
             entry["kinds"][kind] = {"images": int(len(s)), "flag_rate": float(np.mean(s > thr)),
                                     "auroc": auroc(s_in, s), "score_median": float(np.median(s)),
                                     "sources": sources}
+        if foreign is not None:
+            key = (size[0], size[1], spec.resize_method)
+            if key not in real:
+                real[key] = load_foreign(foreign, size, spec.resize_method)
+            fkinds, rows = real[key]
+            entry["foreign"], fscores = {}, {}
+            for kind, (px, _files) in fkinds.items():
+                s = fscores[kind] = _scores(model, px, batch)
+                entry["foreign"][kind] = {"images": int(len(s)), "flag_rate": float(np.mean(s > thr)),
+                                          "auroc": auroc(s_in, s), "score_median": float(np.median(s)),
+                                          "flagged_by_branch": _deciding(model, px, batch, thr)}
+            entry["foreign_classifier"] = classifier_on_foreign(model, fkinds, rows, fscores, thr, batch)
+            say(f"{model.name}: foreign " + ", ".join(f"{k} {fmt_pct(v['flag_rate'], 1)} (AUROC {v['auroc']:.3f})"
+                                                      for k, v in entry["foreign"].items()), quiet)
         entry["seconds"] = time.perf_counter() - t0
         results.append(entry)
         say(f"{model.name}: test flag rate {fmt_pct(entry['in_domain']['flag_rate'])}; " + ", ".join(
             f"{k} {fmt_pct(v['flag_rate'], 1)} (AUROC {v['auroc']:.3f})" for k, v in entry["kinds"].items()), quiet)
     report = new_report(KIND, data={"root": str(ds.root), "n_images": len(ds.files), "counts": ds.counts()},
-                        count_per_kind=count, seed=0, models=results)
+                        count_per_kind=count, seed=0, models=results,
+                        foreign=str(foreign) if foreign is not None else None)
     write_report(out, "domain", name, report, render_markdown, quiet)
     return report
 
@@ -296,6 +408,32 @@ def render_markdown(report: Dict[str, Any]) -> str:
                          fmt_num(m["domain"]["shrinkage"], 3),
                          ", ".join(f"{k} {fmt_pct(v, 1)}" for k, v in m["in_domain"]["flag_rate_per_label"].items())]
                         for m in models]), ""]
+    withf = [m for m in models if m.get("foreign")]
+    if withf:
+        fk = list(withf[0]["foreign"])
+        lines += [f"## Real images from other sources (`{report.get('foreign')}`, evaluation only)", "",
+                  "Each sub-folder is a kind. Flag rate at the model's threshold; AUROC: test X-rays against "
+                  "that kind; the branch deciding for the flagged images (count).", "",
+                  md_table(["Model"] + [f"{k} ({withf[0]['foreign'][k]['images']})" for k in fk],
+                           [[m["name"]] + [f"{fmt_pct(m['foreign'][k]['flag_rate'], 1)} (AUROC "
+                                           f"{fmt_num(m['foreign'][k]['auroc'], 3)})" for k in fk] for m in withf]), "",
+                  md_table(["Model"] + fk, [[m["name"]] + [", ".join(f"{b} {n}" for b, n in sorted(
+                      m["foreign"][k]["flagged_by_branch"].items(), key=lambda t: -t[1])) or "-" for k in fk]
+                      for m in withf]), ""]
+        clf = [m for m in withf if m.get("foreign_classifier")]
+        if clf:
+            c0 = clf[0]["foreign_classifier"]
+            rows_md = []
+            for m in clf:
+                for part in ("all", "not_flagged"):
+                    c = m["foreign_classifier"][part]
+                    rows_md.append([m["name"], "all" if part == "all" else "not flagged by the domain check",
+                                    c["images"], c["positives"], fmt_num(c["auc"], 3) if c["auc"] is not None else "-",
+                                    c["tp"], c["fp"], c["tn"], c["fn"]])
+            lines += ["### The classifier on adult frontal X-rays (outside its population)", "",
+                      f"{c0['caveat'].capitalize()}: these figures say what an adult image that slipped through "
+                      f"would get, not how well the model reads adults. Labels: {c0['rule']}.", "",
+                      md_table(["Model", "subset", "n", "positive", "AUC", "TP", "FP", "TN", "FN"], rows_md), ""]
     branched = [m for m in models if m["domain"].get("flagged_validation_by_branch")]
     if branched:
         names = [b["name"] for b in branched[0]["domain"]["branches"]]

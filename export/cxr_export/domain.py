@@ -8,9 +8,13 @@ distance), is a known strong baseline for out-of-distribution detection on penul
 features (Lee et al. 2018), and the shrinkage keeps the inverse stable with ~1,500 images in
 512 or 2,048 dimensions.
 
-Four branches, because pooled features alone are not enough. Global average pooling throws
+Several branches, because pooled features alone are not enough. Global average pooling throws
 the image's layout away: an upside-down or heavily cropped X-ray has ordinary features
-(measured on VGG16 INT8: AUROC 0.51 and 0.38 against test X-rays). The branches are:
+(measured on VGG16 INT8: AUROC 0.51 and 0.38 against test X-rays). And the last layer is not
+the best place to see a change of population: adult chest X-rays from other hospitals are told
+from the test X-rays far better by the statistics of the *intermediate* stages (texture,
+exposure and edge statistics; the "feature ensemble" of Lee et al. 2018) and by the coarse
+shape of the image. The branches are:
 
     features      the distance above on the ``features`` output
     thumb16       the same distance on a 16 x 16 thumbnail of the model's input (an
@@ -18,17 +22,34 @@ the image's layout away: an upside-down or heavily cropped X-ray has ordinary fe
                   (zero mean, unit variance): layout and colour, free of the exposure and
                   contrast that vary between X-rays and would otherwise dominate the covariance
     thumb8        the same on an 8 x 8 thumbnail (192 numbers, a better-conditioned covariance)
+    thumb4        the same on a 4 x 4 thumbnail (48 numbers): the overall shape of the chest in
+                  the frame (an adult chest fills it differently from a 1-5 year old's)
     orientation   log d2(thumb16) - log d2(thumb16 rotated 180 degrees): how much nearer the
                   training X-rays the image lies upside down than as given (a likelihood-ratio
                   test of "is it upright?", which a distance alone answers poorly because a
                   flipped chest is still chest-like)
+    stage1..4     the distance on the channel means and standard deviations (GlobalAveragePool
+                  of x and of x * x; 2 C numbers) of the end of each of the backbone's first four
+                  stages (:data:`STAGE_TAPS`; in an INT8 file the DequantizeLinear output the next
+                  layer reads, so the classifier's own nodes are untouched)
+
+Measured (fitted on the train part, calibrated on val, 5% of val flagged; Kermany test split
+and ``../shared/data/foreign_cxr``, the latter for measuring only, never fitted on), the four
+old branches vs. these nine, VGG16 / ResNet50 / InceptionV3 INT8: adult frontal X-rays flagged
+47 / 58 / 53% -> 87 / 82 / 89% (AUROC against the test X-rays 0.905 / 0.963 / 0.950 -> 0.971 /
+0.981 / 0.979), lateral 92 / 100 / 92% -> 100%, CT 100%, test split 3.2 / 1.8 / 1.8% -> at
+most 5%, and every kind ``cxr-bench domain`` builds still 100%. Tried and not kept: the last
+stage's statistics (adds nothing to ``features``; on VGG16 INT8 the deeper stages separate
+adults poorly, AUROC 0.65-0.80), a 2 x 2 grid of each stage (no better than mean and std),
+log-statistics, a lower rank, a 32 x 32 thumbnail (worse: too many dimensions for 1,500
+images), and the *sum* of the standardised terms instead of their largest (better on some
+models for adults, but it loses upside-down and vertically flipped X-rays on VGG16 and no
+longer says which test fired).
 
 Each branch value ``v`` is mapped to ``(v - centre) / scale`` with ``centre`` its median and
 ``centre + scale`` its 95th percentile on the *validation* images (out of sample, so a branch
-that overfits its fitting images gets no unfair weight), and the score is the largest of the
-four. Measured on the three shipped models (``benchmarks/results/domain.md``): the old
-max-of-two-distances with raw thumbnails, each over its fitting median, missed inverted,
-upside-down and cropped X-rays; this version flags all of them.
+that overfits its fitting images gets no unfair weight), and the score is the largest of them;
+``domain_terms`` ([N, branches]) holds every term, so the runtime can say which test fired.
 
 Storage (why in the graph): the statistics become FP32 initializers of a few extra nodes
 appended to the graph after ``features``, with a new output ``domain_score`` ([N]). The
@@ -80,15 +101,32 @@ DOMAIN_OUTPUT = "domain_score"
 #: [N, branches]: each branch's standardised term, so the runtime can say which test fired
 TERMS_OUTPUT = "domain_terms"
 PREFIX = "cxr_domain/"
-METHOD = ("max of four branches, each standardised on validation (median 0, 95th percentile 1): Mahalanobis "
-          "distance on pooled features, on a per-image standardised 16x16 and 8x8 input thumbnail, and an "
-          "upright-vs-180-degrees log-likelihood ratio on the 16x16 thumbnail; class means, shared "
+METHOD = ("max of branches, each standardised on validation (median 0, 95th percentile 1): Mahalanobis "
+          "distance on pooled features, on a per-image standardised 16x16, 8x8 and 4x4 input thumbnail, an "
+          "upright-vs-180-degrees log-likelihood ratio on the 16x16 thumbnail, and on the channel means and "
+          "standard deviations of the backbone's first four stage outputs; class means, shared "
           "Ledoit-Wolf-shrunk covariance, top-rank eigenvectors exact + mean tail")
 DEFAULT_FIT_COUNT = 1500
 DEFAULT_RANK = 256
 DEFAULT_FLAG_RATE = 0.05
 THUMB = 16          # thumbnail side of the layout branch
 THUMB_COARSE = 8    # and of the coarse one
+THUMB_COARSEST = 4  # and of the coarsest one (the overall shape of the chest: 48 numbers)
+THUMB_GRIDS = (THUMB, THUMB_COARSE, THUMB_COARSEST)
+#: stage outputs whose channel means and standard deviations get a branch each, per backbone (the
+#: torch-export tensor names; in an INT8 QDQ file the branch reads the DequantizeLinear output that the
+#: next layer reads). Chosen by rule: the end of each of the backbone's first four stages (VGG16: the
+#: max-pool closing blocks 1 to 4; ResNet50: the stem max-pool and the ends of layer1..layer3;
+#: InceptionV3: the two stem max-pools, Mixed_5d and Mixed_6e). The last stage is left out: it is what
+#: the ``features`` branch already pools.
+STAGE_TAPS: Dict[str, Tuple[str, ...]] = {
+    "vgg16": ("/features.4/MaxPool_output_0", "/features.9/MaxPool_output_0", "/features.16/MaxPool_output_0",
+              "/features.23/MaxPool_output_0"),
+    "resnet50": ("/maxpool/MaxPool_output_0", "/relu_9/Relu_output_0", "/relu_21/Relu_output_0",
+                 "/relu_39/Relu_output_0"),
+    "inception_v3": ("/maxpool1/MaxPool_output_0", "/maxpool2/MaxPool_output_0", "/Concat_2_output_0",
+                     "/Concat_7_output_0"),
+}
 STD_EPS = 1e-6      # added to a thumbnail's variance before dividing (a flat image stays finite)
 LOG_EPS = 1e-6      # added to squared distances before the orientation branch's logarithm
 CENTRE_Q, SCALE_Q = 0.5, 0.95
@@ -122,8 +160,9 @@ class Branch:
     """One term of the score: ``(value - centre) / scale``.
 
     ``kind`` "distance": ``value = sqrt(d2(x))``; "orientation": ``value = log(d2(x) + eps) -
-    log(d2(rot180(x)) + eps)``. ``source`` is a graph output name (the features) or
-    ``"thumbnail"`` with ``grid`` its side.
+    log(d2(rot180(x)) + eps)``. ``source`` is a graph output name (the features),
+    ``"thumbnail"`` with ``grid`` its side, or ``"stage"`` with ``tensor`` the 4-D graph tensor
+    whose channel means and standard deviations (``[N, 2 C]``) are the branch's input.
     """
 
     name: str
@@ -133,6 +172,7 @@ class Branch:
     grid: int = 0
     centre: float = 0.0
     scale: float = 1.0
+    tensor: str = ""
 
     def values(self, x: np.ndarray) -> np.ndarray:
         """The raw branch value for inputs ``x`` [N, C] (features, or standardised thumbnails)."""
@@ -143,8 +183,9 @@ class Branch:
         raise ValueError(f"unknown branch kind {self.kind!r}")
 
     def describe(self, model_input: str) -> Dict[str, Any]:
-        src = (self.source if self.source != "thumbnail" else
-               f"{self.grid}x{self.grid} thumbnail (AveragePool) of {model_input}, standardised per image")
+        src = (f"{self.grid}x{self.grid} thumbnail (AveragePool) of {model_input}, standardised per image"
+               if self.source == "thumbnail" else
+               f"channel means and standard deviations of {self.tensor}" if self.source == "stage" else self.source)
         return {"name": self.name, "kind": self.kind, "input": src, "dim": int(self.stats.means.shape[1]),
                 "rank": int(self.stats.vectors.shape[1]), "shrinkage": self.stats.shrinkage,
                 "tail_variance": self.stats.tail_variance, "centre": self.centre, "scale": self.scale}
@@ -242,6 +283,79 @@ def strip_domain_graph(model) -> None:
     g.output.extend(outs)
 
 
+def resolve_tap(model, tensor: str) -> str:
+    """The tensor a stage branch reads for ``tensor``: in a QDQ graph the output of the
+    DequantizeLinear that follows its QuantizeLinear (what the next layer reads, so the classifier's
+    own nodes keep their single consumer); otherwise ``tensor`` itself."""
+    g = model.graph
+    known = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    if tensor not in known:
+        raise ValueError(f"the graph has no tensor {tensor!r} for a stage branch")
+    for q in g.node:
+        if q.op_type == "QuantizeLinear" and q.input[0] == tensor:
+            for d in g.node:
+                if d.op_type == "DequantizeLinear" and d.input[0] == q.output[0]:
+                    return d.output[0]
+    return tensor
+
+
+def stage_feature_nodes(model, tensor: str, key: str) -> Tuple[List[Any], str]:
+    """FP32 nodes computing ``[N, 2 C]``: the channel means and standard deviations of ``tensor``."""
+    from onnx import helper
+
+    x = resolve_tap(model, tensor)
+    nodes: List[Any] = []
+
+    def node(op: str, ins: List[str], out: str, **kw: Any) -> str:
+        nodes.append(helper.make_node(op, ins, [key + out], name=key + out, **kw))
+        return key + out
+
+    mean = node("Flatten", [node("GlobalAveragePool", [x], "gap")], "mean", axis=1)
+    msq = node("Flatten", [node("GlobalAveragePool", [node("Mul", [x, x], "x2")], "gap2")], "msq", axis=1)
+    var = node("Relu", [node("Sub", [msq, node("Mul", [mean, mean], "mean2")], "var0")], "var")
+    feat = node("Concat", [mean, node("Sqrt", [var], "sd")], "feat", axis=1)
+    return nodes, feat
+
+
+def stage_features(model_path: str | Path, spec: ModelSpec, pixels: np.ndarray, tensors: List[str],
+                   batch_size: int = 32, threads: int = 0) -> List[np.ndarray]:
+    """Each stage branch's input ``[N, 2 C]`` for ``pixels``, computed by the same nodes the domain
+    graph appends (run on a copy of the file with those nodes as extra outputs)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if not tensors:
+        return []
+    model = onnx.load(str(model_path), load_external_data=True)
+    strip_domain_graph(model)
+    spec = spec.copy()  # the probe has no domain outputs, whatever the spec given says
+    spec.raw["outputs"] = {k: v for k, v in spec.raw["outputs"].items() if k not in ("domain_score", "domain_terms")}
+    spec.raw.pop("domain", None)
+    names = []
+    for i, t in enumerate(tensors):
+        nodes, feat = stage_feature_nodes(model, t, f"{PREFIX}probe{i + 1}/")
+        model.graph.node.extend(nodes)
+        model.graph.output.append(helper.make_tensor_value_info(feat, TensorProto.FLOAT, None))
+        names.append(feat)
+    from cxr_infer.model import ModelFile
+
+    m = ModelFile(model.SerializeToString(), threads=threads or None, spec=spec)
+    return [np.asarray(v, np.float64) for v in m.run(pixels, names, batch_size)]
+
+
+def default_taps(spec: ModelSpec, model_path: str | Path) -> List[str]:
+    """The stage tensors of :data:`STAGE_TAPS` for this file's backbone that its graph has (none for
+    other backbones: they get the thumbnail and features branches only)."""
+    import onnx
+
+    wanted = STAGE_TAPS.get(str(spec.raw.get("backbone", "")), ())
+    if not wanted:
+        return []
+    model = onnx.load(str(model_path), load_external_data=False)
+    known = {o for n in model.graph.node for o in n.output}
+    return [t for t in wanted if t in known]
+
+
 def _opset(model) -> int:
     return max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] or [13])
 
@@ -299,6 +413,15 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
         thumbs[grid] = (x4, node("Flatten", [x4], names + "flat", axis=1))
         return thumbs[grid]
 
+    stages: Dict[str, str] = {}  # tensor -> its [N, 2C] channel means and standard deviations
+
+    def stage(tensor: str) -> str:
+        if tensor not in stages:
+            new_nodes, feat = stage_feature_nodes(model, tensor, f"{prefix}stage{len(stages) + 1}/")
+            nodes.extend(new_nodes)
+            stages[tensor] = feat
+        return stages[tensor]
+
     done: Dict[Tuple[str, int], str] = {}
     stats_prefix: Dict[int, str] = {}
 
@@ -327,6 +450,8 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
         branch = f"{prefix}b{index}/"
         if br.source == "thumbnail":
             x4, x = thumbnail(br.grid)
+        elif br.source == "stage":
+            x4, x = "", stage(br.tensor)
         elif br.source in outputs:
             x4, x = "", br.source
         else:
@@ -390,25 +515,36 @@ def calibrate(val_scores: np.ndarray, flag_rate: float = DEFAULT_FLAG_RATE) -> f
     return float(np.quantile(np.asarray(val_scores, np.float64), 1.0 - flag_rate, method="higher"))
 
 
-def branch_inputs(spec: ModelSpec, pixels: np.ndarray, feats: np.ndarray) -> Dict[str, np.ndarray]:
-    """Each branch source's numbers for ``pixels``: the features and the standardised thumbnails."""
-    return {"features": feats, f"thumb{THUMB}": thumbnails(spec, pixels, THUMB),
-            f"thumb{THUMB_COARSE}": thumbnails(spec, pixels, THUMB_COARSE)}
+def branch_inputs(spec: ModelSpec, pixels: np.ndarray, feats: np.ndarray,
+                  stages: Optional[List[np.ndarray]] = None) -> Dict[str, np.ndarray]:
+    """Each branch source's numbers for ``pixels``: the features, the standardised thumbnails and
+    the stage statistics (``stages``, from :func:`stage_features`) as ``stage1``, ``stage2``, ..."""
+    out = {"features": feats}
+    out.update({f"thumb{g}": thumbnails(spec, pixels, g) for g in THUMB_GRIDS})
+    out.update({f"stage{i + 1}": s for i, s in enumerate(stages or [])})
+    return out
 
 
 def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], labels: np.ndarray,
-                 val: Dict[str, np.ndarray], rank: int = DEFAULT_RANK
+                 val: Dict[str, np.ndarray], rank: int = DEFAULT_RANK, taps: Optional[List[str]] = None
                  ) -> Tuple[List[Branch], List[str], np.ndarray]:
-    """The four branches fitted on ``train`` and standardised on ``val``, which input each reads, and
-    their standardised validation terms ``[branches, N]``."""
+    """The branches fitted on ``train`` and standardised on ``val``, which input each reads, and
+    their standardised validation terms ``[branches, N]``. ``taps``: the tensors of the stage
+    branches (``train`` and ``val`` hold their statistics as ``stage1``, ``stage2``, ...)."""
     sf = fit_stats(train["features"], labels, rank)
     s16 = fit_stats(train[f"thumb{THUMB}"], labels, rank)
     s8 = fit_stats(train[f"thumb{THUMB_COARSE}"], labels, rank)
+    s4 = fit_stats(train[f"thumb{THUMB_COARSEST}"], labels, rank)
     branches = [Branch("features", "distance", feat_name, sf),
                 Branch(f"thumb{THUMB}", "distance", "thumbnail", s16, THUMB),
                 Branch(f"thumb{THUMB_COARSE}", "distance", "thumbnail", s8, THUMB_COARSE),
+                Branch(f"thumb{THUMB_COARSEST}", "distance", "thumbnail", s4, THUMB_COARSEST),
                 Branch("orientation", "orientation", "thumbnail", s16, THUMB)]
-    keys = ["features", f"thumb{THUMB}", f"thumb{THUMB_COARSE}", f"thumb{THUMB}"]
+    keys = ["features", f"thumb{THUMB}", f"thumb{THUMB_COARSE}", f"thumb{THUMB_COARSEST}", f"thumb{THUMB}"]
+    for i, tensor in enumerate(taps or []):
+        key = f"stage{i + 1}"
+        branches.append(Branch(key, "distance", "stage", fit_stats(train[key], labels, rank), tensor=tensor))
+        keys.append(key)
     terms = []
     for br, k in zip(branches, keys):
         v = br.values(val[k])
@@ -419,11 +555,14 @@ def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], 
 
 def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_labels: np.ndarray,
                      val_pixels: np.ndarray, out_path: Optional[str | Path] = None, rank: int = DEFAULT_RANK,
-                     flag_rate: float = DEFAULT_FLAG_RATE, threads: int = 0, source: str = "") -> Dict[str, Any]:
+                     flag_rate: float = DEFAULT_FLAG_RATE, threads: int = 0, source: str = "",
+                     taps: Optional[List[str]] = None) -> Dict[str, Any]:
     """Fit on ``train_pixels`` through this file's own features, standardise and calibrate on ``val_pixels``.
 
-    Writes ``out_path`` (default: in place) and returns the spec's new ``domain`` block.
-    The probabilities output is checked to be bit-identical before and after.
+    ``taps``: the graph tensors that get a stage branch each (default :func:`default_taps`, by the
+    spec's backbone; ``[]`` for none). Writes ``out_path`` (default: in place) and returns the
+    spec's new ``domain`` block. The probabilities output is checked to be bit-identical before
+    and after.
     """
     model_path = Path(model_path)
     out = Path(out_path or model_path)
@@ -434,10 +573,13 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
     t0 = time.perf_counter()
     probs_before, feats = run_outputs(model_path, spec, train_pixels, [spec.prob_output, feat_name], threads=threads)
     (val_feats,) = run_outputs(model_path, spec, val_pixels, [feat_name], threads=threads)
-    train_in = branch_inputs(spec, train_pixels, feats)
-    val_in = branch_inputs(spec, val_pixels, val_feats)
-    branches, keys, val_terms = fit_branches(spec, feat_name, train_in, train_labels, val_in, rank)
-    kernels = {grid: pool_kernel(spec, grid) for grid in (THUMB, THUMB_COARSE)}
+    taps = default_taps(spec, model_path) if taps is None else list(taps)
+    train_in = branch_inputs(spec, train_pixels, feats,
+                             stage_features(model_path, spec, train_pixels, taps, threads=threads))
+    val_in = branch_inputs(spec, val_pixels, val_feats,
+                           stage_features(model_path, spec, val_pixels, taps, threads=threads))
+    branches, keys, val_terms = fit_branches(spec, feat_name, train_in, train_labels, val_in, rank, taps)
+    kernels = {grid: pool_kernel(spec, grid) for grid in THUMB_GRIDS}
     add_domain_graph(model_path, branches, out, kernels)
     (val_scores,) = run_outputs(out, spec, val_pixels, [DOMAIN_OUTPUT], threads=threads)
     k = min(16, len(train_pixels))
@@ -457,6 +599,7 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
         "method": METHOD,
         "score": "max over branches of (value - centre) / scale; a branch's value is sqrt(min over classes of the "
                  "squared Mahalanobis distance), or for orientation log(d2 upright) - log(d2 rotated 180 degrees)",
+        "stage_tensors": taps,
         "threshold": threshold,
         "target_flag_rate": flag_rate,
         "flag_rate_validation": float(np.mean(val_scores > threshold)),
@@ -504,8 +647,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rank", type=int, default=DEFAULT_RANK, help="eigenvectors kept exactly (default 256)")
     p.add_argument("--flag-rate", type=float, default=DEFAULT_FLAG_RATE,
                    help="share of in-domain (val) images flagged (default 0.05)")
+    p.add_argument("--taps", default=None, metavar="T1,T2|none",
+                   help="graph tensors that get a stage branch (channel means and standard deviations), comma-"
+                        "separated; 'none' for no stage branches (default: by the spec's backbone, see STAGE_TAPS)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
+    taps = None if args.taps is None else [t for t in args.taps.split(",") if t and args.taps != "none"]
     if args.out and len(args.models) > 1:
         p.error("--out takes one model")
     sets: Dict[Tuple[int, int], Any] = {}
@@ -516,10 +663,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             sets[size] = load_sets(args.checkpoint, args.data, size, args.fit_count, args.val_count or None)
         tr_px, tr_y, va_px = sets[size]
         block = add_domain_stats(path, tr_px, tr_y, va_px, args.out, args.rank, args.flag_rate, args.threads,
-                                 source=str(args.data))
+                                 source=str(args.data), taps=taps)
         print(f"{args.out or path}: domain threshold {block['threshold']:.4g} (val flag rate "
               f"{block['flag_rate_validation']:.3f}), {block['fit']['images']} train images, rank {block['rank']}, "
-              f"shrinkage {block['shrinkage']:.3f}, {block['seconds']}s", file=sys.stderr)
+              f"shrinkage {block['shrinkage']:.3f}, {len(block['branches'])} branches, {block['seconds']}s", file=sys.stderr)
     return 0
 
 

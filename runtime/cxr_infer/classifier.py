@@ -35,7 +35,9 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.onnx"
 DEFAULT_BATCH_SIZE = 8
 #: How a domain branch (``spec.domain.branches[i].name``) is named in a reason.
 BRANCH_WORDS = {"features": "the model's features", "thumb16": "image layout at 16x16",
-                "thumb8": "image layout at 8x8", "orientation": "orientation (upright versus upside down)"}
+                "thumb8": "image layout at 8x8", "thumb4": "the chest's overall shape in the frame (4x4)",
+                "orientation": "orientation (upright versus upside down)",
+                **{f"stage{i}": f"image statistics at the network's stage {i}" for i in range(1, 5)}}
 
 
 @dataclass(frozen=True)

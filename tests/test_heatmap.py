@@ -325,6 +325,7 @@ def test_bench_heatmaps_report(square_model, tmp_path):
     (entry,) = report["models"]
     assert entry["chosen"]["true positive"] == sorted(entry["chosen"]["true positive"])  # by file name
     assert sum(entry["counts"].values()) == 16 and entry["int8_vs_fp32_activations"]["median"] > 0.8
-    grid = Image.open(tmp_path / "out" / entry["grid_png"])
+    grid = Image.open(tmp_path / "out" / entry["grid_image"])
+    assert grid.format == "JPEG"
     assert grid.width == 2 * 320 and grid.height > 4 * 300  # two columns, one row per kind
     assert "never picked by eye" in (tmp_path / "out" / "heatmaps.md").read_text()

@@ -519,6 +519,9 @@ def check_base(venv: Venv, tmp: Path) -> None:
     r = venv.run("cxr-infer", str(SAMPLE), cwd=tmp)
     assert r.returncode == 0 and LABEL.search(r.stdout), r.stdout + r.stderr
     assert venv.run("cxr-infer", "--info", cwd=tmp).returncode == 0
+    # the embedded default explains itself on a fresh install: an overlay PNG per input
+    r = venv.run("cxr-infer", "--heatmap", str(tmp / "maps"), str(SAMPLE), cwd=tmp)
+    assert r.returncode == 0 and (tmp / "maps" / (SAMPLE.stem + ".png")).is_file(), r.stderr
     # the lean runtime: nothing heavy came with it
     assert set(venv.missing("torch", "torchvision", "onnx", "matplotlib", "pydicom")) == {
         "torch", "torchvision", "onnx", "matplotlib", "pydicom"}

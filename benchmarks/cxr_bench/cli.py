@@ -102,7 +102,7 @@ HEATMAPS_EPILOG = f"""\
 example:
   cxr-bench heatmaps --model runtime/cxr_infer/models/default.onnx --data {TEST_SPLIT} --per-kind 4
 
-Writes heatmaps.json, heatmaps.md and one grid PNG per model into --out: rows of true positives,
+Writes heatmaps.json, heatmaps.md and one grid JPEG per model into --out: rows of true positives,
 false positives, false negatives and true negatives, the first of each by file name (never picked
 by eye). The map is model attention, not a localisation.
 """

@@ -3,7 +3,7 @@ the INT8 maps agree with the same graph's FP32 activations.
 
 The images are never picked by eye: for each kind (true positives, false positives, false
 negatives, true negatives) at the model's threshold, the first ``per_kind`` by file name. The
-grid (``heatmaps[-NAME].png``) shows each with its map, as ``cxr-infer --heatmap`` draws it.
+grid (``heatmaps[-NAME]-MODEL.jpg``) shows each with its map, as ``cxr-infer --heatmap`` draws it.
 
 INT8 against FP32: where only an INT8 file is at hand (the shipped models), its map is compared
 with the map of the same graph with every activation's quantize/dequantize pair removed (the
@@ -76,7 +76,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> Optional[float]:
 def run_heatmaps(models: Sequence[str | Path], data: str | Path, out: str | Path, per_kind: int = 4,
                  threads: int = 1, batch: int = 16, name: Optional[str] = None, quiet: bool = False
                  ) -> Dict[str, Any]:
-    """Overlay grids and INT8 agreement for each model on ``data``; writes heatmaps.json / .md / .png."""
+    """Overlay grids and INT8 agreement for each model on ``data``; writes heatmaps.json / .md and a grid .jpg per model."""
     from cxr_infer.classifier import Classifier
     from cxr_infer.model import ModelFile
     from cxr_infer.overlay import render_overlay
@@ -135,10 +135,10 @@ def run_heatmaps(models: Sequence[str | Path], data: str | Path, out: str | Path
     grids = []
     for entry, tiles in zip(results, tiles_by_model):
         if any(tiles):
-            grid_path = out / f"{stem}-{entry['name']}.png"
-            _grid(tiles, per_kind).save(grid_path, optimize=True)
+            grid_path = out / f"{stem}-{entry['name']}.jpg"  # JPEG: a photo-like sheet, a tenth of a PNG's size
+            _grid(tiles, per_kind).save(grid_path, quality=85, optimize=True)
             grids.append(grid_path.name)
-            entry["grid_png"] = grid_path.name
+            entry["grid_image"] = grid_path.name
     report["files"] = {"grids": grids}
     write_report(out, "heatmaps", name, report, render_markdown, quiet)
     return report
@@ -186,7 +186,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
     L += [md_table(["Model", "Backbone", "Precision", "Grid", "TP / FP / FN / TN",
                     "INT8 vs FP32 activations: rank correlation, median (quartiles)"], rows), ""]
     for m in report["models"]:
-        if m.get("grid_png"):
-            L += [f"## {m['name']}", "", f"Rows: {', '.join(KINDS)}.", "", f"![{m['name']}]({m['grid_png']})", ""]
+        if m.get("grid_image"):
+            L += [f"## {m['name']}", "", f"Rows: {', '.join(KINDS)}.", "", f"![{m['name']}]({m['grid_image']})", ""]
     L += ["Reproduce:", "", "```", report["command"], "```", ""]
     return "\n".join(L)

@@ -271,16 +271,9 @@ def run_outputs(model_path: str | Path, spec: ModelSpec, pixels: np.ndarray, nam
 
 def strip_domain_graph(model) -> None:
     """Remove nodes, initializers and output added by :func:`add_domain_graph` (in place)."""
-    g = model.graph
-    keep = [n for n in g.node if not n.name.startswith(PREFIX)]
-    del g.node[:]
-    g.node.extend(keep)
-    inits = [t for t in g.initializer if not t.name.startswith(PREFIX)]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    outs = [o for o in g.output if o.name not in (DOMAIN_OUTPUT, TERMS_OUTPUT)]
-    del g.output[:]
-    g.output.extend(outs)
+    from .modelio import strip_added_nodes
+
+    strip_added_nodes(model, PREFIX, (DOMAIN_OUTPUT, TERMS_OUTPUT))
 
 
 def resolve_tap(model, tensor: str) -> str:

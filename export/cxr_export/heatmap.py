@@ -140,16 +140,9 @@ def _grid(model, feature_map: str) -> Tuple[Optional[int], Optional[int]]:
 
 def strip_heatmap_graph(model) -> None:
     """Remove what :func:`add_heatmap_graph` added (in place)."""
-    graph = model.graph
-    keep = [n for n in graph.node if not n.name.startswith(PREFIX)]
-    del graph.node[:]
-    graph.node.extend(keep)
-    inits = [t for t in graph.initializer if not t.name.startswith(PREFIX)]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    outs = [o for o in graph.output if o.name != HEATMAP_OUTPUT]
-    del graph.output[:]
-    graph.output.extend(outs)
+    from .modelio import strip_added_nodes
+
+    strip_added_nodes(model, PREFIX, (HEATMAP_OUTPUT,))
 
 
 def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, Any]:

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from cxr_infer.errors import ModelError
 from cxr_infer.model import ModelFile
@@ -67,3 +67,18 @@ def open_model(model_path: str | Path, threads: int = 0, spec: Optional[ModelSpe
     """The model file opened for checks (``threads`` 0: every core), optionally with the ``spec``
     about to be written into it (a file fresh from conversion has none of its own yet)."""
     return ModelFile(model_path, device=device, threads=threads or None, spec=spec)
+
+
+def strip_added_nodes(model, prefix: str, outputs: Sequence[str]) -> None:
+    """Remove the nodes and initializers whose names start with ``prefix`` and the graph
+    ``outputs`` that cxr added after export (in place): how a domain graph or heatmap is replaced."""
+    graph = model.graph
+    keep = [n for n in graph.node if not n.name.startswith(prefix)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    inits = [t for t in graph.initializer if not t.name.startswith(prefix)]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    kept_outputs = [o for o in graph.output if o.name not in outputs]
+    del graph.output[:]
+    graph.output.extend(kept_outputs)

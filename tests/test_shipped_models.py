@@ -42,8 +42,13 @@ FILES = list(SHIPPED)
 #: README: "at each model's threshold (0.5)"; the labels every cxr model uses.
 THRESHOLD = 0.5
 LABELS = ["NORMAL", "PNEUMONIA"]
-#: README: the domain score is the largest of four tests, its threshold flags 5% of validation.
-DOMAIN_BRANCHES = {"features", "thumb16", "thumb8", "orientation"}
+#: README: the domain score is the largest of nine tests, its threshold flags 5% of validation.
+DOMAIN_BRANCHES = {"features", "thumb16", "thumb8", "thumb4", "orientation", "stage1", "stage2", "stage3", "stage4"}
+#: README: the shipped models' intended use (the Kermany training data)
+INTENDED_USE = {"age_years": [1, 5], "age_margin_years": 0.5, "body_parts": ["CHEST"], "views": ["PA", "AP"],
+                "modalities": ["CR", "DX", "DR"]}
+#: README: the Grad-CAM grid of each backbone at 224 x 224
+HEATMAP_GRID = {"vgg16": [7, 7], "resnet50": [7, 7], "inception_v3": [5, 5]}
 
 
 def _sha256(path: Path) -> str:
@@ -129,7 +134,7 @@ def test_outputs_exist_and_the_spec_names_them(rel, sessions, specs):
     spec = specs[rel]
     outs = {o.name: o for o in sessions[rel].get_outputs()}
     named = spec.raw["outputs"]
-    for role in ("probabilities", "features", "domain_score"):
+    for role in ("probabilities", "features", "domain_score", "domain_terms", "heatmap"):
         assert named.get(role), f"the spec names no {role} output"
         assert named[role] in outs, f"the spec's {role} output {named[role]!r} is not a graph output"
     assert spec.prob_output == named["probabilities"]
@@ -138,6 +143,16 @@ def test_outputs_exist_and_the_spec_names_them(rel, sessions, specs):
     assert outs[spec.prob_output].shape[-1] == len(LABELS)
     assert outs[spec.features_output].shape[-1] == SHIPPED[rel][2]
     assert len(outs[spec.domain_output].shape) == 1  # one score per image
+    assert outs[spec.heatmap_output].shape[1:] == HEATMAP_GRID[SHIPPED[rel][0]]
+
+
+@pytest.mark.parametrize("rel", FILES)
+def test_intended_use_and_heatmap_blocks(rel, specs):
+    """README: every shipped file says its intended use (header checks on) and carries Grad-CAM."""
+    spec = specs[rel]
+    assert {k: spec.raw["intended_use"][k] for k in INTENDED_USE} == INTENDED_USE
+    assert spec.raw["heatmap"]["grid"] == HEATMAP_GRID[SHIPPED[rel][0]]
+    assert spec.raw["heatmap"]["probabilities_unchanged"] == "bit for bit"
 
 
 @pytest.mark.parametrize("rel", FILES)
@@ -190,13 +205,13 @@ def _readme_row(readme: str, name: str) -> dict:
 
 @pytest.mark.parametrize("rel", FILES)
 def test_readme_results_row_was_measured_on_these_bytes(rel, readme):
-    """README's Results row of each shipped model = benchmarks/results/accuracy-test.json's
+    """README's Results row of each shipped model = benchmarks/results/accuracy-shipped.json's
     entry whose SHA-256 is this file's (accuracy, precision, recall, F1, AUC, TP/FP/TN/FN)."""
-    report = json.loads((RESULTS / "accuracy-test.json").read_text())
+    report = json.loads((RESULTS / "accuracy-shipped.json").read_text())
     sha = _sha256(REPO / rel)
     entry = [m for m in report["models"] if m.get("sha256") == sha]
     assert entry, (f"{rel} (sha256 {sha[:12]}) is not among the models measured in "
-                   f"benchmarks/results/accuracy-test.json: re-measure after re-shipping a model")
+                   f"benchmarks/results/accuracy-shipped.json: re-measure after re-shipping a model")
     m = entry[0]
     assert m["backbone"] == SHIPPED[rel][0] and m["precision"] == "int8"
     row = _readme_row(readme, SHIPPED[rel][1])

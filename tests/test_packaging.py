@@ -47,6 +47,7 @@ EXTRA_PACKAGES: Dict[str, List[str]] = {
     "dicom": ["cxr_infer"],    # .[dicom]           -> DICOM inputs, --format dicom-sr
     "pacs": ["cxr_infer"],     # .[pacs]            -> cxr-pacs (Orthanc REST; reads images, writes SRs)
     "gpu": ["cxr_infer"],      # .[gpu]             -> --device cuda
+    "openvino": ["cxr_infer"],  # .[openvino]       -> --device openvino (the OpenVINO plugin provider)
     "train": ["cxr_train"],    # .[train]           -> cxr-train
     "export": ["cxr_export"],  # .[export]          -> cxr-export
     "bench": ["cxr_bench"],    # .[bench]           -> cxr-bench
@@ -66,6 +67,9 @@ OPTIONAL: Dict[str, str] = {
     # images for `cxr-bench domain`; skipped when scikit-image is absent (matplotlib's sample
     # photo, which the bench extra brings, is the other).
     "skimage": "",
+    # cxr_infer.model.openvino_devices(): --device openvino (and auto, where it can) only; without the
+    # plugin, --device openvino says "pip install 'cxr[openvino]'" (exit 2) and auto takes the CPU.
+    "onnxruntime_ep_openvino": "openvino",
 }
 
 #: The extra of each package (what its own command needs).

@@ -69,6 +69,8 @@ examples:
       ONNX Runtime against PyTorch eager (fp32) on the same backbone (needs torch)
   cxr-bench latency --model m_fp16.onnx --device cuda --batch 1,32
       on the GPU (needs onnxruntime-gpu)
+  cxr-bench latency --model m_int8.onnx --checkpoint runs/gpu2/resnet50 --device cpu,openvino --batch 1
+      the CPU provider against OpenVINO (pip install 'cxr[openvino]', Intel CPUs) and PyTorch, one run
   cxr-bench latency --model tiny.onnx --batch 1 --repeats 1 --iterations 5 --out /tmp/lat
       a smoke test
 
@@ -117,6 +119,14 @@ examples:
       {DEFAULT_OUT}/*.json -> {DEFAULT_OUT}/summary.json and summary.md
   cxr-bench summary --results /tmp/bench --threads 2
 """
+
+
+def _device_list(text: str) -> List[str]:
+    vals = [x for x in text.replace(" ", "").split(",") if x]
+    bad = [v for v in vals if v not in ("cpu", "cuda", "openvino")]
+    if not vals or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda, openvino or several, e.g. cpu,openvino")
+    return list(dict.fromkeys(vals))
 
 
 def _int_list(text: str) -> List[int]:
@@ -171,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch", type=_positive, default=32, metavar="N", help="inference batch size (default 32)")
     a.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N",
                    help="onnxruntime threads (default: the CPUs this process may use)")
-    a.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="execution provider (default cpu)")
+    a.add_argument("--device", choices=("cpu", "cuda", "openvino"), default="cpu",
+                   help="execution provider (default cpu; openvino: pip install 'cxr[openvino]', Intel CPUs)")
     a.add_argument("--limit", type=_positive, metavar="N", help="only the first N images (by name) of each label")
     a.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     common(a)
@@ -183,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--model", nargs="+", action="extend", default=[], metavar="FILE.onnx", help="cxr model file(s)")
     lt.add_argument("--checkpoint", nargs="+", action="extend", default=[], metavar="RUN_DIR",
                     help="cxr-train run folder(s) for a PyTorch eager baseline (needs torch)")
-    lt.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    lt.add_argument("--device", type=_device_list, default=["cpu"], metavar="D,D,...",
+                    help="where to run the model files: cpu (default), cuda, openvino, or several, e.g. cpu,openvino "
+                         "(each file on each, compared in one run; a device not available here is reported, "
+                         "not measured)")
     lt.add_argument("--batch", type=_int_list, default=[1, 8, 32], metavar="B,B,...",
                     help="batch sizes (default 1,8,32)")
     lt.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N",
@@ -212,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--count", type=_positive, default=8, metavar="N", help="images used (default 8)")
     e.add_argument("--repeats", type=_positive, default=3, metavar="R", help="cold processes per case (default 3)")
     e.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N", help="inference threads")
-    e.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    e.add_argument("--device", choices=("cpu", "cuda", "openvino"), default="cpu")
     e.add_argument("--infer-arg", action="append", metavar="ARG",
                    help="argument passed to cxr-infer instead of the default '--threads N' (repeatable)")
     e.add_argument("--no-cold", action="store_true", help="skip the cold-process part")
@@ -252,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", help="where to write summary.json/.md (default: --results)")
     s.add_argument("--threads", type=_positive, metavar="N",
                    help="which measured thread count to summarise (default: the highest measured)")
-    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="which device's latency (default cpu)")
+    s.add_argument("--device", choices=("cpu", "cuda", "openvino"), default="cpu",
+                   help="which device's latency (default cpu)")
     s.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -272,7 +287,10 @@ def _run(args: argparse.Namespace) -> int:
                           repeats=args.repeats, warmup=max(args.warmup, 1), iterations=args.iterations,
                           max_seconds=args.max_seconds, timeout=args.timeout, out=args.out, name=args.name,
                           quiet=args.quiet, domain_check=args.domain_check, heatmap=args.heatmap)
-        failed = [r for r in rep["results"] if r.get("error") or r.get("processes_failed")]
+        for r in rep["results"]:
+            if r.get("unavailable"):
+                print(f"cxr-bench: {r['name']} batch {r['batch']}: not measured: {r['error']}", file=sys.stderr)
+        failed = [r for r in rep["results"] if not r.get("unavailable") and (r.get("error") or r.get("processes_failed"))]
         for r in failed:
             print(f"cxr-bench: {r['name']} batch {r['batch']}: "
                   f"{r.get('error') or str(r['processes_failed']) + ' process(es) failed'}", file=sys.stderr)

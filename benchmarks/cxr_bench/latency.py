@@ -135,11 +135,16 @@ def _median_or_none(values: List[Optional[float]]) -> Optional[float]:
 
 
 def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | Path] = (), batches: Sequence[int] = (1,),
-                threads: int = 1, device: str = "cpu", repeats: int = 3, warmup: int = 3, iterations: int = 20,
+                threads: int = 1, device: str | Sequence[str] = "cpu", repeats: int = 3, warmup: int = 3, iterations: int = 20,
                 max_seconds: float = 10.0, timeout: float = 600.0, out: Optional[str | Path] = None,
                 name: Optional[str] = None, seed: int = 0, quiet: bool = False,
                 domain_check: str = "off", heatmap: str = "off") -> Dict[str, Any]:
     """Measure every (model or checkpoint) x batch, ``repeats`` fresh processes each, interleaved.
+
+    ``device``: one device or several (``["cpu", "openvino"]``): every model file runs on each, in
+    the same interleaved rounds; a device that is not available here is reported (rows with
+    ``unavailable``), not measured, unless it is the only one. PyTorch runs on ``cuda`` when
+    that is among them, else on the CPU.
 
     ``domain_check``: "off" times the probabilities output alone (as PyTorch computes it), "on"
     also the ``domain_score`` output of models that have one (what ``Classifier`` runs by
@@ -155,9 +160,20 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         raise BenchError("--repeats, --iterations, --threads and every --batch must be at least 1")
     import onnxruntime as ort
 
+    from cxr_infer.errors import DeviceError
     from cxr_infer.model import providers_for
 
-    providers_for(device, ort.get_available_providers())  # fail before any process starts if the device is missing
+    devices = [device] if isinstance(device, str) else list(dict.fromkeys(device))
+    missing: Dict[str, str] = {}
+    for d in devices:  # fail (or note) before any process starts if a device is missing
+        try:
+            providers_for(d, ort.get_available_providers(), threads)
+        except DeviceError as exc:
+            if len(devices) == 1:
+                raise
+            missing[d] = str(exc)
+    multi = len(devices) > 1
+    torch_device = "cuda" if "cuda" in devices else "cpu"
     subjects = [model_info(m) for m in models] + [checkpoint_info(c) for c in checkpoints]
     warnings = [w for s in subjects for w in s.pop("warnings", [])]
     for w in warnings:
@@ -170,12 +186,20 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         maps = [False]
         if s["engine"] == "onnx" and s.get("heatmap_output"):
             maps = {"off": [False], "on": [True], "both": [False, True]}[heatmap]
-        for dc in modes:
-            for hm in maps:
-                subject = {**s, "domain_check": dc, "heatmap": hm,
-                           "name": s["name"] + (" +domain check" if dc else "") + (" +heatmap" if hm else "")}
-                for b in batches:
-                    configs.append({**subject, "batch": int(b)})
+        on = devices if s["engine"] == "onnx" else [torch_device]
+        for dev in on:
+            for dc in modes:
+                for hm in maps:
+                    subject = {**s, "domain_check": dc, "heatmap": hm, "device": dev,
+                               "name": s["name"] + (f" [{dev}]" if multi and s["engine"] == "onnx" else "")
+                               + (" +domain check" if dc else "") + (" +heatmap" if hm else "")}
+                    for b in batches:
+                        configs.append({**subject, "batch": int(b)})
+    unavailable = [c for c in configs if c["engine"] == "onnx" and c["device"] in missing]
+    configs = [c for c in configs if not (c["engine"] == "onnx" and c["device"] in missing)]
+    for d, why in missing.items():
+        warnings.append(f"device {d} not measured: {why}")
+        say(f"warning: device {d} not measured: {why}", quiet)
     env = child_env(threads)
     raw: List[List[Dict[str, Any]]] = [[] for _ in configs]
     order_log: List[List[int]] = []
@@ -185,7 +209,7 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         order_log.append(order)
         for k, i in enumerate(order):
             c = configs[i]
-            cfg = {"engine": c["engine"], "path": c["path"], "device": device, "batch": c["batch"], "threads": threads,
+            cfg = {"engine": c["engine"], "path": c["path"], "device": c["device"], "batch": c["batch"], "threads": threads,
                    "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed,
                    "domain_check": c.get("domain_check", False), "heatmap": c.get("heatmap", False)}
             res = run_worker(cfg, env, timeout)
@@ -200,10 +224,12 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         pass
     results = []
     for c, procs in zip(configs, raw):
-        results.append({**c, "device": device, "threads": threads, **aggregate(procs, c["batch"]), "processes": procs})
+        results.append({**c, "threads": threads, **aggregate(procs, c["batch"]), "processes": procs})
+    for c in unavailable:
+        results.append({**c, "threads": threads, "error": missing[c["device"]], "unavailable": True, "processes": []})
     report: Dict[str, Any] = {
         **new_report(KIND), "machine": machine,
-        "settings": {"device": device, "threads": threads, "batches": list(batches), "repeats": repeats,
+        "settings": {"device": ",".join(devices), "devices": devices, "torch_device": torch_device, "threads": threads, "batches": list(batches), "repeats": repeats,
                      "domain_check": domain_check, "heatmap": heatmap,
                      "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed,
                      "order": order_log,
@@ -211,7 +237,12 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
                               "built once; PyTorch: a seeded standard-normal tensor of the input shape",
                      "onnxruntime_session": "cxr_infer.model.session_options: ORT_ENABLE_ALL, sequential, "
                                             "intra_op_num_threads = threads, inter_op_num_threads = 1, "
-                                            "no spinning workers (as the Classifier)",
+                                            "no spinning workers (as the Classifier)"
+                                            + ("; OpenVINO: the onnxruntime-ep-openvino plugin on the CPU, "
+                                               "INFERENCE_NUM_THREADS = threads, PERFORMANCE_HINT LATENCY, "
+                                               "one stream, model cache as cxr_infer.model.openvino_cache_dir "
+                                               "(Load s with a warm cache after the first process)"
+                                               if "openvino" in devices else ""),
                      "torch": "fp32 eager, torch.inference_mode, set_num_threads(threads), interop threads 1"},
         "results": results,
         "warnings": warnings,
@@ -236,6 +267,14 @@ def comparisons(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             if not same:
                 continue
             if base["engine"] == "onnx" and base["path"] == r["path"]:
+                if base.get("device", "cpu") != r.get("device", "cpu"):
+                    if (base.get("device", "cpu") == "cpu" and r.get("domain_check") == base.get("domain_check")
+                            and r.get("heatmap") == base.get("heatmap")):
+                        out.append({"backbone": r["backbone"], "batch": r["batch"], "model": r["name"],
+                                    "baseline": base["name"], "kind": "vs onnxruntime CPU provider",
+                                    "speedup": base["median_ms"] / r["median_ms"],
+                                    "load_s_extra": r["load_s"] - base["load_s"]})
+                    continue
                 if r.get("heatmap") and not base.get("heatmap") and r.get("domain_check") == base.get("domain_check"):
                     out.append({"backbone": r["backbone"], "batch": r["batch"], "model": r["name"],
                                 "baseline": base["name"], "kind": "heatmap on vs off",
@@ -268,7 +307,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
          ""] + [f"**Warning:** {w}." for w in report.get("warnings", [])] + ([""] if report.get("warnings") else []) + [
          "## Machine", "", machine_markdown(report["machine"]), "",
          "## Settings", "",
-         f"- Device {s['device']}, {s['threads']} thread(s) fixed; batch sizes {', '.join(map(str, s['batches']))}.",
+         f"- Device {s['device']}{' (PyTorch on ' + s['torch_device'] + ')' if s.get('devices') and len(s['devices']) > 1 else ''}, {s['threads']} thread(s) fixed; batch sizes {', '.join(map(str, s['batches']))}.",
          f"- Each configuration measured in {s['repeats']} fresh process(es), interleaved in rotated order; "
          f"per process {s['warmup']} warm-up call(s), then up to {s['iterations']} timed calls "
          f"(fewer, at least 3, once {s['max_seconds']:g} s of timing is spent).",
@@ -290,7 +329,12 @@ def render_markdown(report: Dict[str, Any]) -> str:
          "and its times are pessimistic).", ""]
     rows = []
     for r in report["results"]:
-        engine = "onnxruntime" if r["engine"] == "onnx" else "PyTorch eager"
+        engine = "PyTorch eager" if r["engine"] != "onnx" else {"cpu": "onnxruntime", "openvino": "onnxruntime + OpenVINO",
+                                                                "cuda": "onnxruntime (cuda)"}.get(r.get("device", "cpu"))
+        if r.get("unavailable"):
+            rows.append([r["name"], engine, r["precision"], r["batch"], "not available here", "", "", "", "", "",
+                         "", "", mb(r["file_bytes"])])
+            continue
         if not r.get("median_ms"):
             rows.append([r["name"], engine, r["precision"], r["batch"], "failed: " + str(r.get("error")), "", "", "", "", "",
                          "", "", mb(r["file_bytes"])])
@@ -316,13 +360,34 @@ def render_markdown(report: Dict[str, Any]) -> str:
                          c["baseline"] if "PyTorch" in c["baseline"] else
                          f"{c['baseline']} ({c['kind'][3:] if c['kind'].startswith('vs ') else c['kind'].split(' on vs ')[0] + ' off'})",
                          f"{c['speedup']:.2f}x"] for c in report["comparisons"]], "lrllr"),
-              "", "Speed-up = baseline median / model median (above 1: the model is faster; for the domain "
+              ""] + (["Session cost against per-image gain (provider vs the CPU provider, same file): the "
+                      "extra session load time divided by the gain per call is the number of calls from which the "
+                      "faster provider wins.", "",
+                      md_table(["Model", "Batch", "Extra load s", "Gain ms/call", "Crossover (calls)"],
+                               [[c["model"], c["batch"], f"{c['load_s_extra']:.3f}",
+                                 fmt_ms(_gain_ms(report, c)),
+                                 _crossover(c, _gain_ms(report, c))] for c in report["comparisons"]
+                                if "load_s_extra" in c], "lrrrr"), ""] if any("load_s_extra" in c for c in report["comparisons"]) else []) + [
+              "Speed-up = baseline median / model median (above 1: the model is faster; for the domain "
                   "check, below 1 is its cost).", ""]
     notes = [r for r in report["results"] if r.get("weights_note")]
     if notes:
         L += [f"- {r['name']}: file size is `{r['weights_file']}` ({r['weights_note']})." for r in notes[:1]] + [""]
     L += ["Reproduce:", "", "```", report["command"], "```", ""]
     return "\n".join(L)
+
+
+def _gain_ms(report: Dict[str, Any], c: Dict[str, Any]) -> float:
+    by_name = {r["name"]: r for r in report["results"] if r.get("median_ms")}
+    return by_name[c["baseline"]]["median_ms"] - by_name[c["model"]]["median_ms"]
+
+
+def _crossover(c: Dict[str, Any], gain_ms: float) -> str:
+    if c["load_s_extra"] <= 0:
+        return "from the first" if gain_ms > 0 else "n/a"
+    if gain_ms <= 0:
+        return "never"
+    return f"{c['load_s_extra'] * 1000.0 / gain_ms:.0f}"
 
 
 def write_latency(report: Dict[str, Any], out: Path, name: Optional[str] = None, quiet: bool = False) -> None:

@@ -112,7 +112,10 @@ class Classifier:
     Args:
         model: path to a ``.onnx`` file with a ``cxr.spec`` (or its bytes); ``None`` loads the
             embedded default model.
-        device: ``"cpu"``, ``"cuda"`` (TensorRT, then CUDA when present) or ``"auto"``.
+        device: ``"cpu"``, ``"cuda"`` (TensorRT, then CUDA when present), ``"openvino"`` (the OpenVINO
+            plugin provider on the CPU: ``pip install 'cxr[openvino]'``) or ``"auto"``: CUDA where
+            present, else OpenVINO where its plugin takes this CPU (an embedded classifier pays
+            OpenVINO's longer session start once and gains on every image), else the CPU provider.
         threads: intra-op threads; default: the cores this process may use.
         threshold: overrides the spec's decision threshold.
         warmup: run one dummy batch on load so the first real call is not slow.
@@ -124,6 +127,9 @@ class Classifier:
             (default); ``False`` skips it.
         header_check: check DICOM headers against the model's ``intended_use`` (default);
             ``False`` skips it. Files without an ``intended_use`` block have no header checks.
+        images: how many images this classifier will see, when known (``cxr-infer`` passes its
+            count): with ``device="auto"``, fewer than ``cxr_infer.model.AUTO_OPENVINO_MIN_IMAGES``
+            take the CPU provider, whose session starts faster than OpenVINO's.
 
     Raises:
         ModelError: the file is missing, not ONNX, or has no valid spec or the wrong graph.
@@ -138,7 +144,7 @@ class Classifier:
     def __init__(self, model: Optional[ModelSource] = None, device: str = "cpu", threads: Optional[int] = None,
                  threshold: Optional[float] = None, warmup: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
                  providers: Optional[Sequence[Any]] = None, session_config: Optional[Mapping[str, str]] = None,
-                 domain_check: bool = True, header_check: bool = True) -> None:
+                 domain_check: bool = True, header_check: bool = True, images: Optional[int] = None) -> None:
         if model is None:
             if not DEFAULT_MODEL.is_file():
                 raise ModelError(f"no default model is installed yet (expected at {DEFAULT_MODEL}); pass a "
@@ -150,7 +156,7 @@ class Classifier:
             raise ValueError(f"threshold {threshold!r} must be a number in [0, 1]")
         #: the opened model file (session, spec, graph input): see :class:`cxr_infer.model.ModelFile`
         self.model = ModelFile(model, device=device, threads=threads, providers=providers,
-                               session_config=session_config)
+                               session_config=session_config, images=images)
         self.name = self.model.name
         self.model_path: Optional[str] = str(self.model.path) if self.model.path else None
         self.threads = self.model.threads

@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders, glob patterns, or -")
     p.add_argument("-m", "--model", metavar="FILE",
                    help="cxr .onnx model (default: the model embedded in the package, if installed)")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
-                   help="where to run: cpu (default), cuda (TensorRT/CUDA), auto (cuda when available)")
+    p.add_argument("--device", choices=("cpu", "cuda", "openvino", "auto"), default="cpu",
+                   help="where to run: cpu (default), cuda (TensorRT/CUDA), openvino (the OpenVINO provider on "
+                        "an Intel CPU: pip install 'cxr[openvino]'), auto (cuda when available, else openvino "
+                        "for 32 or more images where it can run, else cpu)")
     p.add_argument("--threshold", type=_threshold, metavar="T",
                    help="decision threshold for the positive label, in [0, 1] (default: the model's own)")
     p.add_argument("--batch-size", type=_positive, default=8, metavar="N",
@@ -359,7 +361,7 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
 
     t0, c0 = time.perf_counter(), time.process_time()
     clf = Classifier(args.model, device=args.device, threads=args.threads, threshold=args.threshold,
-                     batch_size=args.batch_size, warmup=False)
+                     batch_size=args.batch_size, warmup=False, images=len(files))
     timing["session"] = time.perf_counter() - t0
     timing["cpu_session"] = time.process_time() - c0
     c0 = time.process_time()

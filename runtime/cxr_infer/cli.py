@@ -381,11 +381,11 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
         if args.info:
             out.write(json.dumps(clf.info(), indent=2) + "\n")
             return 0
+        overlays = _overlay_writer(args.heatmap, clf) if args.heatmap else None  # its errors before any output
         writer = Writer(args.format, out, max((len(path) for path, _ in entries), default=4), clf, args.output)
         failed = outside = 0
         progress = Progress(len(files), enabled=not args.no_progress and len(files) >= PROGRESS_MIN_ITEMS
                             and sys.stderr.isatty())
-        overlays = _overlay_writer(args.heatmap, clf) if args.heatmap else None
         results = clf.iter_predict(_sources(files), timing=timing, heatmap=overlays is not None)
         for path, problem in entries:
             result = next(results) if problem is None else InputError(problem)

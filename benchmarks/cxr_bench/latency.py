@@ -75,7 +75,7 @@ def checkpoint_info(folder: str | Path) -> Dict[str, Any]:
 
 def model_info(path: str | Path) -> Dict[str, Any]:
     """Backbone, precision and size of an ONNX model file (spec checked before any timing)."""
-    from .util import sha256_file
+    from cxr_infer.report import file_sha256 as sha256_file
 
     p = Path(path)
     spec, facts, warnings = inspect_model(p)

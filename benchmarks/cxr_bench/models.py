@@ -15,9 +15,8 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from cxr_infer.model import ModelFile
+from cxr_infer.report import file_sha256 as sha256_file
 from cxr_infer.spec import ModelSpec
-
-from .util import sha256_file
 
 
 @dataclass

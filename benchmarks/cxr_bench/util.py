@@ -9,7 +9,6 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -99,15 +98,6 @@ def write_report(out: Path, base: str, name: Optional[str], report: Dict[str, An
     write_text(out / files["markdown"], render(report))
     say(f"wrote {out / files['markdown']} and {files['json']}", quiet)
     return files
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Progress:

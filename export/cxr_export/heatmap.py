@@ -115,27 +115,21 @@ def find_head(model, features: str) -> Dict[str, Any]:
             "w2": second.input[1], "w2_transposed": second.op_type != "MatMul" and _attribute(second, "transB", 0) == 1}
 
 
-def _float_types(model) -> Dict[str, int]:
-    """Element type of every tensor shape inference can tell (initializers included)."""
+def _inferred(model, feature_map: str) -> Tuple[Dict[str, int], Tuple[Optional[int], Optional[int]]]:
+    """One shape inference: the element type of every tensor it can tell (initializers included)
+    and the feature map's grid ``(h, w)`` (None where unknown)."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {t.name: t.data_type for t in model.graph.initializer}
+    grid: Tuple[Optional[int], Optional[int]] = (None, None)
     for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         types[value.name] = value.type.tensor_type.elem_type
-    return types
-
-
-def _grid(model, feature_map: str) -> Tuple[Optional[int], Optional[int]]:
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    for value in inferred.graph.value_info:
         if value.name == feature_map:
             dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
             if len(dims) == 4:
-                return dims[2], dims[3]
-    return None, None
+                grid = (dims[2], dims[3])
+    return types, grid
 
 
 def strip_heatmap_graph(model) -> None:
@@ -152,7 +146,7 @@ def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, An
 
     strip_heatmap_graph(model)
     head = find_head(model, features)
-    types = _float_types(model)
+    types, (height, width) = _inferred(model, head["feature_map"])
     opset = max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] or [13])
     nodes: List[Any] = []
 
@@ -194,7 +188,6 @@ def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, An
     nodes.append(helper.make_node("Relu", [summed], [HEATMAP_OUTPUT], name=PREFIX + HEATMAP_OUTPUT))
     model.graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in inits.items())
     model.graph.node.extend(nodes)
-    height, width = _grid(model, head["feature_map"])
     model.graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT,
                                                             ["batch", height, width]))
     return {

@@ -317,3 +317,35 @@ def test_bench_domain_foreign_folder(domain_model, xrays224, tmp_path):
     assert m["foreign"]["photos"]["images"] == 4 and m["foreign"]["photos"]["flag_rate"] == 1.0
     assert m["foreign"]["photos"]["auroc"] == 1.0
     assert "evaluation only" in (out / "domain.md").read_text()
+
+
+def test_bench_domain_originals_control(domain_model, xrays224, tmp_path):
+    """--originals DIR: in-domain images at their original size, read the runtime's way; flag rate
+    and the names of the flagged files; a bright colour image among them is the one flagged."""
+    import shutil
+
+    from PIL import Image
+
+    from cxr_bench.cli import main
+
+    data = tmp_path / "data"
+    for f in xrays224[:3] + xrays224[6:9]:
+        (data / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, data / f.parent.name / f.name)
+    originals = tmp_path / "originals" / "NORMAL"
+    originals.mkdir(parents=True)
+    for i, img in enumerate(gray_images(5, 7)):
+        Image.fromarray(img).resize((97, 83)).save(originals / f"g{i}.png")  # not at the model's size
+    Image.fromarray(np.stack([red()[..., 0]] * 3, -1)).save(originals / "white.png")
+    Image.fromarray(red()).resize((97, 83)).save(originals / "red.png")
+    out = tmp_path / "out"
+    assert main(["domain", "--model", str(domain_model[0]), "--data", str(data), "--count", "2", "--kinds", "noise",
+                 "--originals", str(originals.parent), "--out", str(out), "-q"]) == 0
+    (m,) = json.loads((out / "domain.json").read_text())["models"]
+    assert m["originals"]["images"] == 7
+    assert "NORMAL/red.png" in m["originals"]["flagged"]
+    assert not any(f.startswith("NORMAL/g") for f in m["originals"]["flagged"])
+    assert m["originals"]["flag_rate"] == pytest.approx(len(m["originals"]["flagged"]) / 7)
+    assert "In-domain originals through the runtime" in (out / "domain.md").read_text()
+    assert main(["domain", "--model", str(domain_model[0]), "--data", str(data), "--count", "2", "--kinds", "noise",
+                 "--originals", str(tmp_path / "nowhere"), "--out", str(out), "-q"]) != 0

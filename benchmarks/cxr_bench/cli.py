@@ -94,6 +94,10 @@ examples:
       cxr-export adds them, or python -m cxr_export.domain RUN_DIR MODEL.onnx --data TRAIN_DIR)
   cxr-bench domain --model m.onnx --data {TEST_SPLIT} --count 30 --kinds photos,noise --out /tmp/b
       a quick look
+  cxr-bench domain --model m.onnx --data {TEST_SPLIT} --foreign ../shared/data/foreign_cxr \
+      --originals ../shared/data/kermany_fullres
+      also real adult, lateral and CT images (evaluation only), and the in-domain control: full-size
+      Kermany originals read the way the runtime reads a user's file
 
 kinds: photos (scikit-image / matplotlib sample photographs; pip install scikit-image),
 documents (text rendered with Pillow), noise, inverted, upside_down, rotated_90, cropped
@@ -243,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--foreign", metavar="DIR",
                    help="real out-of-domain images, each sub-folder a kind (e.g. ../shared/data/foreign_cxr; "
                         "files.csv with a finding column adds the classifier's AUC on them); evaluation only")
+    d.add_argument("--originals", metavar="DIR",
+                   help="in-domain images at their original size, read the way the runtime reads a user's file "
+                        "(e.g. ../shared/data/kermany_fullres): a check that reacts to the offline-resized test "
+                        "split's pipeline instead of the image flags them")
     d.add_argument("--batch", type=_positive, default=16, metavar="N", help="inference batch size (default 16)")
     d.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N", help="onnxruntime threads")
     common(d, summary=False)
@@ -310,7 +318,8 @@ def _run(args: argparse.Namespace) -> int:
 
         kinds = [k for k in (args.kinds or ",".join(KINDS)).split(",") if k]
         rep = run_domain(args.model, args.data, args.out, count=args.count, kinds=kinds, batch=args.batch,
-                         threads=args.threads, name=args.name, quiet=args.quiet, foreign=args.foreign)
+                         threads=args.threads, name=args.name, quiet=args.quiet, foreign=args.foreign,
+                         originals=args.originals)
         return 0 if all(m.get("domain") for m in rep["models"]) else 1
     elif args.command == "heatmaps":
         from .heatmaps import run_heatmaps

@@ -36,6 +36,13 @@ counts at the model's threshold. That is a pediatric model outside its populatio
 other hospitals, other diseases), reported to show what an unflagged adult image would get,
 not as an accuracy claim. These images are for measuring only: nothing here is fitted on them.
 
+``--originals DIR`` is the opposite control: in-domain images at their *original* size (e.g.
+``../shared/data/kermany_fullres``, full-size Kermany train X-rays), read through the runtime's
+own decoding and resize as any user's file is. The test split was resized offline and saved
+again as 224 x 224 JPEGs, so a test that reacts to that pipeline (JPEG noise, the finest scale)
+looks excellent on foreign images, which take the runtime's path, while flagging real Kermany
+X-rays handed over at full size. Their flag rate should be close to the test split's.
+
 Example:
     >>> rep = run_domain(["m_int8.onnx"], "../shared/data/chest_xray_224/test", "/tmp/b")  # doctest: +SKIP
     >>> rep["models"][0]["in_domain"]["flag_rate"]                                        # doctest: +SKIP
@@ -248,6 +255,19 @@ def load_foreign(root: str | Path, size: Tuple[int, int], method: str = "bicubic
     return kinds, rows
 
 
+def load_originals(root: str | Path, size: Tuple[int, int], method: str = "bicubic"
+                   ) -> Tuple[np.ndarray, List[str]]:
+    """Pixels of every image under ``root`` (recursively, sorted), read as the runtime reads a
+    user's file (its decoding, JPEG draft scaling and resize), and their names relative to ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BenchError(f"{root}: --originals needs a folder of in-domain images at their original size")
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise BenchError(f"{root}: no images under it (looked for {', '.join(IMAGE_EXTS)})")
+    return np.stack([load_image(f, size, method=method) for f in files]), [str(f.relative_to(root)) for f in files]
+
+
 def finding_label(row: Dict[str, str]) -> Optional[int]:
     """1 (PNEUMONIA-like), 0 (no finding) or None (unknown) for a frontal X-ray row of files.csv;
     None for lateral views and other modalities."""
@@ -314,16 +334,19 @@ def _scores(model, pixels: np.ndarray, batch: int) -> np.ndarray:
 
 def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, count: int = 150,
                kinds: Sequence[str] = KINDS, batch: int = 16, threads: int = 1, name: Optional[str] = None,
-               quiet: bool = False, foreign: Optional[str | Path] = None) -> Dict[str, Any]:
+               quiet: bool = False, foreign: Optional[str | Path] = None,
+               originals: Optional[str | Path] = None) -> Dict[str, Any]:
     """Measure each model's out-of-domain check; write domain.json / domain.md into ``out``.
 
-    ``foreign``: a folder whose sub-folders are real out-of-domain kinds (see the module docstring)."""
+    ``foreign``: a folder whose sub-folders are real out-of-domain kinds; ``originals``: a folder
+    of in-domain images at their original size (see the module docstring)."""
     out = Path(out)
     ds = list_dataset(data)
     cache = PixelCache(ds.files, quiet=quiet)
     results: List[Dict[str, Any]] = []
     built: Dict[Tuple[int, int], Dict[str, Tuple[np.ndarray, List[str]]]] = {}
     real: Dict[Tuple[int, int, str], Any] = {}
+    full: Dict[Tuple[int, int, str], Any] = {}
     for path in models:
         model = open_model(path, threads=threads)
         spec = model.spec
@@ -368,13 +391,26 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
             entry["foreign_classifier"] = classifier_on_foreign(model, fkinds, rows, fscores, thr, batch)
             say(f"{model.name}: foreign " + ", ".join(f"{k} {fmt_pct(v['flag_rate'], 1)} (AUROC {v['auroc']:.3f})"
                                                       for k, v in entry["foreign"].items()), quiet)
+        if originals is not None:
+            key = (size[0], size[1], spec.resize_method)
+            if key not in full:
+                full[key] = load_originals(originals, size, spec.resize_method)
+            px, files = full[key]
+            s = _scores(model, px, batch)
+            entry["originals"] = {"images": int(len(s)), "flag_rate": float(np.mean(s > thr)),
+                                  "auroc": auroc(s_in, s), "score_median": float(np.median(s)),
+                                  "flagged_by_branch": _deciding(model, px, batch, thr),
+                                  "flagged": [f for f, v in zip(files, s) if v > thr]}
+            say(f"{model.name}: full-size originals {fmt_pct(entry['originals']['flag_rate'], 1)} flagged "
+                f"(test split {fmt_pct(entry['in_domain']['flag_rate'], 1)})", quiet)
         entry["seconds"] = time.perf_counter() - t0
         results.append(entry)
         say(f"{model.name}: test flag rate {fmt_pct(entry['in_domain']['flag_rate'])}; " + ", ".join(
             f"{k} {fmt_pct(v['flag_rate'], 1)} (AUROC {v['auroc']:.3f})" for k, v in entry["kinds"].items()), quiet)
     report = new_report(KIND, data={"root": str(ds.root), "n_images": len(ds.files), "counts": ds.counts()},
                         count_per_kind=count, seed=0, models=results,
-                        foreign=str(foreign) if foreign is not None else None)
+                        foreign=str(foreign) if foreign is not None else None,
+                        originals=str(originals) if originals is not None else None)
     write_report(out, "domain", name, report, render_markdown, quiet)
     return report
 
@@ -434,6 +470,19 @@ def render_markdown(report: Dict[str, Any]) -> str:
                       f"{c0['caveat'].capitalize()}: these figures say what an adult image that slipped through "
                       f"would get, not how well the model reads adults. Labels: {c0['rule']}.", "",
                       md_table(["Model", "subset", "n", "positive", "AUC", "TP", "FP", "TN", "FN"], rows_md), ""]
+    witho = [m for m in models if m.get("originals")]
+    if witho:
+        lines += [f"## In-domain originals through the runtime (`{report.get('originals')}`)", "",
+                  "Kermany X-rays at their original size, decoded and resized by the runtime as a user's file is "
+                  "(the test split was resized offline and saved again as JPEG). A check that reacts to that "
+                  "pipeline rather than to the image flags these; their rate should be close to the test "
+                  "split's.", "",
+                  md_table(["Model", "images", "flagged", "test split", "AUROC vs test", "deciding branch"],
+                           [[m["name"], m["originals"]["images"], fmt_pct(m["originals"]["flag_rate"], 1),
+                             fmt_pct(m["in_domain"]["flag_rate"], 1), fmt_num(m["originals"]["auroc"], 3),
+                             ", ".join(f"{b} {n}" for b, n in sorted(m["originals"]["flagged_by_branch"].items(),
+                                                                      key=lambda t: -t[1])) or "-"]
+                            for m in witho]), ""]
     branched = [m for m in models if m["domain"].get("flagged_validation_by_branch")]
     if branched:
         names = [b["name"] for b in branched[0]["domain"]["branches"]]

@@ -46,6 +46,20 @@ images), and the *sum* of the standardised terms instead of their largest (bette
 models for adults, but it loses upside-down and vertically flipped X-rays on VGG16 and no
 longer says which test fired).
 
+Also tried (2026-11-29, on cached statistics; measured on ``foreign_cxr`` and chosen against it,
+so read these as leads, not as evidence), none of which closes the gap to 95% of adults:
+k-nearest-neighbour distances instead of Mahalanobis on the same inputs (ResNet50 adults 84-91%
+alone, 82% in the max), a Mahalanobis distance on the vector of branch terms (70-96%, with the
+test split at up to 6%), and a small CNN trained on train images against synthetic
+"adult-like" stretching and zooming of them (AUROC 0.14: adults looked *less* transformed).
+One candidate looked like the answer and was a trap: the log mean absolute detail of a 2 x 2
+average-pool pyramid (5 levels, a model-free texture statistic) flagged 96% of adults on its
+own and 93-96% in the max. But it flagged 72% of the 160 full-size Kermany originals read
+through the runtime (``../shared/data/kermany_fullres``): its signal was the finest level, where
+the offline-resized, re-saved 224 px training and test JPEGs differ from any image the runtime
+resizes itself. Without that level it flagged 26% of adults. ``cxr-bench domain --originals``
+reports that control; every branch must keep it near the test split's rate.
+
 Each branch value ``v`` is mapped to ``(v - centre) / scale`` with ``centre`` its median and
 ``centre + scale`` its 95th percentile on the *validation* images (out of sample, so a branch
 that overfits its fitting images gets no unfair weight), and the score is the largest of them;

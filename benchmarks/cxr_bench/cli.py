@@ -27,6 +27,9 @@ commands:
   summary    merge the accuracy and latency reports of a folder into summary.json / summary.md
   domain     out-of-domain check: flag rate on the test split and on photos, documents, noise,
              inverted / rotated / cropped X-rays, with AUROCs
+  heatmaps   Grad-CAM overlay grids and INT8 map agreement
+  formats    one table of every provider x precision (CPU, CUDA, TensorRT, OpenVINO): status,
+             size, accuracy, AUC, ms at batch 1, images/s at batch 64
 
 examples:
   cxr-bench accuracy --model runs/export/resnet50_fp32.onnx runs/export/resnet50_int8.onnx \\
@@ -85,6 +88,21 @@ examples:
   cxr-bench e2e --model m_int8.onnx --images scans/ --count 16 --repeats 5 --threads 2
 
 writes e2e.json and e2e.md into --out.
+"""
+
+FORMATS_EPILOG = f"""\
+examples:
+  cxr-bench formats --model runs/export/resnet50.onnx runs/export/resnet50_int8.onnx \\
+      runs/export/resnet50_fp16.onnx --data {TEST_SPLIT}
+      CPU FP32 and INT8, CUDA FP32 and FP16, TensorRT FP16 and INT8 (GPU rows need onnxruntime-gpu)
+  cxr-bench formats --model runtime/cxr_infer/models/default.onnx models/*_int8.onnx \\
+      --data {TEST_SPLIT} --providers cpu --limit 50 --iterations 20 --out /tmp/b
+      a quick look at the shipped files on this CPU
+
+A row that cannot run says why in its status (skipped: no such provider here; failed: the
+error). TensorRT engines are cached in $CXR_TRT_CACHE (default ~/.cache/cxr/tensorrt); the first
+call's time includes the build. writes formats.json and formats.md into --out. Exit status 1
+when a row failed (a skipped row is not a failure).
 """
 
 DOMAIN_EPILOG = f"""\
@@ -267,6 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N", help="onnxruntime threads")
     common(h, summary=False)
 
+    fo = sub.add_parser("formats", formatter_class=fmt, epilog=FORMATS_EPILOG,
+                        help="every provider x precision in one table (status, size, accuracy, AUC, speed)",
+                        description="Run each model file on each execution provider of the row plan and report "
+                                    "status, file size, accuracy, AUC, confusion counts, ms at batch 1, images/s at "
+                                    "batch 64 and agreement with CPU FP32, one row each; a row that cannot run says "
+                                    "why.")
+    fo.add_argument("--model", nargs="+", action="extend", required=True, metavar="FILE.onnx",
+                    help="cxr model files: for each backbone its FP32, INT8 and FP16 files (the spec says which)")
+    fo.add_argument("--data", required=True, metavar="DIR", help=f"labelled folder, e.g. {TEST_SPLIT}")
+    fo.add_argument("--providers", default="cpu,cuda,tensorrt", metavar="P1,P2",
+                    help="comma-separated, from cpu, cuda, tensorrt, openvino (default cpu,cuda,tensorrt)")
+    fo.add_argument("--rows", choices=("default", "all"), default="default",
+                    help="default: CPU FP32/INT8, CUDA FP32/FP16, TensorRT FP16/INT8, OpenVINO FP32/INT8; "
+                         "all: every file on every provider")
+    fo.add_argument("--limit", type=_positive, metavar="N", help="only the first N images (by name) of each label")
+    fo.add_argument("--iterations", type=_positive, default=50, metavar="N", help="timed calls at batch 1 (default 50)")
+    fo.add_argument("--throughput-batch", type=_positive, default=64, metavar="N",
+                    help="batch of the images/s column (default 64)")
+    fo.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N",
+                    help="onnxruntime CPU threads (default: the CPUs this process may use)")
+    common(fo, summary=False)
+
     s = sub.add_parser("summary", formatter_class=fmt, epilog=SUMMARY_EPILOG,
                        help="merge accuracy + latency reports into summary.json / summary.md",
                        description="Merge the accuracy and latency reports of a folder into the summary contract.")
@@ -327,6 +367,16 @@ def _run(args: argparse.Namespace) -> int:
         run_heatmaps(args.model, args.data, args.out, per_kind=args.per_kind, threads=args.threads, batch=args.batch,
                      name=args.name, quiet=args.quiet)
         return 0
+    elif args.command == "formats":
+        from .formats import run_formats
+
+        rep = run_formats(args.model, args.data, args.out, providers=[p for p in args.providers.split(",") if p],
+                          rows=args.rows, count=args.limit, iterations=args.iterations, batch=args.throughput_batch,
+                          threads=args.threads, name=args.name, quiet=args.quiet)
+        failed = [r for r in rep["rows"] if r["status"].startswith("failed")]
+        for r in failed:
+            print(f"cxr-bench: {r['backbone']} {r['precision']} on {r['provider']}: {r['status']}", file=sys.stderr)
+        return 1 if failed else 0
     else:  # summary
         from .summary import write_summary
 

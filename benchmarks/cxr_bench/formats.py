@@ -1,0 +1,280 @@
+"""``cxr-bench formats``: one table of every provider x precision, in the spirit of ``yolo benchmark``.
+
+For each backbone, the files given (FP32, INT8, FP16 as ``cxr-export`` writes them; the spec
+says which is which) run on each execution provider of a row plan:
+
+    cpu       FP32, INT8          onnxruntime's CPU provider
+    cuda      FP32, FP16          onnxruntime-gpu's CUDA provider
+    tensorrt  FP16, INT8          onnxruntime-gpu's TensorRT provider (FP16 file with FP16 kernels
+                                  allowed; the INT8 file's Q/DQ nodes as explicit quantization)
+    openvino  FP32, INT8          the OpenVINO plugin provider (``pip install 'cxr[openvino]'``)
+
+``--rows all`` runs every file on every provider asked for (CPU FP16, CUDA INT8, ...).
+
+Columns per row: status (``ok``, or why not: ``skipped: ...`` where the provider or the file is
+missing, ``failed: ...`` with the error's first line), file size, accuracy and AUC on ``--data``
+at the file's own threshold with the confusion counts, median ms per call at batch 1, images/s at
+batch 64 (``--throughput-batch``), session and first-call time (a TensorRT engine is built on the
+first call; its cache folder is stated), and agreement with the CPU FP32 row of the same
+backbone (or the first CPU row where there is no FP32 file): labels agreeing and max |dp|.
+
+Timing runs the graph on a ready input (the same array every call, probabilities only), so it
+measures the provider, not decoding or preprocessing; a GPU provider's figure includes the copy
+of the input from host memory, as an embedding application pays it. TensorRT gets one
+optimisation profile for batches 1 to ``--throughput-batch`` so that one engine serves every
+shape here.
+
+Example:
+    >>> rep = run_formats(["r50.onnx", "r50_int8.onnx", "r50_fp16.onnx"], "data/test", "/tmp/b",
+    ...                   providers=["cpu", "cuda", "tensorrt"])               # doctest: +SKIP
+    >>> [(r["provider"], r["precision"], r["status"]) for r in rep["rows"]]   # doctest: +SKIP
+    [('cpu', 'fp32', 'ok'), ('cpu', 'int8', 'ok'), ('cuda', 'fp32', 'ok'), ...]
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from cxr_infer.errors import CXRError
+from cxr_infer.metrics import binary_metrics
+from cxr_infer.model import OPENVINO_PROVIDER, ModelFile, openvino_available, providers_for
+
+from .dataset import PixelCache, list_dataset
+from .machine import describe_machine, machine_markdown
+from .models import inspect_model
+from .util import BenchError, fmt_num, fmt_pct, md_table, new_report, say, write_report
+
+KIND = "cxr-bench/formats"
+PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino")
+#: the rows of the default plan: (provider, precision)
+DEFAULT_ROWS: Tuple[Tuple[str, str], ...] = (("cpu", "fp32"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16"),
+                                             ("tensorrt", "fp16"), ("tensorrt", "int8"), ("openvino", "fp32"),
+                                             ("openvino", "int8"))
+PRECISION_ORDER = ("fp32", "fp16", "int8")
+ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+             "openvino": OPENVINO_PROVIDER}
+#: the goals of the GPU round (issue #16), checked in the report
+GOAL_IMAGES_PER_S = 5000.0   # ResNet50 FP16 at batch 64 on an H100/H200 class GPU
+GOAL_ACCURACY_POINTS = 0.5   # every GPU row within this of CPU FP32 accuracy
+
+
+def trt_cache_dir() -> Path:
+    """TensorRT's engine cache: ``$CXR_TRT_CACHE`` or ``~/.cache/cxr/tensorrt`` (as the runtime's)."""
+    return Path(os.environ.get("CXR_TRT_CACHE", Path.home() / ".cache" / "cxr" / "tensorrt"))
+
+
+class Unavailable(Exception):
+    """This row cannot run here (the reason becomes its ``skipped:`` status)."""
+
+
+def provider_list(provider: str, precision: str, input_name: str, size: Tuple[int, int], max_batch: int,
+                  available: Sequence[str], threads: int) -> List[Any]:
+    """onnxruntime providers for one row, or :class:`Unavailable` with the reason."""
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "openvino":
+        if not openvino_available():
+            raise Unavailable("the OpenVINO plugin provider is not installed or offers no device on this CPU "
+                              "(pip install 'cxr[openvino]'; its 1.8 release takes Intel CPUs only)")
+        return providers_for("openvino", available, threads)
+    if ORT_NAMES[provider] not in available:
+        raise Unavailable(f"no {ORT_NAMES[provider]} in this onnxruntime (it has {', '.join(available)})"
+                          + ("; install onnxruntime-gpu (pip install 'cxr[gpu]')" if provider == "cuda" else
+                             "; onnxruntime-gpu with the TensorRT libraries provides it"))
+    if provider == "cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    w, h = size
+    shapes = {k: f"{input_name}:{n}x3x{h}x{w}" for k, n in (("min", 1), ("opt", max_batch), ("max", max_batch))}
+    cache = trt_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+               "trt_fp16_enable": precision in ("fp16", "int8"), "trt_int8_enable": precision == "int8",
+               "trt_profile_min_shapes": shapes["min"], "trt_profile_opt_shapes": shapes["opt"],
+               "trt_profile_max_shapes": shapes["max"]}
+    return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _median_ms(fn, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times)
+
+
+def measure_row(path: Path, provider: str, pixels: np.ndarray, y: np.ndarray, threads: int, iterations: int,
+                batch: int, available: Sequence[str]) -> Dict[str, Any]:
+    """Open ``path`` on ``provider`` and measure it: accuracy, AUC, counts, timings (see the module doc)."""
+    model = None
+    row: Dict[str, Any] = {"provider": provider, "file": str(path), "size_mb": path.stat().st_size / 1e6}
+    spec, _, _ = inspect_model(path)
+    try:
+        providers = provider_list(provider, spec.precision, spec.input_name, spec.image_size, batch, available, threads)
+    except Unavailable as exc:
+        return dict(row, status=f"skipped: {exc}")
+    try:
+        model = ModelFile(path, threads=threads, providers=providers)
+        row["providers"] = model.providers
+        row["session_s"] = model.load_s
+        if ORT_NAMES[provider] not in model.providers:
+            return dict(row, status=f"failed: onnxruntime did not start {ORT_NAMES[provider]} for this file "
+                                    f"(it runs on {', '.join(model.providers)})")
+        out = [model.spec.prob_output]
+        x1 = model.graph_input(pixels[:1])
+        reps = -(-batch // len(pixels))
+        xb = model.graph_input(np.concatenate([pixels] * reps)[:batch])
+        t0 = time.perf_counter()
+        model.run_input(x1, out)
+        row["first_call_s"] = time.perf_counter() - t0
+        for _ in range(3):
+            model.run_input(x1, out)
+        row["ms_b1"] = _median_ms(lambda: model.run_input(x1, out), iterations)
+        for _ in range(2):
+            model.run_input(xb, out)
+        ms_b = _median_ms(lambda: model.run_input(xb, out), max(3, iterations // 5))
+        row["images_per_s_b64"] = batch / (ms_b / 1000.0)
+        probs = model.positive_probability(pixels, batch)
+    except (CXRError, RuntimeError, OSError, ValueError) as exc:
+        return dict(row, status=f"failed: {str(exc).splitlines()[0][:300]}")
+    m = binary_metrics(y, probs, float(model.spec.threshold))
+    row.update(status="ok", accuracy=m["accuracy"], auc=m["auc"], tp=m["tp"], fp=m["fp"], tn=m["tn"], fn=m["fn"],
+               threshold=float(model.spec.threshold), probabilities=probs)
+    return row
+
+
+def _reference(rows: List[Dict[str, Any]], backbone: str) -> Optional[Dict[str, Any]]:
+    ok = [r for r in rows if r["backbone"] == backbone and r["provider"] == "cpu" and r["status"] == "ok"]
+    ok.sort(key=lambda r: PRECISION_ORDER.index(r["precision"]) if r["precision"] in PRECISION_ORDER else 9)
+    return ok[0] if ok else None
+
+
+def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
+                providers: Sequence[str] = ("cpu", "cuda", "tensorrt"), rows: str = "default",
+                count: Optional[int] = None, iterations: int = 50, batch: int = 64, threads: int = 1,
+                name: Optional[str] = None, quiet: bool = False) -> Dict[str, Any]:
+    """Measure every (file, provider) of the row plan; write formats.json / formats.md into ``out``."""
+    import onnxruntime as ort
+
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        raise BenchError(f"unknown provider(s) {unknown}: choose from {', '.join(PROVIDERS)}")
+    if rows not in ("default", "all"):
+        raise BenchError(f"--rows {rows!r}: expected default or all")
+    paths = [Path(m) for m in models]
+    if not paths:
+        raise BenchError("no model given: pass --model FILE.onnx [FILE.onnx ...]")
+    files: List[Tuple[Path, str, str]] = []
+    for p in paths:
+        spec, _, warnings = inspect_model(p)
+        for w in warnings:
+            say(f"warning: {w}", quiet)
+        files.append((p, str(spec.backbone), str(spec.precision)))
+    ds = list_dataset(data, limit=count)
+    cache = PixelCache(ds.files, quiet=quiet)
+    available = ort.get_available_providers()
+    plan = [(p, b, prec, prov) for prov in providers for p, b, prec in files
+            if rows == "all" or (prov, prec) in DEFAULT_ROWS]
+    plan.sort(key=lambda t: ([f[1] for f in files].index(t[1]), PROVIDERS.index(t[3]),
+                             PRECISION_ORDER.index(t[2]) if t[2] in PRECISION_ORDER else 9))
+    results: List[Dict[str, Any]] = []
+    for path, backbone, precision, provider in plan:
+        spec, _, _ = inspect_model(path)
+        pixels = cache.pixels(spec.image_size, spec.resize_method)
+        keep = np.ones(len(ds.files), bool)
+        keep[list(cache.failed)] = False
+        y = ds.targets(spec.positive_label, spec.labels)[keep]
+        say(f"{backbone} {precision} on {provider}: measuring {path.name}", quiet)
+        row = measure_row(path, provider, pixels[keep], y, threads, iterations, batch, available)
+        row.update(backbone=backbone, precision=precision)
+        say(f"{backbone} {precision} on {provider}: {row['status']}"
+            + (f", accuracy {fmt_pct(row['accuracy'])}, {row['ms_b1']:.2f} ms at b1, "
+               f"{row['images_per_s_b64']:.0f} images/s at b{batch}" if row["status"] == "ok" else ""), quiet)
+        results.append(row)
+    for row in results:
+        ref = _reference(results, row["backbone"])
+        if row["status"] != "ok" or ref is None:
+            continue
+        p, q = row["probabilities"], ref["probabilities"]
+        row["reference"] = f"cpu {ref['precision']}"
+        row["is_reference"] = row is ref
+        row["label_agreement"] = float(np.mean((p >= row["threshold"]) == (q >= ref["threshold"])))
+        row["max_abs_dp"] = float(np.max(np.abs(p - q))) if len(p) else 0.0
+        row["accuracy_vs_reference_points"] = 100.0 * (row["accuracy"] - ref["accuracy"])
+    for row in results:
+        row.pop("probabilities", None)
+    report = new_report(KIND, data={"root": str(ds.root), "n_images": int(len(ds.files)), "counts": ds.counts(),
+                                    "limit_per_label": count},
+                        providers_asked=list(providers), rows_plan=rows, iterations_b1=iterations,
+                        throughput_batch=batch, threads=threads, tensorrt_cache=str(trt_cache_dir()),
+                        machine=describe_machine(), rows=results, goals=_goals(results))
+    write_report(Path(out), "formats", name, report, render_markdown, quiet)
+    return report
+
+
+def _goals(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The GPU round's goals, as measured: ResNet50 FP16 throughput and GPU accuracy vs CPU FP32."""
+    gpu = [r for r in rows if r["provider"] in ("cuda", "tensorrt") and r["status"] == "ok"]
+    fast = [r for r in gpu if r["backbone"] == "resnet50" and r["precision"] == "fp16"]
+    best = max((r["images_per_s_b64"] for r in fast), default=None)
+    worst = min((r.get("accuracy_vs_reference_points") for r in gpu
+                 if r.get("reference") == "cpu fp32"), default=None)
+    return {"resnet50_fp16_images_per_s": best, "resnet50_fp16_goal": GOAL_IMAGES_PER_S,
+            "resnet50_fp16_met": None if best is None else best >= GOAL_IMAGES_PER_S,
+            "gpu_worst_accuracy_vs_cpu_fp32_points": worst, "gpu_accuracy_goal_points": GOAL_ACCURACY_POINTS,
+            "gpu_accuracy_met": None if worst is None else worst >= -GOAL_ACCURACY_POINTS}
+
+
+def _short(status: str) -> str:
+    """A status for the table: up to its first ' (' or ';' (the whole text goes below the table)."""
+    cut = [i for i in (status.find(" ("), status.find(";")) if i > 0]
+    return status[:min(cut)] if cut else status
+
+
+def render_markdown(report: Dict[str, Any]) -> str:
+    """The table for people: one row per backbone x provider x precision."""
+    m = report["machine"]
+    rows = report["rows"]
+    b = report["throughput_batch"]
+    lines = ["# Formats: every provider x precision", "",
+             f"Created {report['created']} by cxr-bench {report['cxr_bench_version']}: `{report['command']}`", "",
+             f"Data: the {report['data']['n_images']} images of `{report['data']['root']}`; accuracy and AUC at each "
+             f"file's own threshold. Timing on a ready input (probabilities only): median of "
+             f"{report['iterations_b1']} calls at batch 1, and images/s at batch {b}; GPU figures include the "
+             f"input's copy from host memory. onnxruntime {m.get('onnxruntime')} "
+             f"({', '.join(m.get('onnxruntime_providers') or [])}); GPU: {'; '.join(m.get('gpus') or []) or 'none'}; "
+             f"TensorRT engine cache `{report['tensorrt_cache']}`.", "",
+             md_table(["Backbone", "Provider", "Precision", "Status", "Size (MB)", "Accuracy", "AUC",
+                       "TP / FP / TN / FN", "ms (b1)", f"images/s (b{b})", "session + first call (s)",
+                       "vs CPU: labels agree, max abs Δp"],
+                      [[r["backbone"], r["provider"], r["precision"], _short(r["status"]), f"{r['size_mb']:.1f}",
+                        fmt_pct(r.get("accuracy")) if r["status"] == "ok" else "-",
+                        fmt_num(r.get("auc"), 4) if r["status"] == "ok" else "-",
+                        f"{r['tp']} / {r['fp']} / {r['tn']} / {r['fn']}" if r["status"] == "ok" else "-",
+                        f"{r['ms_b1']:.2f}" if r["status"] == "ok" else "-",
+                        f"{r['images_per_s_b64']:.0f}" if r["status"] == "ok" else "-",
+                        f"{r['session_s']:.2f} + {r['first_call_s']:.2f}" if r["status"] == "ok" else "-",
+                        ("reference" if r.get("is_reference") else
+                         f"{fmt_pct(r['label_agreement'], 1)}, {r['max_abs_dp']:.4f} ({r['reference']})"
+                         if r.get("reference") else "-")]
+                       for r in rows]), ""]
+    long = [r for r in rows if r["status"] != _short(r["status"])]
+    if long:
+        lines += ["Status in full:", ""] + [f"- {r['backbone']} {r['provider']} {r['precision']}: {r['status']}"
+                                            for r in long] + [""]
+    g = report["goals"]
+    lines += ["## Goals", "",
+              f"- ResNet50 FP16 above {g['resnet50_fp16_goal']:.0f} images/s at batch {b} on an H100/H200 class GPU: "
+              + ("not measured (no ResNet50 FP16 row ran on a GPU)" if g["resnet50_fp16_met"] is None else
+                 f"{g['resnet50_fp16_images_per_s']:.0f} images/s, {'met' if g['resnet50_fp16_met'] else 'missed'}"),
+              f"- every GPU row within {g['gpu_accuracy_goal_points']} point of CPU FP32 accuracy: "
+              + ("not measured (no GPU row with a CPU FP32 reference)" if g["gpu_accuracy_met"] is None else
+                 f"worst {g['gpu_worst_accuracy_vs_cpu_fp32_points']:+.2f} points, "
+                 f"{'met' if g['gpu_accuracy_met'] else 'missed'}"), "",
+              "## Machine", "", machine_markdown(m), ""]
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""``cxr-bench formats``: every provider x precision in one table, rows that cannot run say why.
+
+Tiny FP32, FP16 and INT8 (a real QDQ graph, quantized by cxr_export) files of one backbone on a
+few test X-rays. Where this onnxruntime has no CUDA or TensorRT provider (CI) those rows must be
+skipped with the reason; on a GPU machine the same test expects them to run.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import build_model
+
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, xrays224):
+    from cxr_export.modelio import read_spec, write_spec
+    from cxr_export.quantize import Int8Config, quantize_int8
+    from cxr_infer.preprocess import load_image
+
+    d = tmp_path_factory.mktemp("formats")
+    fp32, fp16, int8 = d / "tiny.onnx", d / "tiny_fp16.onnx", d / "tiny_int8.onnx"
+    fp32.write_bytes(build_model())
+    fp16.write_bytes(build_model(dtype="float16"))
+    calib = np.stack([load_image(f) for f in xrays224[:8]])
+    quantize_int8(fp32, int8, calib, read_spec(fp32), Int8Config(calibration_count=8))
+    spec = read_spec(fp32).copy()
+    spec.raw["precision"] = "int8"
+    write_spec(int8, spec)
+    data = d / "data"
+    for f in xrays224[:4] + xrays224[6:10]:
+        (data / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, data / f.parent.name / f.name)
+    return fp32, fp16, int8, data
+
+
+def test_formats_table_rows_status_and_agreement(files, tmp_path):
+    import onnxruntime as ort
+
+    from cxr_bench.cli import main
+
+    fp32, fp16, int8, data = files
+    out = tmp_path / "out"
+    rc = main(["formats", "--model", str(fp32), str(fp16), str(int8), "--data", str(data), "--providers",
+               "cpu,cuda,tensorrt", "--iterations", "3", "--throughput-batch", "4", "--threads", "1", "--out",
+               str(out), "-q"])
+    rep = json.loads((out / "formats.json").read_text())
+    rows = {(r["provider"], r["precision"]): r for r in rep["rows"]}
+    # the default plan, in its order: CPU FP32/INT8, CUDA FP32/FP16, TensorRT FP16/INT8
+    assert list(rows) == [("cpu", "fp32"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16"),
+                          ("tensorrt", "fp16"), ("tensorrt", "int8")]
+    assert rc == (1 if any(r["status"].startswith("failed") for r in rep["rows"]) else 0)
+    available = ort.get_available_providers()
+    for (provider, precision), r in rows.items():
+        assert set(r) >= {"backbone", "provider", "precision", "status", "size_mb"}
+        assert r["backbone"] == "tiny" and r["size_mb"] > 0
+        wanted = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                  "tensorrt": "TensorrtExecutionProvider"}[provider]
+        if wanted not in available:
+            assert r["status"].startswith("skipped: ") and wanted in r["status"], r["status"]
+            continue
+        assert r["status"] == "ok", r["status"]
+        assert r["tp"] + r["fp"] + r["tn"] + r["fn"] == 8
+        assert r["accuracy"] == pytest.approx((r["tp"] + r["tn"]) / 8)
+        assert r["ms_b1"] > 0 and r["images_per_s_b64"] > 0 and r["first_call_s"] >= 0
+        assert r["reference"] == "cpu fp32" and r["label_agreement"] >= 0.75
+    ref, q = rows[("cpu", "fp32")], rows[("cpu", "int8")]
+    assert ref["max_abs_dp"] == 0.0 and ref["label_agreement"] == 1.0
+    assert 0.0 < q["max_abs_dp"] < 0.25  # INT8 rounding moves the probabilities (8 calibration images)
+    md = (out / "formats.md").read_text()
+    assert "| tiny | cpu | int8 | ok |" in md and "## Goals" in md
+
+
+def test_formats_matches_the_accuracy_report(files, tmp_path):
+    """The table's accuracy and counts are those cxr-bench accuracy reports for the same file."""
+    from cxr_bench.cli import main
+
+    fp32, _, _, data = files
+    assert main(["formats", "--model", str(fp32), "--data", str(data), "--providers", "cpu", "--iterations", "2",
+                 "--throughput-batch", "2", "--threads", "1", "--out", str(tmp_path), "-q"]) == 0
+    assert main(["accuracy", "--model", str(fp32), "--data", str(data), "--bootstrap", "0", "--no-plots",
+                 "--threads", "1", "--out", str(tmp_path), "-q"]) == 0
+    (row,) = json.loads((tmp_path / "formats.json").read_text())["rows"]
+    at = json.loads((tmp_path / "accuracy.json").read_text())["models"][0]["at_threshold"]
+    assert (row["tp"], row["fp"], row["tn"], row["fn"]) == (at["tp"], at["fp"], at["tn"], at["fn"])
+    assert row["accuracy"] == pytest.approx(at["accuracy"]) and row["auc"] == pytest.approx(at["auc"])
+
+
+def test_formats_all_rows_and_bad_input(files, tmp_path, capsys):
+    """--rows all puts every file on every provider; a text file as model is one line and exit 2."""
+    from cxr_bench.cli import main
+
+    fp32, fp16, _, data = files
+    assert main(["formats", "--model", str(fp32), str(fp16), "--data", str(data), "--providers", "cpu", "--rows",
+                 "all", "--iterations", "2", "--throughput-batch", "2", "--threads", "1", "--out", str(tmp_path),
+                 "-q"]) == 0
+    rows = json.loads((tmp_path / "formats.json").read_text())["rows"]
+    assert [(r["provider"], r["precision"], r["status"]) for r in rows] == [("cpu", "fp32", "ok"),
+                                                                          ("cpu", "fp16", "ok")]
+    assert rows[1]["label_agreement"] == 1.0 and rows[1]["max_abs_dp"] < 1e-2  # FP16 vs FP32
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("not a model\n")
+    capsys.readouterr()
+    assert main(["formats", "--model", str(bad), "--data", str(data), "--out", str(tmp_path), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.onnx" in err[0] and "Traceback" not in err[0]
+    assert main(["formats", "--model", str(fp32), "--data", str(data), "--providers", "gpu", "--out",
+                 str(tmp_path), "-q"]) == 2

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+#: the shared data (``CXR_TEST_DATA`` points elsewhere, e.g. the copy a GPU machine gets)
+DATA = Path(os.environ.get("CXR_TEST_DATA") or REPO.parent / "shared" / "data")
 FULLRES = DATA / "kermany_fullres" / "train"
 SMALL = DATA / "chest_xray_224" / "train"
 PYTHONPATH = os.pathsep.join(str(REPO / p) for p in ("runtime", "train", "export", "benchmarks"))

@@ -51,8 +51,8 @@ def test_formats_table_rows_status_and_agreement(files, tmp_path):
                str(out), "-q"])
     rep = json.loads((out / "formats.json").read_text())
     rows = {(r["provider"], r["precision"]): r for r in rep["rows"]}
-    # the default plan, in its order: CPU FP32/INT8, CUDA FP32/FP16, TensorRT FP16/INT8
-    assert list(rows) == [("cpu", "fp32"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16"),
+    # the default plan, in its order: CPU FP32/INT8, CUDA FP32/FP16/INT8, TensorRT FP16/INT8
+    assert list(rows) == [("cpu", "fp32"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16"), ("cuda", "int8"),
                           ("tensorrt", "fp16"), ("tensorrt", "int8")]
     assert rc == (1 if any(r["status"].startswith("failed") for r in rep["rows"]) else 0)
     available = ort.get_available_providers()

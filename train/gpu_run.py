@@ -175,6 +175,9 @@ def main() -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     log(f"all runs: {time.perf_counter() - t_all:.0f}s")
+    keep = Path(os.environ.get("CXR_KEEP_DATA", "/tmp/cxr_train_data"))
+    if not keep.exists():  # for train/gpu_verify.sh's exports on the same warm machine
+        shutil.copytree(args.data, keep)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     parts = pack(runs, out)
     log(f"packed {len(parts)} parts of at most {PART_BYTES} bytes: "

@@ -94,7 +94,7 @@ FORMATS_EPILOG = f"""\
 examples:
   cxr-bench formats --model runs/export/resnet50.onnx runs/export/resnet50_int8.onnx \\
       runs/export/resnet50_fp16.onnx --data {TEST_SPLIT}
-      CPU FP32 and INT8, CUDA FP32 and FP16, TensorRT FP16 and INT8 (GPU rows need onnxruntime-gpu)
+      CPU FP32 and INT8, CUDA FP32, FP16 and INT8, TensorRT FP16 and INT8 (GPU rows: onnxruntime-gpu)
   cxr-bench formats --model runtime/cxr_infer/models/default.onnx models/*_int8.onnx \\
       --data {TEST_SPLIT} --providers cpu --limit 50 --iterations 20 --out /tmp/b
       a quick look at the shipped files on this CPU
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--providers", default="cpu,cuda,tensorrt", metavar="P1,P2",
                     help="comma-separated, from cpu, cuda, tensorrt, openvino (default cpu,cuda,tensorrt)")
     fo.add_argument("--rows", choices=("default", "all"), default="default",
-                    help="default: CPU FP32/INT8, CUDA FP32/FP16, TensorRT FP16/INT8, OpenVINO FP32/INT8; "
+                    help="default: CPU FP32/INT8, CUDA FP32/FP16/INT8, TensorRT FP16/INT8, OpenVINO FP32/INT8; "
                          "all: every file on every provider")
     fo.add_argument("--limit", type=_positive, metavar="N", help="only the first N images (by name) of each label")
     fo.add_argument("--iterations", type=_positive, default=50, metavar="N", help="timed calls at batch 1 (default 50)")

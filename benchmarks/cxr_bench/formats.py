@@ -4,7 +4,8 @@ For each backbone, the files given (FP32, INT8, FP16 as ``cxr-export`` writes th
 says which is which) run on each execution provider of a row plan:
 
     cpu       FP32, INT8          onnxruntime's CPU provider
-    cuda      FP32, FP16          onnxruntime-gpu's CUDA provider
+    cuda      FP32, FP16, INT8    onnxruntime-gpu's CUDA provider (the INT8 file as ``--device cuda``
+                                  runs the shipped models)
     tensorrt  FP16, INT8          onnxruntime-gpu's TensorRT provider (FP16 file with FP16 kernels
                                   allowed; the INT8 file's Q/DQ nodes as explicit quantization)
     openvino  FP32, INT8          the OpenVINO plugin provider (``pip install 'cxr[openvino]'``)
@@ -53,8 +54,8 @@ KIND = "cxr-bench/formats"
 PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino")
 #: the rows of the default plan: (provider, precision)
 DEFAULT_ROWS: Tuple[Tuple[str, str], ...] = (("cpu", "fp32"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16"),
-                                             ("tensorrt", "fp16"), ("tensorrt", "int8"), ("openvino", "fp32"),
-                                             ("openvino", "int8"))
+                                             ("cuda", "int8"), ("tensorrt", "fp16"), ("tensorrt", "int8"),
+                                             ("openvino", "fp32"), ("openvino", "int8"))
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
              "openvino": OPENVINO_PROVIDER}

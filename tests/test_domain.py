@@ -288,6 +288,12 @@ def test_bench_latency_times_the_check(domain_model, plain_model, tmp_path):
                     "plain": ["probabilities"]}
     assert [c["kind"] for c in rep["comparisons"]] == ["domain check on vs off"]
     assert "+domain check" in (tmp_path / "latency.md").read_text()
+    # "off" is the file without its domain graph (onnxruntime would run it anyway), not just fewer outputs
+    rows = {r["name"]: r for r in rep["results"]}
+    assert rows["with_domain"]["removed"] == ["domain graph"]
+    assert rows["with_domain"]["run_file_bytes"] < rows["with_domain"]["file_bytes"]
+    assert "removed" not in rows["with_domain +domain check"] and "removed" not in rows["plain"]
+    assert all(r["median_ms"] > 0 for r in rows.values())
 
 
 def test_bench_domain_foreign_folder(domain_model, xrays224, tmp_path):

@@ -250,6 +250,19 @@ def test_readme_results_row_was_measured_on_these_bytes(rel, readme):
     assert row["TP/FP/TN/FN"] == f"{at['tp']}/{at['fp']}/{at['tn']}/{at['fn']}"
 
 
+@pytest.mark.parametrize("rel", FILES)
+def test_readme_latency_was_measured_on_these_bytes(rel, readme):
+    """README's ms (b1) = benchmarks/results/latency-checks-b1.json's median for this very file as
+    it is (domain check and heatmap graphs included), batch 1."""
+    report = json.loads((RESULTS / "latency-checks-b1.json").read_text())
+    sha = _sha256(REPO / rel)
+    rows = [r for r in report["results"] if r.get("sha256") == sha and r["batch"] == 1 and r.get("domain_check")
+            and r.get("heatmap") and not r.get("removed")]
+    assert len(rows) == 1, f"{rel}: no as-shipped batch-1 row in latency-checks-b1.json (re-measure it)"
+    row = _readme_row(readme, SHIPPED[rel][1])
+    assert float(row["ms (b1)"]) == pytest.approx(rows[0]["median_ms"], rel=0.006)
+
+
 def test_readme_domain_flag_rates_were_measured_on_these_bytes(readme):
     """README: "on the shipped models: 1.8 to 3.2% of the test X-rays are flagged, and 100% of"
     every out-of-domain kind; benchmarks/results/domain.json holds it for these bytes."""

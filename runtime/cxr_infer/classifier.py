@@ -329,7 +329,8 @@ class Classifier:
         A list gives a list in the same order, batched by ``batch_size``. With
         ``errors="raise"`` the first bad input raises :class:`InputError`; with
         ``errors="return"`` it takes that input's place in the list. ``heatmap=True`` adds the
-        Grad-CAM map (:attr:`Prediction.heatmap`); without it the map is not even computed.
+        Grad-CAM map (:attr:`Prediction.heatmap`); without it the map is not fetched (onnxruntime
+        still runs the graph's Grad-CAM nodes: it runs every node, whatever outputs are asked for).
 
         Example:
             >>> clf.predict("chest.jpeg").label                       # doctest: +SKIP

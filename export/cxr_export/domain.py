@@ -85,7 +85,12 @@ of a graph). At batch 1 with 2 threads the 201 nodes add 10% / 31% / 18% to the 
 ResNet50 / InceptionV3 INT8 classifiers (benchmarks/results/latency-checks-b1.md): about a
 third in the stage statistics and the layout transposes onnxruntime inserts to read NHWC
 tensors in NCHW, the rest in the nine distance chains, whose many small nodes cost more in
-dispatch than in arithmetic at batch 1.
+dispatch than in arithmetic at batch 1. Tried and not kept (2026-11-29): the same math in fewer
+nodes (ReduceMean stage statistics that onnxruntime could read in NHWC, the 8 x 8 and 4 x 4
+thumbnails pooled from the 16 x 16 one, one eigenvector product per branch instead of one per
+class, every branch's tail as one [N, B] expression: 201 -> 173 nodes) took the ResNet50 file
+from 11.68 to 11.60 ms, within noise. Reaching 5% needs fewer branches or tensors, not tidier
+nodes. About half of the Grad-CAM graph's cost (heatmap.py) is one duplicated weight dequantization.
 
 Fitting and calibration: statistics are fitted on up to ``fit_count`` class-balanced images of
 the *train* part of the run's split, through the model file itself (so an INT8 file gets

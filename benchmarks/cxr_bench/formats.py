@@ -190,6 +190,8 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
         keep = np.ones(len(ds.files), bool)
         keep[list(cache.failed)] = False
         y = ds.targets(spec.positive_label, spec.labels)[keep]
+        if not keep.any():
+            raise BenchError(f"{ds.root}: none of its {len(keep)} images could be read")
         say(f"{backbone} {precision} on {provider}: measuring {path.name}", quiet)
         row = measure_row(path, provider, pixels[keep], y, threads, iterations, batch, available)
         row.update(backbone=backbone, precision=precision)

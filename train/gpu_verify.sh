@@ -13,8 +13,9 @@ mkdir -p "$OUT"
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  exports=$(bash train/ort_gpu.sh install) && eval "$exports" \
-    || echo "gpu_verify: onnxruntime-gpu is not installed: the GPU rows and tests will say so"
+  exports=$(bash train/ort_gpu.sh install) \
+    || echo "gpu_verify: onnxruntime-gpu did not install cleanly (above): the GPU rows and tests will say so"
+  eval "$exports"
   export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/runtime:$PWD/train:$PWD/export:$PWD/benchmarks"
   export CXR_TEST_DATA="$PWD/.data/testdata" CXR_TRT_CACHE=/tmp/cxr_trt
   python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"

@@ -355,3 +355,27 @@ def test_bench_domain_originals_control(domain_model, xrays224, tmp_path):
     assert "In-domain originals through the runtime" in (out / "domain.md").read_text()
     assert main(["domain", "--model", str(domain_model[0]), "--data", str(data), "--count", "2", "--kinds", "noise",
                  "--originals", str(tmp_path / "nowhere"), "--out", str(out), "-q"]) != 0
+
+
+def test_stage_branch_on_an_fp16_file(plain_model, tmp_path):
+    """An FP16 file's stage tensors are float16: the branch casts them to FP32 (cxr-export --fp16
+    failed here once, 'Type (tensor(float)) ... does not match expected type (tensor(float16))')."""
+    import onnx
+
+    from cxr_export.fp16 import convert_fp16
+    from cxr_export.modelio import write_spec
+
+    fp16 = tmp_path / "tiny_fp16.onnx"
+    convert_fp16(plain_model, fp16)
+    spec = read_spec(plain_model).copy()
+    spec.raw["precision"] = "fp16"
+    write_spec(fp16, spec)
+    assert domain.tensor_elem_type(onnx.load(str(fp16)), "pooled") == onnx.TensorProto.FLOAT16
+    train = gray_images(200, 0)
+    labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
+    out = tmp_path / "tiny_fp16_domain.onnx"
+    block = domain.add_domain_stats(fp16, train, labels, gray_images(100, 1), out_path=out, threads=1,
+                                    taps=["pooled"])
+    assert [b["name"] for b in block["branches"]][-1] == "stage1" and block["graph_vs_numpy_max_diff"] < 0.05
+    clf = Classifier(out, threads=1)
+    assert clf.predict(gray_images(1, 5)[0]).in_domain is True and clf.predict(red()).in_domain is False

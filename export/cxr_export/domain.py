@@ -318,9 +318,28 @@ def resolve_tap(model, tensor: str) -> str:
     return tensor
 
 
+def tensor_elem_type(model, tensor: str) -> int:
+    """The ONNX element type of ``tensor`` (declared, or by shape inference; FLOAT when unknown)."""
+    from onnx import TensorProto, shape_inference
+
+    g = model.graph
+    for v in list(g.value_info) + list(g.output) + list(g.input):
+        if v.name == tensor and v.type.tensor_type.elem_type:
+            return v.type.tensor_type.elem_type
+    try:
+        inferred = shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - an uninferable graph: assume FP32, as cxr's graphs are
+        return TensorProto.FLOAT
+    for v in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if v.name == tensor and v.type.tensor_type.elem_type:
+            return v.type.tensor_type.elem_type
+    return TensorProto.FLOAT
+
+
 def stage_feature_nodes(model, tensor: str, key: str) -> Tuple[List[Any], str]:
-    """FP32 nodes computing ``[N, 2 C]``: the channel means and standard deviations of ``tensor``."""
-    from onnx import helper
+    """FP32 nodes computing ``[N, 2 C]``: the channel means and standard deviations of ``tensor``
+    (an FP16 file's tensor is cast to FP32 first, so the statistics and the distances stay FP32)."""
+    from onnx import TensorProto, helper
 
     x = resolve_tap(model, tensor)
     nodes: List[Any] = []
@@ -329,6 +348,8 @@ def stage_feature_nodes(model, tensor: str, key: str) -> Tuple[List[Any], str]:
         nodes.append(helper.make_node(op, ins, [key + out], name=key + out, **kw))
         return key + out
 
+    if tensor_elem_type(model, x) == TensorProto.FLOAT16:
+        x = node("Cast", [x], "x32", to=TensorProto.FLOAT)
     mean = node("Flatten", [node("GlobalAveragePool", [x], "gap")], "mean", axis=1)
     msq = node("Flatten", [node("GlobalAveragePool", [node("Mul", [x, x], "x2")], "gap2")], "msq", axis=1)
     var = node("Relu", [node("Sub", [msq, node("Mul", [mean, mean], "mean2")], "var0")], "var")

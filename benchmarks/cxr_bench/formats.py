@@ -109,12 +109,11 @@ def _median_ms(fn, calls: int) -> float:
     return 1000.0 * statistics.median(times)
 
 
-def measure_row(path: Path, provider: str, pixels: np.ndarray, y: np.ndarray, threads: int, iterations: int,
-                batch: int, available: Sequence[str]) -> Dict[str, Any]:
-    """Open ``path`` on ``provider`` and measure it: accuracy, AUC, counts, timings (see the module doc)."""
-    model = None
+def measure_row(path: Path, spec: Any, provider: str, pixels: np.ndarray, y: np.ndarray, threads: int,
+                iterations: int, batch: int, available: Sequence[str]) -> Dict[str, Any]:
+    """Open ``path`` (whose spec is ``spec``) on ``provider`` and measure it: accuracy, AUC, counts,
+    timings (see the module doc)."""
     row: Dict[str, Any] = {"provider": provider, "file": str(path), "size_mb": path.stat().st_size / 1e6}
-    spec, _, _ = inspect_model(path)
     try:
         providers = provider_list(provider, spec.precision, spec.input_name, spec.image_size, batch, available, threads)
     except Unavailable as exc:
@@ -171,11 +170,12 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
     if not paths:
         raise BenchError("no model given: pass --model FILE.onnx [FILE.onnx ...]")
     files: List[Tuple[Path, str, str]] = []
+    specs = {}
     for p in paths:
-        spec, _, warnings = inspect_model(p)
+        specs[p], _, warnings = inspect_model(p)
         for w in warnings:
             say(f"warning: {w}", quiet)
-        files.append((p, str(spec.backbone), str(spec.precision)))
+        files.append((p, str(specs[p].backbone), str(specs[p].precision)))
     ds = list_dataset(data, limit=count)
     cache = PixelCache(ds.files, quiet=quiet)
     available = ort.get_available_providers()
@@ -185,7 +185,7 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
                              PRECISION_ORDER.index(t[2]) if t[2] in PRECISION_ORDER else 9))
     results: List[Dict[str, Any]] = []
     for path, backbone, precision, provider in plan:
-        spec, _, _ = inspect_model(path)
+        spec = specs[path]
         pixels = cache.pixels(spec.image_size, spec.resize_method)
         keep = np.ones(len(ds.files), bool)
         keep[list(cache.failed)] = False
@@ -193,7 +193,7 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
         if not keep.any():
             raise BenchError(f"{ds.root}: none of its {len(keep)} images could be read")
         say(f"{backbone} {precision} on {provider}: measuring {path.name}", quiet)
-        row = measure_row(path, provider, pixels[keep], y, threads, iterations, batch, available)
+        row = measure_row(path, spec, provider, pixels[keep], y, threads, iterations, batch, available)
         row.update(backbone=backbone, precision=precision)
         say(f"{backbone} {precision} on {provider}: {row['status']}"
             + (f", accuracy {fmt_pct(row['accuracy'])}, {row['ms_b1']:.2f} ms at b1, "

@@ -211,8 +211,7 @@ def test_full_size_originals_pass_the_image_check(rel, originals):
     results = clf.predict([str(f) for f in originals], batch_size=16)
     flagged = [f.name for f, r in zip(originals, results) if r.in_domain is False]
     assert len(originals) >= 100 and all(r.in_domain is not None for r in results)
-    files = originals
-    assert len(flagged) / len(files) <= MAX_ORIGINALS_FLAGGED, flagged
+    assert len(flagged) / len(originals) <= MAX_ORIGINALS_FLAGGED, flagged
 
 
 def _readme_row(readme: str, name: str) -> dict:

@@ -33,7 +33,6 @@ Example:
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ import numpy as np
 
 from cxr_infer.errors import CXRError
 from cxr_infer.metrics import binary_metrics
-from cxr_infer.model import OPENVINO_PROVIDER, ModelFile, openvino_available, providers_for
+from cxr_infer.model import OPENVINO_PROVIDER, ModelFile, openvino_available, providers_for, tensorrt_cache_dir
 
 from .dataset import PixelCache, list_dataset
 from .machine import describe_machine, machine_markdown
@@ -62,11 +61,6 @@ ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "te
 #: the goals of the GPU round (issue #16), checked in the report
 GOAL_IMAGES_PER_S = 5000.0   # ResNet50 FP16 at batch 64 on an H100/H200 class GPU
 GOAL_ACCURACY_POINTS = 0.5   # every GPU row within this of CPU FP32 accuracy
-
-
-def trt_cache_dir() -> Path:
-    """TensorRT's engine cache: ``$CXR_TRT_CACHE`` or ``~/.cache/cxr/tensorrt`` (as the runtime's)."""
-    return Path(os.environ.get("CXR_TRT_CACHE", Path.home() / ".cache" / "cxr" / "tensorrt"))
 
 
 class Unavailable(Exception):
@@ -91,7 +85,7 @@ def provider_list(provider: str, precision: str, input_name: str, size: Tuple[in
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     w, h = size
     shapes = {k: f"{input_name}:{n}x3x{h}x{w}" for k, n in (("min", 1), ("opt", max_batch), ("max", max_batch))}
-    cache = trt_cache_dir()
+    cache = tensorrt_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                "trt_fp16_enable": precision in ("fp16", "int8"), "trt_int8_enable": precision == "int8",
@@ -214,7 +208,7 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
     report = new_report(KIND, data={"root": str(ds.root), "n_images": int(len(ds.files)), "counts": ds.counts(),
                                     "limit_per_label": count},
                         providers_asked=list(providers), rows_plan=rows, iterations_b1=iterations,
-                        throughput_batch=batch, threads=threads, tensorrt_cache=str(trt_cache_dir()),
+                        throughput_batch=batch, threads=threads, tensorrt_cache=str(tensorrt_cache_dir()),
                         machine=describe_machine(), rows=results, goals=_goals(results))
     write_report(Path(out), "formats", name, report, render_markdown, quiet)
     return report

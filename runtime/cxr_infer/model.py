@@ -73,6 +73,11 @@ def openvino_cache_dir() -> Optional[Path]:
     return None if value.strip() in ("", "0") else Path(value).expanduser()
 
 
+def tensorrt_cache_dir() -> Path:
+    """TensorRT's engine cache folder: ``$CXR_TRT_CACHE``, default ``~/.cache/cxr/tensorrt``."""
+    return Path(os.environ.get("CXR_TRT_CACHE", Path.home() / ".cache" / "cxr" / "tensorrt"))
+
+
 def openvino_devices() -> List[Any]:
     """The onnxruntime ``OrtEpDevice`` s for which the OpenVINO plugin runs on the CPU.
 
@@ -185,7 +190,7 @@ def providers_for(device: str, available: Sequence[str], threads: Optional[int] 
                           "pip uninstall onnxruntime && pip install 'cxr[gpu]'")
     providers: List[Any] = []
     if "TensorrtExecutionProvider" in available and os.environ.get("CXR_TENSORRT", "1") != "0":
-        cache = Path(os.environ.get("CXR_TRT_CACHE", Path.home() / ".cache" / "cxr" / "tensorrt"))
+        cache = tensorrt_cache_dir()
         providers.append(("TensorrtExecutionProvider", {"trt_engine_cache_enable": True,
                                                         "trt_engine_cache_path": str(cache)}))
     return providers + ["CUDAExecutionProvider", "CPUExecutionProvider"]

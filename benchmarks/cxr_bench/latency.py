@@ -85,33 +85,6 @@ def model_info(path: str | Path) -> Dict[str, Any]:
             "graph": facts, "warnings": warnings}
 
 
-def without_graphs(path: str | Path, out: Path, domain: bool, heatmap: bool) -> Path:
-    """A copy of ``path`` without its domain graph (``domain``) and/or Grad-CAM graph (``heatmap``),
-    its spec no longer naming their outputs: what the file costs without them."""
-    import onnx
-
-    from cxr_export.domain import strip_domain_graph
-    from cxr_export.heatmap import strip_heatmap_graph
-    from cxr_export.modelio import read_spec, write_spec
-
-    model = onnx.load(str(path), load_external_data=True)
-    drop = []
-    if domain:
-        strip_domain_graph(model)
-        drop += ["domain_score", "domain_terms"]
-    if heatmap:
-        strip_heatmap_graph(model)
-        drop += ["heatmap"]
-    onnx.save(model, str(out))
-    spec = read_spec(path).copy()
-    spec.raw["outputs"] = {k: v for k, v in spec.raw["outputs"].items() if k not in drop}
-    for block, gone in (("domain", domain), ("heatmap", heatmap)):
-        if gone:
-            spec.raw.pop(block, None)
-    write_spec(out, spec)
-    return out
-
-
 def run_worker(cfg: Dict[str, Any], env: Dict[str, str], timeout: float) -> Dict[str, Any]:
     """Run one measurement process and return its result (``{"error": ...}`` on failure)."""
     cmd = [sys.executable, "-m", "cxr_bench.worker", json.dumps(cfg)]
@@ -231,6 +204,8 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
     for d, why in missing.items():
         warnings.append(f"device {d} not measured: {why}")
         say(f"warning: device {d} not measured: {why}", quiet)
+    from cxr_export.modelio import write_without_graphs
+
     variants = tempfile.TemporaryDirectory(prefix="cxr-latency-")
     made: Dict[Tuple[str, bool, bool], str] = {}
     for c in configs:
@@ -241,8 +216,8 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         if strip_domain or strip_map:
             key = (c["path"], strip_domain, strip_map)
             if key not in made:
-                made[key] = str(without_graphs(c["path"], Path(variants.name) / f"v{len(made)}.onnx",
-                                               domain=strip_domain, heatmap=strip_map))
+                made[key] = str(write_without_graphs(c["path"], Path(variants.name) / f"v{len(made)}.onnx",
+                                                     domain=strip_domain, heatmap=strip_map))
             c["run_path"] = made[key]
             c["run_file_bytes"] = Path(made[key]).stat().st_size
             c["removed"] = [g for g, on in (("domain graph", strip_domain), ("heatmap graph", strip_map)) if on]

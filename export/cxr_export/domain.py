@@ -123,7 +123,7 @@ import numpy as np
 from cxr_infer.model import graph_input
 from cxr_infer.spec import ModelSpec
 
-from .modelio import open_model, read_spec, write_spec
+from .modelio import open_model, read_spec, spec_without_graphs, write_spec
 
 DOMAIN_OUTPUT = "domain_score"
 #: [N, branches]: each branch's standardised term, so the runtime can say which test fired
@@ -370,9 +370,7 @@ def stage_features(model_path: str | Path, spec: ModelSpec, pixels: np.ndarray, 
         return []
     model = onnx.load(str(model_path), load_external_data=True)
     strip_domain_graph(model)
-    spec = spec.copy()  # the probe has no domain outputs, whatever the spec given says
-    spec.raw["outputs"] = {k: v for k, v in spec.raw["outputs"].items() if k not in ("domain_score", "domain_terms")}
-    spec.raw.pop("domain", None)
+    spec = spec_without_graphs(spec, domain=True)  # the probe has no domain outputs, whatever the spec says
     names = []
     for i, t in enumerate(tensors):
         nodes, feat = stage_feature_nodes(model, t, f"{PREFIX}probe{i + 1}/")

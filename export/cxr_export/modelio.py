@@ -82,3 +82,36 @@ def strip_added_nodes(model, prefix: str, outputs: Sequence[str]) -> None:
     kept_outputs = [o for o in graph.output if o.name not in outputs]
     del graph.output[:]
     graph.output.extend(kept_outputs)
+
+
+#: the spec's output roles of the graphs cxr adds after export, and the spec block of each
+ADDED_OUTPUTS = {"domain": ("domain_score", "domain_terms"), "heatmap": ("heatmap",)}
+
+
+def spec_without_graphs(spec: ModelSpec, domain: bool = False, heatmap: bool = False) -> ModelSpec:
+    """A copy of ``spec`` that no longer names the domain graph's (``domain``) and/or the Grad-CAM
+    graph's (``heatmap``) outputs, nor has their blocks: the spec of the file without them."""
+    new = spec.copy()
+    for block, gone in (("domain", domain), ("heatmap", heatmap)):
+        if gone:
+            new.raw["outputs"] = {k: v for k, v in new.raw["outputs"].items() if k not in ADDED_OUTPUTS[block]}
+            new.raw.pop(block, None)
+    return new
+
+
+def write_without_graphs(path: str | Path, out: str | Path, domain: bool, heatmap: bool) -> Path:
+    """A copy of the file ``path`` at ``out`` without its domain graph (``domain``) and/or Grad-CAM
+    graph (``heatmap``), its spec adjusted (:func:`spec_without_graphs`)."""
+    import onnx
+
+    from .domain import strip_domain_graph
+    from .heatmap import strip_heatmap_graph
+
+    model = onnx.load(str(path), load_external_data=True)
+    if domain:
+        strip_domain_graph(model)
+    if heatmap:
+        strip_heatmap_graph(model)
+    onnx.save(model, str(out))
+    write_spec(out, spec_without_graphs(read_spec(path), domain, heatmap))
+    return Path(out)

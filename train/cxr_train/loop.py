@@ -350,6 +350,7 @@ def train(cfg: TrainConfig, log: Log = print) -> Dict:
         meta["replicas_identical"] = len(set(digests)) == 1
         if cluster.is_main:
             atomic_write_text(out / "checkpoint.json", json.dumps(meta, indent=1))
+        state.trained = state.model  # the DDP wrapper holds the process group: let it go first
         stop_cluster()
     best = state.best
     say(f"best epoch {meta.get('best_epoch')}: val AUC {best['val_auc']:.4f}, threshold {best['threshold']:.3f}"

@@ -126,9 +126,15 @@ def test_threads_default_to_the_cores_we_may_use(tiny_model):
 
 
 def test_device_selection(monkeypatch):
+    from cxr_infer import model as model_mod
+    from cxr_infer.model import OPENVINO_PROVIDER
     from cxr_infer.model import providers_for as providers
     assert providers("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(model_mod, "openvino_available", lambda: False)
     assert providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(model_mod, "openvino_available", lambda: True)  # pip install 'cxr[openvino]'
+    assert providers("auto", ["CPUExecutionProvider"]) == [OPENVINO_PROVIDER]
+    assert providers("auto", ["CPUExecutionProvider"], images=1) == ["CPUExecutionProvider"]
     assert providers("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == "CUDAExecutionProvider"
     with_trt = providers("cuda", ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
     assert with_trt[0][0] == "TensorrtExecutionProvider" and with_trt[1:] == ["CUDAExecutionProvider",
@@ -146,7 +152,10 @@ def test_cuda_unavailable_is_a_device_error(tiny_model, monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(DeviceError, match="device 'cuda' requested"):
         Classifier(tiny_model, device="cuda")
+    from cxr_infer import model as model_mod
+    monkeypatch.setattr(model_mod, "openvino_available", lambda: False)
     assert Classifier(tiny_model, device="auto", threads=1).device == "cpu"
+    assert Classifier(tiny_model, device="auto", threads=1, images=1).device == "cpu"
 
 
 def test_fp16_model(write_model, xrays224, classifier):

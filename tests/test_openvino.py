@@ -1,8 +1,9 @@
-"""``device="openvino"`` (the onnxruntime-ep-openvino plugin provider) and what ``auto`` takes.
+"""``device="openvino"`` (the OpenVINO runtime compiling the .onnx file for the CPU) and what
+``auto`` takes.
 
 The choice logic, the errors and the cache lock run everywhere. The agreement tests run where
-the plugin is installed (``pip install 'cxr[openvino]'``) and offers a device on this CPU (its
-1.8 release takes Intel CPUs only); elsewhere they skip, saying which of the two is missing.
+the runtime is installed (``pip install 'cxr[openvino]'``; CI installs it); elsewhere they skip,
+saying so. OpenVINO's CPU plugin runs on Intel and AMD CPUs alike.
 
 Agreement with the CPU provider, every graph output of the three shipped INT8 files, on 64
 real test images (32 NORMAL, 32 PNEUMONIA) at their stored 224 px:
@@ -10,8 +11,15 @@ real test images (32 NORMAL, 32 PNEUMONIA) at their stored 224 px:
 - labels: identical, except an image whose CPU-provider probability lies within 0.02 of the
   threshold (none may flip otherwise); max |dp| of every probability <= 0.03 (issue 15
   measured 0.008 on ResNet50 and 0.000 on the others);
-- in-domain decisions: identical, except a score within 5% of the domain threshold;
-  domain_score and each domain term within 5% of the threshold (relative);
+- in-domain decisions: at most one of the 64 differs, and only for a score whose change stays
+  within the bound below; domain_score and each domain term within 0.6 x the domain threshold.
+  Chosen after measuring (cxr-bench formats --domain-data, benchmarks/results/formats-cpu-openvino.md,
+  977 images: test split, foreign_cxr, Kermany originals): VGG16 and InceptionV3 move by at most
+  0.09 / 0.13 x threshold and no decision changes; ResNet50 by up to 0.54 x (median 0.01) and 3
+  of 977 decisions change, all through its pooled-features branch. Its INT8 features differ by
+  about 2% (relative L2) between the two engines, as they differ by about 1% between onnxruntime
+  with and without its graph optimisations: both run the same Q/DQ graph with their own integer
+  kernels and requantization points, and that branch's distance amplifies the difference;
 - features: cosine similarity >= 0.99 per image;
 - heatmap (Grad-CAM, scaled 0..1 as Classifier does): Pearson correlation >= 0.95 per image
   with a non-flat map, and max |d| <= 0.15.
@@ -19,6 +27,7 @@ real test images (32 NORMAL, 32 PNEUMONIA) at their stored 224 px:
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,57 +36,62 @@ import pytest
 from conftest import REPO, run_cli
 
 from cxr_infer import model as model_mod
-from cxr_infer.errors import DeviceError
+from cxr_infer import ov_session
+from cxr_infer.errors import DeviceError, ModelError
 from cxr_infer.model import (AUTO_OPENVINO_MIN_IMAGES, OPENVINO_PROVIDER, ModelFile, openvino_cache_dir,
-                             openvino_options, providers_for, resolve_device)
+                             providers_for, resolve_device)
+from cxr_infer.ov_session import openvino_config
 
 TEST_224 = REPO.parent / "shared" / "data" / "chest_xray_224" / "test"
 SHIPPED = [REPO / "runtime" / "cxr_infer" / "models" / "default.onnx", REPO / "models" / "resnet50_int8.onnx",
            REPO / "models" / "inception_v3_int8.onnx"]
+SAMPLE = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"
 CPU_ONLY = ["CPUExecutionProvider"]
 
 
 def _openvino_skip_reason() -> str:
     try:
-        model_mod.openvino_devices()
+        ov_session.openvino_runtime()
     except DeviceError as exc:
         return str(exc)
     return ""
 
 
+needs_openvino = pytest.mark.skipif(bool(_openvino_skip_reason()), reason=_openvino_skip_reason() or "-")
+
+
 @pytest.fixture
-def fresh_registry(monkeypatch):
-    """Forget what this process learnt about the plugin (so a test can fake its absence)."""
-    monkeypatch.setattr(model_mod, "_OPENVINO_REGISTERED", {})
+def fresh_runtime(monkeypatch):
+    """Forget what this process learnt about the runtime (so a test can fake its absence)."""
+    monkeypatch.setattr(ov_session, "_RUNTIME", {})
 
 
-def test_missing_plugin_is_one_clear_device_error(monkeypatch, fresh_registry):
-    monkeypatch.setitem(sys.modules, "onnxruntime_ep_openvino", None)  # import fails
+def test_missing_runtime_is_one_clear_device_error(monkeypatch, fresh_runtime):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import fails
     with pytest.raises(DeviceError, match=r"pip install 'cxr\[openvino\]'"):
         providers_for("openvino", CPU_ONLY)
-    assert resolve_device("auto", CPU_ONLY) == "cpu"  # auto never fails for want of the plugin
+    with pytest.raises(DeviceError, match=r"pip install 'cxr\[openvino\]'"):
+        ModelFile(SHIPPED[1], device="openvino", threads=1)
+    assert resolve_device("auto", CPU_ONLY) == "cpu"  # auto never fails for want of the runtime
 
 
-def test_cli_openvino_without_plugin_exits_2_with_one_line(tiny_model):
-    r = run_cli("--model", str(tiny_model), "--device", "openvino", str(REPO / "runtime" / "cxr_infer" / "samples"
-                                                                          / "person1_virus_6.jpeg"),
-                prelude="import sys; sys.modules['onnxruntime_ep_openvino'] = None")
+def test_cli_openvino_without_runtime_exits_2_with_one_line(tiny_model):
+    r = run_cli("--model", str(tiny_model), "--device", "openvino", str(SAMPLE),
+                prelude="import sys; sys.modules['openvino'] = None")
     assert r.returncode == 2, r.stderr
     err = r.stderr.decode().strip().splitlines()
     assert len(err) == 1 and "openvino" in err[0] and "Traceback" not in r.stderr.decode()
 
 
-def test_unsupported_cpu_is_one_clear_device_error(monkeypatch, fresh_registry):
-    """Where the plugin loads but offers no device (a non-Intel CPU), the error says so."""
-    import onnxruntime as ort
-
-    pytest.importorskip("onnxruntime_ep_openvino")
-    if not hasattr(ort, "register_execution_provider_library"):
-        pytest.skip("this onnxruntime cannot load plugin providers")
-    monkeypatch.setattr(ort, "get_ep_devices", lambda: [])
-    monkeypatch.setattr(ort, "register_execution_provider_library", lambda *a: None)
-    with pytest.raises(DeviceError, match="offers no device on this CPU"):
-        ModelFile(SHIPPED[1], device="openvino", threads=1)
+@needs_openvino
+def test_a_file_openvino_cannot_read_is_one_model_error(tmp_path):
+    bad = tmp_path / "not_a_model.onnx"
+    bad.write_bytes(b"this is not an ONNX file\n" * 10)
+    with pytest.raises(ModelError, match="not_a_model.onnx: not a loadable ONNX model"):
+        ModelFile(bad, device="openvino", threads=1)
+    r = run_cli("--model", str(bad), "--device", "openvino", str(SAMPLE))
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "not_a_model.onnx" in err[0], r.stderr
 
 
 def test_auto_takes_openvino_for_long_runs_only(monkeypatch):
@@ -93,14 +107,13 @@ def test_auto_takes_openvino_for_long_runs_only(monkeypatch):
         resolve_device("tpu", CPU_ONLY)
 
 
-def test_threads_and_cache_go_to_the_plugin_options(monkeypatch, tmp_path):
-    opts = openvino_options(3, tmp_path)
-    assert '"INFERENCE_NUM_THREADS": "3"' in opts["load_config"] and opts["cache_dir"] == str(tmp_path)
+def test_threads_and_cache_settings(monkeypatch, tmp_path):
+    assert openvino_config(3) == {"INFERENCE_NUM_THREADS": 3, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                                  "INFERENCE_PRECISION_HINT": "f32"}  # not bf16 where the CPU has it
     monkeypatch.setenv("CXR_OPENVINO_CACHE", str(tmp_path / "ov"))
     assert openvino_cache_dir() == tmp_path / "ov"
     monkeypatch.setenv("CXR_OPENVINO_CACHE", "0")
     assert openvino_cache_dir() is None
-    assert "cache_dir" not in openvino_options(1, openvino_cache_dir())
     monkeypatch.delenv("CXR_OPENVINO_CACHE")
     assert openvino_cache_dir() == Path.home() / ".cache" / "cxr" / "openvino"
 
@@ -119,7 +132,7 @@ def test_cache_lock_serialises_processes(tmp_path):
     assert (tmp_path / ".lock").exists()
 
 
-# ---------------------------------------------------------------- agreement (plugin and an Intel CPU)
+# ---------------------------------------------------------------- agreement (the runtime installed)
 
 
 def _images(n_per_label: int = 32) -> np.ndarray:
@@ -130,17 +143,16 @@ def _images(n_per_label: int = 32) -> np.ndarray:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+@needs_openvino
 def test_openvino_agrees_with_the_cpu_provider_on_every_output(path):
-    reason = _openvino_skip_reason()
-    if reason:
-        pytest.skip(reason)
     if not TEST_224.is_dir():
         pytest.skip(f"no test images at {TEST_224}")
     from cxr_infer.classifier import _unit_maps
 
     cpu = ModelFile(path, device="cpu", threads=2)
     ov = ModelFile(path, device="openvino", threads=2)
-    assert ov.device == "openvino" and ov.providers[0] == OPENVINO_PROVIDER
+    assert ov.device == "openvino" and ov.providers == [OPENVINO_PROVIDER]
+    assert ov.session._compiled.get_property("INFERENCE_NUM_THREADS") == 2  # threads honoured
     spec = cpu.spec
     outs = [o for o in (spec.prob_output, spec.features_output, spec.domain_output, spec.domain_terms_output,
                         spec.heatmap_output) if o]
@@ -159,11 +171,11 @@ def test_openvino_agrees_with_the_cpu_provider_on_every_output(path):
     if spec.domain_output and spec.domain_threshold is not None:
         dthr = spec.domain_threshold
         sa, sb = a[spec.domain_output].reshape(-1), b[spec.domain_output].reshape(-1)
-        assert np.abs(sa - sb).max() <= 0.05 * abs(dthr)
+        assert np.abs(sa - sb).max() <= 0.6 * abs(dthr)
         differ = (sa > dthr) != (sb > dthr)
-        assert not np.any(differ & (np.abs(sa - dthr) > 0.05 * abs(dthr)))
+        assert differ.sum() <= 1, np.flatnonzero(differ)
         if spec.domain_terms_output:
-            assert np.abs(a[spec.domain_terms_output] - b[spec.domain_terms_output]).max() <= 0.05 * abs(dthr)
+            assert np.abs(a[spec.domain_terms_output] - b[spec.domain_terms_output]).max() <= 0.6 * abs(dthr)
     if spec.heatmap_output:
         ma, mb = _unit_maps(a[spec.heatmap_output]), _unit_maps(b[spec.heatmap_output])
         assert np.abs(ma - mb).max() <= 0.15
@@ -172,18 +184,44 @@ def test_openvino_agrees_with_the_cpu_provider_on_every_output(path):
                 assert np.corrcoef(x, y)[0, 1] >= 0.95
 
 
-def test_classifier_and_cli_run_on_openvino(tmp_path):
-    reason = _openvino_skip_reason()
-    if reason:
-        pytest.skip(reason)
+@needs_openvino
+def test_classifier_and_cli_run_on_openvino(tmp_path, monkeypatch):
     from cxr_infer import Classifier
 
-    sample = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"
+    monkeypatch.setenv("CXR_OPENVINO_CACHE", str(tmp_path / "embedded"))
+    sample = SAMPLE
     clf = Classifier(device="openvino", threads=2)
     ref = Classifier(device="cpu", threads=2)
     p, q = clf.predict(sample), ref.predict(sample)
     assert clf.device == "openvino" and p.label == q.label and abs(p.probability - q.probability) <= 0.03
     assert Classifier(device="auto", threads=1).device == "openvino"  # embedded: a long-lived session
-    r = run_cli("--device", "openvino", "--threads", "2", str(sample), env={"CXR_OPENVINO_CACHE": str(tmp_path)})
+    cache = tmp_path / "cli"
+    r = run_cli("--device", "openvino", "--threads", "2", str(sample), env={"CXR_OPENVINO_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr
-    assert any(tmp_path.iterdir())  # the compiled model went into the cache folder
+    assert [f for f in cache.iterdir() if f.name != ".lock"]  # the compiled model went into the cache folder
+    assert q.label in r.stdout.decode()
+
+
+@needs_openvino
+def test_one_session_serves_several_threads(tmp_path, monkeypatch):
+    """An OpenVINO infer request is not thread-safe; the session keeps one per thread, so threads
+    sharing one ModelFile get each their own image's results."""
+    monkeypatch.setenv("CXR_OPENVINO_CACHE", "0")
+    model = ModelFile(SHIPPED[1], device="openvino", threads=1)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (2, 224, 224, 3), np.uint8) for _ in range(4)]
+    alone = [model.run(b, [model.spec.prob_output])[0] for b in batches]
+    together = [None] * len(batches)
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            together[i] = model.run(batches[i], [model.spec.prob_output])[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert len({tuple(np.round(a[:, 1], 4)) for a in alone}) == len(batches)  # the batches differ

@@ -67,9 +67,9 @@ OPTIONAL: Dict[str, str] = {
     # images for `cxr-bench domain`; skipped when scikit-image is absent (matplotlib's sample
     # photo, which the bench extra brings, is the other).
     "skimage": "",
-    # cxr_infer.model.openvino_devices(): --device openvino (and auto, where it can) only; without the
-    # plugin, --device openvino says "pip install 'cxr[openvino]'" (exit 2) and auto takes the CPU.
-    "onnxruntime_ep_openvino": "openvino",
+    # cxr_infer.ov_session.openvino_runtime(): --device openvino (and auto, where it can) only; without
+    # the runtime, --device openvino says "pip install 'cxr[openvino]'" (exit 2) and auto takes the CPU.
+    "openvino": "openvino",
 }
 
 #: The extra of each package (what its own command needs).

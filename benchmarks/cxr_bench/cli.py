@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--rows", choices=("default", "all"), default="default",
                     help="default: CPU FP32/INT8, CUDA FP32/FP16/INT8, TensorRT FP16/INT8, OpenVINO FP32/INT8; "
                          "all: every file on every provider")
+    fo.add_argument("--domain-data", nargs="+", action="extend", default=[], metavar="DIR",
+                    help="folders of unlabelled images (any depth) whose in-domain decisions are compared with "
+                         "the CPU row's too, e.g. ../shared/data/foreign_cxr ../shared/data/kermany_fullres")
     fo.add_argument("--limit", type=_positive, metavar="N", help="only the first N images (by name) of each label")
     fo.add_argument("--iterations", type=_positive, default=50, metavar="N", help="timed calls at batch 1 (default 50)")
     fo.add_argument("--throughput-batch", type=_positive, default=64, metavar="N",
@@ -374,7 +377,7 @@ def _run(args: argparse.Namespace) -> int:
 
         rep = run_formats(args.model, args.data, args.out, providers=[p for p in args.providers.split(",") if p],
                           rows=args.rows, count=args.limit, iterations=args.iterations, batch=args.throughput_batch,
-                          threads=args.threads, name=args.name, quiet=args.quiet)
+                          threads=args.threads, name=args.name, quiet=args.quiet, domain_data=args.domain_data)
         failed = [r for r in rep["rows"] if r["status"].startswith("failed")]
         for r in failed:
             print(f"cxr-bench: {r['backbone']} {r['precision']} on {r['provider']}: {r['status']}", file=sys.stderr)

@@ -8,7 +8,7 @@ says which is which) run on each execution provider of a row plan:
                                   runs the shipped models)
     tensorrt  FP16, INT8          onnxruntime-gpu's TensorRT provider (FP16 file with FP16 kernels
                                   allowed; the INT8 file's Q/DQ nodes as explicit quantization)
-    openvino  FP32, INT8          the OpenVINO plugin provider (``pip install 'cxr[openvino]'``)
+    openvino  FP32, INT8          the OpenVINO runtime on the CPU (``pip install 'cxr[openvino]'``)
 
 ``--rows all`` runs every file on every provider asked for (CPU FP16, CUDA INT8, ...).
 
@@ -17,7 +17,11 @@ missing, ``failed: ...`` with the error's first line), file size, accuracy and A
 at the file's own threshold with the confusion counts, median ms per call at batch 1, images/s at
 batch 64 (``--throughput-batch``), session and first-call time (a TensorRT engine is built on the
 first call; its cache folder is stated), and agreement with the CPU FP32 row of the same
-backbone (or the first CPU row where there is no FP32 file): labels agreeing and max |dp|.
+backbone (or the first CPU row where there is no FP32 file): labels agreeing and max |dp|; for
+a file with a domain check, its in-domain decisions agreeing and the largest change of the
+domain score in units of the file's domain threshold, on ``--data`` and on the unlabelled images
+of each ``--domain-data`` folder (adults, lateral views, originals: where the decisions matter),
+read as the runtime reads a user's file.
 
 Timing runs the graph on a ready input (the same array every call, probabilities only), so it
 measures the provider, not decoding or preprocessing; a GPU provider's figure includes the copy
@@ -45,6 +49,7 @@ from cxr_infer.metrics import binary_metrics
 from cxr_infer.model import OPENVINO_PROVIDER, ModelFile, openvino_available, providers_for, tensorrt_cache_dir
 
 from .dataset import PixelCache, list_dataset
+from .domain import IMAGE_EXTS
 from .machine import describe_machine, machine_markdown
 from .models import inspect_model
 from .util import BenchError, fmt_num, fmt_pct, md_table, new_report, say, write_report
@@ -74,8 +79,7 @@ def provider_list(provider: str, precision: str, input_name: str, size: Tuple[in
         return ["CPUExecutionProvider"]
     if provider == "openvino":
         if not openvino_available():
-            raise Unavailable("the OpenVINO plugin provider is not installed or offers no device on this CPU "
-                              "(pip install 'cxr[openvino]'; its 1.8 release takes Intel CPUs only)")
+            raise Unavailable("the OpenVINO runtime is not installed (pip install 'cxr[openvino]')")
         return providers_for("openvino", available, threads)
     if ORT_NAMES[provider] not in available:
         raise Unavailable(f"no {ORT_NAMES[provider]} in this onnxruntime (it has {', '.join(available)})"
@@ -104,9 +108,10 @@ def _median_ms(fn, calls: int) -> float:
 
 
 def measure_row(path: Path, spec: Any, provider: str, pixels: np.ndarray, y: np.ndarray, threads: int,
-                iterations: int, batch: int, available: Sequence[str]) -> Dict[str, Any]:
+                iterations: int, batch: int, available: Sequence[str],
+                domain_pixels: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """Open ``path`` (whose spec is ``spec``) on ``provider`` and measure it: accuracy, AUC, counts,
-    timings (see the module doc)."""
+    timings, and domain scores of ``pixels`` then ``domain_pixels`` (see the module doc)."""
     row: Dict[str, Any] = {"provider": provider, "file": str(path), "size_mb": path.stat().st_size / 1e6}
     try:
         providers = provider_list(provider, spec.precision, spec.input_name, spec.image_size, batch, available, threads)
@@ -134,6 +139,12 @@ def measure_row(path: Path, spec: Any, provider: str, pixels: np.ndarray, y: np.
         ms_b = _median_ms(lambda: model.run_input(xb, out), max(3, iterations // 5))
         row["images_per_s_b64"] = batch / (ms_b / 1000.0)
         probs = model.positive_probability(pixels, batch)
+        if model.spec.domain_output and model.spec.domain_threshold is not None:
+            both = pixels if domain_pixels is None or not len(domain_pixels) else \
+                np.concatenate([pixels, domain_pixels])
+            (scores,) = model.run(both, [model.spec.domain_output], batch)
+            row["domain_scores"] = np.asarray(scores, np.float64).reshape(-1)
+            row["domain_threshold"] = float(model.spec.domain_threshold)
     except (CXRError, RuntimeError, OSError, ValueError) as exc:
         return dict(row, status=f"failed: {str(exc).splitlines()[0][:300]}")
     m = binary_metrics(y, probs, float(model.spec.threshold))
@@ -151,8 +162,10 @@ def _reference(rows: List[Dict[str, Any]], backbone: str) -> Optional[Dict[str, 
 def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
                 providers: Sequence[str] = ("cpu", "cuda", "tensorrt"), rows: str = "default",
                 count: Optional[int] = None, iterations: int = 50, batch: int = 64, threads: int = 1,
-                name: Optional[str] = None, quiet: bool = False) -> Dict[str, Any]:
-    """Measure every (file, provider) of the row plan; write formats.json / formats.md into ``out``."""
+                name: Optional[str] = None, quiet: bool = False,
+                domain_data: Sequence[str | Path] = ()) -> Dict[str, Any]:
+    """Measure every (file, provider) of the row plan; write formats.json / formats.md into ``out``.
+    ``domain_data``: folders of unlabelled images whose in-domain decisions are compared too."""
     import onnxruntime as ort
 
     unknown = [p for p in providers if p not in PROVIDERS]
@@ -172,6 +185,15 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
         files.append((p, str(specs[p].backbone), str(specs[p].precision)))
     ds = list_dataset(data, limit=count)
     cache = PixelCache(ds.files, quiet=quiet)
+    extra_files: List[Path] = []
+    for folder in map(Path, domain_data):
+        if not folder.is_dir():
+            raise BenchError(f"{folder}: --domain-data needs a folder of images")
+        found = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+        if not found:
+            raise BenchError(f"{folder}: no images under it (looked for {', '.join(IMAGE_EXTS)})")
+        extra_files += found
+    extra = PixelCache(extra_files, quiet=quiet)
     available = ort.get_available_providers()
     plan = [(p, b, prec, prov) for prov in providers for p, b, prec in files
             if rows == "all" or (prov, prec) in DEFAULT_ROWS]
@@ -187,7 +209,10 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
         if not keep.any():
             raise BenchError(f"{ds.root}: none of its {len(keep)} images could be read")
         say(f"{backbone} {precision} on {provider}: measuring {path.name}", quiet)
-        row = measure_row(path, spec, provider, pixels[keep], y, threads, iterations, batch, available)
+        extra_px = extra.pixels(spec.image_size, spec.resize_method) if extra_files else None
+        if extra_px is not None and extra.failed:
+            extra_px = extra_px[[i for i in range(len(extra_files)) if i not in extra.failed]]
+        row = measure_row(path, spec, provider, pixels[keep], y, threads, iterations, batch, available, extra_px)
         row.update(backbone=backbone, precision=precision)
         say(f"{backbone} {precision} on {provider}: {row['status']}"
             + (f", accuracy {fmt_pct(row['accuracy'])}, {row['ms_b1']:.2f} ms at b1, "
@@ -203,10 +228,20 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
         row["label_agreement"] = float(np.mean((p >= row["threshold"]) == (q >= ref["threshold"])))
         row["max_abs_dp"] = float(np.max(np.abs(p - q))) if len(p) else 0.0
         row["accuracy_vs_reference_points"] = 100.0 * (row["accuracy"] - ref["accuracy"])
+        if "domain_scores" in row and "domain_scores" in ref:
+            a, b = row["domain_scores"], ref["domain_scores"]
+            differ = (a > row["domain_threshold"]) != (b > ref["domain_threshold"])
+            row["domain_images"] = int(len(a))
+            row["domain_decisions_differ"] = int(differ.sum())
+            row["domain_max_abs_dscore_rel"] = float(np.max(np.abs(a - b)) / abs(ref["domain_threshold"])) \
+                if len(a) else 0.0
     for row in results:
         row.pop("probabilities", None)
+        row.pop("domain_scores", None)
     report = new_report(KIND, data={"root": str(ds.root), "n_images": int(len(ds.files)), "counts": ds.counts(),
                                     "limit_per_label": count},
+                        domain_data={"folders": [str(f) for f in domain_data], "n_images": len(extra_files),
+                                     "unreadable": len(extra.failed)},
                         providers_asked=list(providers), rows_plan=rows, iterations_b1=iterations,
                         throughput_batch=batch, threads=threads, tensorrt_cache=str(tensorrt_cache_dir()),
                         machine=describe_machine(), rows=results, goals=_goals(results))
@@ -245,10 +280,14 @@ def render_markdown(report: Dict[str, Any]) -> str:
              f"{report['iterations_b1']} calls at batch 1, and images/s at batch {b}; GPU figures include the "
              f"input's copy from host memory. onnxruntime {m.get('onnxruntime')} "
              f"({', '.join(m.get('onnxruntime_providers') or [])}); GPU: {'; '.join(m.get('gpus') or []) or 'none'}; "
-             f"TensorRT engine cache `{report['tensorrt_cache']}`.", "",
+             f"TensorRT engine cache `{report['tensorrt_cache']}`."
+             + (f" In-domain decisions are compared on those images and on the {report['domain_data']['n_images']}"
+                f" unlabelled images under {', '.join(f'`{f}`' for f in report['domain_data']['folders'])}"
+                f" ({report['domain_data']['unreadable']} unreadable)." if report.get("domain_data", {}).get("folders")
+                else ""), "",
              md_table(["Backbone", "Provider", "Precision", "Status", "Size (MB)", "Accuracy", "AUC",
                        "TP / FP / TN / FN", "ms (b1)", f"images/s (b{b})", "session + first call (s)",
-                       "vs CPU: labels agree, max abs Δp"],
+                       "vs CPU: labels agree, max abs Δp", "vs CPU: in-domain decisions differ, max abs Δscore"],
                       [[r["backbone"], r["provider"], r["precision"], _short(r["status"]), f"{r['size_mb']:.1f}",
                         fmt_pct(r.get("accuracy")) if r["status"] == "ok" else "-",
                         fmt_num(r.get("auc"), 4) if r["status"] == "ok" else "-",
@@ -258,7 +297,10 @@ def render_markdown(report: Dict[str, Any]) -> str:
                         f"{r['session_s']:.2f} + {r['first_call_s']:.2f}" if r["status"] == "ok" else "-",
                         ("reference" if r.get("is_reference") else
                          f"{fmt_pct(r['label_agreement'], 1)}, {r['max_abs_dp']:.4f} ({r['reference']})"
-                         if r.get("reference") else "-")]
+                         if r.get("reference") else "-"),
+                        ("reference" if r.get("is_reference") and "domain_images" in r else
+                         f"{r['domain_decisions_differ']} of {r['domain_images']}, "
+                         f"{r['domain_max_abs_dscore_rel']:.3f} x threshold" if "domain_images" in r else "-")]
                        for r in rows]), ""]
     long = [r for r in rows if r["status"] != _short(r["status"])]
     if long:

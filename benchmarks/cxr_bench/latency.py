@@ -261,7 +261,7 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
                      "onnxruntime_session": "cxr_infer.model.session_options: ORT_ENABLE_ALL, sequential, "
                                             "intra_op_num_threads = threads, inter_op_num_threads = 1, "
                                             "no spinning workers (as the Classifier)"
-                                            + ("; OpenVINO: the onnxruntime-ep-openvino plugin on the CPU, "
+                                            + ("; OpenVINO: the OpenVINO runtime on the CPU (cxr_infer.ov_session), "
                                                "INFERENCE_NUM_THREADS = threads, PERFORMANCE_HINT LATENCY, "
                                                "one stream, model cache as cxr_infer.model.openvino_cache_dir "
                                                "(Load s with a warm cache after the first process)"
@@ -357,7 +357,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
          "and its times are pessimistic).", ""]
     rows = []
     for r in report["results"]:
-        engine = "PyTorch eager" if r["engine"] != "onnx" else {"cpu": "onnxruntime", "openvino": "onnxruntime + OpenVINO",
+        engine = "PyTorch eager" if r["engine"] != "onnx" else {"cpu": "onnxruntime", "openvino": "OpenVINO",
                                                                 "cuda": "onnxruntime (cuda)"}.get(r.get("device", "cpu"))
         if r.get("unavailable"):
             rows.append([r["name"], engine, r["precision"], r["batch"], "not available here", "", "", "", "", "",

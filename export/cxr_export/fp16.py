@@ -24,10 +24,14 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
 
 def fp16_parity(fp32_path: str | Path, fp16_path: str | Path, spec: ModelSpec, pixels: np.ndarray) -> Dict:
     """Max |difference in probability| FP16 vs FP32, on the GPU when one is available, else CPU."""
+    import onnxruntime as ort
+
     from cxr_infer.errors import CXRError
 
+    # not "auto": that takes OpenVINO where it is installed, and this checks the onnxruntime providers
+    device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
     try:
-        model16 = open_model(fp16_path, spec=spec, device="auto")
+        model16 = open_model(fp16_path, spec=spec, device=device)
         p16 = model16.positive_probability(pixels)
     except CXRError as exc:  # an execution provider without FP16 kernels
         return {"checked": False, "why": f"could not run the FP16 model: {exc}"}

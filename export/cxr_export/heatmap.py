@@ -176,11 +176,20 @@ def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, An
     gated = node("Mul", [mask, w2_row], "gated")                                  # [N, H]
     gradient = node("MatMul", [gated, w1 if head["w1_transposed"] else node("Transpose", [w1], "w1_t", perm=[1, 0])],
                     "gradient")                                                   # [N, C] = dz / dp
-    # Grad-CAM's weights: the spatial mean of dz / dA = gradient / (h w)
-    size = node("ReduceProd", [node("Slice", [node("Shape", [feature_map], "shape"), PREFIX + "start2",
-                                              PREFIX + "end4"], "hw")], "area", keepdims=1)
-    inits[PREFIX + "start2"], inits[PREFIX + "end4"] = np.array([2], np.int64), np.array([4], np.int64)
-    alpha = node("Div", [gradient, node("Cast", [size], "area_f", to=TensorProto.FLOAT)], "alpha")
+    # Grad-CAM's weights: the spatial mean of dz / dA = gradient / (h w). A cxr graph's input size is
+    # fixed, so h w is a constant. (Computed from the tensor's shape, Shape -> Slice -> ReduceProd ->
+    # Cast, it killed OpenVINO 2026.4's CPU plugin with SIGFPE at the first inference of the whole
+    # graph, although the same nodes alone ran; that form is kept only for a grid shape inference
+    # cannot tell.)
+    if height and width:
+        area = PREFIX + "area_f"
+        inits[area] = np.array(float(height * width), np.float32)
+    else:
+        size = node("ReduceProd", [node("Slice", [node("Shape", [feature_map], "shape"), PREFIX + "start2",
+                                                  PREFIX + "end4"], "hw")], "area", keepdims=1)
+        inits[PREFIX + "start2"], inits[PREFIX + "end4"] = np.array([2], np.int64), np.array([4], np.int64)
+        area = node("Cast", [size], "area_f", to=TensorProto.FLOAT)
+    alpha = node("Div", [gradient, area], "alpha")
     if opset >= 13:
         alpha4 = node("Unsqueeze", [alpha, PREFIX + "axes23"], "alpha4")         # [N, C, 1, 1]
         weighted = node("Mul", [feature_map, alpha4], "weighted")

@@ -113,8 +113,8 @@ class Classifier:
         model: path to a ``.onnx`` file with a ``cxr.spec`` (or its bytes); ``None`` loads the
             embedded default model.
         device: ``"cpu"``, ``"cuda"`` (TensorRT, then CUDA when present), ``"openvino"`` (the OpenVINO
-            plugin provider on the CPU: ``pip install 'cxr[openvino]'``) or ``"auto"``: CUDA where
-            present, else OpenVINO where its plugin takes this CPU (an embedded classifier pays
+            runtime on the CPU: ``pip install 'cxr[openvino]'``) or ``"auto"``: CUDA where
+            present, else OpenVINO where it is installed (an embedded classifier pays
             OpenVINO's longer session start once and gains on every image), else the CPU provider.
         threads: intra-op threads; default: the cores this process may use.
         threshold: overrides the spec's decision threshold.

@@ -111,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", metavar="FILE",
                    help="cxr .onnx model (default: the model embedded in the package, if installed)")
     p.add_argument("--device", choices=("cpu", "cuda", "openvino", "auto"), default="cpu",
-                   help="where to run: cpu (default), cuda (TensorRT/CUDA), openvino (the OpenVINO provider on "
-                        "an Intel CPU: pip install 'cxr[openvino]'), auto (cuda when available, else openvino "
-                        "for 32 or more images where it can run, else cpu)")
+                   help="where to run: cpu (default: the onnxruntime CPU provider), cuda (TensorRT/CUDA), "
+                        "openvino (the OpenVINO runtime on the CPU, Intel or AMD: pip install 'cxr[openvino]'), "
+                        "auto (cuda when available, else openvino for 32 or more images where it is installed, "
+                        "else cpu)")
     p.add_argument("--threshold", type=_threshold, metavar="T",
                    help="decision threshold for the positive label, in [0, 1] (default: the model's own)")
     p.add_argument("--batch-size", type=_positive, default=8, metavar="N",

@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import DeviceError, ModelError
+from .ov_session import OPENVINO_ENGINE, OpenVINOSession, openvino_runtime
 from .preprocess import to_input
 from .spec import ModelSpec, spec_from_metadata
 
@@ -48,21 +49,16 @@ def available_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-#: The OpenVINO execution provider's name (a plugin library for the stock onnxruntime, >= 1.23).
-OPENVINO_PROVIDER = "OpenVINOExecutionProvider"
+#: What ``ModelFile.providers`` lists for a session the OpenVINO runtime runs (``device="openvino"``).
+OPENVINO_PROVIDER = OPENVINO_ENGINE
 #: Where OpenVINO keeps compiled models (a second session of the same file skips most of the
 #: compilation); ``$CXR_OPENVINO_CACHE`` overrides it, and an empty value or ``0`` turns it off.
 OPENVINO_CACHE = Path.home() / ".cache" / "cxr" / "openvino"
-#: ``auto`` on a CPU takes OpenVINO (where its plugin offers this CPU) for an embedded
+#: ``auto`` on a CPU takes OpenVINO (where ``pip install 'cxr[openvino]'`` put it) for an embedded
 #: :class:`~cxr_infer.Classifier` (one session, many images) and for a run of at least this many
-#: images; fewer take the CPU provider, whose session starts in tens of milliseconds against
-#: OpenVINO's hundreds. The crossover: OpenVINO's extra session cost (about 110-540 ms, cache
-#: on or off) over its per-image gain at batch 1 (ResNet50 about 5 ms, InceptionV3 6 ms, VGG16
-#: 20 ms), i.e. 6-27 images for VGG16 (the default) and 22-100 for the others, from issue 15's
-#: Intel Xeon figures (the plugin offers no device on this project's AMD machines, where
-#: ``auto`` is ``cpu``). See README, "The fastest CPU path".
+#: images; fewer take the onnxruntime CPU provider, whose session starts in tens of milliseconds
+#: against OpenVINO's hundreds. See README, "The fastest CPU path", for the measured crossover.
 AUTO_OPENVINO_MIN_IMAGES = 32
-_OPENVINO_REGISTERED: Dict[str, Any] = {}
 
 
 def openvino_cache_dir() -> Optional[Path]:
@@ -78,75 +74,19 @@ def tensorrt_cache_dir() -> Path:
     return Path(os.environ.get("CXR_TRT_CACHE", Path.home() / ".cache" / "cxr" / "tensorrt"))
 
 
-def openvino_devices() -> List[Any]:
-    """The onnxruntime ``OrtEpDevice`` s for which the OpenVINO plugin runs on the CPU.
-
-    Registers the plugin library (``pip install 'cxr[openvino]'``) with onnxruntime once per
-    process.
-
-    Raises:
-        DeviceError: the plugin is not installed, this onnxruntime cannot load plugin providers,
-            or the plugin offers no device on this CPU (its 1.8 release takes Intel CPUs only).
-    """
-    import onnxruntime as ort
-
-    if "devices" in _OPENVINO_REGISTERED:
-        return _OPENVINO_REGISTERED["devices"]
-    if "error" in _OPENVINO_REGISTERED:
-        raise DeviceError(_OPENVINO_REGISTERED["error"])
-    try:
-        try:
-            import onnxruntime_ep_openvino as plugin
-        except ImportError:
-            raise DeviceError("device 'openvino' needs the OpenVINO plugin provider: pip install 'cxr[openvino]' "
-                              "(or use --device cpu)") from None
-        if not hasattr(ort, "register_execution_provider_library"):
-            raise DeviceError(f"device 'openvino': onnxruntime {ort.__version__} cannot load plugin providers; "
-                              "it needs onnxruntime 1.23 or newer: pip install -U onnxruntime")
-        try:
-            ort.register_execution_provider_library("cxr_openvino", plugin.get_library_path())
-        except Exception as exc:  # a broken install, or a plugin built for another onnxruntime
-            raise DeviceError(f"device 'openvino': onnxruntime could not load the OpenVINO plugin "
-                              f"({ort_message(exc, 'plugin')}); reinstall it: pip install -U 'cxr[openvino]'") from None
-        name = plugin.get_ep_name()
-        devices = [d for d in ort.get_ep_devices()
-                   if d.ep_name == name and str(d.ep_metadata.get("ov_device", "CPU")).upper().startswith("CPU")]
-        if not devices:
-            cpus = [d.device for d in ort.get_ep_devices() if "CPU" in str(d.device.type)]
-            vendor = cpus[0].vendor if cpus else "unknown"
-            raise DeviceError(f"device 'openvino': the OpenVINO plugin offers no device on this CPU (vendor {vendor}; "
-                              "onnxruntime-ep-openvino 1.8 takes Intel CPUs only); use --device cpu")
-    except DeviceError as exc:
-        _OPENVINO_REGISTERED["error"] = str(exc)
-        raise
-    _OPENVINO_REGISTERED["devices"] = devices
-    return devices
-
-
 def openvino_available() -> bool:
-    """True when ``device="openvino"`` can run here (the plugin is installed and takes this CPU)."""
+    """True when ``device="openvino"`` can run here (the ``openvino`` package is installed and
+    offers the CPU)."""
     try:
-        openvino_devices()
+        openvino_runtime()
     except DeviceError:
         return False
     return True
 
 
-def openvino_options(threads: int, cache: Optional[Path] = None) -> Dict[str, str]:
-    """The OpenVINO provider options of a cxr session: ``threads`` inference threads (the plugin
-    takes them from ``load_config``, not ``num_of_threads``), latency hint, model cache ``cache``."""
-    import json
-
-    options = {"load_config": json.dumps({"CPU": {"INFERENCE_NUM_THREADS": str(int(threads)),
-                                                  "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}})}
-    if cache is not None:
-        options["cache_dir"] = str(cache)
-    return options
-
-
 def resolve_device(device: str, available: Sequence[str], images: Optional[int] = None) -> str:
     """The device ``device`` stands for: ``auto`` becomes ``cuda`` where a CUDA provider exists,
-    else ``openvino`` where its plugin takes this CPU and the run is long (``images`` is None: an
+    else ``openvino`` where the OpenVINO runtime is installed and the run is long (``images`` is None: an
     embedded classifier; or at least :data:`AUTO_OPENVINO_MIN_IMAGES`), else ``cpu``.
 
     Example:
@@ -170,8 +110,9 @@ def providers_for(device: str, available: Sequence[str], threads: Optional[int] 
 
     ``cuda`` takes TensorRT first when present (engine cache in ``$CXR_TRT_CACHE``, default
     ``~/.cache/cxr/tensorrt``; ``CXR_TENSORRT=0`` skips it), then CUDA, then CPU for any op
-    they lack; ``openvino`` is the OpenVINO plugin provider on the CPU (``threads`` threads,
-    model cache :func:`openvino_cache_dir`), then CPU; ``auto``: see :func:`resolve_device`.
+    they lack; ``openvino`` is the OpenVINO runtime on the CPU (:data:`OPENVINO_PROVIDER`, not
+    an onnxruntime provider: :class:`ModelFile` compiles the file with OpenVINO itself, with its
+    threads and model cache :func:`openvino_cache_dir`); ``auto``: see :func:`resolve_device`.
 
     Example:
         >>> providers_for("auto", ["CPUExecutionProvider"], images=1)
@@ -181,9 +122,8 @@ def providers_for(device: str, available: Sequence[str], threads: Optional[int] 
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device == "openvino":
-        openvino_devices()  # a clear error where the plugin is missing or takes no device here
-        return [(OPENVINO_PROVIDER, openvino_options(threads or available_threads(), openvino_cache_dir())),
-                "CPUExecutionProvider"]
+        openvino_runtime()  # one clear error where the runtime is missing
+        return [OPENVINO_PROVIDER]
     if "CUDAExecutionProvider" not in available:
         raise DeviceError("device 'cuda' requested but this onnxruntime has no CUDA provider "
                           f"(available: {', '.join(available) or 'none'}); install the GPU build: "
@@ -197,51 +137,34 @@ def providers_for(device: str, available: Sequence[str], threads: Optional[int] 
 
 
 @contextlib.contextmanager
-def _cache_lock(cache: Optional[str]) -> Iterator[None]:
+def _cache_lock(cache: Optional[str]) -> Iterator[bool]:
     """Hold an exclusive lock on ``cache/.lock`` while a session compiles into the cache folder, so
     two processes sharing it never read each other's half-written blobs (the second one then finds
-    the first one's blob complete). Without a usable folder, run without the cache lock."""
+    the first one's blob complete). Yields whether the folder is usable: False where it cannot be
+    made (the session then compiles without a cache) or where there is none."""
     if not cache:
-        yield
+        yield False
+        return
+    try:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        yield False
         return
     try:
         import fcntl
     except ImportError:  # not POSIX: OpenVINO's own cache handling alone
-        yield
+        yield True
         return
     try:
-        Path(cache).mkdir(parents=True, exist_ok=True)
         fd = os.open(str(Path(cache) / ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
-        yield
+        yield True
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield True
     finally:
         os.close(fd)  # closing releases the lock
-
-
-def _plugin_entries(opts: Any, providers: Sequence[Any]) -> Tuple[List[Any], Optional[str]]:
-    """Move plugin providers (OpenVINO) from ``providers`` into ``opts`` (``add_provider_for_devices``);
-    return the rest and the plugin's cache folder, if any. A cache folder that cannot be made is
-    left out (the session compiles from scratch)."""
-    rest: List[Any] = []
-    cache: Optional[str] = None
-    for p in providers:
-        name, options = (p if isinstance(p, (tuple, list)) else (p, {}))
-        if name != OPENVINO_PROVIDER:
-            rest.append(p)
-            continue
-        options = dict(options)
-        if options.get("cache_dir"):
-            try:
-                Path(options["cache_dir"]).mkdir(parents=True, exist_ok=True)
-                cache = options["cache_dir"]
-            except OSError:
-                options.pop("cache_dir")
-        opts.add_provider_for_devices(openvino_devices(), {k: str(v) for k, v in options.items()})
-    return rest, cache
 
 
 def session_options(threads: int, config: Optional[Mapping[str, str]] = None) -> Any:
@@ -297,7 +220,7 @@ class ModelFile:
     Args:
         model: path of a ``.onnx`` file with a ``cxr.spec`` (or its bytes).
         device: ``"cpu"``, ``"cuda"`` (TensorRT, then CUDA when present), ``"openvino"`` (the
-            OpenVINO plugin provider on the CPU: ``pip install 'cxr[openvino]'``) or ``"auto"``.
+            OpenVINO runtime on the CPU: ``pip install 'cxr[openvino]'``) or ``"auto"``.
         threads: intra-op threads; ``None`` or 0: the cores this process may use.
         providers: onnxruntime execution providers, overriding ``device`` (advanced).
         session_config: extra onnxruntime session config entries (advanced).
@@ -341,26 +264,24 @@ class ModelFile:
             requested = resolve_device(device, available, images)
             providers = providers_for(requested, available, self.threads)
         started = time.perf_counter()
-        opts = session_options(self.threads, session_config)
-        rest, cache = _plugin_entries(opts, providers)
-        if len(rest) < len(providers):  # a plugin provider: onnxruntime adds the CPU fallback itself
-            rest = [p for p in rest if p != "CPUExecutionProvider"]
-        try:
-            with _cache_lock(cache):
-                self.session = ort.InferenceSession(load_from, sess_options=opts, providers=rest or None)
-        except Exception as exc:  # onnxruntime raises several unrelated types here
-            if requested == "openvino":
-                raise DeviceError(f"{self.name}: the OpenVINO provider could not compile this model "
-                                  f"({ort_message(exc, self.name)}); use --device cpu") from None
-            raise ModelError(f"{self.name}: not a loadable ONNX model ({ort_message(exc, self.name)})") from None
+        self.session: Any
+        if OPENVINO_PROVIDER in [p if isinstance(p, str) else p[0] for p in providers]:
+            cache = openvino_cache_dir()
+            with _cache_lock(str(cache) if cache else None) as usable:
+                self.session = OpenVINOSession(load_from, self.threads, str(cache) if usable else None, self.name)
+        else:
+            try:
+                self.session = ort.InferenceSession(load_from, sess_options=session_options(self.threads,
+                                                                                            session_config),
+                                                    providers=providers)
+            except Exception as exc:  # onnxruntime raises several unrelated types here
+                raise ModelError(f"{self.name}: not a loadable ONNX model ({ort_message(exc, self.name)})") from None
         #: seconds onnxruntime took to build the session
         self.load_s = time.perf_counter() - started
         self.providers: List[str] = list(self.session.get_providers())
         if requested == "cuda" and not any(p in self.providers for p in GPU_PROVIDERS):
             raise DeviceError("device 'cuda' requested but onnxruntime could not start its CUDA provider "
                               "(check the CUDA and cuDNN libraries match onnxruntime-gpu)")
-        if requested == "openvino" and OPENVINO_PROVIDER not in self.providers:
-            raise DeviceError("device 'openvino' requested but onnxruntime did not start the OpenVINO provider")
         #: where the session runs: "cpu", "cuda" or "openvino" (what "auto" became)
         self.device = {"CPUExecutionProvider": "cpu", OPENVINO_PROVIDER: "openvino"}.get(self.providers[0], "cuda")
         if spec is None:

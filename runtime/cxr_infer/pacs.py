@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_threshold, metavar="T", help="decision threshold in [0, 1] (default: the "
                    "model's own)")
     p.add_argument("--threads", type=_positive, metavar="N", help="CPU threads for inference")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="where to run the model")
+    p.add_argument("--device", choices=("cpu", "cuda", "openvino", "auto"), default="cpu",
+                   help="where to run the model (as cxr-infer --device)")
     p.add_argument("--modalities", default=",".join(RADIOGRAPHS),
                    help="series modalities to classify, comma-separated (default CR,DX,DR)")
     p.add_argument("--retries", type=int, default=5, metavar="N",

@@ -47,7 +47,7 @@ EXTRA_PACKAGES: Dict[str, List[str]] = {
     "dicom": ["cxr_infer"],    # .[dicom]           -> DICOM inputs, --format dicom-sr
     "pacs": ["cxr_infer"],     # .[pacs]            -> cxr-pacs (Orthanc REST; reads images, writes SRs)
     "gpu": ["cxr_infer"],      # .[gpu]             -> --device cuda
-    "openvino": ["cxr_infer"],  # .[openvino]       -> --device openvino (the OpenVINO plugin provider)
+    "openvino": ["cxr_infer"],  # .[openvino]       -> --device openvino (the OpenVINO runtime)
     "train": ["cxr_train"],    # .[train]           -> cxr-train
     "export": ["cxr_export"],  # .[export]          -> cxr-export
     "bench": ["cxr_bench"],    # .[bench]           -> cxr-bench

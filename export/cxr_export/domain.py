@@ -81,7 +81,7 @@ costs one [C, rank] matrix (2 MB at C = 2,048, rank = 256). With ``rank >= C`` i
 shrunk Mahalanobis distance. A branch's distance is ``sqrt(min_c d_c^2)``.
 
 Cost: every call pays for these nodes, whatever outputs it asks for (onnxruntime runs every node
-of a graph). At batch 1 with 2 threads the 201 nodes add 10% / 31% / 18% to the shipped VGG16 /
+of a graph). At batch 1 with 2 threads the 201 nodes add 11% / 30% / 18% to the shipped VGG16 /
 ResNet50 / InceptionV3 INT8 classifiers (benchmarks/results/latency-checks-b1.md): about a
 third in the stage statistics and the layout transposes onnxruntime inserts to read NHWC
 tensors in NCHW, the rest in the nine distance chains, whose many small nodes cost more in

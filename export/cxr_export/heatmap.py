@@ -17,7 +17,7 @@ so the map explains the very computation that gave the probability.
 The output ``heatmap`` is [N, h, w] (7 x 7 for ResNet50 and VGG16 at 224, 5 x 5 for
 InceptionV3 at 224), non-negative and not normalised; the runtime scales each map to 0..1 and
 fetches it only when asked (``predict(..., heatmap=True)``). The nodes still run on every call
-(onnxruntime runs every node of a graph, whatever outputs are asked for): 2% / 11% / 8% of the
+(onnxruntime runs every node of a graph, whatever outputs are asked for): 2% / 11% / 10% of the
 batch-1 time of the shipped VGG16 / ResNet50 / InceptionV3 INT8 files, of which the
 dequantization of the first head weight, duplicated by onnxruntime for this second reader, is
 about half (benchmarks/results/latency-checks-b1.md).

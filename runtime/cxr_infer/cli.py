@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda", "openvino", "auto"), default="cpu",
                    help="where to run: cpu (default: the onnxruntime CPU provider), cuda (TensorRT/CUDA), "
                         "openvino (the OpenVINO runtime on the CPU, Intel or AMD: pip install 'cxr[openvino]'), "
-                        "auto (cuda when available, else openvino for 32 or more images where it is installed, "
+                        "auto (cuda when available, else openvino for 128 or more images where it is installed, "
                         "else cpu)")
     p.add_argument("--threshold", type=_threshold, metavar="T",
                    help="decision threshold for the positive label, in [0, 1] (default: the model's own)")

@@ -56,9 +56,11 @@ OPENVINO_PROVIDER = OPENVINO_ENGINE
 OPENVINO_CACHE = Path.home() / ".cache" / "cxr" / "openvino"
 #: ``auto`` on a CPU takes OpenVINO (where ``pip install 'cxr[openvino]'`` put it) for an embedded
 #: :class:`~cxr_infer.Classifier` (one session, many images) and for a run of at least this many
-#: images; fewer take the onnxruntime CPU provider, whose session starts in tens of milliseconds
-#: against OpenVINO's hundreds. See README, "The fastest CPU path", for the measured crossover.
-AUTO_OPENVINO_MIN_IMAGES = 32
+#: images; fewer take the onnxruntime CPU provider. OpenVINO costs more once per process (``import
+#: openvino`` about 0.14 s, compiling 0.05-0.2 s from a warm cache) and saves 1.4-2.7 ms per image:
+#: whole ``cxr-infer`` runs break even at about 85 (VGG16), 135 (ResNet50) and 100 (InceptionV3)
+#: images on a 2-core AMD EPYC (README, "The fastest CPU path": measured, paired runs).
+AUTO_OPENVINO_MIN_IMAGES = 128
 
 
 def openvino_cache_dir() -> Optional[Path]:

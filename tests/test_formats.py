@@ -111,3 +111,42 @@ def test_formats_all_rows_and_bad_input(files, tmp_path, capsys):
     assert len(err) == 1 and "notes.onnx" in err[0] and "Traceback" not in err[0]
     assert main(["formats", "--model", str(fp32), "--data", str(data), "--providers", "gpu", "--out",
                  str(tmp_path), "-q"]) == 2
+
+
+def test_formats_compares_in_domain_decisions_on_domain_data(tmp_path):
+    """--domain-data: each row's in-domain decisions on the labelled images and on unlabelled ones
+    (here two lateral views and a file that is no image), against the CPU reference row."""
+    from conftest import DATA, REPO
+
+    from cxr_bench.cli import main
+    from cxr_infer.model import openvino_available
+
+    shipped = REPO / "models" / "resnet50_int8.onnx"
+    test, lateral = DATA / "chest_xray_224" / "test", DATA / "foreign_cxr" / "lateral"
+    if not (test.is_dir() and lateral.is_dir()):
+        pytest.skip("needs ../shared/data (chest_xray_224/test and foreign_cxr/lateral)")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for f in sorted(lateral.iterdir())[:2]:
+        shutil.copy(f, extra / f.name)
+    (extra / "notes.png").write_text("not an image\n")
+    out = tmp_path / "out"
+    rc = main(["formats", "--model", str(shipped), "--data", str(test), "--limit", "2", "--providers", "cpu,openvino",
+               "--domain-data", str(extra), "--iterations", "3", "--throughput-batch", "2", "--threads", "2",
+               "--out", str(out), "-q"])
+    assert rc == 0
+    rep = json.loads((out / "formats.json").read_text())
+    assert rep["domain_data"] == {"folders": [str(extra)], "n_images": 3, "unreadable": 1}
+    rows = {r["provider"]: r for r in rep["rows"]}
+    cpu = rows["cpu"]
+    assert cpu["is_reference"] and cpu["domain_images"] == 4 + 2 and cpu["domain_decisions_differ"] == 0
+    assert cpu["domain_max_abs_dscore_rel"] == 0.0
+    md = (out / "formats.md").read_text()
+    assert "in-domain decisions differ" in md and "3 unlabelled images" in md and "(1 unreadable)" in md
+    if not openvino_available():
+        assert rows["openvino"]["status"].startswith("skipped: ")
+        return
+    ov = rows["openvino"]
+    assert ov["status"] == "ok" and ov["domain_images"] == 6
+    assert ov["domain_decisions_differ"] <= 1 and 0.0 < ov["domain_max_abs_dscore_rel"] <= 0.6
+    assert f"{ov['domain_decisions_differ']} of 6, " in md

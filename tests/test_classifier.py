@@ -210,3 +210,34 @@ def test_default_model_slot(monkeypatch, tiny_model, tmp_path):
 def test_default_model_path_is_package_data():
     assert classifier_module.DEFAULT_MODEL.parent.name == "models"
     assert classifier_module.DEFAULT_MODEL.parent.parent.name == "cxr_infer"
+
+
+def test_prefetch_keeps_order_and_every_result(tiny_model, xrays224, tmp_path, monkeypatch):
+    """Decoding the next batch in a worker thread changes nothing a caller sees: the same
+    results in the same order, each bad input's error in its place, none lost or doubled."""
+    from cxr_infer.errors import InputError
+
+    text = tmp_path / "notes.jpeg"
+    text.write_text("not an image\n")
+    items = [xrays224[0], tmp_path / "missing.jpeg", xrays224[1], text, *xrays224[2:7], xrays224[0]]
+    on = Classifier(tiny_model, threads=1, batch_size=2)
+    off = Classifier(tiny_model, threads=1, batch_size=2, prefetch=False)
+    assert on.prefetch and not off.prefetch
+    timing = {}
+    got = list(on.iter_predict(items, timing=timing))
+    want = off.predict_many(items)
+    assert len(got) == len(want) == len(items)
+    for a, b in zip(got, want):
+        assert type(a) is type(b)
+        if isinstance(a, InputError):
+            assert str(a) == str(b)
+        else:
+            assert (a.source, a.label) == (b.source, b.label) and a.probability == pytest.approx(b.probability, abs=1e-6)
+    assert [type(r).__name__ for r in got[:4]] == ["Prediction", "InputError", "Prediction", "InputError"]
+    assert got[0].probability == pytest.approx(got[-1].probability, abs=1e-6)  # same image first and last
+    assert timing["preprocess"] > 0 and timing["inference"] > 0
+    early = on.iter_predict(items)  # a caller that stops early leaves no decode thread behind
+    assert next(early).source == got[0].source
+    early.close()
+    monkeypatch.setenv("CXR_PREFETCH", "0")
+    assert not Classifier(tiny_model, threads=1).prefetch

@@ -14,8 +14,10 @@ Example:
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -99,6 +101,16 @@ class Prediction:
                 "domain_reasons": list(self.domain_reasons)}
 
 
+def _chunks(items: Iterable[Any], size: int) -> Iterator[List[Any]]:
+    """``items`` in lists of ``size`` (the last one shorter), read lazily."""
+    it = iter(items)
+    while True:
+        chunk = list(itertools.islice(it, size))
+        if not chunk:
+            return
+        yield chunk
+
+
 def _unit_maps(maps: np.ndarray) -> np.ndarray:
     """Each non-negative map divided by its maximum (0..1, float32); an all-zero map stays zero."""
     maps = np.maximum(np.asarray(maps, np.float32), 0.0)
@@ -130,6 +142,12 @@ class Classifier:
         images: how many images this classifier will see, when known (``cxr-infer`` passes its
             count): with ``device="auto"``, fewer than ``cxr_infer.model.AUTO_OPENVINO_MIN_IMAGES``
             take the CPU provider, whose session starts faster than OpenVINO's.
+        prefetch: for lists and folders, decode the next batch in one worker thread while a batch
+            runs (default; ``CXR_PREFETCH=0`` turns it off process-wide). Results keep the input
+            order. Measured on the 160 full-size Kermany originals, 2 cores, whole ``cxr-infer``
+            runs: 9% (VGG16) and 16% (ResNet50) faster on the CPU provider, 3% and 15% on
+            OpenVINO, for 7 MiB more peak memory; no change on 224 px images, whose decoding is
+            about 2% of a run.
 
     Raises:
         ModelError: the file is missing, not ONNX, or has no valid spec or the wrong graph.
@@ -144,7 +162,8 @@ class Classifier:
     def __init__(self, model: Optional[ModelSource] = None, device: str = "cpu", threads: Optional[int] = None,
                  threshold: Optional[float] = None, warmup: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
                  providers: Optional[Sequence[Any]] = None, session_config: Optional[Mapping[str, str]] = None,
-                 domain_check: bool = True, header_check: bool = True, images: Optional[int] = None) -> None:
+                 domain_check: bool = True, header_check: bool = True, images: Optional[int] = None,
+                 prefetch: bool = True) -> None:
         if model is None:
             if not DEFAULT_MODEL.is_file():
                 raise ModelError(f"no default model is installed yet (expected at {DEFAULT_MODEL}); pass a "
@@ -164,6 +183,8 @@ class Classifier:
         self.device = self.model.device
         self.spec: ModelSpec = self.model.spec
         self.batch_size = int(batch_size)
+        #: decode the next batch in a worker thread while one runs (lists and folders)
+        self.prefetch = bool(prefetch) and os.environ.get("CXR_PREFETCH", "1") != "0"
         self.threshold: float = float(threshold) if threshold is not None else self.spec.threshold
         self._labels = self.spec.labels
         self._pos = self.spec.positive_index
@@ -266,17 +287,27 @@ class Classifier:
         size = int(batch_size or self.batch_size)
         if size < 1:
             raise ValueError("batch_size must be at least 1")
-        batch: List[Any] = []
-        for item in items:
-            batch.append(item)
-            if len(batch) >= size:
-                yield from self._predict_batch(batch, timing, heatmap)
-                batch = []
-        if batch:
-            yield from self._predict_batch(batch, timing, heatmap)
+        batches = _chunks(items, size)
+        if not self.prefetch:
+            for batch in batches:
+                yield from self._infer_batch(batch, self._load_batch(batch, timing), timing, heatmap)
+            return
+        # Decode batch k+1 in one worker thread while batch k runs (Pillow's decoders and the
+        # inference engines release the GIL): see Classifier's ``prefetch``.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-decode") as pool:
+            pending: Optional[Tuple[List[Any], Any]] = None
+            for batch in batches:
+                future = pool.submit(self._load_batch, batch, timing)
+                if pending is not None:
+                    yield from self._infer_batch(pending[0], pending[1].result(), timing, heatmap)
+                pending = (batch, future)
+            if pending is not None:
+                yield from self._infer_batch(pending[0], pending[1].result(), timing, heatmap)
 
-    def _predict_batch(self, items: List[ImageSource], timing: Optional[MutableMapping[str, float]],
-                       heatmap: bool = False) -> List[Union[Prediction, InputError]]:
+    def _load_batch(self, items: List[ImageSource], timing: Optional[MutableMapping[str, float]]
+                    ) -> Tuple[List[Any], List[int], List[np.ndarray], List[List[str]]]:
+        """Decode ``items``: the results so far (an :class:`InputError` where one failed), the
+        indices decoded, their pixels and their header reasons."""
         t0 = time.perf_counter()
         results: List[Any] = [None] * len(items)
         good: List[int] = []
@@ -291,6 +322,15 @@ class Classifier:
             pixels.append(px)
             headers.append(self.header_reasons(header))  # before inference
             good.append(i)
+        if timing is not None:
+            timing["preprocess"] = timing.get("preprocess", 0.0) + (time.perf_counter() - t0)
+        return results, good, pixels, headers
+
+    def _infer_batch(self, items: List[ImageSource], loaded: Tuple[List[Any], List[int], List[np.ndarray],
+                                                                   List[List[str]]],
+                     timing: Optional[MutableMapping[str, float]], heatmap: bool = False
+                     ) -> List[Union[Prediction, InputError]]:
+        results, good, pixels, headers = loaded
         t1 = time.perf_counter()
         if pixels:
             probs, scores, terms, maps = self._run_all(np.stack(pixels), heatmap)
@@ -301,7 +341,6 @@ class Classifier:
                                               None if terms is None else terms[k], headers[k],
                                               None if maps is None else maps[k])
         if timing is not None:
-            timing["preprocess"] = timing.get("preprocess", 0.0) + (t1 - t0)
             timing["inference"] = timing.get("inference", 0.0) + (time.perf_counter() - t1)
         return results
 
@@ -347,7 +386,7 @@ class Classifier:
             return results
         if heatmap:
             self._heatmap_output()
-        result = self._predict_batch([x], None, heatmap)[0]
+        result = self._infer_batch([x], self._load_batch([x], None), None, heatmap)[0]
         if isinstance(result, InputError):
             if errors == "raise":
                 raise result

@@ -74,7 +74,9 @@ exit status:
   0 all inputs classified, 1 some inputs failed, 2 usage, model or device error
 
 environment:
-  CXR_TIMING=1  print the time spent in each phase to stderr (same as --timing)
+  CXR_TIMING=1    print the time spent in each phase to stderr (same as --timing)
+  CXR_PREFETCH=0  decode each batch only when it runs (default: the next batch is decoded in a
+                  second thread while one runs; 9-16% faster on full-size images on 2 cores)
 """
 
 

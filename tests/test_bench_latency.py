@@ -98,3 +98,20 @@ def test_torch_eager_baseline_on_real_checkpoint(tiny, tmp_path):
     torch_row = next(r for r in rep["results"] if r["engine"] == "torch")
     assert torch_row["backbone"] == "resnet50" and torch_row["median_ms"] > 0
     assert rep["machine"]["torch"]
+
+
+@pytest.mark.skipif(not FULLRES_TRAIN.is_dir(), reason="full-size images not found")
+def test_e2e_cold_processes_run_on_the_device_asked_for(tiny, tmp_path, monkeypatch):
+    """--device reaches the cold cxr-infer processes too, not only the in-process part."""
+    from cxr_infer.model import openvino_available
+
+    if not openvino_available():
+        pytest.skip("the OpenVINO runtime is not installed (pip install 'cxr[openvino]')")
+    monkeypatch.setenv("CXR_OPENVINO_CACHE", str(tmp_path / "ov"))
+    rc = cli.main(["e2e", "--model", str(tiny[1]), "--images", str(FULLRES_TRAIN), "--count", "1", "--repeats", "1",
+                   "--threads", "1", "--device", "openvino", "--out", str(tmp_path), "-q"])
+    rep = json.loads((tmp_path / "e2e.json").read_text())
+    assert rc == 0, rep["cold"].get("errors")
+    assert rep["settings"]["infer_args"] == ["--threads", "1", "--device", "openvino"]
+    assert "--device openvino" in (tmp_path / "e2e.md").read_text()
+    assert [f for f in (tmp_path / "ov").iterdir() if f.name != ".lock"]  # OpenVINO compiled into the cache

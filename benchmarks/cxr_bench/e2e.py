@@ -158,8 +158,8 @@ def run_e2e(model: str | Path, images: str | Path | Sequence[str | Path], count:
     if not model.is_file():
         raise BenchError(f"--model {model}: no such model file")
     files = pick_images(images, count)
-    if infer_args is None:  # same thread count as the in-process part; cxr-infer's own option
-        infer_args = ["--threads", str(threads)]
+    if infer_args is None:  # same threads and device as the in-process part; cxr-infer's own options
+        infer_args = ["--threads", str(threads)] + (["--device", device] if device != "cpu" else [])
     env = child_env(threads)
     report: Dict[str, Any] = {
         **new_report(KIND), "machine": describe_machine(), "model": str(model),

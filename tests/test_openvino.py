@@ -75,6 +75,20 @@ def test_missing_runtime_is_one_clear_device_error(monkeypatch, fresh_runtime):
     assert resolve_device("auto", CPU_ONLY) == "cpu"  # auto never fails for want of the runtime
 
 
+@needs_openvino
+def test_a_runtime_without_a_cpu_device_is_one_clear_device_error(monkeypatch, fresh_runtime):
+    """An OpenVINO build that offers no CPU device here (an unsupported CPU) says so and points to cpu."""
+    import openvino
+
+    class NoCpu:
+        available_devices = ["GPU"]
+
+    monkeypatch.setattr(openvino, "Core", NoCpu)
+    with pytest.raises(DeviceError, match=r"offers no CPU device here \(devices: GPU.*use --device cpu"):
+        ModelFile(SHIPPED[1], device="openvino", threads=1)
+    assert resolve_device("auto", CPU_ONLY) == "cpu"
+
+
 def test_cli_openvino_without_runtime_exits_2_with_one_line(tiny_model):
     r = run_cli("--model", str(tiny_model), "--device", "openvino", str(SAMPLE),
                 prelude="import sys; sys.modules['openvino'] = None")

@@ -108,6 +108,22 @@ def test_a_file_openvino_cannot_read_is_one_model_error(tmp_path):
     assert r.returncode == 2 and len(err) == 1 and "not_a_model.onnx" in err[0], r.stderr
 
 
+@needs_openvino
+def test_valid_onnx_openvino_cannot_convert_is_one_device_error(tmp_path):
+    """An ONNX file OpenVINO reads but cannot convert (an operator it has no rule for) points to --device cpu."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["input"], ["probabilities"], domain="com.example")], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])])
+    path = tmp_path / "unknown_op.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                      helper.make_opsetid("com.example", 1)]), str(path))
+    with pytest.raises(DeviceError, match="unknown_op.onnx: OpenVINO cannot convert this model .*NoSuchOp.*--device cpu"):
+        ModelFile(path, device="openvino", threads=1)
+
+
 def test_auto_takes_openvino_for_long_runs_only(monkeypatch):
     monkeypatch.setattr(model_mod, "openvino_available", lambda: True)
     assert resolve_device("auto", CPU_ONLY) == "openvino"                      # embedded Classifier

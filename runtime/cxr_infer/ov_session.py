@@ -118,20 +118,24 @@ class OpenVINOSession:
 
     def __init__(self, model: Any, threads: int, cache: Optional[str] = None, name: str = "") -> None:
         ov = openvino_runtime()
-        name = name or str(model)
+        name = name or ("<model bytes>" if isinstance(model, (bytes, bytearray)) else str(model))
         core = ov.Core()
         if cache:
             core.set_property({"CACHE_DIR": str(cache)})
-        try:
-            # The ONNX front end by name: read_model would try every front end it has in turn, and
-            # the TensorFlow one writes its own parse errors to stderr for a file that is not ONNX.
-            from openvino.frontend import FrontEndManager
+        # The ONNX front end by name: read_model would try every front end it has in turn, and the
+        # TensorFlow one writes its own parse errors to stderr for a file that is not ONNX.
+        from openvino.frontend import FrontEndManager
 
-            front = FrontEndManager().load_by_framework("onnx")
-            source = io.BytesIO(bytes(model)) if isinstance(model, (bytes, bytearray)) else str(Path(model))
-            graph = front.convert(front.load(source))
+        front = FrontEndManager().load_by_framework("onnx")
+        try:
+            loaded = front.load(io.BytesIO(bytes(model)) if isinstance(model, (bytes, bytearray)) else str(Path(model)))
         except Exception as exc:  # OpenVINO raises its own error types for every kind of unreadable file
             raise ModelError(f"{name}: not a loadable ONNX model ({_first_line(exc)})") from None
+        try:
+            graph = front.convert(loaded)
+        except Exception as exc:  # valid ONNX, but an operator or form OpenVINO does not take
+            raise DeviceError(f"{name}: OpenVINO cannot convert this model ({_first_line(exc)}); "
+                              "use --device cpu") from None
         info = graph.get_rt_info()
         framework = info["framework"] if "framework" in info else {}
         self._metadata = {key: graph.get_rt_info(["framework", key]).astype(str) for key in framework}

@@ -379,3 +379,25 @@ def test_stage_branch_on_an_fp16_file(plain_model, tmp_path):
     assert [b["name"] for b in block["branches"]][-1] == "stage1" and block["graph_vs_numpy_max_diff"] < 0.05
     clf = Classifier(out, threads=1)
     assert clf.predict(gray_images(1, 5)[0]).in_domain is True and clf.predict(red()).in_domain is False
+
+
+def test_without_the_features_branch(plain_model, tmp_path):
+    """features_branch=False: the same check without the pooled-features branch; the graph still
+    equals its numpy reference, the runtime names the branches it has, and a far image is flagged."""
+    train, val = gray_images(300, 8), gray_images(200, 9)
+    labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
+    out = tmp_path / "no_features.onnx"
+    block = domain.add_domain_stats(plain_model, train, labels, val, out_path=out, threads=1, taps=[],
+                                    features_branch=False)
+    names = [b["name"] for b in block["branches"]]
+    assert names == ["thumb16", "thumb8", "thumb4", "orientation"]
+    assert block["graph_vs_numpy_max_diff"] <= 0.05 and block["probabilities_unchanged"]
+    clf = Classifier(out, threads=1)
+    gray, far = clf.predict(gray_images(1, 10)[0]), clf.predict(red())
+    assert gray.in_domain is True and far.in_domain is False
+    from cxr_infer.classifier import BRANCH_WORDS
+    assert len(far.domain_reasons) == 1 and any(BRANCH_WORDS[n] in far.domain_reasons[0] for n in names)
+    assert BRANCH_WORDS["features"] not in far.domain_reasons[0]
+    spec = read_spec(out)
+    (terms,) = domain.run_outputs(out, spec, gray_images(4, 11), ["domain_terms"])
+    assert terms.shape == (4, 4)

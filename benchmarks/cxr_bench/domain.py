@@ -231,6 +231,18 @@ def build_kinds(test_pixels: np.ndarray, count: int, size: Tuple[int, int], kind
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 
 
+def image_files(root: Path, needs: str) -> List[Path]:
+    """Every image under the folder ``root`` (recursively, sorted); :class:`BenchError` naming what
+    the folder is for (``needs``, e.g. "--originals needs a folder of ...") when it is not a folder
+    or holds no image."""
+    if not root.is_dir():
+        raise BenchError(f"{root}: {needs}")
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise BenchError(f"{root}: no images under it (looked for {', '.join(IMAGE_EXTS)})")
+    return files
+
+
 def load_foreign(root: str | Path, size: Tuple[int, int], method: str = "bicubic"
                  ) -> Tuple[Dict[str, Tuple[np.ndarray, List[str]]], Dict[str, Dict[str, str]]]:
     """Pixels and file names (relative to ``root``) per sub-folder of ``root``, and the rows of
@@ -260,11 +272,7 @@ def load_originals(root: str | Path, size: Tuple[int, int], method: str = "bicub
     """Pixels of every image under ``root`` (recursively, sorted), read as the runtime reads a
     user's file (its decoding, JPEG draft scaling and resize), and their names relative to ``root``."""
     root = Path(root)
-    if not root.is_dir():
-        raise BenchError(f"{root}: --originals needs a folder of in-domain images at their original size")
-    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise BenchError(f"{root}: no images under it (looked for {', '.join(IMAGE_EXTS)})")
+    files = image_files(root, "--originals needs a folder of in-domain images at their original size")
     return np.stack([load_image(f, size, method=method) for f in files]), [str(f.relative_to(root)) for f in files]
 
 

@@ -49,7 +49,7 @@ from cxr_infer.metrics import binary_metrics
 from cxr_infer.model import OPENVINO_PROVIDER, ModelFile, openvino_available, providers_for, tensorrt_cache_dir
 
 from .dataset import PixelCache, list_dataset
-from .domain import IMAGE_EXTS
+from .domain import image_files
 from .machine import describe_machine, machine_markdown
 from .models import inspect_model
 from .util import BenchError, fmt_num, fmt_pct, md_table, new_report, say, write_report
@@ -187,12 +187,7 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
     cache = PixelCache(ds.files, quiet=quiet)
     extra_files: List[Path] = []
     for folder in map(Path, domain_data):
-        if not folder.is_dir():
-            raise BenchError(f"{folder}: --domain-data needs a folder of images")
-        found = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
-        if not found:
-            raise BenchError(f"{folder}: no images under it (looked for {', '.join(IMAGE_EXTS)})")
-        extra_files += found
+        extra_files += image_files(folder, "--domain-data needs a folder of images")
     extra = PixelCache(extra_files, quiet=quiet)
     available = ort.get_available_providers()
     plan = [(p, b, prec, prov) for prov in providers for p, b, prec in files

@@ -73,14 +73,14 @@ class Unavailable(Exception):
 
 
 def provider_list(provider: str, precision: str, input_name: str, size: Tuple[int, int], max_batch: int,
-                  available: Sequence[str], threads: int) -> List[Any]:
+                  available: Sequence[str]) -> List[Any]:
     """onnxruntime providers for one row, or :class:`Unavailable` with the reason."""
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     if provider == "openvino":
         if not openvino_available():
             raise Unavailable("the OpenVINO runtime is not installed (pip install 'cxr[openvino]')")
-        return providers_for("openvino", available, threads)
+        return providers_for("openvino", available)
     if ORT_NAMES[provider] not in available:
         raise Unavailable(f"no {ORT_NAMES[provider]} in this onnxruntime (it has {', '.join(available)})"
                           + ("; install onnxruntime-gpu (pip install 'cxr[gpu]')" if provider == "cuda" else
@@ -114,7 +114,7 @@ def measure_row(path: Path, spec: Any, provider: str, pixels: np.ndarray, y: np.
     timings, and domain scores of ``pixels`` then ``domain_pixels`` (see the module doc)."""
     row: Dict[str, Any] = {"provider": provider, "file": str(path), "size_mb": path.stat().st_size / 1e6}
     try:
-        providers = provider_list(provider, spec.precision, spec.input_name, spec.image_size, batch, available, threads)
+        providers = provider_list(provider, spec.precision, spec.input_name, spec.image_size, batch, available)
     except Unavailable as exc:
         return dict(row, status=f"skipped: {exc}")
     try:

@@ -171,7 +171,7 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
     missing: Dict[str, str] = {}
     for d in devices:  # fail (or note) before any process starts if a device is missing
         try:
-            providers_for(d, ort.get_available_providers(), threads)
+            providers_for(d, ort.get_available_providers())
         except DeviceError as exc:
             if len(devices) == 1:
                 raise

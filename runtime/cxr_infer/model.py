@@ -106,8 +106,7 @@ def resolve_device(device: str, available: Sequence[str], images: Optional[int] 
     return "cpu"
 
 
-def providers_for(device: str, available: Sequence[str], threads: Optional[int] = None,
-                  images: Optional[int] = None) -> List[Any]:
+def providers_for(device: str, available: Sequence[str], images: Optional[int] = None) -> List[Any]:
     """The onnxruntime execution providers for ``device`` (``cpu``, ``cuda``, ``openvino`` or ``auto``).
 
     ``cuda`` takes TensorRT first when present (engine cache in ``$CXR_TRT_CACHE``, default
@@ -264,7 +263,7 @@ class ModelFile:
         requested = device
         if providers is None:
             requested = resolve_device(device, available, images)
-            providers = providers_for(requested, available, self.threads)
+            providers = providers_for(requested, available)
         started = time.perf_counter()
         self.session: Any
         if OPENVINO_PROVIDER in [p if isinstance(p, str) else p[0] for p in providers]:

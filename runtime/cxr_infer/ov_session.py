@@ -55,7 +55,7 @@ def openvino_runtime() -> Any:
         try:
             devices = ov.Core().available_devices
         except Exception as exc:  # a broken install
-            raise DeviceError(f"device 'openvino': the OpenVINO runtime does not start ({_first_line(exc)}); "
+            raise DeviceError(f"device 'openvino': the OpenVINO runtime does not start ({_reason(exc)}); "
                               "reinstall it: pip install -U 'cxr[openvino]'") from None
         if "CPU" not in devices:
             raise DeviceError(f"device 'openvino': OpenVINO offers no CPU device here (devices: "
@@ -78,7 +78,7 @@ def openvino_config(threads: int) -> Dict[str, Any]:
             "INFERENCE_PRECISION_HINT": "f32"}
 
 
-def _first_line(exc: BaseException) -> str:
+def _reason(exc: BaseException) -> str:
     """OpenVINO's reason in one line: its messages start with where the check failed in its own
     sources ("Check '...' failed at src/...", "FrontEnd API failed with ...:"); the reason is last."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
@@ -130,11 +130,11 @@ class OpenVINOSession:
         try:
             loaded = front.load(io.BytesIO(bytes(model)) if isinstance(model, (bytes, bytearray)) else str(Path(model)))
         except Exception as exc:  # OpenVINO raises its own error types for every kind of unreadable file
-            raise ModelError(f"{name}: not a loadable ONNX model ({_first_line(exc)})") from None
+            raise ModelError(f"{name}: not a loadable ONNX model ({_reason(exc)})") from None
         try:
             graph = front.convert(loaded)
         except Exception as exc:  # valid ONNX, but an operator or form OpenVINO does not take
-            raise DeviceError(f"{name}: OpenVINO cannot convert this model ({_first_line(exc)}); "
+            raise DeviceError(f"{name}: OpenVINO cannot convert this model ({_reason(exc)}); "
                               "use --device cpu") from None
         info = graph.get_rt_info()
         framework = info["framework"] if "framework" in info else {}
@@ -142,15 +142,12 @@ class OpenVINOSession:
         try:
             self._compiled = core.compile_model(graph, "CPU", openvino_config(threads))
         except Exception as exc:
-            raise DeviceError(f"{name}: OpenVINO could not compile this model for the CPU ({_first_line(exc)}); "
+            raise DeviceError(f"{name}: OpenVINO could not compile this model for the CPU ({_reason(exc)}); "
                               "use --device cpu") from None
         self._inputs = [_Port(p) for p in self._compiled.inputs]
         self._outputs = [_Port(p) for p in self._compiled.outputs]
         self._output_index = {p.name: i for i, p in enumerate(self._outputs)}
         self._local = threading.local()  # an infer request is not thread-safe: one per thread
-        self.threads = int(threads)
-        #: the OpenVINO release that compiled the model
-        self.version: str = ov.get_version()
 
     # ---- onnxruntime.InferenceSession's surface
     def get_inputs(self) -> List[_Port]:

@@ -40,7 +40,8 @@ def domain_model(plain_model):
     train = gray_images(300, 0)
     labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
     out = plain_model.with_name("with_domain.onnx")
-    block = domain.add_domain_stats(plain_model, train, labels, gray_images(200, 1), out_path=out, threads=1)
+    block = domain.add_domain_stats(plain_model, train, labels, gray_images(200, 1), out_path=out, threads=1,
+                                    features_branch=True)
     return out, block, train
 
 
@@ -62,7 +63,7 @@ def test_stats_round_trip_through_the_file(domain_model, plain_model):
     m = onnx.load(str(path))
     assert [o.name for o in m.graph.output] == ["probabilities", "features", "domain_score", "domain_terms"]
     assert {t.name for t in m.graph.initializer if t.name.startswith(domain.PREFIX)} >= {
-        domain.PREFIX + "b0/means", domain.PREFIX + "b1/vectors"}
+        domain.PREFIX + "centres", domain.PREFIX + "p0/W", domain.PREFIX + "p1/W"}  # the statistics live in the file
     # the graph computes what the numpy reference computes from the same features and thumbnails
     labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
     val = gray_images(200, 1)
@@ -70,7 +71,7 @@ def test_stats_round_trip_through_the_file(domain_model, plain_model):
     feats = domain.run_outputs(plain_model, plain_spec, train, ["features"])[0]
     val_feats = domain.run_outputs(plain_model, plain_spec, val, ["features"])[0]
     branches, keys, _ = domain.fit_branches(spec, "features", domain.branch_inputs(spec, train, feats), labels,
-                                            domain.branch_inputs(spec, val, val_feats))
+                                            domain.branch_inputs(spec, val, val_feats), features_branch=True)
     assert [b.name for b in branches] == [b["name"] for b in block["branches"]] == [
         "features", "thumb16", "thumb8", "thumb4", "orientation"]
     assert [b.centre for b in branches] == pytest.approx([b["centre"] for b in block["branches"]])
@@ -130,7 +131,8 @@ def test_upside_down_and_inverted_are_flagged(plain_model, tmp_path):
     """The layout branches: a flipped or inverted image is outside, whatever its exposure."""
     train, val = ramp_images(300, 2), ramp_images(200, 3)
     out = tmp_path / "ramp.onnx"
-    block = domain.add_domain_stats(plain_model, train, np.arange(300) % 2, val, out_path=out, threads=1)
+    block = domain.add_domain_stats(plain_model, train, np.arange(300) % 2, val, out_path=out, threads=1,
+                                    features_branch=True)
     clf = Classifier(out, threads=1)
     upright = ramp_images(40, 4)
     flags = lambda imgs: [p.in_domain is False for p in clf.predict(list(imgs))]  # noqa: E731
@@ -157,7 +159,8 @@ def test_stage_branch_flags_what_pooled_features_and_thumbnails_cannot(plain_mod
     train, val = gray_images(300, 5), gray_images(200, 6)
     labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
     out = tmp_path / "stage.onnx"
-    block = domain.add_domain_stats(plain_model, train, labels, val, out_path=out, threads=1, taps=["input"])
+    block = domain.add_domain_stats(plain_model, train, labels, val, out_path=out, threads=1, taps=["input"],
+                                    features_branch=True)
     names = [b["name"] for b in block["branches"]]
     assert names == ["features", "thumb16", "thumb8", "thumb4", "orientation", "stage1"]
     assert block["stage_tensors"] == ["input"] and "channel means and standard deviations of input" in \
@@ -181,12 +184,60 @@ def test_stage_branch_flags_what_pooled_features_and_thumbnails_cannot(plain_mod
     fit_in, val_in = [domain.branch_inputs(spec, imgs, domain.run_outputs(plain_model, plain_spec, imgs, ["features"])[0],
                                            domain.stage_features(plain_model, plain_spec, imgs, ["input"]))
                       for imgs in (train, val)]
-    branches, keys, _ = domain.fit_branches(spec, "features", fit_in, labels, val_in, taps=["input"])
+    branches, keys, _ = domain.fit_branches(spec, "features", fit_in, labels, val_in, taps=["input"],
+                                            features_branch=True)
     ref = domain.reference_scores(branches, [domain.branch_inputs(spec, twin, feats, stages)[k] for k in keys])
     np.testing.assert_allclose(score_c, ref, rtol=1e-3, atol=1e-3)
     # probabilities untouched
     before = domain.run_outputs(plain_model, read_spec(plain_model), twin, ["probabilities"])[0]
     assert np.array_equal(before, domain.run_outputs(out, spec, twin, ["probabilities"])[0])
+
+
+def test_stage_grid_reads_the_quantized_tensor_subsampled(plain_model, tmp_path):
+    """``stage_grid``: a stage tensor is read every s-th row and column; in a QDQ graph on the
+    quantized tensor, before a DequantizeLinear of its own, so the full tensor is never dequantized
+    by the check. The statistics are those of the subsample, and graph == numpy reference."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    assert [domain.stage_stride(h, 28) for h in (14, 28, 29, 56, 112)] == [1, 1, 2, 2, 4]
+    assert domain.stage_stride(112, 0) == 1
+    model = onnx.load(str(plain_model))  # the tiny model with a Q/DQ pair on its input, as an INT8 file has
+    scale, zero = np.float32(1 / 64), np.uint8(128)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(scale), "q_scale"),
+                                    numpy_helper.from_array(np.array(zero), "q_zero")])
+    model.graph.node.extend([helper.make_node("QuantizeLinear", ["input", "q_scale", "q_zero"], ["input_q"]),
+                             helper.make_node("DequantizeLinear", ["input_q", "q_scale", "q_zero"], ["input_dq"])])
+    qdq = tmp_path / "qdq.onnx"
+    onnx.save(model, str(qdq))
+    train, val = gray_images(200, 5), gray_images(100, 6)
+    labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
+    out = tmp_path / "grid.onnx"
+    block = domain.add_domain_stats(qdq, train, labels, val, out_path=out, threads=1, taps=["input"], stage_grid=8)
+    assert block["stage_grid"] == 8 and "read on at most 8 x 8 positions" in block["branches"][-1]["input"]
+    graph = onnx.load(str(out)).graph
+    pools = [n for n in graph.node if n.op_type == "MaxPool" and n.name.startswith(domain.PREFIX)]
+    assert [(n.input[0], list(n.attribute[1].ints)) for n in pools] == [("input_q", [4, 4])]  # SIZE 32 / 8
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] == "input_q" and n.name.startswith(domain.PREFIX)
+                   for n in graph.node)  # the full-size tensor is not dequantized by the check
+    spec, qdq_spec = read_spec(out), read_spec(qdq)
+    imgs = gray_images(20, 7)
+    stages = domain.stage_features(qdq, qdq_spec, imgs, ["input"], grid=8)
+    x = domain.graph_input(spec, imgs).astype(np.float64)[:, :, ::4, ::4]
+    xq = (np.clip(np.round(x / scale) + 128, 0, 255) - 128) * scale  # what the DequantizeLinear gives
+    np.testing.assert_allclose(stages[0], np.c_[xq.mean(axis=(2, 3)), xq.std(axis=(2, 3))], rtol=1e-4, atol=1e-4)
+    score = domain.run_outputs(out, spec, imgs, ["domain_score"])[0]
+    fit_in, val_in = [domain.branch_inputs(spec, i, domain.run_outputs(qdq, qdq_spec, i, ["features"])[0],
+                                           domain.stage_features(qdq, qdq_spec, i, ["input"], grid=8))
+                      for i in (train, val)]
+    branches, keys, _ = domain.fit_branches(spec, "features", fit_in, labels, val_in, taps=["input"], stage_grid=8)
+    feats = domain.run_outputs(qdq, qdq_spec, imgs, ["features"])[0]
+    ref = domain.reference_scores(branches, [domain.branch_inputs(spec, imgs, feats, stages)[k] for k in keys])
+    np.testing.assert_allclose(score, ref, rtol=1e-3, atol=1e-3)
+    # the whole tensor (grid 0) reads the DequantizeLinear output, as before
+    full = tmp_path / "full.onnx"
+    domain.add_domain_stats(qdq, train, labels, val, out_path=full, threads=1, taps=["input"])
+    assert not any(n.op_type == "MaxPool" and n.name.startswith(domain.PREFIX) for n in onnx.load(str(full)).graph.node)
 
 
 def test_default_taps_follow_the_backbone(plain_model):
@@ -382,10 +433,16 @@ def test_stage_branch_on_an_fp16_file(plain_model, tmp_path):
 
 
 def test_without_the_features_branch(plain_model, tmp_path):
-    """features_branch=False: the same check without the pooled-features branch; the graph still
-    equals its numpy reference, the runtime names the branches it has, and a far image is flagged."""
+    """The default since 2026-11-29: no pooled-features branch where stage branches read the model
+    (it stays where none do); the graph still equals its numpy reference, the runtime names the
+    branches it has, and a far image is flagged."""
     train, val = gray_images(300, 8), gray_images(200, 9)
     labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
+    staged = domain.add_domain_stats(plain_model, train, labels, val, out_path=tmp_path / "staged.onnx", threads=1,
+                                     taps=["pooled"])
+    assert [b["name"] for b in staged["branches"]] == ["thumb16", "thumb8", "thumb4", "orientation", "stage1"]
+    bare = domain.add_domain_stats(plain_model, train, labels, val, out_path=tmp_path / "bare.onnx", threads=1, taps=[])
+    assert [b["name"] for b in bare["branches"]][0] == "features"  # no stage branch: the features one stays
     out = tmp_path / "no_features.onnx"
     block = domain.add_domain_stats(plain_model, train, labels, val, out_path=out, threads=1, taps=[],
                                     features_branch=False)

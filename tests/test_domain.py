@@ -365,6 +365,11 @@ def test_bench_domain_foreign_folder(domain_model, xrays224, tmp_path):
     for i in range(4):
         Image.fromarray(np.full((40, 40, 3), (i * 60, 200, 30), np.uint8)).save(foreign / "photos" / f"p{i}.png")
         rows.append(f"photos/p{i}.png,test,{'No finding' if i % 2 else 'Pneumonia'},AP,X-ray,,40x40,none")
+    (foreign / "mixed").mkdir()  # two sources: images like the training ones, and far ones
+    for i, img in enumerate(gray_images(4, 12)):
+        Image.fromarray(img).save(foreign / "mixed" / f"near{i}.png")
+        Image.fromarray(red()).save(foreign / "mixed" / f"far{i}.png")
+        rows += [f"mixed/near{i}.png,near,,AP,X-ray,,32x32,none", f"mixed/far{i}.png,far,,AP,X-ray,,32x32,none"]
     (foreign / "files.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
     assert main(["domain", "--model", str(domain_model[0]), "--data", str(data), "--count", "2", "--kinds", "noise",
@@ -373,7 +378,12 @@ def test_bench_domain_foreign_folder(domain_model, xrays224, tmp_path):
     (m,) = rep["models"]
     assert m["foreign"]["photos"]["images"] == 4 and m["foreign"]["photos"]["flag_rate"] == 1.0
     assert m["foreign"]["photos"]["auroc"] == 1.0
-    assert "evaluation only" in (out / "domain.md").read_text()
+    assert m["foreign"]["photos"]["by_source"] == {}  # one source: nothing to compare
+    by_source = m["foreign"]["mixed"]["by_source"]
+    assert {k: v["images"] for k, v in by_source.items()} == {"far": 4, "near": 4}
+    assert by_source["far"]["flag_rate"] == 1.0 and by_source["near"]["flag_rate"] <= 0.25
+    md = (out / "domain.md").read_text()
+    assert "evaluation only" in md and "mixed: far (4)" in md and "mixed: near (4)" in md
 
 
 def test_bench_domain_originals_control(domain_model, xrays224, tmp_path):

@@ -333,6 +333,18 @@ def classifier_on_foreign(model, kinds: Dict[str, Tuple[np.ndarray, List[str]]],
             "not_flagged": counts(~fl)}
 
 
+def flag_rate_by_source(files: List[str], scores: np.ndarray, thr: float, rows: Dict[str, Dict[str, str]]
+                        ) -> Dict[str, Dict[str, Any]]:
+    """Flag rate per ``source`` (files.csv) of one kind's images, when they come from more than one:
+    a check that generalises flags each source alike, one that learned a source does not."""
+    groups: Dict[str, List[float]] = {}
+    for f, v in zip(files, scores):
+        groups.setdefault((rows.get(f, {}).get("source") or "").strip() or "(no source)", []).append(float(v))
+    if len(groups) < 2:
+        return {}
+    return {src: {"images": len(v), "flag_rate": float(np.mean(np.asarray(v) > thr))} for src, v in sorted(groups.items())}
+
+
 def _scores(model, pixels: np.ndarray, batch: int) -> np.ndarray:
     if not len(pixels):
         return np.zeros(0)
@@ -391,11 +403,12 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
                 real[key] = load_foreign(foreign, size, spec.resize_method)
             fkinds, rows = real[key]
             entry["foreign"], fscores = {}, {}
-            for kind, (px, _files) in fkinds.items():
+            for kind, (px, files) in fkinds.items():
                 s = fscores[kind] = _scores(model, px, batch)
                 entry["foreign"][kind] = {"images": int(len(s)), "flag_rate": float(np.mean(s > thr)),
                                           "auroc": auroc(s_in, s), "score_median": float(np.median(s)),
-                                          "flagged_by_branch": _deciding(model, px, batch, thr)}
+                                          "flagged_by_branch": _deciding(model, px, batch, thr),
+                                          "by_source": flag_rate_by_source(files, s, thr, rows)}
             entry["foreign_classifier"] = classifier_on_foreign(model, fkinds, rows, fscores, thr, batch)
             say(f"{model.name}: foreign " + ", ".join(f"{k} {fmt_pct(v['flag_rate'], 1)} (AUROC {v['auroc']:.3f})"
                                                       for k, v in entry["foreign"].items()), quiet)
@@ -464,6 +477,14 @@ def render_markdown(report: Dict[str, Any]) -> str:
                   md_table(["Model"] + fk, [[m["name"]] + [", ".join(f"{b} {n}" for b, n in sorted(
                       m["foreign"][k]["flagged_by_branch"].items(), key=lambda t: -t[1])) or "-" for k in fk]
                       for m in withf]), ""]
+        split = [(k, src) for k in fk for src in withf[0]["foreign"][k].get("by_source", {})]
+        if split:
+            lines += ["Flag rate by source (`files.csv`), for kinds drawn from several: a check that "
+                      "generalises flags each source alike, one that learned a source does not.", "",
+                      md_table(["Model"] + [f"{k}: {src} ({withf[0]['foreign'][k]['by_source'][src]['images']})"
+                                            for k, src in split],
+                               [[m["name"]] + [fmt_pct(m["foreign"][k].get("by_source", {}).get(src, {}).get(
+                                   "flag_rate"), 1) for k, src in split] for m in withf]), ""]
         clf = [m for m in withf if m.get("foreign_classifier")]
         if clf:
             c0 = clf[0]["foreign_classifier"]

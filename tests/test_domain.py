@@ -468,3 +468,28 @@ def test_without_the_features_branch(plain_model, tmp_path):
     spec = read_spec(out)
     (terms,) = domain.run_outputs(out, spec, gray_images(4, 11), ["domain_terms"])
     assert terms.shape == (4, 4)
+
+
+def test_bench_graphcost_pairs_the_file_with_a_copy_without_its_check(domain_model, tmp_path, capsys):
+    """cxr-bench graphcost: the file against a copy without its domain graph, in one worker process;
+    a row per file with both timings, the graph's node count and the cost; a file without the graph
+    to measure is one line and exit status 2."""
+    import onnx
+
+    from cxr_bench.cli import main
+
+    out = tmp_path / "out"
+    assert main(["graphcost", "--model", str(domain_model[0]), "--processes", "2", "--blocks", "2", "--warmup", "1",
+                 "--calls", "3", "--threads", "1", "--out", str(out), "-q"]) == 0
+    rep = json.loads((out / "graphcost.json").read_text())
+    (row,) = rep["rows"]
+    nodes = sum(1 for n in onnx.load(str(domain_model[0])).graph.node if n.name.startswith(domain.PREFIX))
+    assert row["graph_nodes"] == nodes > 10
+    assert len(row["processes"]) == 2 and row["off_ms"] > 0 and row["on_ms"] > 0
+    assert row["cost"] == pytest.approx(float(np.median([p["on_ms"] / p["off_ms"] - 1 for p in row["processes"]])))
+    assert row["cost_min"] <= row["cost"] <= row["cost_max"]
+    assert "out-of-domain check" in (out / "graphcost.md").read_text()
+    capsys.readouterr()
+    assert main(["graphcost", "--model", str(domain_model[0]), "--graph", "heatmap", "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no heatmap graph" in err[0]

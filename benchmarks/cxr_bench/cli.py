@@ -23,6 +23,7 @@ MAIN_EPILOG = f"""\
 commands:
   accuracy   metrics with 95% bootstrap intervals, ROC and calibration plots, per-image CSV
   latency    per-call latency in fresh processes (ONNX Runtime, optional PyTorch eager baseline)
+  graphcost  what the domain check or Grad-CAM graph adds to a file, paired in one process
   e2e        a cold cxr-infer process on full-size images; decode+preprocess vs inference
   summary    merge the accuracy and latency reports of a folder into summary.json / summary.md
   domain     out-of-domain check: flag rate on the test split and on photos, documents, noise,
@@ -120,6 +121,17 @@ examples:
 kinds: photos (scikit-image / matplotlib sample photographs; pip install scikit-image),
 documents (text rendered with Pillow), noise, inverted, upside_down, rotated_90, cropped
 (the last four from test-split X-rays). writes domain.json and domain.md into --out.
+"""
+
+GRAPHCOST_EPILOG = """\
+examples:
+  cxr-bench graphcost --model runtime/cxr_infer/models/default.onnx models/resnet50_int8.onnx --threads 2
+      what the out-of-domain check adds to each classifier at batch 1 (3 processes x 20 blocks)
+  cxr-bench graphcost --model models/resnet50_int8.onnx --graph heatmap --processes 5
+      the Grad-CAM graph instead
+
+Writes graphcost.json and graphcost.md into --out. Every node of a file runs on every call, whatever
+outputs are fetched, so this is what every prediction pays.
 """
 
 HEATMAPS_EPILOG = f"""\
@@ -275,6 +287,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N", help="onnxruntime threads")
     common(d, summary=False)
 
+    gc = sub.add_parser("graphcost", formatter_class=fmt, epilog=GRAPHCOST_EPILOG,
+                        help="what the domain check or Grad-CAM graph costs, paired in one process",
+                        description="Each model file against a copy without its out-of-domain (or Grad-CAM) graph, "
+                                    "timed in alternating blocks inside one process, several processes per file: "
+                                    "a few per cent is measurable, which separate processes (latency "
+                                    "--domain-check both) blur.")
+    gc.add_argument("--model", nargs="+", action="extend", required=True, metavar="FILE.onnx", help="cxr model file(s)")
+    gc.add_argument("--graph", choices=("domain", "heatmap"), default="domain",
+                    help="the added graph to measure (default domain); the other is removed from both copies")
+    gc.add_argument("--batch", type=_positive, default=1, metavar="N", help="batch size (default 1)")
+    gc.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N", help="onnxruntime threads")
+    gc.add_argument("--device", default="cpu", help="cpu (default), openvino or cuda")
+    gc.add_argument("--processes", type=_positive, default=3, metavar="P", help="worker processes per file (default 3)")
+    gc.add_argument("--blocks", type=_positive, default=20, metavar="B", help="alternating blocks per process (default 20)")
+    gc.add_argument("--warmup", type=_positive, default=5, metavar="W",
+                    help="untimed calls after each switch (default 5)")
+    gc.add_argument("--calls", type=_positive, default=10, metavar="C", help="timed calls per block (default 10)")
+    common(gc, summary=False)
+
     h = sub.add_parser("heatmaps", formatter_class=fmt, epilog=HEATMAPS_EPILOG,
                        help="Grad-CAM overlay grids (TP/FP/FN/TN by a fixed rule) and INT8 map agreement",
                        description="Grad-CAM overlays of a labelled folder: for each kind at the model's threshold, "
@@ -366,6 +397,13 @@ def _run(args: argparse.Namespace) -> int:
                          threads=args.threads, name=args.name, quiet=args.quiet, foreign=args.foreign,
                          originals=args.originals)
         return 0 if all(m.get("domain") for m in rep["models"]) else 1
+    elif args.command == "graphcost":
+        from .graphcost import run_graphcost
+
+        run_graphcost(args.model, graph=args.graph, batch=args.batch, threads=args.threads, device=args.device,
+                      processes=args.processes, blocks=args.blocks, warmup=args.warmup, calls=args.calls,
+                      out=args.out, name=args.name, quiet=args.quiet)
+        return 0
     elif args.command == "heatmaps":
         from .heatmaps import run_heatmaps
 

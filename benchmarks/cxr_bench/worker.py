@@ -142,11 +142,31 @@ def measure(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return info
 
 
+def measure_paired(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Two files in this one process ("off" and "on", ``path_off`` / ``path_on``), timed in alternating
+    blocks: ``warmup`` untimed calls after each switch (the caches hold the other model's weights), then
+    ``calls`` timed ones, ``blocks`` times, the order flipped every block. Both see the same machine
+    state, so their ratio is far steadier than that of two processes."""
+    runs = {}
+    for side in ("off", "on"):
+        runs[side], _ = _onnx_runner({**cfg, "path": cfg["path_" + side], **cfg.get("flags_" + side, {})})
+    times: Dict[str, List[float]] = {"off": [], "on": []}
+    for block in range(int(cfg.get("blocks", 20))):
+        for side in (("off", "on") if block % 2 == 0 else ("on", "off")):
+            for _ in range(int(cfg.get("warmup", 5))):
+                runs[side]()
+            for _ in range(int(cfg.get("calls", 10))):
+                t = time.perf_counter()
+                runs[side]()
+                times[side].append((time.perf_counter() - t) * 1000.0)
+    return {"times_ms": times, "pid": os.getpid(), "load_average_end": _load()}
+
+
 def main(argv: List[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = json.loads(argv[0])
     try:
-        result = measure(cfg)
+        result = measure_paired(cfg) if cfg.get("mode") == "paired" else measure(cfg)
     except Exception as exc:  # reported to the parent as one line, not a traceback
         print(MARKER + json.dumps({"error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}))
         return 1

@@ -102,21 +102,22 @@ costs one [C, rank] matrix (2 MB at C = 2,048, rank = 256). With ``rank >= C`` i
 shrunk Mahalanobis distance. A branch's distance is ``sqrt(min_c d_c^2)``.
 
 Cost: every call pays for these nodes, whatever outputs it asks for (onnxruntime runs every node
-of a graph). Measured 2026-11-29 on the CPU provider at batch 1 with 2 threads (AMD EPYC, AVX-512
-VNNI), each file against a copy without its domain graph, both without the Grad-CAM graph, in one
-process with the sessions interleaved over 40 rounds (process-to-process noise hides a few per
-cent), VGG16 / ResNet50 / InceptionV3 INT8:
+of a graph). Measured 2026-11-29 with ``cxr-bench graphcost`` (each file against a copy without
+its domain graph, both without the Grad-CAM graph, paired in one process, 3 processes; their
+range was within 2 points) on the CPU provider at batch 1 with 2 threads (AMD EPYC, AVX-512 VNNI),
+VGG16 / ResNet50 / InceptionV3 INT8:
 
-    shipped files (nine branches, a chain of nodes per branch: 201 nodes)   9.2 / 17.5 / 9.8%
-    re-fitted without the features branch, same per-branch chains          8.4 / 16.2 / 9.6%
-    the same statistics in the one-chain graph above (~100 nodes)           7.7 / 14.6 / 7.2%
-    and with ``stage_grid=28``                                              4.0 / 10.5 / 6.2%
+    shipped files (nine branches, a chain of nodes per branch: 201 nodes)   11.2 / 30.1 / 17.4%
+    re-fitted without the features branch, same per-branch chains          10.8 / 28.2 / 15.6%
+    the same statistics in the one-chain graph above (98 nodes)              9.5 / 25.4 / 12.0%
+    and with ``stage_grid=28``                                               4.9 / 18.6 / 11.2%
 
 What remains is mostly reading the stage tensors at full resolution (their dequantization, square
 and two means, and the transposes onnxruntime adds to read its NHWC tensors in NCHW: ResNet50's
 layer-1 end alone is 256 x 56 x 56) and, second, the rank-256 projections (5.5 MB of weights read
 per call for ResNet50). Tried: ``GlobalLpPool`` for the second moment in one pass (onnxruntime's is
-slow: +80%), rank 64 (ResNet50 at grid 28: 8.5%, but one of 12 laterals missed). Reaching 5% on
+slow: +80%), rank 64 (ResNet50 at grid 28: about 2 points cheaper, but one of 12 laterals
+missed). Reaching 5% on
 the fast backbones means reading less of those tensors, and that costs sensitivity (``stage_grid``).
 About half of the Grad-CAM graph's cost (heatmap.py) is one duplicated weight dequantization.
 
@@ -760,9 +761,9 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
     ``stage_grid`` > 0 reads each stage tensor on at most that many positions a side
     (:func:`stage_feature_nodes`): cheaper, at some loss of sensitivity where the signal is fine
     texture (VGG16's first block). Measured with 28 on re-fitted copies of the shipped files (module
-    docstring): the check's cost fell from 7.6 / 13.5 / 7.5% to 4.0 / 10.5 / 6.2% of the classifier,
-    and VGG16 then missed one of 12 laterals and flagged 84% of adults instead of 88%. Default 0
-    (every position).
+    docstring): the check's cost fell from 9.5 / 25.4 / 12.0% to 4.9 / 18.6 / 11.2% of the
+    classifier, and VGG16 then missed one of 12 laterals and flagged 84% of adults instead of 88%.
+    Default 0 (every position).
 
     Writes ``out_path`` (default: in place) and returns the spec's new
     ``domain`` block. The probabilities output is checked to be bit-identical before and after.

@@ -440,6 +440,14 @@ def test_stage_branch_on_an_fp16_file(plain_model, tmp_path):
     assert [b["name"] for b in block["branches"]][-1] == "stage1" and block["graph_vs_numpy_max_diff"] < 0.05
     clf = Classifier(out, threads=1)
     assert clf.predict(gray_images(1, 5)[0]).in_domain is True and clf.predict(red()).in_domain is False
+    # read on a coarser grid: the float16 image tensor subsampled, then cast; still the numpy reference
+    (half,) = [n.output[0] for n in onnx.load(str(fp16)).graph.node if n.op_type == "Cast"
+               and domain.tensor_elem_type(onnx.load(str(fp16)), n.output[0]) == onnx.TensorProto.FLOAT16][:1]
+    gridded = domain.add_domain_stats(fp16, train, labels, gray_images(100, 1), out_path=out, threads=1,
+                                      taps=[half], stage_grid=8)
+    assert gridded["graph_vs_numpy_max_diff"] < 0.05 and gridded["stage_grid"] == 8
+    ops = [(n.op_type, n.input[0]) for n in onnx.load(str(out)).graph.node if n.name.startswith(domain.PREFIX)]
+    assert ("MaxPool", half) in ops and ops.index(("MaxPool", half)) < ops.index(("Cast", "cxr_domain/stage1/sub"))
 
 
 def test_without_the_features_branch(plain_model, tmp_path):

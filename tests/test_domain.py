@@ -243,7 +243,8 @@ def test_stage_grid_reads_the_quantized_tensor_subsampled(plain_model, tmp_path)
 def test_default_taps_follow_the_backbone(plain_model):
     assert domain.default_taps(read_spec(plain_model), plain_model) == []  # "tiny": no table entry
     assert set(domain.STAGE_TAPS) == {"vgg16", "resnet50", "inception_v3"}
-    assert all(len(t) == 4 for t in domain.STAGE_TAPS.values())
+    assert len(domain.STAGE_TAPS["vgg16"]) == len(domain.STAGE_TAPS["inception_v3"]) == 4
+    assert len(domain.STAGE_TAPS["resnet50"]) == 2  # two bottleneck-inner activations (see STAGE_TAPS)
 
 
 def test_old_model_without_stats_still_loads(plain_model):

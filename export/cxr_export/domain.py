@@ -422,7 +422,7 @@ def stage_feature_nodes(model, tensor: str, key: str, grid: int = 0) -> Tuple[Li
         return key + out
 
     fp16 = tensor_elem_type(model, x) == TensorProto.FLOAT16
-    stride = stage_stride(tensor_height(model, tensor), grid)
+    stride = stage_stride(tensor_height(model, tensor), grid) if grid > 0 else 1  # (shape inference: only if asked)
     if stride > 1:
         pool = {"kernel_shape": [1, 1], "strides": [stride, stride]}
         dq = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == x), None)

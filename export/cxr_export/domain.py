@@ -163,9 +163,8 @@ METHOD = ("max of branches, each standardised on validation (median 0, 95th perc
           "distance on a per-image standardised 16x16, 8x8 and 4x4 input thumbnail, an upright-vs-180-degrees "
           "log-likelihood ratio on the 16x16 thumbnail, on the channel means and standard deviations of "
           "activations inside the backbone (stage_tensors), and on the pooled features where the file has that "
-          "branch "
-          "(see branches); class means, shared Ledoit-Wolf-shrunk covariance, top-rank eigenvectors exact + "
-          "mean tail")
+          "branch (see branches); class means, shared Ledoit-Wolf-shrunk covariance, top-rank eigenvectors exact "
+          "+ mean tail")
 DEFAULT_FIT_COUNT = 1500
 DEFAULT_RANK = 256
 DEFAULT_FLAG_RATE = 0.05
@@ -490,8 +489,9 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
     ``kernels`` maps a thumbnail grid to its AveragePool kernel (default: 224 / grid). Any
     earlier domain graph is replaced; nothing else changes.
 
-    One chain serves every branch, because at batch 1 the check's cost is per-node dispatch and
-    tensor reads, not arithmetic (a chain of ~15 nodes per branch cost more than its sums). Each
+    One chain serves every branch: at batch 1 the check's cost is tensor reads and per-node
+    dispatch more than arithmetic (measured: 2 to 4 points of the classifier's time fewer than a
+    chain of ~15 nodes per branch, module docstring). Each
     distinct (input, statistics) pair ``j`` (the orientation branch shares its upright one with the
     16 x 16 distance branch) is centred on the mean ``m`` of its class means, ``u = x - m``; then
 

@@ -502,3 +502,18 @@ def test_bench_graphcost_pairs_the_file_with_a_copy_without_its_check(domain_mod
     assert main(["graphcost", "--model", str(domain_model[0]), "--graph", "heatmap", "--out", str(out), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no heatmap graph" in err[0]
+
+
+def test_a_failed_check_leaves_the_file_as_it_was(plain_model, tmp_path, monkeypatch):
+    """add_domain_stats writes beside the target and replaces it only after its checks: when one
+    fails (here the graph-vs-numpy check, forced), the file keeps its bytes and no temp file stays."""
+    import shutil
+
+    target = tmp_path / "m.onnx"
+    shutil.copy(plain_model, target)
+    before = target.read_bytes()
+    train = gray_images(120, 3)
+    monkeypatch.setattr(domain, "reference_scores", lambda branches, inputs: np.full(len(inputs[0]), 1e6))
+    with pytest.raises(RuntimeError, match="numpy reference"):
+        domain.add_domain_stats(target, train, np.arange(120) % 2, gray_images(60, 4), threads=1)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

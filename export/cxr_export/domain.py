@@ -142,6 +142,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -196,6 +197,9 @@ STAGE_TAPS: Dict[str, Tuple[str, ...]] = {
 STD_EPS = 1e-6      # added to a thumbnail's variance before dividing (a flat image stays finite)
 LOG_EPS = 1e-6      # added to squared distances before the orientation branch's logarithm
 CENTRE_Q, SCALE_Q = 0.5, 0.95
+#: the largest change of an FP16 file's probabilities accepted when the graph is added (on a CPU; see
+#: add_domain_stats): the bound FP16 files are held to against FP32 (tests/test_export.py)
+FP16_TOLERANCE = 5e-3
 
 
 @dataclass
@@ -777,7 +781,8 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
     Default 0 (every position).
 
     Writes ``out_path`` (default: in place) and returns the spec's new
-    ``domain`` block. The probabilities output is checked to be bit-identical before and after.
+    ``domain`` block. The probabilities output is checked to be bit-identical before and after (an FP16
+    file on a CPU: within :data:`FP16_TOLERANCE`); the file is replaced only once every check passed.
     """
     model_path = Path(model_path)
     out = Path(out_path or model_path)
@@ -798,47 +803,59 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
     branches, keys, val_terms = fit_branches(spec, feat_name, train_in, train_labels, val_in, rank, taps,
                                              features_branch, stage_grid)
     kernels = {grid: pool_kernel(spec, grid) for grid in THUMB_GRIDS}
-    add_domain_graph(model_path, branches, out, kernels)
-    (val_scores,) = run_outputs(out, spec, val_pixels, [DOMAIN_OUTPUT], threads=threads)
-    k = min(16, len(train_pixels))
-    probs_after, train_scores = run_outputs(out, spec, train_pixels[:k], [spec.prob_output, DOMAIN_OUTPUT],
-                                            threads=threads)
-    ref = reference_scores(branches, [train_in[key][:k] for key in keys])
-    graph_vs_numpy = float(np.max(np.abs(train_scores - ref) / np.maximum(np.abs(ref), 1.0))) if len(ref) else 0.0
-    if not np.array_equal(probs_after, probs_before[:k]):
-        raise RuntimeError(f"{out}: adding the domain graph changed the probabilities (a bug)")
-    if graph_vs_numpy > 0.05:
-        raise RuntimeError(f"{out}: the graph's domain score differs from the numpy reference by {graph_vs_numpy:.3g} "
-                           "(a bug)")
-    threshold = calibrate(val_scores, flag_rate)
-    deciding = {br.name: float(np.mean((np.argmax(val_terms, 0) == j) & (val_scores > threshold)))
-                for j, br in enumerate(branches)}
-    block = {
-        "method": METHOD,
-        "score": "max over branches of (value - centre) / scale; a branch's value is sqrt(min over classes of the "
-                 "squared Mahalanobis distance), or for orientation log(d2 upright) - log(d2 rotated 180 degrees)",
-        "stage_tensors": taps,
-        "stage_grid": int(stage_grid),
-        "threshold": threshold,
-        "target_flag_rate": flag_rate,
-        "flag_rate_validation": float(np.mean(val_scores > threshold)),
-        "flagged_validation_by_branch": deciding,
-        "features_output": feat_name,
-        "branches": [br.describe(spec.input_name) for br in branches],
-        "rank": int(branches[0].stats.vectors.shape[1]),
-        "shrinkage": branches[0].stats.shrinkage,
-        "fit": {"images": int(len(train_pixels)), "part": "train part of the split, class-balanced",
-                "source": source},
-        "calibration": {"images": int(len(val_pixels)), "part": "val part of the split",
-                        "val_score_median": float(np.median(val_scores))},
-        "graph_vs_numpy_max_diff": graph_vs_numpy,
-        "probabilities_unchanged": True,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    new = spec.copy()
-    new.raw["outputs"] = dict(new.raw["outputs"], domain_score=DOMAIN_OUTPUT, domain_terms=TERMS_OUTPUT)
-    new.raw["domain"] = block
-    write_spec(out, new)
+    # written beside the target and moved over it only once every check has passed: a failed check
+    # leaves the file as it was
+    staged = out.with_name(out.name + ".tmp")
+    try:
+        add_domain_graph(model_path, branches, staged, kernels)
+        (val_scores,) = run_outputs(staged, spec, val_pixels, [DOMAIN_OUTPUT], threads=threads)
+        k = min(16, len(train_pixels))
+        probs_after, train_scores = run_outputs(staged, spec, train_pixels[:k], [spec.prob_output, DOMAIN_OUTPUT],
+                                                threads=threads)
+        ref = reference_scores(branches, [train_in[key][:k] for key in keys])
+        graph_vs_numpy = float(np.max(np.abs(train_scores - ref) / np.maximum(np.abs(ref), 1.0))) if len(ref) else 0.0
+        change = float(np.max(np.abs(probs_after - probs_before[:k]))) if k else 0.0
+        # FP32 and INT8: bit for bit. FP16 on a CPU: onnxruntime runs the FP16 ops in FP32 between casts it
+        # removes where it can; a stage tensor with one more reader is rounded to FP16, as the file says it is
+        # (measured: 1.0e-3 on a ResNet50). Bounded by what FP16 already differs from FP32.
+        if (change != 0.0 and spec.precision != "fp16") or change > FP16_TOLERANCE:
+            raise RuntimeError(f"{out}: adding the domain graph changed the probabilities by {change:.3g} (a bug)")
+        if graph_vs_numpy > 0.05:
+            raise RuntimeError(f"{out}: the graph's domain score differs from the numpy reference by "
+                               f"{graph_vs_numpy:.3g} (a bug)")
+        threshold = calibrate(val_scores, flag_rate)
+        deciding = {br.name: float(np.mean((np.argmax(val_terms, 0) == j) & (val_scores > threshold)))
+                    for j, br in enumerate(branches)}
+        block = {
+            "method": METHOD,
+            "score": "max over branches of (value - centre) / scale; a branch's value is sqrt(min over classes of "
+                     "the squared Mahalanobis distance), or for orientation log(d2 upright) - log(d2 rotated 180 "
+                     "degrees)",
+            "stage_tensors": taps,
+            "stage_grid": int(stage_grid),
+            "threshold": threshold,
+            "target_flag_rate": flag_rate,
+            "flag_rate_validation": float(np.mean(val_scores > threshold)),
+            "flagged_validation_by_branch": deciding,
+            "features_output": feat_name,
+            "branches": [br.describe(spec.input_name) for br in branches],
+            "rank": int(branches[0].stats.vectors.shape[1]),
+            "shrinkage": branches[0].stats.shrinkage,
+            "fit": {"images": int(len(train_pixels)), "part": "train part of the split, class-balanced",
+                    "source": source},
+            "calibration": {"images": int(len(val_pixels)), "part": "val part of the split",
+                            "val_score_median": float(np.median(val_scores))},
+            "graph_vs_numpy_max_diff": graph_vs_numpy,
+            "probabilities_unchanged": True if change == 0.0 else f"within {change:.2g} (FP16 on CPU)",
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        new = spec.copy()
+        new.raw["outputs"] = dict(new.raw["outputs"], domain_score=DOMAIN_OUTPUT, domain_terms=TERMS_OUTPUT)
+        new.raw["domain"] = block
+        write_spec(staged, new)
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
     return block
 
 

@@ -329,3 +329,38 @@ def test_bench_heatmaps_report(square_model, tmp_path):
     assert grid.format == "JPEG"
     assert grid.width == 2 * 320 and grid.height > 4 * 300  # two columns, one row per kind
     assert "never picked by eye" in (tmp_path / "out" / "heatmaps.md").read_text()
+
+
+def test_int8_head_weight_is_multiplied_as_integers(tmp_path, monkeypatch):
+    """An INT8 file's first head weight (int8, one scale per row, zero offsets) is not dequantized
+    per call: the gated vector takes the scales and is multiplied by the int8 matrix
+    (DynamicQuantizeLinear + MatMulInteger). The map stays that of the dequantized weight to within
+    the 8-bit rounding of that vector, and the probabilities are untouched."""
+    import onnx
+
+    model, meta = trained_square_model()
+    from cxr_export import heatmap as hm
+    from cxr_export.onnx_export import export_fp32
+    from cxr_export.quantize import quantize_int8
+
+    fp32 = tmp_path / "sq.onnx"
+    _, spec = export_fp32(model, meta, fp32)
+    images, labels, _ = square_images(64, seed=5)
+    int8 = quantize_int8(fp32, tmp_path / "sq_int8.onnx", images, spec)
+    head = hm.find_head(onnx.load(str(int8)), spec.features_output)
+    assert hm._int8_rows(onnx.load(str(int8)), head["w1"]) is not None  # the quantizer's per-row int8 weight
+    fp32_head = hm.find_head(onnx.load(str(fp32)), spec.features_output)
+    assert hm._int8_rows(onnx.load(str(fp32)), fp32_head["w1"]) is None  # an FP32 weight: the float path
+    floated = tmp_path / "sq_int8_float.onnx"
+    with monkeypatch.context() as m:
+        m.setattr(hm, "_int8_rows", lambda model, weight: None)
+        hm.add_heatmap(int8, out_path=floated, threads=1)
+    hm.add_heatmap(int8, threads=1)
+    ops = [n.op_type for n in onnx.load(str(int8)).graph.node if n.name.startswith(hm.PREFIX)]
+    assert "MatMulInteger" in ops and "Transpose" not in ops
+    test_images, labels, _ = square_images(40, seed=7)
+    a = ModelFile(int8, threads=1, spec=spec)
+    b = ModelFile(floated, threads=1, spec=spec)
+    maps_int, maps_float = maps_of(a, test_images).reshape(40, -1), maps_of(b, test_images).reshape(40, -1)
+    np.testing.assert_allclose(maps_int, maps_float, rtol=0, atol=0.02 * float(maps_float.max()))
+    assert np.array_equal(a.run(test_images, [spec.prob_output])[0], b.run(test_images, [spec.prob_output])[0])

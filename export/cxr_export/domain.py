@@ -122,7 +122,6 @@ the rank-256 projections (5.5 MB of weights read per call with ResNet50's stage-
 (ResNet50 at grid 28: about 2 points cheaper, but one of 12 laterals missed). Reaching 5% on
 VGG16 and InceptionV3 means reading less of those tensors, and that costs sensitivity
 (``stage_grid``).
-About half of the Grad-CAM graph's cost (heatmap.py) is one duplicated weight dequantization.
 
 Fitting and calibration: statistics are fitted on up to ``fit_count`` class-balanced images of
 the *train* part of the run's split, through the model file itself (so an INT8 file gets

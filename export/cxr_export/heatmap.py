@@ -17,10 +17,14 @@ so the map explains the very computation that gave the probability.
 The output ``heatmap`` is [N, h, w] (7 x 7 for ResNet50 and VGG16 at 224, 5 x 5 for
 InceptionV3 at 224), non-negative and not normalised; the runtime scales each map to 0..1 and
 fetches it only when asked (``predict(..., heatmap=True)``). The nodes still run on every call
-(onnxruntime runs every node of a graph, whatever outputs are asked for): 2% / 11% / 10% of the
-batch-1 time of the shipped VGG16 / ResNet50 / InceptionV3 INT8 files, of which the
-dequantization of the first head weight, duplicated by onnxruntime for this second reader, is
-about half (benchmarks/results/latency-checks-b1.md).
+(onnxruntime runs every node of a graph, whatever outputs are asked for): 1.2% / 11.6% / 9.2% of
+the batch-1 time of the shipped VGG16 / ResNet50 / InceptionV3 INT8 files
+(benchmarks/results/graphcost-shipped-heatmap.md). Most of it was the dequantization of the
+first head weight ([1024, 2048] for ResNet50), which onnxruntime kept for this second reader. An
+INT8 file now multiplies by that int8 weight as integers instead (:func:`_int8_rows`): on copies
+of the shipped files re-written so (2026-11-29, ``cxr-bench graphcost --graph heatmap``), 0.5% /
+2.1% / 1.1%, with maps within 0.2% of their maximum of the dequantized weight's and correlation
+above 0.9999.
 Nothing on the probabilities path changes (checked bit for bit when the nodes are added).
 
 Add it to an existing file (in place unless ``--out``)::
@@ -143,6 +147,23 @@ def strip_heatmap_graph(model) -> None:
     strip_added_nodes(model, PREFIX, (HEATMAP_OUTPUT,))
 
 
+def _int8_rows(model, weight: str) -> Optional[Tuple[str, str]]:
+    """(quantized weight, scales) when ``weight`` is a DequantizeLinear of a constant int8 [H, C] matrix
+    with one scale per row (axis 0) and zero offsets, as an INT8 file's first head layer is; else None."""
+    from onnx import TensorProto, numpy_helper
+
+    producer = _producers(model.graph).get(weight)
+    inits = {t.name: t for t in model.graph.initializer}
+    if producer is None or producer.op_type != "DequantizeLinear" or len(producer.input) < 3 or \
+            not all(name in inits for name in producer.input[:3]):
+        return None
+    q, scale, zero = (inits[name] for name in producer.input[:3])
+    if q.data_type != TensorProto.INT8 or len(q.dims) != 2 or _attribute(producer, "axis", 1) != 0 or \
+            list(scale.dims) != [q.dims[0]] or np.any(numpy_helper.to_array(zero) != 0):
+        return None
+    return producer.input[0], producer.input[1]
+
+
 def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, Any]:
     """Append the Grad-CAM nodes and the ``heatmap`` output to ``model`` (an ``onnx.ModelProto``,
     in place); returns the spec block that describes it."""
@@ -174,8 +195,21 @@ def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, An
     w2_row = node("Flatten", [w2_row], "w2_row", axis=0) if head["w2_transposed"] else \
         node("Transpose", [w2_row], "w2_row", perm=[1, 0])                        # [1, H]
     gated = node("Mul", [mask, w2_row], "gated")                                  # [N, H]
-    gradient = node("MatMul", [gated, w1 if head["w1_transposed"] else node("Transpose", [w1], "w1_t", perm=[1, 0])],
-                    "gradient")                                                   # [N, C] = dz / dp
+    quantized = _int8_rows(model, head["w1"]) if head["w1_transposed"] else None
+    if quantized is not None:
+        # an INT8 file's W1 = scale[h] * Q[h, c] (per-row scales, zero offsets): fold the scales into the
+        # gated vector and multiply by Q as integers, so the [H, C] weight is never dequantized per call
+        # (that dequantization, kept for this second reader, was about half the graph's cost). The gated
+        # vector is quantized to 8 bits on the fly: a relative error of ~1/256 in the map's weights.
+        q_weight, q_scale = quantized
+        scaled = node("Mul", [gated, q_scale], "gated_scaled")                    # [N, H]
+        dyn = [PREFIX + "gated_q", PREFIX + "gated_q_scale", PREFIX + "gated_q_zero"]
+        nodes.append(helper.make_node("DynamicQuantizeLinear", [scaled], dyn, name=PREFIX + "gated_q"))
+        product = node("MatMulInteger", [dyn[0], q_weight, dyn[2]], "gradient_int")  # [N, C] int32
+        gradient = node("Mul", [node("Cast", [product], "gradient_f", to=TensorProto.FLOAT), dyn[1]], "gradient")
+    else:
+        gradient = node("MatMul", [gated, w1 if head["w1_transposed"] else
+                                   node("Transpose", [w1], "w1_t", perm=[1, 0])], "gradient")  # [N, C] = dz / dp
     # Grad-CAM's weights: the spatial mean of dz / dA = gradient / (h w). A cxr graph's input size is
     # fixed, so h w is a constant. (Computed from the tensor's shape, Shape -> Slice -> ReduceProd ->
     # Cast, it killed OpenVINO 2026.4's CPU plugin with SIGFPE at the first inference of the whole

@@ -199,7 +199,7 @@ def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, An
     if quantized is not None:
         # an INT8 file's W1 = scale[h] * Q[h, c] (per-row scales, zero offsets): fold the scales into the
         # gated vector and multiply by Q as integers, so the [H, C] weight is never dequantized per call
-        # (that dequantization, kept for this second reader, was about half the graph's cost). The gated
+        # (that dequantization, kept for this second reader, was most of the graph's cost). The gated
         # vector is quantized to 8 bits on the fly: a relative error of ~1/256 in the map's weights.
         q_weight, q_scale = quantized
         scaled = node("Mul", [gated, q_scale], "gated_scaled")                    # [N, H]

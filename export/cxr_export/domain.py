@@ -364,37 +364,38 @@ def resolve_tap(model, tensor: str) -> str:
     return tensor
 
 
+def _inferred_type(model, tensor: str) -> Any:
+    """``tensor``'s type (an ONNX ``TypeProto.Tensor``) by shape inference; None when unknown or
+    when the graph cannot be inferred."""
+    from onnx import shape_inference
+
+    try:
+        inferred = shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - an uninferable graph: the callers' defaults
+        return None
+    for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        if v.name == tensor and v.type.tensor_type.elem_type:
+            return v.type.tensor_type
+    return None
+
+
 def tensor_elem_type(model, tensor: str) -> int:
     """The ONNX element type of ``tensor`` (declared, or by shape inference; FLOAT when unknown)."""
-    from onnx import TensorProto, shape_inference
+    from onnx import TensorProto
 
     g = model.graph
     for v in list(g.value_info) + list(g.output) + list(g.input):
         if v.name == tensor and v.type.tensor_type.elem_type:
             return v.type.tensor_type.elem_type
-    try:
-        inferred = shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - an uninferable graph: assume FP32, as cxr's graphs are
-        return TensorProto.FLOAT
-    for v in list(inferred.graph.value_info) + list(inferred.graph.output):
-        if v.name == tensor and v.type.tensor_type.elem_type:
-            return v.type.tensor_type.elem_type
-    return TensorProto.FLOAT
+    inferred = _inferred_type(model, tensor)
+    return inferred.elem_type if inferred is not None else TensorProto.FLOAT
 
 
 def tensor_height(model, tensor: str) -> int:
-    """The height (axis 2) of a 4-D graph tensor, by shape inference (0 when unknown)."""
-    from onnx import shape_inference
-
-    try:
-        inferred = shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - an uninferable graph: read the whole tensor
-        return 0
-    for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        if v.name == tensor:
-            dims = v.type.tensor_type.shape.dim
-            return int(dims[2].dim_value) if len(dims) == 4 and dims[2].dim_value else 0
-    return 0
+    """The height (axis 2) of a 4-D graph tensor, by shape inference (0 when unknown: read it all)."""
+    inferred = _inferred_type(model, tensor)
+    dims = inferred.shape.dim if inferred is not None else []
+    return int(dims[2].dim_value) if len(dims) == 4 and dims[2].dim_value else 0
 
 
 def stage_stride(height: int, grid: int) -> int:
@@ -535,13 +536,14 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
     x32: List[str] = []  # the graph input as FP32, made once if a thumbnail needs it
     pooled: Dict[int, str] = {}  # grid -> raw [N, 3, grid, grid] average
     thumbs: Dict[int, str] = {}  # grid -> standardised, flattened [N, 3 grid grid]
-    kernel_of = {g: tuple((kernels or {}).get(g, (224 // g, 224 // g))) for g in THUMB_GRIDS}
+    def kernel(grid: int) -> Tuple[int, int]:
+        return tuple((kernels or {}).get(grid, (224 // grid, 224 // grid)))
 
     def pool(grid: int) -> str:
         if grid in pooled:
             return pooled[grid]
         fine = next((g for g in sorted(pooled) if g > grid and g % grid == 0 and
-                     kernel_of.get(g) and kernel_of[grid] == tuple(k * (g // grid) for k in kernel_of[g])), None)
+                     kernel(grid) == tuple(k * (g // grid) for k in kernel(g))), None)
         if fine is not None:  # nested blocks: the coarse thumbnail is an average of the fine one (no input read)
             k = [fine // grid] * 2
             pooled[grid] = node("AveragePool", [pooled[fine]], f"{prefix}thumb{grid}/pooled", kernel_shape=k, strides=k)
@@ -550,7 +552,7 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
             x = graph.input[0].name
             fp32 = graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
             x32.append(x if fp32 else node("Cast", [x], prefix + "x32", to=TensorProto.FLOAT))
-        k = list(kernel_of.get(grid, (224 // grid, 224 // grid)))
+        k = list(kernel(grid))
         pooled[grid] = node("AveragePool", [x32[0]], f"{prefix}thumb{grid}/pooled", kernel_shape=k, strides=k)
         return pooled[grid]
 
@@ -611,7 +613,13 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
 
     k_max = max(st.means.shape[0] for _, st in pairs)
     dims = [st.means.shape[1] for _, st in pairs]
-    centres, gemm_out, gemm_widths = [], [], []
+    ranks = [st.vectors.shape[1] for _, st in pairs]
+    n_cols = len(pairs) * k_max
+    iso = np.zeros((sum(dims), n_cols), np.float32)                     # |u|^2 / s2 into each class column of the pair
+    quad = np.zeros((sum(ranks) + n_cols, n_cols), np.float32)          # sum p_i^2 w_i
+    pick = np.zeros((sum(ranks) + n_cols, n_cols), np.float32)          # u . a_c + k_c
+    centres, gemm_out = [], []
+    row, col = 0, 0
     for j, (x, st) in enumerate(pairs):
         means = st.means.astype(np.float64)
         means = np.concatenate([means, np.repeat(means[:1], k_max - len(means), 0)])  # pad: the min is unchanged
@@ -625,9 +633,13 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
         const = (delta * delta).sum(1) * inv_tail + (q * q) @ w       # [K]
         key = f"{prefix}p{j}/"
         inits[key + "W"] = np.concatenate([vec, lin.T], 1).astype(np.float32)
-        inits[key + "b"] = np.concatenate([np.zeros(vec.shape[1]), const]).astype(np.float32)
+        inits[key + "b"] = np.concatenate([np.zeros(ranks[j]), const]).astype(np.float32)
         centres.append(centre)
-        gemm_widths.append(vec.shape[1] + k_max)
+        cols = slice(j * k_max, (j + 1) * k_max)
+        iso[row:row + dims[j], cols] = inv_tail
+        quad[col:col + ranks[j], cols] = w[:, None]
+        pick[col + ranks[j]:col + ranks[j] + k_max, cols] = np.eye(k_max)
+        row, col = row + dims[j], col + ranks[j] + k_max
     u_all = node("Sub", [node("Concat", [x for x, _ in pairs], prefix + "inputs", axis=1) if len(pairs) > 1
                          else pairs[0][0], prefix + "centres"], prefix + "u")
     inits[prefix + "centres"] = np.concatenate(centres).astype(np.float32)
@@ -641,18 +653,6 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
     for j, u in enumerate(parts):
         gemm_out.append(node("Gemm", [u, f"{prefix}p{j}/W", f"{prefix}p{j}/b"], f"{prefix}p{j}/y"))
     y = node("Concat", gemm_out, prefix + "y", axis=1) if len(gemm_out) > 1 else gemm_out[0]
-    n_cols, total = len(pairs) * k_max, sum(gemm_widths)
-    iso = np.zeros((sum(dims), n_cols), np.float32)    # |u|^2 / s2 into each class column of the pair
-    quad = np.zeros((total, n_cols), np.float32)       # sum p_i^2 w_i
-    pick = np.zeros((total, n_cols), np.float32)       # u . a_c + k_c
-    row, col = 0, 0
-    for j, (_, st) in enumerate(pairs):
-        r = st.vectors.shape[1]
-        cols = slice(j * k_max, (j + 1) * k_max)
-        iso[row:row + dims[j], cols] = 1.0 / st.tail_variance
-        quad[col:col + r, cols] = (1.0 / st.eigenvalues - 1.0 / st.tail_variance)[:, None]
-        pick[col + r:col + r + k_max, cols] = np.eye(k_max)
-        row, col = row + dims[j], col + r + k_max
     inits.update({prefix + "iso": iso, prefix + "quad": quad, prefix + "pick": pick})
     d2_all = node("Add", [node("Add", [
         node("MatMul", [node("Mul", [u_all, u_all], prefix + "u2"), prefix + "iso"], prefix + "d2_iso"),

@@ -193,7 +193,7 @@ def test_stage_branch_flags_what_pooled_features_and_thumbnails_cannot(plain_mod
     assert np.array_equal(before, domain.run_outputs(out, spec, twin, ["probabilities"])[0])
 
 
-def test_stage_grid_reads_the_quantized_tensor_subsampled(plain_model, tmp_path):
+def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
     """``stage_grid``: a stage tensor is read every s-th row and column; in a QDQ graph on the
     quantized tensor, before a DequantizeLinear of its own, so the full tensor is never dequantized
     by the check. The statistics are those of the subsample, and graph == numpy reference."""
@@ -218,8 +218,10 @@ def test_stage_grid_reads_the_quantized_tensor_subsampled(plain_model, tmp_path)
     graph = onnx.load(str(out)).graph
     pools = [n for n in graph.node if n.op_type == "MaxPool" and n.name.startswith(domain.PREFIX)]
     assert [(n.input[0], list(n.attribute[1].ints)) for n in pools] == [("input_q", [4, 4])]  # SIZE 32 / 8
-    assert not any(n.op_type == "DequantizeLinear" and n.input[0] == "input_q" and n.name.startswith(domain.PREFIX)
-                   for n in graph.node)  # the full-size tensor is not dequantized by the check
+    assert not any(n.op_type == "DequantizeLinear" and n.name.startswith(domain.PREFIX)
+                   for n in graph.node)  # the check reads integers: no DequantizeLinear of its own
+    casts = [n for n in graph.node if n.op_type == "Cast" and n.name.startswith(domain.PREFIX)]
+    assert [n.input[0] for n in casts] == [pools[0].output[0]]
     spec, qdq_spec = read_spec(out), read_spec(qdq)
     imgs = gray_images(20, 7)
     stages = domain.stage_features(qdq, qdq_spec, imgs, ["input"], grid=8)
@@ -234,10 +236,32 @@ def test_stage_grid_reads_the_quantized_tensor_subsampled(plain_model, tmp_path)
     feats = domain.run_outputs(qdq, qdq_spec, imgs, ["features"])[0]
     ref = domain.reference_scores(branches, [domain.branch_inputs(spec, imgs, feats, stages)[k] for k in keys])
     np.testing.assert_allclose(score, ref, rtol=1e-3, atol=1e-3)
-    # the whole tensor (grid 0) reads the DequantizeLinear output, as before
+    # the whole tensor (grid 0): the quantized tensor itself through a Cast, statistics mapped to
+    # those of the dequantized tensor (mean s (q - z), standard deviation s sd(q))
     full = tmp_path / "full.onnx"
     domain.add_domain_stats(qdq, train, labels, val, out_path=full, threads=1, taps=["input"])
-    assert not any(n.op_type == "MaxPool" and n.name.startswith(domain.PREFIX) for n in onnx.load(str(full)).graph.node)
+    graph = onnx.load(str(full)).graph
+    assert not any(n.op_type in ("MaxPool", "DequantizeLinear") and n.name.startswith(domain.PREFIX) for n in graph.node)
+    assert [n.input[0] for n in graph.node if n.op_type == "Cast" and n.name.startswith(domain.PREFIX)] == ["input_q"]
+    assert not any(n.name.endswith("feat_x") for n in graph.node)  # the scale is folded into the weights
+    stages = domain.stage_features(qdq, qdq_spec, imgs, ["input"])
+    x = domain.graph_input(spec, imgs).astype(np.float64)
+    xq = (np.clip(np.round(x / scale) + 128, 0, 255) - 128) * scale
+    np.testing.assert_allclose(stages[0], np.c_[xq.mean(axis=(2, 3)), xq.std(axis=(2, 3))], rtol=1e-4, atol=1e-4)
+    fit_in, val_in = [domain.branch_inputs(spec, i, domain.run_outputs(qdq, qdq_spec, i, ["features"])[0],
+                                           domain.stage_features(qdq, qdq_spec, i, ["input"])) for i in (train, val)]
+    branches, keys, _ = domain.fit_branches(spec, "features", fit_in, labels, val_in, taps=["input"])
+    ref = domain.reference_scores(branches, [domain.branch_inputs(spec, imgs, feats, stages)[k] for k in keys])
+    np.testing.assert_allclose(domain.run_outputs(full, read_spec(full), imgs, ["domain_score"])[0], ref,
+                               rtol=1e-3, atol=1e-3)
+    # a DequantizeLinear whose scale is per channel (or computed) keeps the float read
+    per_channel = onnx.load(str(qdq))
+    per_channel.graph.initializer.append(numpy_helper.from_array(np.full(3, scale, np.float32), "q_scale3"))
+    dq = next(n for n in per_channel.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "input_dq")
+    dq.input[1] = "q_scale3"
+    dq.input[2] = ""
+    nodes, _ = domain.stage_feature_nodes(per_channel, "input", "k/")
+    assert nodes[0].op_type == "GlobalAveragePool" and nodes[0].input[0] == "input_dq"
 
 
 def test_default_taps_follow_the_backbone(plain_model):

@@ -167,6 +167,10 @@ METHOD = ("max of branches, each standardised on validation (median 0, 95th perc
           "+ mean tail")
 DEFAULT_FIT_COUNT = 1500
 DEFAULT_RANK = 256
+#: the rank of a stage branch: its 2 C channel statistics need fewer exact eigenvectors (measured on
+#: cached statistics of the three shipped files, 2026-11-29: rank 128 flags the same share of every
+#: foreign_cxr kind and of the test split as 256), and its [2 C, rank] projection is read on every call
+DEFAULT_STAGE_RANK = 128
 DEFAULT_FLAG_RATE = 0.05
 THUMB = 16          # thumbnail side of the layout branch
 THUMB_COARSE = 8    # and of the coarse one
@@ -391,13 +395,6 @@ def tensor_elem_type(model, tensor: str) -> int:
     return inferred.elem_type if inferred is not None else TensorProto.FLOAT
 
 
-def tensor_height(model, tensor: str) -> int:
-    """The height (axis 2) of a 4-D graph tensor, by shape inference (0 when unknown: read it all)."""
-    inferred = _inferred_type(model, tensor)
-    dims = inferred.shape.dim if inferred is not None else []
-    return int(dims[2].dim_value) if len(dims) == 4 and dims[2].dim_value else 0
-
-
 def stage_stride(height: int, grid: int) -> int:
     """Every how many rows and columns a stage tensor of ``height`` is read so that at most ``grid`` x
     ``grid`` positions are (1 = all; ``grid`` 0 = all)."""
@@ -448,33 +445,53 @@ def stage_nodes(model, tensor: str, key: str, grid: int = 0) -> Tuple[List[Any],
         return key + out
 
     fp16 = tensor_elem_type(model, x) == TensorProto.FLOAT16
-    stride = stage_stride(tensor_height(model, tensor), grid) if grid > 0 else 1  # (shape inference: only if asked)
     dq = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == x), None) \
         if x != tensor else None
     affine = _per_tensor_affine(model, dq)  # (scale, zero point) where the quantized tensor can be read instead
-    if stride > 1:
-        pool = {"kernel_shape": [1, 1], "strides": [stride, stride]}
-        if dq is not None and _opset(model) >= 12:  # MaxPool reads uint8 / int8 from opset 12
-            sub = node("MaxPool", [dq.input[0]], "sub_q", **pool)
-            if affine is None:
-                x = node("DequantizeLinear", [sub] + list(dq.input[1:]), "sub", **{a.name: helper.get_attribute_value(a)
-                                                                                for a in dq.attribute})
+    dims = _inferred_type(model, tensor) if affine is not None or grid > 0 else None  # (shape inference: if needed)
+    dims = [d.dim_value for d in dims.shape.dim] if dims is not None else []
+    stride = stage_stride(dims[2] if len(dims) == 4 else 0, grid) if grid > 0 else 1
+    if affine is not None and len(dims) == 4 and all(dims[1:]):
+        # The quantized integers q, read channels-last: an INT8 file's activations are NHWC inside
+        # onnxruntime (its quantized convolutions), so this Transpose cancels the one it would add to
+        # hand them over in NCHW; subsampled by a strided Slice; a Cast (far cheaper there than a
+        # DequantizeLinear of the check's own); the averages over positions as [1, HW] x [N, HW, C]
+        # MatMuls. The statistics are those of q - z; s times them are the dequantized tensor's.
+        channels, height, width = dims[1:]
+        positions = len(range(0, height, stride)) * len(range(0, width, stride))
+        inits = {key + "shape": np.array([-1, positions, channels], np.int64),
+                 key + "avg": np.full((1, positions), 1.0 / positions, np.float32),
+                 key + "flat": np.array([-1, channels], np.int64)}
+        q = node("Transpose", [dq.input[0]], "nhwc", perm=[0, 2, 3, 1])
+        if stride > 1:
+            inits.update({key + "starts": np.array([0, 0], np.int64), key + "ends": np.array([height, width], np.int64),
+                          key + "axes": np.array([1, 2], np.int64), key + "steps": np.array([stride, stride], np.int64)})
+            q = node("Slice", [q] + [key + k for k in ("starts", "ends", "axes", "steps")], "sub_q")
+        from onnx import numpy_helper
+
+        model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
+        x = node("Reshape", [node("Cast", [q], "q32", to=TensorProto.FLOAT), key + "shape"], "rows")
+        mean = node("Reshape", [node("MatMul", [key + "avg", x], "sum"), key + "flat"], "mean")
+        msq = node("Reshape", [node("MatMul", [key + "avg", node("Mul", [x, x], "x2")], "sum2"), key + "flat"], "msq")
+    else:
+        if stride > 1:
+            pool = {"kernel_shape": [1, 1], "strides": [stride, stride]}
+            if dq is not None and _opset(model) >= 12:  # MaxPool reads uint8 / int8 from opset 12
+                x = node("MaxPool", [dq.input[0]], "sub_q", **pool)
+                if affine is None:
+                    x = node("DequantizeLinear", [x] + list(dq.input[1:]), "sub",
+                             **{a.name: helper.get_attribute_value(a) for a in dq.attribute})
             else:
-                x = sub
-        else:
-            x = node("MaxPool", [x], "sub", **pool)
-            affine = None
-    elif affine is not None:
-        x = dq.input[0]
-    if affine is not None:
-        # the statistics of the quantized integers q (a Cast, which onnxruntime runs far faster than a
-        # DequantizeLinear followed by the float reads), then the exact map to those of s (q - z): mean
-        # s (mean_q - z), standard deviation s sd_q
-        x = node("Cast", [x], "q32", to=TensorProto.FLOAT)
-    elif fp16:
-        x = node("Cast", [x], "x32", to=TensorProto.FLOAT)
-    mean = node("Flatten", [node("GlobalAveragePool", [x], "gap")], "mean", axis=1)
-    msq = node("Flatten", [node("GlobalAveragePool", [node("Mul", [x, x], "x2")], "gap2")], "msq", axis=1)
+                x = node("MaxPool", [x], "sub", **pool)
+                affine = None
+        elif affine is not None:
+            x = dq.input[0]
+        if affine is not None:
+            x = node("Cast", [x], "q32", to=TensorProto.FLOAT)  # q, in NCHW (its shape is not known)
+        elif fp16:
+            x = node("Cast", [x], "x32", to=TensorProto.FLOAT)
+        mean = node("Flatten", [node("GlobalAveragePool", [x], "gap")], "mean", axis=1)
+        msq = node("Flatten", [node("GlobalAveragePool", [node("Mul", [x, x], "x2")], "gap2")], "msq", axis=1)
     var = node("Relu", [node("Sub", [msq, node("Mul", [mean, mean], "mean2")], "var0")], "var")
     if affine is None:
         return nodes, node("Concat", [mean, node("Sqrt", [var], "sd")], "feat", axis=1), None
@@ -612,7 +629,19 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
             fp32 = graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
             x32.append(x if fp32 else node("Cast", [x], prefix + "x32", to=TensorProto.FLOAT))
         k = list(kernel(grid))
-        pooled[grid] = node("AveragePool", [x32[0]], f"{prefix}thumb{grid}/pooled", kernel_shape=k, strides=k)
+        dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+        if len(dims) == 4 and dims[2] >= k[0] and dims[3] >= k[1]:
+            # the block averages as two MatMuls, rows then columns ([oh, H] x (x [N, C, H, W] x [W, ow])):
+            # the same sums as AveragePool, which onnxruntime runs several times slower on the input
+            names = f"{prefix}thumb{grid}/"
+            rows = np.kron(np.eye(dims[2] // k[0]), np.full((1, k[0]), 1.0 / k[0]))
+            cols = np.kron(np.eye(dims[3] // k[1]), np.full((k[1], 1), 1.0 / k[1]))
+            inits[names + "rows"] = np.pad(rows, ((0, 0), (0, dims[2] - rows.shape[1]))).astype(np.float32)
+            inits[names + "cols"] = np.pad(cols, ((0, dims[3] - cols.shape[0]), (0, 0))).astype(np.float32)
+            pooled[grid] = node("MatMul", [names + "rows", node("MatMul", [x32[0], names + "cols"], names + "pooled_w")],
+                                names + "pooled")
+        else:
+            pooled[grid] = node("AveragePool", [x32[0]], f"{prefix}thumb{grid}/pooled", kernel_shape=k, strides=k)
         return pooled[grid]
 
     def thumbnail(grid: int) -> str:
@@ -788,12 +817,14 @@ def branch_inputs(spec: ModelSpec, pixels: np.ndarray, feats: np.ndarray,
 
 def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], labels: np.ndarray,
                  val: Dict[str, np.ndarray], rank: int = DEFAULT_RANK, taps: Optional[List[str]] = None,
-                 features_branch: bool = False, stage_grid: int = 0) -> Tuple[List[Branch], List[str], np.ndarray]:
+                 features_branch: bool = False, stage_grid: int = 0,
+                 stage_rank: int = DEFAULT_STAGE_RANK) -> Tuple[List[Branch], List[str], np.ndarray]:
     """The branches fitted on ``train`` and standardised on ``val``, which input each reads, and
     their standardised validation terms ``[branches, N]``. ``taps``: the tensors of the stage
     branches (``train`` and ``val`` hold their statistics as ``stage1``, ``stage2``, ...).
     ``features_branch=True`` adds a branch on the pooled features (see :func:`add_domain_stats`).
-    ``stage_grid``: how the stage statistics were read (see :func:`stage_feature_nodes`)."""
+    ``stage_grid``: how the stage statistics were read (see :func:`stage_feature_nodes`); ``stage_rank``:
+    the rank of the stage branches (``rank``: of the others)."""
     s16 = fit_stats(train[f"thumb{THUMB}"], labels, rank)
     s8 = fit_stats(train[f"thumb{THUMB_COARSE}"], labels, rank)
     s4 = fit_stats(train[f"thumb{THUMB_COARSEST}"], labels, rank)
@@ -807,7 +838,7 @@ def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], 
         keys.insert(0, "features")
     for i, tensor in enumerate(taps or []):
         key = f"stage{i + 1}"
-        branches.append(Branch(key, "distance", "stage", fit_stats(train[key], labels, rank), stage_grid,
+        branches.append(Branch(key, "distance", "stage", fit_stats(train[key], labels, stage_rank), stage_grid,
                                tensor=tensor))
         keys.append(key)
     terms = []
@@ -822,7 +853,7 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
                      val_pixels: np.ndarray, out_path: Optional[str | Path] = None, rank: int = DEFAULT_RANK,
                      flag_rate: float = DEFAULT_FLAG_RATE, threads: int = 0, source: str = "",
                      taps: Optional[List[str]] = None, features_branch: Optional[bool] = None,
-                     stage_grid: int = 0) -> Dict[str, Any]:
+                     stage_grid: int = 0, stage_rank: int = DEFAULT_STAGE_RANK) -> Dict[str, Any]:
     """Fit on ``train_pixels`` through this file's own features, standardise and calibrate on ``val_pixels``.
 
     ``taps``: the graph tensors that get a stage branch each (default :func:`default_taps`, by the
@@ -841,6 +872,9 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
     docstring): the check's cost fell from 9.5 / 25.4 / 12.0% to 4.9 / 18.6 / 11.2% of the
     classifier, and VGG16 then missed one of 12 laterals and flagged 84% of adults instead of 88%.
     Default 0 (every position).
+
+    ``stage_rank``: the eigenvectors kept exactly for a stage branch (``rank``: for the others;
+    :data:`DEFAULT_STAGE_RANK`).
 
     Writes ``out_path`` (default: in place) and returns the spec's new
     ``domain`` block. The probabilities output is checked to be bit-identical before and after (an FP16
@@ -863,7 +897,7 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
     val_in = branch_inputs(spec, val_pixels, val_feats,
                            stage_features(model_path, spec, val_pixels, taps, threads=threads, grid=stage_grid))
     branches, keys, val_terms = fit_branches(spec, feat_name, train_in, train_labels, val_in, rank, taps,
-                                             features_branch, stage_grid)
+                                             features_branch, stage_grid, stage_rank)
     kernels = {grid: pool_kernel(spec, grid) for grid in THUMB_GRIDS}
     # written beside the target and moved over it only once every check has passed: a failed check
     # leaves the file as it was
@@ -943,6 +977,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--fit-count", type=int, default=DEFAULT_FIT_COUNT, help="train images, class-balanced (default 1500)")
     p.add_argument("--val-count", type=int, default=0, help="val images for the threshold (default 0 = all)")
     p.add_argument("--rank", type=int, default=DEFAULT_RANK, help="eigenvectors kept exactly (default 256)")
+    p.add_argument("--stage-rank", type=int, default=DEFAULT_STAGE_RANK,
+                   help=f"the same for the stage branches (default {DEFAULT_STAGE_RANK})")
     p.add_argument("--flag-rate", type=float, default=DEFAULT_FLAG_RATE,
                    help="share of in-domain (val) images flagged (default 0.05)")
     p.add_argument("--taps", default=None, metavar="T1,T2|none",
@@ -972,7 +1008,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         tr_px, tr_y, va_px = sets[size]
         block = add_domain_stats(path, tr_px, tr_y, va_px, args.out, args.rank, args.flag_rate, args.threads,
                                  source=str(args.data), taps=taps, features_branch=args.features_branch,
-                                 stage_grid=args.stage_grid)
+                                 stage_grid=args.stage_grid, stage_rank=args.stage_rank)
         print(f"{args.out or path}: domain threshold {block['threshold']:.4g} (val flag rate "
               f"{block['flag_rate_validation']:.3f}), {block['fit']['images']} train images, rank {block['rank']}, "
               f"shrinkage {block['shrinkage']:.3f}, {len(block['branches'])} branches, {block['seconds']}s", file=sys.stderr)

@@ -33,8 +33,9 @@ shape of the image. The branches are:
                   of x and of x * x; 2 C numbers) of activations inside the backbone
                   (:data:`STAGE_TAPS`: the ends of its first four stages, or for ResNet50 since
                   2026-11-29 two activations inside bottleneck blocks; in an INT8 file the
-                  DequantizeLinear output the next layer reads, so the classifier's own nodes are
-                  untouched), optionally read on a coarser grid of positions (``stage_grid``)
+                  quantized tensor the next layer reads, as integers, its scale folded into the
+                  branch's weights, so the classifier's own nodes are untouched), optionally read on
+                  a coarser grid of positions (``stage_grid``)
 
 Measured (fitted on the train part, calibrated on val, 5% of val flagged; Kermany test split
 and ``../shared/data/foreign_cxr``, the latter for measuring only, never fitted on), the four
@@ -108,20 +109,47 @@ its domain graph, both without the Grad-CAM graph, paired in one process, 3 proc
 range was within 2 points) on the CPU provider at batch 1 with 2 threads (AMD EPYC, AVX-512 VNNI),
 VGG16 / ResNet50 / InceptionV3 INT8:
 
-    shipped files (nine branches, a chain of nodes per branch: 201 nodes)   11.2 / 30.1 / 17.4%
-    re-fitted without the features branch, same per-branch chains          10.8 / 28.2 / 15.6%
-    the same statistics in the one-chain graph above (98 nodes)              9.5 / 25.4 / 12.0%
-    and with ``stage_grid=28``                                               4.9 / 18.6 / 11.2%
-    ResNet50 with its two bottleneck-inner taps (:data:`STAGE_TAPS`, 76 nodes)       5.9%
+    files shipped until 2026-11-29 (nine branches, a chain per branch: 201 nodes) 11.2 / 30.1 / 17.4%
+    re-fitted without the features branch, same per-branch chains                10.8 / 28.2 / 15.6%
+    the same statistics in the one-chain graph above (98 nodes)                    9.5 / 25.4 / 12.0%
+    and with ``stage_grid=28``                                                     4.9 / 18.6 / 11.2%
+    ResNet50 with its two bottleneck-inner taps (:data:`STAGE_TAPS`, 76 nodes)             5.9%
+    stage tensors read as integers (a Cast, no DequantizeLinear; scale folded)     5.7 /  5.7 /  9.0%
+    ... plus MatMul thumbnails and stage rank 128: the files shipped since 2026-11-29
+    (graphcost-shipped.md; another run of the same files: 6.2 / 4.7 / 9.2%)      6.6 /  5.9 /  9.1%
 
-What remains is mostly reading the stage tensors at full resolution (their dequantization, square
-and two means, and the transposes onnxruntime adds to read its NHWC tensors in NCHW: ResNet50's
-layer-1 end alone is 256 x 56 x 56, which is why its taps moved inside the blocks) and, second,
-the rank-256 projections (5.5 MB of weights read per call with ResNet50's stage-end taps). Tried:
-``GlobalLpPool`` for the second moment in one pass (onnxruntime's is slow: +80%), rank 64
-(ResNet50 at grid 28: about 2 points cheaper, but one of 12 laterals missed). Reaching 5% on
-VGG16 and InceptionV3 means reading less of those tensors, and that costs sensitivity
-(``stage_grid``).
+Where the cost went (onnxruntime's profiler, VGG16): a DequantizeLinear the check adds beside a
+fused quantized convolution that reads the same tensor is slow. Reading the uint8 tensor through a
+Cast and folding the activation's scale into the branch's weights took VGG16's four stage reads
+from about 1.2 ms to 0.6 ms of profiled time (the DequantizeLinear itself, the square and means,
+and transposes onnxruntime added). What remains is spread over ~110 small nodes (a few microseconds
+each) and the projections (read per call: [2 C, 130] per stage branch, [768, 258] for the 16 x 16
+thumbnail). Tried and not kept: ``GlobalLpPool`` or ``ReduceSumSquare`` for the second moment
+(slower than Mul + mean), per-channel sums of squares as batched integer MatMuls (slower),
+subsampling the largest stage tensor (``stage_grid`` 56: the strided read costs what it saves), rank
+64 (one of 12 laterals missed). Rank 128 for the stage branches flagged the same share of every
+foreign_cxr kind and of the test split as rank 256 (cached statistics).
+
+A file serves every engine, so the graph is chosen on two. Reading the uint8 tensor channels-last
+(a Transpose that cancels the one onnxruntime inserts for an NCHW reader of its NHWC activations,
+then [1, HW] x [N, HW, C] MatMuls for the averages) was cheaper on onnxruntime's CPU provider
+(graphcost, VGG16 / ResNet50 / InceptionV3: 5.8 / 4.1 / 7.2% against 6.2 / 4.7 / 9.2% for the
+NCHW Cast and GlobalAveragePool kept here) but OpenVINO ran it badly (27.9 / 10.1 / 25.5% against
+5.6 / 8.2 / 17.4%; the files shipped before, with their DequantizeLinear reads: 10.2 / 30.1 / 28.4%).
+
+Also tried on 2026-11-29 (fifth session; cached statistics of the shipped files, measured on
+``foreign_cxr``: leads, not evidence), none nearer 95% of adults on every model: channel
+correlations (Gram matrices, Sastry & Oore 2020) of VGG16's first two stages instead of or beside
+their means and standard deviations (alone 78-79% of adults against 71-80%, 87-88% in the max);
+other coarse layouts of the input (3 x 3: 87% alone, 3 x 4: 91%; row and column profiles; a
+7 x 7 layout of edge strength: 83%) in place of or beside the 4 x 4 thumbnail (VGG16 85-91%,
+ResNet50 76-85%, InceptionV3 89-96%, moving by a few images either way: noise at 158 images);
+oriented second-derivative energy per cell (rib direction: 59-71% alone); Fisher's, Stouffer's and
+top-k combinations of the branch terms instead of their largest (AUROC up by 0.005, flag rate at
+5% of validation not: VGG16 78-85%, ResNet50 82-85%, InceptionV3 91-94%). Four sessions of such
+measurements put the image check's ceiling with Kermany-only fitting near 88-93% of these adults;
+the missed ones (VGG16: 13 of Actualmed's 54) are tightly framed adult chests whose layout and
+texture fall inside the children's range.
 
 Fitting and calibration: statistics are fitted on up to ``fit_count`` class-balanced images of
 the *train* part of the run's split, through the model file itself (so an INT8 file gets
@@ -410,8 +438,9 @@ def stage_feature_nodes(model, tensor: str, key: str, grid: int = 0) -> Tuple[Li
     ``s (q - z)``: mean ``s (mean_q - z)``, standard deviation ``s sd_q`` (equal to the dequantized
     tensor's up to float rounding: within 1e-3 of the DequantizeLinear path on the three shipped
     backbones' terms). A DequantizeLinear the check adds runs beside the fused classifier node that
-    also reads it; a Cast is far cheaper in onnxruntime (measured 2026-11-29, on VGG16's four stage
-    ends: 1.46 ms for DequantizeLinear + means of x and x * x, 0.44 ms with the Cast).
+    also reads it; a Cast is far cheaper in onnxruntime (measured 2026-11-29 on a uint8 tensor the
+    size of VGG16's first stage end, 64 x 112 x 112: 0.76 ms for a DequantizeLinear and the means of
+    x and x * x, 0.44 ms with a Cast).
 
     ``grid`` > 0 reads only every ``s``-th row and column (``s`` = :func:`stage_stride`, so at most
     ``grid`` x ``grid`` positions): a strided MaxPool with a 1 x 1 kernel, i.e. plain subsampling, on
@@ -448,50 +477,30 @@ def stage_nodes(model, tensor: str, key: str, grid: int = 0) -> Tuple[List[Any],
     dq = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == x), None) \
         if x != tensor else None
     affine = _per_tensor_affine(model, dq)  # (scale, zero point) where the quantized tensor can be read instead
-    dims = _inferred_type(model, tensor) if affine is not None or grid > 0 else None  # (shape inference: if needed)
+    dims = _inferred_type(model, tensor) if grid > 0 else None  # (shape inference: only if asked)
     dims = [d.dim_value for d in dims.shape.dim] if dims is not None else []
     stride = stage_stride(dims[2] if len(dims) == 4 else 0, grid) if grid > 0 else 1
-    if affine is not None and len(dims) == 4 and all(dims[1:]):
-        # The quantized integers q, read channels-last: an INT8 file's activations are NHWC inside
-        # onnxruntime (its quantized convolutions), so this Transpose cancels the one it would add to
-        # hand them over in NCHW; subsampled by a strided Slice; a Cast (far cheaper there than a
-        # DequantizeLinear of the check's own); the averages over positions as [1, HW] x [N, HW, C]
-        # MatMuls. The statistics are those of q - z; s times them are the dequantized tensor's.
-        channels, height, width = dims[1:]
-        positions = len(range(0, height, stride)) * len(range(0, width, stride))
-        inits = {key + "shape": np.array([-1, positions, channels], np.int64),
-                 key + "avg": np.full((1, positions), 1.0 / positions, np.float32),
-                 key + "flat": np.array([-1, channels], np.int64)}
-        q = node("Transpose", [dq.input[0]], "nhwc", perm=[0, 2, 3, 1])
-        if stride > 1:
-            inits.update({key + "starts": np.array([0, 0], np.int64), key + "ends": np.array([height, width], np.int64),
-                          key + "axes": np.array([1, 2], np.int64), key + "steps": np.array([stride, stride], np.int64)})
-            q = node("Slice", [q] + [key + k for k in ("starts", "ends", "axes", "steps")], "sub_q")
-        from onnx import numpy_helper
-
-        model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
-        x = node("Reshape", [node("Cast", [q], "q32", to=TensorProto.FLOAT), key + "shape"], "rows")
-        mean = node("Reshape", [node("MatMul", [key + "avg", x], "sum"), key + "flat"], "mean")
-        msq = node("Reshape", [node("MatMul", [key + "avg", node("Mul", [x, x], "x2")], "sum2"), key + "flat"], "msq")
-    else:
-        if stride > 1:
-            pool = {"kernel_shape": [1, 1], "strides": [stride, stride]}
-            if dq is not None and _opset(model) >= 12:  # MaxPool reads uint8 / int8 from opset 12
-                x = node("MaxPool", [dq.input[0]], "sub_q", **pool)
-                if affine is None:
-                    x = node("DequantizeLinear", [x] + list(dq.input[1:]), "sub",
-                             **{a.name: helper.get_attribute_value(a) for a in dq.attribute})
-            else:
-                x = node("MaxPool", [x], "sub", **pool)
-                affine = None
-        elif affine is not None:
-            x = dq.input[0]
-        if affine is not None:
-            x = node("Cast", [x], "q32", to=TensorProto.FLOAT)  # q, in NCHW (its shape is not known)
-        elif fp16:
-            x = node("Cast", [x], "x32", to=TensorProto.FLOAT)
-        mean = node("Flatten", [node("GlobalAveragePool", [x], "gap")], "mean", axis=1)
-        msq = node("Flatten", [node("GlobalAveragePool", [node("Mul", [x, x], "x2")], "gap2")], "msq", axis=1)
+    if stride > 1:
+        pool = {"kernel_shape": [1, 1], "strides": [stride, stride]}
+        if dq is not None and _opset(model) >= 12:  # MaxPool reads uint8 / int8 from opset 12
+            x = node("MaxPool", [dq.input[0]], "sub_q", **pool)
+            if affine is None:
+                x = node("DequantizeLinear", [x] + list(dq.input[1:]), "sub",
+                         **{a.name: helper.get_attribute_value(a) for a in dq.attribute})
+        else:
+            x = node("MaxPool", [x], "sub", **pool)
+            affine = None
+    elif affine is not None:
+        x = dq.input[0]
+    if affine is not None:
+        # the quantized integers q through a Cast: far cheaper in onnxruntime than a DequantizeLinear
+        # of the check's own beside the fused convolution that reads the same tensor. The statistics
+        # are those of q - z; s times them are the dequantized tensor's.
+        x = node("Cast", [x], "q32", to=TensorProto.FLOAT)
+    elif fp16:
+        x = node("Cast", [x], "x32", to=TensorProto.FLOAT)
+    mean = node("Flatten", [node("GlobalAveragePool", [x], "gap")], "mean", axis=1)
+    msq = node("Flatten", [node("GlobalAveragePool", [node("Mul", [x, x], "x2")], "gap2")], "msq", axis=1)
     var = node("Relu", [node("Sub", [msq, node("Mul", [mean, mean], "mean2")], "var0")], "var")
     if affine is None:
         return nodes, node("Concat", [mean, node("Sqrt", [var], "sd")], "feat", axis=1), None
@@ -869,9 +878,10 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
     ``stage_grid`` > 0 reads each stage tensor on at most that many positions a side
     (:func:`stage_feature_nodes`): cheaper, at some loss of sensitivity where the signal is fine
     texture (VGG16's first block). Measured with 28 on re-fitted copies of the shipped files (module
-    docstring): the check's cost fell from 9.5 / 25.4 / 12.0% to 4.9 / 18.6 / 11.2% of the
-    classifier, and VGG16 then missed one of 12 laterals and flagged 84% of adults instead of 88%.
-    Default 0 (every position).
+    docstring), when stage tensors were still dequantized: the check's cost fell from 9.5 / 25.4 /
+    12.0% to 4.9 / 18.6 / 11.2% of the classifier, and VGG16 then missed one of 12 laterals and
+    flagged 84% of adults instead of 88%. With the integer read the full tensors cost less than that
+    subsample did (6.6 / 5.9 / 9.1%), and 56 on VGG16 saved nothing. Default 0 (every position).
 
     ``stage_rank``: the eigenvectors kept exactly for a stage branch (``rank``: for the others;
     :data:`DEFAULT_STAGE_RANK`).

@@ -447,8 +447,6 @@ def stage_feature_nodes(model, tensor: str, key: str, grid: int = 0) -> Tuple[Li
     the *quantized* tensor in an INT8 file. The statistics are then estimates from the subsample,
     fitted and calibrated the same way.
     """
-    from onnx import numpy_helper
-
     from onnx import helper, numpy_helper
 
     nodes, feat, scale = stage_nodes(model, tensor, key, grid)

@@ -146,7 +146,7 @@ other coarse layouts of the input (3 x 3: 87% alone, 3 x 4: 91%; row and column 
 ResNet50 76-85%, InceptionV3 89-96%, moving by a few images either way: noise at 158 images);
 oriented second-derivative energy per cell (rib direction: 59-71% alone); Fisher's, Stouffer's and
 top-k combinations of the branch terms instead of their largest (AUROC up by 0.005, flag rate at
-5% of validation not: VGG16 78-85%, ResNet50 82-85%, InceptionV3 91-94%). Four sessions of such
+5% of validation not: VGG16 78-85%, ResNet50 82-85%, InceptionV3 91-94%). Several sessions of such
 measurements put the image check's ceiling with Kermany-only fitting near 88-93% of these adults;
 the missed ones (VGG16: 13 of Actualmed's 54) are tightly framed adult chests whose layout and
 texture fall inside the children's range.

@@ -140,7 +140,9 @@ A lead for OpenVINO (its profiler, PERF_COUNT, on the shipped InceptionV3, 2026-
 nodes themselves take 443 us of 5.8 ms; most of the rest is the classifier side, where the check's
 Casts run as reference kernels (Convert ref_f32 and ref_I8: 203 us against 21 us without the check)
 (a guess at why: OpenVINO folds each Q/DQ pair into a FakeQuantize and must now also materialise the uint8
-tensor). A read that OpenVINO fuses, without giving up onnxruntime's gain, is not found yet.
+tensor). A read that OpenVINO fuses, without giving up onnxruntime's gain, is not found yet: a
+DequantizeLinear with scale 1 and zero point 0 in place of the Cast was no better on OpenVINO
+(17.8% against 16.9% on InceptionV3) and worse on onnxruntime (12.0% against 9.9%).
 
 Also tried on 2026-11-29 (fifth session; cached statistics of the shipped files, measured on
 ``foreign_cxr``: leads, not evidence), none nearer 95% of adults on every model: channel

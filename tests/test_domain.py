@@ -194,9 +194,10 @@ def test_stage_branch_flags_what_pooled_features_and_thumbnails_cannot(plain_mod
 
 
 def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
-    """``stage_grid``: a stage tensor is read every s-th row and column; in a QDQ graph on the
-    quantized tensor, before a DequantizeLinear of its own, so the full tensor is never dequantized
-    by the check. The statistics are those of the subsample, and graph == numpy reference."""
+    """In a QDQ graph a stage branch reads the quantized integers through a Cast (no DequantizeLinear
+    of its own), the scale folded into its weights; ``stage_grid`` reads every s-th row and column of
+    those integers. The statistics are the dequantized tensor's (of the subsample), and graph ==
+    numpy reference."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -212,6 +213,24 @@ def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
     onnx.save(model, str(qdq))
     train, val = gray_images(200, 5), gray_images(100, 6)
     labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
+    qdq_spec, imgs = read_spec(qdq), gray_images(20, 7)
+    feats = domain.run_outputs(qdq, qdq_spec, imgs, ["features"])[0]
+
+    def agrees_with_numpy(out, grid: int, stride: int) -> None:
+        """The stage statistics are the dequantized tensor's, and the file's score its reference's."""
+        spec = read_spec(out)
+        stages = domain.stage_features(qdq, qdq_spec, imgs, ["input"], grid=grid)
+        x = domain.graph_input(spec, imgs).astype(np.float64)[:, :, ::stride, ::stride]
+        xq = (np.clip(np.round(x / scale) + 128, 0, 255) - 128) * scale  # what the DequantizeLinear gives
+        np.testing.assert_allclose(stages[0], np.c_[xq.mean(axis=(2, 3)), xq.std(axis=(2, 3))], rtol=1e-4, atol=1e-4)
+        fit_in, val_in = [domain.branch_inputs(spec, i, domain.run_outputs(qdq, qdq_spec, i, ["features"])[0],
+                                               domain.stage_features(qdq, qdq_spec, i, ["input"], grid=grid))
+                          for i in (train, val)]
+        branches, keys, _ = domain.fit_branches(spec, "features", fit_in, labels, val_in, taps=["input"],
+                                                stage_grid=grid)
+        ref = domain.reference_scores(branches, [domain.branch_inputs(spec, imgs, feats, stages)[k] for k in keys])
+        np.testing.assert_allclose(domain.run_outputs(out, spec, imgs, ["domain_score"])[0], ref, rtol=1e-3, atol=1e-3)
+
     out = tmp_path / "grid.onnx"
     block = domain.add_domain_stats(qdq, train, labels, val, out_path=out, threads=1, taps=["input"], stage_grid=8)
     assert block["stage_grid"] == 8 and "read on at most 8 x 8 positions" in block["branches"][-1]["input"]
@@ -222,20 +241,7 @@ def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
     sub = reads["input_q"]  # every 4th row and column (SIZE 32 / 8) of the integers, then a cast
     assert sub.op_type == "MaxPool" and list(sub.attribute[1].ints) == [4, 4]
     assert reads[sub.output[0]].op_type == "Cast"
-    spec, qdq_spec = read_spec(out), read_spec(qdq)
-    imgs = gray_images(20, 7)
-    stages = domain.stage_features(qdq, qdq_spec, imgs, ["input"], grid=8)
-    x = domain.graph_input(spec, imgs).astype(np.float64)[:, :, ::4, ::4]
-    xq = (np.clip(np.round(x / scale) + 128, 0, 255) - 128) * scale  # what the DequantizeLinear gives
-    np.testing.assert_allclose(stages[0], np.c_[xq.mean(axis=(2, 3)), xq.std(axis=(2, 3))], rtol=1e-4, atol=1e-4)
-    score = domain.run_outputs(out, spec, imgs, ["domain_score"])[0]
-    fit_in, val_in = [domain.branch_inputs(spec, i, domain.run_outputs(qdq, qdq_spec, i, ["features"])[0],
-                                           domain.stage_features(qdq, qdq_spec, i, ["input"], grid=8))
-                      for i in (train, val)]
-    branches, keys, _ = domain.fit_branches(spec, "features", fit_in, labels, val_in, taps=["input"], stage_grid=8)
-    feats = domain.run_outputs(qdq, qdq_spec, imgs, ["features"])[0]
-    ref = domain.reference_scores(branches, [domain.branch_inputs(spec, imgs, feats, stages)[k] for k in keys])
-    np.testing.assert_allclose(score, ref, rtol=1e-3, atol=1e-3)
+    agrees_with_numpy(out, 8, 4)
     # the whole tensor (grid 0): the quantized tensor itself through a Cast, statistics mapped to
     # those of the dequantized tensor (mean s (q - z), standard deviation s sd(q))
     full = tmp_path / "full.onnx"
@@ -248,16 +254,7 @@ def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
     assert not any(n.name.endswith("feat_x") for n in graph.node)  # the scale is folded into the weights
     pooled = {n.name: n.op_type for n in graph.node if n.name.endswith("/pooled")}
     assert pooled[domain.PREFIX + "thumb16/pooled"] == "MatMul"  # block averages of the input as MatMuls
-    stages = domain.stage_features(qdq, qdq_spec, imgs, ["input"])
-    x = domain.graph_input(spec, imgs).astype(np.float64)
-    xq = (np.clip(np.round(x / scale) + 128, 0, 255) - 128) * scale
-    np.testing.assert_allclose(stages[0], np.c_[xq.mean(axis=(2, 3)), xq.std(axis=(2, 3))], rtol=1e-4, atol=1e-4)
-    fit_in, val_in = [domain.branch_inputs(spec, i, domain.run_outputs(qdq, qdq_spec, i, ["features"])[0],
-                                           domain.stage_features(qdq, qdq_spec, i, ["input"])) for i in (train, val)]
-    branches, keys, _ = domain.fit_branches(spec, "features", fit_in, labels, val_in, taps=["input"])
-    ref = domain.reference_scores(branches, [domain.branch_inputs(spec, imgs, feats, stages)[k] for k in keys])
-    np.testing.assert_allclose(domain.run_outputs(full, read_spec(full), imgs, ["domain_score"])[0], ref,
-                               rtol=1e-3, atol=1e-3)
+    agrees_with_numpy(full, 0, 1)
     # a DequantizeLinear whose scale is per channel (or computed) keeps the float read
     per_channel = onnx.load(str(qdq))
     per_channel.graph.initializer.append(numpy_helper.from_array(np.full(3, scale, np.float32), "q_scale3"))

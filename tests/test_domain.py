@@ -159,8 +159,9 @@ def test_stage_branch_flags_what_pooled_features_and_thumbnails_cannot(plain_mod
     train, val = gray_images(300, 5), gray_images(200, 6)
     labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
     out = tmp_path / "stage.onnx"
+    # every row (the row subsample is tested with the quantized read)
     block = domain.add_domain_stats(plain_model, train, labels, val, out_path=out, threads=1, taps=["input"],
-                                    features_branch=True)
+                                    features_branch=True, stage_tall_rows=0)
     names = [b["name"] for b in block["branches"]]
     assert names == ["features", "thumb16", "thumb8", "thumb4", "orientation", "stage1"]
     assert block["stage_tensors"] == ["input"] and "channel means and standard deviations of input" in \
@@ -216,23 +217,25 @@ def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
     qdq_spec, imgs = read_spec(qdq), gray_images(20, 7)
     feats = domain.run_outputs(qdq, qdq_spec, imgs, ["features"])[0]
 
-    def agrees_with_numpy(out, grid: int, stride: int) -> None:
+    def agrees_with_numpy(out, grid: int, stride: int, rows: int = 1) -> None:
         """The stage statistics are the dequantized tensor's, and the file's score its reference's."""
         spec = read_spec(out)
-        stages = domain.stage_features(qdq, qdq_spec, imgs, ["input"], grid=grid)
-        x = domain.graph_input(spec, imgs).astype(np.float64)[:, :, ::stride, ::stride]
+        stages = domain.stage_features(qdq, qdq_spec, imgs, ["input"], grid=grid, row_step=rows)
+        x = domain.graph_input(spec, imgs).astype(np.float64)[:, :, ::stride * rows, ::stride]
         xq = (np.clip(np.round(x / scale) + 128, 0, 255) - 128) * scale  # what the DequantizeLinear gives
         np.testing.assert_allclose(stages[0], np.c_[xq.mean(axis=(2, 3)), xq.std(axis=(2, 3))], rtol=1e-4, atol=1e-4)
         fit_in, val_in = [domain.branch_inputs(spec, i, domain.run_outputs(qdq, qdq_spec, i, ["features"])[0],
-                                               domain.stage_features(qdq, qdq_spec, i, ["input"], grid=grid))
+                                               domain.stage_features(qdq, qdq_spec, i, ["input"], grid=grid,
+                                                                     row_step=rows))
                           for i in (train, val)]
         branches, keys, _ = domain.fit_branches(spec, "features", fit_in, labels, val_in, taps=["input"],
-                                                stage_grid=grid)
+                                                stage_grid=grid, stage_row_step=rows)
         ref = domain.reference_scores(branches, [domain.branch_inputs(spec, imgs, feats, stages)[k] for k in keys])
         np.testing.assert_allclose(domain.run_outputs(out, spec, imgs, ["domain_score"])[0], ref, rtol=1e-3, atol=1e-3)
 
     out = tmp_path / "grid.onnx"
-    block = domain.add_domain_stats(qdq, train, labels, val, out_path=out, threads=1, taps=["input"], stage_grid=8)
+    block = domain.add_domain_stats(qdq, train, labels, val, out_path=out, threads=1, taps=["input"], stage_grid=8,
+                                    stage_tall_rows=0)
     assert block["stage_grid"] == 8 and "read on at most 8 x 8 positions" in block["branches"][-1]["input"]
     graph = onnx.load(str(out)).graph
     assert not any(n.op_type == "DequantizeLinear" and n.name.startswith(domain.PREFIX)
@@ -245,16 +248,35 @@ def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
     # the whole tensor (grid 0): the quantized tensor itself through a Cast, statistics mapped to
     # those of the dequantized tensor (mean s (q - z), standard deviation s sd(q))
     full = tmp_path / "full.onnx"
-    domain.add_domain_stats(qdq, train, labels, val, out_path=full, threads=1, taps=["input"])
+    domain.add_domain_stats(qdq, train, labels, val, out_path=full, threads=1, taps=["input"], stage_tall_rows=0)
     graph = onnx.load(str(full)).graph
     assert not any(n.op_type in ("MaxPool", "DequantizeLinear") and n.name.startswith(domain.PREFIX)
                    for n in graph.node)
     reads = {n.input[0]: n for n in graph.node if n.name.startswith(domain.PREFIX)}
     assert reads["input_q"].op_type == "Cast"
-    assert not any(n.name.endswith("feat_x") for n in graph.node)  # the scale is folded into the weights
+    # the scale is folded into the weights and the zero point into the centres: no node of their own
+    assert not any(n.name.endswith(("feat_x", "feat_z", "mean_z")) for n in graph.node)
+    assert reads[reads["input_q"].output[0]].op_type in ("ReduceMean", "Mul")  # means over positions, no pooling
+    # the orientation branch's rotated thumbnail shares the 16 x 16 branch's statistics: one Gemm, one weight
+    gemm_weights = [n.input[1] for n in graph.node if n.op_type == "Gemm" and n.name.startswith(domain.PREFIX)]
+    assert len(gemm_weights) == len(set(gemm_weights)) == len(block["branches"]) - 1
     pooled = {n.name: n.op_type for n in graph.node if n.name.endswith("/pooled")}
     assert pooled[domain.PREFIX + "thumb16/pooled"] == "MatMul"  # block averages of the input as MatMuls
     agrees_with_numpy(full, 0, 1)
+    # by default a tensor taller than DEFAULT_STAGE_TALL_ROWS is read on every 2nd row (here at most 31 rows
+    # tall: the fixture's 32 rows are not subsampled unless asked), a Slice of whole rows, then the same read
+    rows = tmp_path / "rows.onnx"
+    assert domain.DEFAULT_STAGE_TALL_ROWS == 32
+    assert domain.add_domain_stats(qdq, train, labels, val, out_path=rows, threads=1,
+                                   taps=["input"])["stage_row_steps"] == [1]  # 32 rows: not taller than 32
+    block = domain.add_domain_stats(qdq, train, labels, val, out_path=rows, threads=1, taps=["input"],
+                                    stage_tall_rows=31)
+    assert block["stage_tall_rows"] == 31 and block["stage_row_steps"] == [2]
+    assert "read on one row in 2" in block["branches"][-1]["input"]
+    graph = onnx.load(str(rows)).graph
+    reads = {n.input[0]: n for n in graph.node if n.name.startswith(domain.PREFIX)}
+    assert reads["input_q"].op_type == "Slice" and reads[reads["input_q"].output[0]].op_type == "Cast"
+    agrees_with_numpy(rows, 0, 1, rows=2)
     # a DequantizeLinear whose scale is per channel (or computed) keeps the float read
     per_channel = onnx.load(str(qdq))
     per_channel.graph.initializer.append(numpy_helper.from_array(np.full(3, scale, np.float32), "q_scale3"))
@@ -262,13 +284,13 @@ def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
     dq.input[1] = "q_scale3"
     dq.input[2] = ""
     nodes, _ = domain.stage_feature_nodes(per_channel, "input", "k/")
-    assert nodes[0].op_type == "GlobalAveragePool" and nodes[0].input[0] == "input_dq"
+    assert nodes[0].op_type == "ReduceMean" and nodes[0].input[0] == "input_dq"
 
 
 def test_default_taps_follow_the_backbone(plain_model):
     assert domain.default_taps(read_spec(plain_model), plain_model) == []  # "tiny": no table entry
     assert set(domain.STAGE_TAPS) == {"vgg16", "resnet50", "inception_v3"}
-    assert len(domain.STAGE_TAPS["vgg16"]) == len(domain.STAGE_TAPS["inception_v3"]) == 4
+    assert len(domain.STAGE_TAPS["vgg16"]) == 4 and len(domain.STAGE_TAPS["inception_v3"]) == 3
     assert len(domain.STAGE_TAPS["resnet50"]) == 2  # two bottleneck-inner activations (see STAGE_TAPS)
 
 

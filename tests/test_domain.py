@@ -196,14 +196,12 @@ def test_stage_branch_flags_what_pooled_features_and_thumbnails_cannot(plain_mod
 
 def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
     """In a QDQ graph a stage branch reads the quantized integers through a Cast (no DequantizeLinear
-    of its own), the scale folded into its weights; ``stage_grid`` reads every s-th row and column of
-    those integers. The statistics are the dequantized tensor's (of the subsample), and graph ==
-    numpy reference."""
+    of its own), the scale folded into its weights and the zero point into its centres; a tensor
+    taller than ``stage_tall_rows`` is read on every second row, a Slice of those integers. The
+    statistics are the dequantized tensor's (of those rows), and graph == numpy reference."""
     import onnx
     from onnx import helper, numpy_helper
 
-    assert [domain.stage_stride(h, 28) for h in (14, 28, 29, 56, 112)] == [1, 1, 2, 2, 4]
-    assert domain.stage_stride(112, 0) == 1
     model = onnx.load(str(plain_model))  # the tiny model with a Q/DQ pair on its input, as an INT8 file has
     scale, zero = np.float32(1 / 64), np.uint8(128)
     model.graph.initializer.extend([numpy_helper.from_array(np.array(scale), "q_scale"),
@@ -217,41 +215,30 @@ def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
     qdq_spec, imgs = read_spec(qdq), gray_images(20, 7)
     feats = domain.run_outputs(qdq, qdq_spec, imgs, ["features"])[0]
 
-    def agrees_with_numpy(out, grid: int, stride: int, rows: int = 1) -> None:
+    def agrees_with_numpy(out, rows: int) -> None:
         """The stage statistics are the dequantized tensor's, and the file's score its reference's."""
         spec = read_spec(out)
-        stages = domain.stage_features(qdq, qdq_spec, imgs, ["input"], grid=grid, row_step=rows)
-        x = domain.graph_input(spec, imgs).astype(np.float64)[:, :, ::stride * rows, ::stride]
+        stages = domain.stage_features(qdq, qdq_spec, imgs, ["input"], row_step=rows)
+        x = domain.graph_input(spec, imgs).astype(np.float64)[:, :, ::rows, :]
         xq = (np.clip(np.round(x / scale) + 128, 0, 255) - 128) * scale  # what the DequantizeLinear gives
         np.testing.assert_allclose(stages[0], np.c_[xq.mean(axis=(2, 3)), xq.std(axis=(2, 3))], rtol=1e-4, atol=1e-4)
         fit_in, val_in = [domain.branch_inputs(spec, i, domain.run_outputs(qdq, qdq_spec, i, ["features"])[0],
-                                               domain.stage_features(qdq, qdq_spec, i, ["input"], grid=grid,
-                                                                     row_step=rows))
+                                               domain.stage_features(qdq, qdq_spec, i, ["input"], row_step=rows))
                           for i in (train, val)]
         branches, keys, _ = domain.fit_branches(spec, "features", fit_in, labels, val_in, taps=["input"],
-                                                stage_grid=grid, stage_row_step=rows)
+                                                stage_row_step=rows)
         ref = domain.reference_scores(branches, [domain.branch_inputs(spec, imgs, feats, stages)[k] for k in keys])
         np.testing.assert_allclose(domain.run_outputs(out, spec, imgs, ["domain_score"])[0], ref, rtol=1e-3, atol=1e-3)
 
-    out = tmp_path / "grid.onnx"
-    block = domain.add_domain_stats(qdq, train, labels, val, out_path=out, threads=1, taps=["input"], stage_grid=8,
-                                    stage_tall_rows=0)
-    assert block["stage_grid"] == 8 and "read on at most 8 x 8 positions" in block["branches"][-1]["input"]
-    graph = onnx.load(str(out)).graph
-    assert not any(n.op_type == "DequantizeLinear" and n.name.startswith(domain.PREFIX)
-                   for n in graph.node)  # the check reads integers: no DequantizeLinear of its own
-    reads = {n.input[0]: n for n in graph.node if n.name.startswith(domain.PREFIX)}
-    sub = reads["input_q"]  # every 4th row and column (SIZE 32 / 8) of the integers, then a cast
-    assert sub.op_type == "MaxPool" and list(sub.attribute[1].ints) == [4, 4]
-    assert reads[sub.output[0]].op_type == "Cast"
-    agrees_with_numpy(out, 8, 4)
-    # the whole tensor (grid 0): the quantized tensor itself through a Cast, statistics mapped to
-    # those of the dequantized tensor (mean s (q - z), standard deviation s sd(q))
+    # the whole tensor (the fixture's 32 rows are not taller than the default 32): the quantized tensor
+    # itself through a Cast, statistics mapped to the dequantized tensor's (mean s (q - z), sd s sd(q))
     full = tmp_path / "full.onnx"
-    domain.add_domain_stats(qdq, train, labels, val, out_path=full, threads=1, taps=["input"], stage_tall_rows=0)
+    assert domain.DEFAULT_STAGE_TALL_ROWS == 32
+    block = domain.add_domain_stats(qdq, train, labels, val, out_path=full, threads=1, taps=["input"])
+    assert block["stage_tall_rows"] == 32 and block["stage_row_steps"] == [1]
     graph = onnx.load(str(full)).graph
-    assert not any(n.op_type in ("MaxPool", "DequantizeLinear") and n.name.startswith(domain.PREFIX)
-                   for n in graph.node)
+    assert not any(n.op_type in ("Slice", "DequantizeLinear") and n.name.startswith(domain.PREFIX)
+                   for n in graph.node)  # the check reads integers: no DequantizeLinear of its own
     reads = {n.input[0]: n for n in graph.node if n.name.startswith(domain.PREFIX)}
     assert reads["input_q"].op_type == "Cast"
     # the scale is folded into the weights and the zero point into the centres: no node of their own
@@ -262,13 +249,9 @@ def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
     assert len(gemm_weights) == len(set(gemm_weights)) == len(block["branches"]) - 1
     pooled = {n.name: n.op_type for n in graph.node if n.name.endswith("/pooled")}
     assert pooled[domain.PREFIX + "thumb16/pooled"] == "MatMul"  # block averages of the input as MatMuls
-    agrees_with_numpy(full, 0, 1)
-    # by default a tensor taller than DEFAULT_STAGE_TALL_ROWS is read on every 2nd row (here at most 31 rows
-    # tall: the fixture's 32 rows are not subsampled unless asked), a Slice of whole rows, then the same read
+    agrees_with_numpy(full, 1)
+    # taller than stage_tall_rows: every 2nd row, a Slice of whole rows of the integers, then the same read
     rows = tmp_path / "rows.onnx"
-    assert domain.DEFAULT_STAGE_TALL_ROWS == 32
-    assert domain.add_domain_stats(qdq, train, labels, val, out_path=rows, threads=1,
-                                   taps=["input"])["stage_row_steps"] == [1]  # 32 rows: not taller than 32
     block = domain.add_domain_stats(qdq, train, labels, val, out_path=rows, threads=1, taps=["input"],
                                     stage_tall_rows=31)
     assert block["stage_tall_rows"] == 31 and block["stage_row_steps"] == [2]
@@ -276,7 +259,7 @@ def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
     graph = onnx.load(str(rows)).graph
     reads = {n.input[0]: n for n in graph.node if n.name.startswith(domain.PREFIX)}
     assert reads["input_q"].op_type == "Slice" and reads[reads["input_q"].output[0]].op_type == "Cast"
-    agrees_with_numpy(rows, 0, 1, rows=2)
+    agrees_with_numpy(rows, 2)
     # a DequantizeLinear whose scale is per channel (or computed) keeps the float read
     per_channel = onnx.load(str(qdq))
     per_channel.graph.initializer.append(numpy_helper.from_array(np.full(3, scale, np.float32), "q_scale3"))
@@ -488,14 +471,14 @@ def test_stage_branch_on_an_fp16_file(plain_model, tmp_path):
     assert [b["name"] for b in block["branches"]][-1] == "stage1" and block["graph_vs_numpy_max_diff"] < 0.05
     clf = Classifier(out, threads=1)
     assert clf.predict(gray_images(1, 5)[0]).in_domain is True and clf.predict(red()).in_domain is False
-    # read on a coarser grid: the float16 image tensor subsampled, then cast; still the numpy reference
+    # every second row of a tall float16 tensor (the 32-row image): sliced, then cast; still the numpy reference
     (half,) = [n.output[0] for n in onnx.load(str(fp16)).graph.node if n.op_type == "Cast"
                and domain.tensor_elem_type(onnx.load(str(fp16)), n.output[0]) == onnx.TensorProto.FLOAT16][:1]
-    gridded = domain.add_domain_stats(fp16, train, labels, gray_images(100, 1), out_path=out, threads=1,
-                                      taps=[half], stage_grid=8)
-    assert gridded["graph_vs_numpy_max_diff"] < 0.05 and gridded["stage_grid"] == 8
+    rows = domain.add_domain_stats(fp16, train, labels, gray_images(100, 1), out_path=out, threads=1,
+                                   taps=[half], stage_tall_rows=16)
+    assert rows["graph_vs_numpy_max_diff"] < 0.05 and rows["stage_row_steps"] == [2]
     ops = [(n.op_type, n.input[0]) for n in onnx.load(str(out)).graph.node if n.name.startswith(domain.PREFIX)]
-    assert ("MaxPool", half) in ops and ops.index(("MaxPool", half)) < ops.index(("Cast", "cxr_domain/stage1/sub"))
+    assert ("Slice", half) in ops and ops.index(("Slice", half)) < ops.index(("Cast", "cxr_domain/stage1/rows"))
 
 
 def test_without_the_features_branch(plain_model, tmp_path):

@@ -29,13 +29,14 @@ shape of the image. The branches are:
                   training X-rays the image lies upside down than as given (a likelihood-ratio
                   test of "is it upright?", which a distance alone answers poorly because a
                   flipped chest is still chest-like)
-    stage1..      the distance on the channel means and standard deviations (GlobalAveragePool
-                  of x and of x * x; 2 C numbers) of activations inside the backbone
-                  (:data:`STAGE_TAPS`: the ends of its first four stages, or for ResNet50 since
-                  2026-11-29 two activations inside bottleneck blocks; in an INT8 file the
+    stage1..      the distance on the channel means and standard deviations (means over the
+                  positions of x and of x * x; 2 C numbers) of activations inside the backbone
+                  (:data:`STAGE_TAPS`: the ends of its first four stages; for ResNet50 since
+                  2026-11-29 two activations inside bottleneck blocks, for InceptionV3 three of
+                  its stage ends; in an INT8 file the
                   quantized tensor the next layer reads, as integers, its scale folded into the
-                  branch's weights, so the classifier's own nodes are untouched), optionally read on
-                  a coarser grid of positions (``stage_grid``)
+                  branch's weights, so the classifier's own nodes are untouched); a tensor taller
+                  than 32 rows on every second row (:data:`DEFAULT_STAGE_TALL_ROWS`)
 
 Measured (fitted on the train part, calibrated on val, 5% of val flagged; Kermany test split
 and ``../shared/data/foreign_cxr``, the latter for measuring only, never fitted on), the four
@@ -112,7 +113,7 @@ VGG16 / ResNet50 / InceptionV3 INT8:
     files shipped until 2026-11-29 (nine branches, a chain per branch: 201 nodes) 11.2 / 30.1 / 17.4%
     re-fitted without the features branch, same per-branch chains                10.8 / 28.2 / 15.6%
     the same statistics in the one-chain graph above (98 nodes)                    9.5 / 25.4 / 12.0%
-    and with ``stage_grid=28``                                                     4.9 / 18.6 / 11.2%
+    and read on a 28 x 28 grid (a strided MaxPool; the option is gone)           4.9 / 18.6 / 11.2%
     ResNet50 with its two bottleneck-inner taps (:data:`STAGE_TAPS`, 76 nodes)             5.9%
     stage tensors read as integers (a Cast, no DequantizeLinear; scale folded)     5.7 /  5.7 /  9.0%
     ... plus MatMul thumbnails and stage rank 128: the files shipped in 2026-11-29's
@@ -142,7 +143,7 @@ and transposes onnxruntime added). What remains is spread over ~110 small nodes 
 each) and the projections (read per call: [2 C, 130] per stage branch, [768, 258] for the 16 x 16
 thumbnail). Tried and not kept: ``GlobalLpPool`` or ``ReduceSumSquare`` for the second moment
 (slower than Mul + mean), per-channel sums of squares as batched integer MatMuls (slower),
-subsampling the largest stage tensor (``stage_grid`` 56: the strided read costs what it saves), rank
+subsampling the largest stage tensor on a 56 x 56 grid (a strided MaxPool costs what it saves), rank
 64 (one of 12 laterals missed). Rank 128 for the stage branches flagged the same share of every
 foreign_cxr kind and of the test split as rank 256 (cached statistics).
 
@@ -298,9 +299,8 @@ class Branch:
     ``kind`` "distance": ``value = sqrt(d2(x))``; "orientation": ``value = log(d2(x) + eps) -
     log(d2(rot180(x)) + eps)``. ``source`` is a graph output name (the features),
     ``"thumbnail"`` with ``grid`` its side, or ``"stage"`` with ``tensor`` the 4-D graph tensor
-    whose channel means and standard deviations (``[N, 2 C]``) are the branch's input, read on at
-    most ``grid`` x ``grid`` positions (0: all) and on every ``row_step``-th row
-    (:func:`stage_feature_nodes`).
+    whose channel means and standard deviations (``[N, 2 C]``) are the branch's input, read on every
+    ``row_step``-th row (:func:`stage_feature_nodes`).
     """
 
     name: str
@@ -325,7 +325,6 @@ class Branch:
         src = (f"{self.grid}x{self.grid} thumbnail (AveragePool) of {model_input}, standardised per image"
                if self.source == "thumbnail" else
                f"channel means and standard deviations of {self.tensor}"
-               + (f", read on at most {self.grid} x {self.grid} positions" if self.grid else "")
                + (f", read on one row in {self.row_step}" if self.row_step > 1 else "")
                if self.source == "stage" else self.source)
         return {"name": self.name, "kind": self.kind, "input": src, "dim": int(self.stats.means.shape[1]),
@@ -461,13 +460,7 @@ def tensor_elem_type(model, tensor: str) -> int:
     return inferred.elem_type if inferred is not None else TensorProto.FLOAT
 
 
-def stage_stride(height: int, grid: int) -> int:
-    """Every how many rows and columns a stage tensor of ``height`` is read so that at most ``grid`` x
-    ``grid`` positions are (1 = all; ``grid`` 0 = all)."""
-    return max(1, -(-height // grid)) if grid > 0 and height > grid else 1
-
-
-def stage_feature_nodes(model, tensor: str, key: str, grid: int = 0, row_step: int = 1) -> Tuple[List[Any], str]:
+def stage_feature_nodes(model, tensor: str, key: str, row_step: int = 1) -> Tuple[List[Any], str]:
     """FP32 nodes computing ``[N, 2 C]``: the channel means and standard deviations of ``tensor``
     (an FP16 file's tensor is cast to FP32 first, so the statistics and the distances stay FP32).
 
@@ -480,17 +473,13 @@ def stage_feature_nodes(model, tensor: str, key: str, grid: int = 0, row_step: i
     size of VGG16's first stage end, 64 x 112 x 112: 0.76 ms for a DequantizeLinear and the means of
     x and x * x, 0.44 ms with a Cast).
 
-    ``grid`` > 0 reads only every ``s``-th row and column (``s`` = :func:`stage_stride`, so at most
-    ``grid`` x ``grid`` positions): a strided MaxPool with a 1 x 1 kernel, i.e. plain subsampling, on
-    the *quantized* tensor in an INT8 file. The statistics are then estimates from the subsample,
-    fitted and calibrated the same way.
-
-    ``row_step`` > 1 reads every ``row_step``-th row of the tensor (every column): a Slice, cheaper than
-    the ``grid`` subsample (see :func:`stage_nodes`); the statistics are those of those rows.
+    ``row_step`` > 1 reads every ``row_step``-th row of the tensor, every column (a Slice of whole
+    rows, of the *quantized* tensor in an INT8 file; see :func:`stage_nodes`): the statistics are then
+    those of those rows, fitted and calibrated the same way.
     """
     from onnx import helper, numpy_helper
 
-    nodes, feat, affine = stage_nodes(model, tensor, key, grid, row_step)
+    nodes, feat, affine = stage_nodes(model, tensor, key, row_step)
     if affine is not None:  # integer units -> the dequantized tensor's: s ([mean_q, sd_q] - [z, 0])
         scale, offset = affine
         model.graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), key + "scale"))
@@ -501,7 +490,7 @@ def stage_feature_nodes(model, tensor: str, key: str, grid: int = 0, row_step: i
     return nodes, feat
 
 
-def stage_nodes(model, tensor: str, key: str, grid: int = 0, row_step: int = 1
+def stage_nodes(model, tensor: str, key: str, row_step: int = 1
                 ) -> Tuple[List[Any], str, Optional[Tuple[float, np.ndarray]]]:
     """:func:`stage_feature_nodes` before its last step: ``(nodes, feat, affine)``. ``affine`` is None
     when ``feat`` is in the tensor's units; otherwise ``feat`` holds the means and standard deviations
@@ -521,20 +510,7 @@ def stage_nodes(model, tensor: str, key: str, grid: int = 0, row_step: int = 1
     dq = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == x), None) \
         if x != tensor else None
     affine = _per_tensor_affine(model, dq)  # (scale, zero point) where the quantized tensor can be read instead
-    dims = _inferred_type(model, tensor) if grid > 0 else None  # (shape inference: only if asked)
-    dims = [d.dim_value for d in dims.shape.dim] if dims is not None else []
-    stride = stage_stride(dims[2] if len(dims) == 4 else 0, grid) if grid > 0 else 1
-    if stride > 1:
-        pool = {"kernel_shape": [1, 1], "strides": [stride, stride]}
-        if dq is not None and _opset(model) >= 12:  # MaxPool reads uint8 / int8 from opset 12
-            x = node("MaxPool", [dq.input[0]], "sub_q", **pool)
-            if affine is None:
-                x = node("DequantizeLinear", [x] + list(dq.input[1:]), "sub",
-                         **{a.name: helper.get_attribute_value(a) for a in dq.attribute})
-        else:
-            x = node("MaxPool", [x], "sub", **pool)
-            affine = None
-    elif affine is not None:
+    if affine is not None:
         x = dq.input[0]
     if row_step > 1:
         # every row_step-th row, all columns: a Slice copying whole rows (of the integers in an INT8 file),
@@ -618,11 +594,11 @@ def _per_tensor_affine(model, dq) -> Optional[Tuple[float, float]]:
 
 
 def stage_features(model_path: str | Path, spec: ModelSpec, pixels: np.ndarray, tensors: List[str],
-                   batch_size: int = 32, threads: int = 0, grid: int = 0,
+                   batch_size: int = 32, threads: int = 0,
                    row_step: int | Sequence[int] = 1) -> List[np.ndarray]:
     """Each stage branch's input ``[N, 2 C]`` for ``pixels``, computed by the same nodes the domain
-    graph appends (run on a copy of the file with those nodes as extra outputs; ``grid`` and
-    ``row_step``, one for all tensors or one per tensor, as in :func:`stage_feature_nodes`)."""
+    graph appends (run on a copy of the file with those nodes as extra outputs; ``row_step``, one for
+    all tensors or one per tensor, as in :func:`stage_feature_nodes`)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -634,7 +610,7 @@ def stage_features(model_path: str | Path, spec: ModelSpec, pixels: np.ndarray, 
     names = []
     steps = [row_step] * len(tensors) if isinstance(row_step, int) else list(row_step)
     for i, (t, step) in enumerate(zip(tensors, steps)):
-        nodes, feat = stage_feature_nodes(model, t, f"{PREFIX}probe{i + 1}/", grid, step)
+        nodes, feat = stage_feature_nodes(model, t, f"{PREFIX}probe{i + 1}/", step)
         model.graph.node.extend(nodes)
         model.graph.output.append(helper.make_tensor_value_info(feat, TensorProto.FLOAT, None))
         names.append(feat)
@@ -761,9 +737,9 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
     stages: Dict[str, str] = {}  # tensor -> its [N, 2C] channel means and standard deviations
     units: Dict[str, Tuple[float, np.ndarray]] = {}   # such an input in quantized units -> (scale, offset)
 
-    def stage(tensor: str, grid: int, row_step: int) -> str:
+    def stage(tensor: str, row_step: int) -> str:
         if tensor not in stages:
-            new_nodes, feat, affine = stage_nodes(model, tensor, f"{prefix}stage{len(stages) + 1}/", grid, row_step)
+            new_nodes, feat, affine = stage_nodes(model, tensor, f"{prefix}stage{len(stages) + 1}/", row_step)
             nodes.extend(new_nodes)
             stages[tensor] = feat
             if affine is not None:
@@ -785,7 +761,7 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
         if br.source == "thumbnail":
             x = thumbnail(br.grid)
         elif br.source == "stage":
-            x = stage(br.tensor, br.grid, br.row_step)
+            x = stage(br.tensor, br.row_step)
         elif br.source in outputs:
             x = br.source
         else:
@@ -940,16 +916,15 @@ def branch_inputs(spec: ModelSpec, pixels: np.ndarray, feats: np.ndarray,
 
 def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], labels: np.ndarray,
                  val: Dict[str, np.ndarray], rank: int = DEFAULT_RANK, taps: Optional[List[str]] = None,
-                 features_branch: bool = False, stage_grid: int = 0,
+                 features_branch: bool = False,
                  stage_rank: int = DEFAULT_STAGE_RANK,
                  stage_row_step: int | Sequence[int] = 1) -> Tuple[List[Branch], List[str], np.ndarray]:
     """The branches fitted on ``train`` and standardised on ``val``, which input each reads, and
     their standardised validation terms ``[branches, N]``. ``taps``: the tensors of the stage
     branches (``train`` and ``val`` hold their statistics as ``stage1``, ``stage2``, ...).
     ``features_branch=True`` adds a branch on the pooled features (see :func:`add_domain_stats`).
-    ``stage_grid``: how the stage statistics were read (see :func:`stage_feature_nodes`); ``stage_rank``:
-    the rank of the stage branches (``rank``: of the others); ``stage_row_step``: every how many rows
-    they were read, one for all or one per tap (see :func:`stage_feature_nodes`)."""
+    ``stage_rank``: the rank of the stage branches (``rank``: of the others); ``stage_row_step``: every
+    how many rows they were read, one for all or one per tap (see :func:`stage_feature_nodes`)."""
     s16 = fit_stats(train[f"thumb{THUMB}"], labels, rank)
     s8 = fit_stats(train[f"thumb{THUMB_COARSE}"], labels, rank)
     s4 = fit_stats(train[f"thumb{THUMB_COARSEST}"], labels, rank)
@@ -964,7 +939,7 @@ def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], 
     steps = [stage_row_step] * len(taps or []) if isinstance(stage_row_step, int) else list(stage_row_step)
     for i, tensor in enumerate(taps or []):
         key = f"stage{i + 1}"
-        branches.append(Branch(key, "distance", "stage", fit_stats(train[key], labels, stage_rank), stage_grid,
+        branches.append(Branch(key, "distance", "stage", fit_stats(train[key], labels, stage_rank),
                                tensor=tensor, row_step=steps[i]))
         keys.append(key)
     terms = []
@@ -979,7 +954,7 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
                      val_pixels: np.ndarray, out_path: Optional[str | Path] = None, rank: int = DEFAULT_RANK,
                      flag_rate: float = DEFAULT_FLAG_RATE, threads: int = 0, source: str = "",
                      taps: Optional[List[str]] = None, features_branch: Optional[bool] = None,
-                     stage_grid: int = 0, stage_rank: int = DEFAULT_STAGE_RANK,
+                     stage_rank: int = DEFAULT_STAGE_RANK,
                      stage_tall_rows: int = DEFAULT_STAGE_TALL_ROWS) -> Dict[str, Any]:
     """Fit on ``train_pixels`` through this file's own features, standardise and calibrate on ``val_pixels``.
 
@@ -993,22 +968,16 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
     the stage statistics by at most 0.09), and without it re-fitted files flag as much or more (a
     choice made after measuring on ``foreign_cxr``, see the module docstring).
 
-    ``stage_grid`` > 0 reads each stage tensor on at most that many positions a side
-    (:func:`stage_feature_nodes`): cheaper, at some loss of sensitivity where the signal is fine
-    texture (VGG16's first block). Measured with 28 on re-fitted copies of the shipped files (module
-    docstring), when stage tensors were still dequantized: the check's cost fell from 9.5 / 25.4 /
-    12.0% to 4.9 / 18.6 / 11.2% of the classifier, and VGG16 then missed one of 12 laterals and
-    flagged 84% of adults instead of 88%. With the integer read the full tensors cost less than that
-    subsample did (6.6 / 5.9 / 9.1%), and 56 on VGG16 saved nothing. Default 0 (every position).
-
     ``stage_rank``: the eigenvectors kept exactly for a stage branch (``rank``: for the others;
     :data:`DEFAULT_STAGE_RANK`).
 
     ``stage_tall_rows``: a stage tensor taller than this is read on every second row, every column
-    (:data:`DEFAULT_STAGE_TALL_ROWS`; 0: every row; only without ``stage_grid``). Where ``stage_grid``
-    subsamples with a strided MaxPool, which onnxruntime runs slower than reading the whole tensor, this
-    is a Slice of whole rows, which it runs fast; the spec records each tensor's step
-    (``stage_row_steps``).
+    (:data:`DEFAULT_STAGE_TALL_ROWS`; 0: every row): a Slice of whole rows, which onnxruntime runs
+    fast; the spec records each tensor's step (``stage_row_steps``). (An earlier ``stage_grid`` read
+    every s-th row *and column* with a strided MaxPool, which onnxruntime ran slower than the whole
+    tensor: measured with 28 on re-fitted copies when stage tensors were still dequantized, it cut the
+    cost from 9.5 / 25.4 / 12.0% to 4.9 / 18.6 / 11.2% but VGG16 missed one of 12 laterals and flagged
+    84% of adults instead of 88%; with the integer read it saved nothing. It was removed.)
 
     Writes ``out_path`` (default: in place) and returns the spec's new
     ``domain`` block. The probabilities output is checked to be bit-identical before and after (an FP16
@@ -1028,16 +997,15 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
         features_branch = not taps
     if stage_tall_rows < 0:
         raise ValueError(f"stage_tall_rows must be 0 (every row) or a positive row count, not {stage_tall_rows}")
-    # a stage_grid subsample already limits the rows: stage_tall_rows applies only without one
-    stage_row_step = stage_row_steps(model_path, taps, 0 if stage_grid > 0 else stage_tall_rows)
+    stage_row_step = stage_row_steps(model_path, taps, stage_tall_rows)
     train_in = branch_inputs(spec, train_pixels, feats,
-                             stage_features(model_path, spec, train_pixels, taps, threads=threads, grid=stage_grid,
+                             stage_features(model_path, spec, train_pixels, taps, threads=threads,
                                             row_step=stage_row_step))
     val_in = branch_inputs(spec, val_pixels, val_feats,
-                           stage_features(model_path, spec, val_pixels, taps, threads=threads, grid=stage_grid,
+                           stage_features(model_path, spec, val_pixels, taps, threads=threads,
                                           row_step=stage_row_step))
     branches, keys, val_terms = fit_branches(spec, feat_name, train_in, train_labels, val_in, rank, taps,
-                                             features_branch, stage_grid, stage_rank, stage_row_step)
+                                             features_branch, stage_rank, stage_row_step)
     kernels = {grid: pool_kernel(spec, grid) for grid in THUMB_GRIDS}
     # written beside the target and moved over it only once every check has passed: a failed check
     # leaves the file as it was
@@ -1068,7 +1036,6 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
                      "the squared Mahalanobis distance), or for orientation log(d2 upright) - log(d2 rotated 180 "
                      "degrees)",
             "stage_tensors": taps,
-            "stage_grid": int(stage_grid),
             "stage_tall_rows": int(stage_tall_rows),
             "stage_row_steps": [int(k) for k in stage_row_step],
             "threshold": threshold,
@@ -1130,17 +1097,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="a branch on the pooled features too (default: only when the file gets no stage "
                         "branches; since 2026-11-29 VGG16, ResNet50 and InceptionV3 files get none: it is the "
                         "branch INT8 rounding moves most between engines; see add_domain_stats)")
-    p.add_argument("--stage-grid", type=int, default=0, metavar="G",
-                   help="read each stage tensor on at most G x G positions (every s-th row and column; in an "
-                        "INT8 file before dequantizing): a cheaper check at some loss of sensitivity "
-                        "(default 0 = every position; see add_domain_stats)")
     p.add_argument("--stage-tall-rows", type=int, default=DEFAULT_STAGE_TALL_ROWS, metavar="R",
                    help="read a stage tensor taller than R rows on every second row, every column: cheaper, "
                         f"and flags as much (default {DEFAULT_STAGE_TALL_ROWS}; 0 = every row of every tensor)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
-    if args.stage_grid < 0:
-        p.error("--stage-grid must be 0 (every position) or a positive grid size")
     if args.stage_tall_rows < 0:
         p.error("--stage-tall-rows must be 0 (every row) or a positive row count")
     taps = None if args.taps is None else [t for t in args.taps.split(",") if t and args.taps != "none"]
@@ -1155,7 +1116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         tr_px, tr_y, va_px = sets[size]
         block = add_domain_stats(path, tr_px, tr_y, va_px, args.out, args.rank, args.flag_rate, args.threads,
                                  source=str(args.data), taps=taps, features_branch=args.features_branch,
-                                 stage_grid=args.stage_grid, stage_rank=args.stage_rank,
+                                 stage_rank=args.stage_rank,
                                  stage_tall_rows=args.stage_tall_rows)
         print(f"{args.out or path}: domain threshold {block['threshold']:.4g} (val flag rate "
               f"{block['flag_rate_validation']:.3f}), {block['fit']['images']} train images, rank {block['rank']}, "

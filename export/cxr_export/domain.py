@@ -254,7 +254,13 @@ THUMB_GRIDS = (THUMB, THUMB_COARSE, THUMB_COARSEST)
 #: InceptionV3 lost its second stem max-pool (192 x 25 x 25) on 2026-11-29 (seventh session): without
 #: it the cached statistics of the shipped file flagged the same 93.0% of adults, 4.2% of the test
 #: split instead of 5.0%, and every lateral, CT and built kind, and the check costs about a point
-#: less (a cost choice made on measurements that include foreign_cxr).
+#: less (a cost choice made on measurements that include foreign_cxr). Its Mixed-block outputs
+#: (Concat_2, Concat_7) cost most on OpenVINO, which materialises their uint8 tensors with reference
+#: Convert kernels for the check (74 and 44 us of its profile), so the ResNet50 search was repeated on
+#: 65 conv outputs inside Mixed_5b to Mixed_6e (seventh session): the two best on Actualmed alone
+#: (Relu_7, Relu_9: 96 and 94% of its adults each) with the stem max-pool and the thumbnails flagged
+#: 91.1% of adults (case reports, which the choice did not see: 91.3%) against 94.3% (95.2%) with
+#: the Mixed-block outputs, so they were not taken.
 STAGE_TAPS: Dict[str, Tuple[str, ...]] = {
     "vgg16": ("/features.4/MaxPool_output_0", "/features.9/MaxPool_output_0", "/features.16/MaxPool_output_0",
               "/features.23/MaxPool_output_0"),

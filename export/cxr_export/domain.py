@@ -503,7 +503,7 @@ def stage_nodes(model, tensor: str, key: str, row_step: int = 1
     of the quantized integers ``q`` and ``affine = (s, offset)``, with ``s (feat - offset)`` those of
     the dequantized tensor (``offset``: the zero point for each mean, 0 for each standard deviation),
     an affine map :func:`add_domain_graph` folds into its centres and weights."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     x = resolve_tap(model, tensor)
     nodes: List[Any] = []
@@ -523,8 +523,6 @@ def stage_nodes(model, tensor: str, key: str, row_step: int = 1
         # which onnxruntime runs far faster than a strided MaxPool (measured 2026-11-29, uint8 [1, 64, 54, 54]
         # read through a Cast, both moments, no thread spinning: 50 us with every 2nd row, 72 us for every
         # row, 127 us with every 2nd row and column by MaxPool, 63 us by a Slice on both axes)
-        from onnx import numpy_helper
-
         big = np.iinfo(np.int64).max
         for name, value in (("rows_start", [0]), ("rows_end", [big]), ("rows_axis", [2]), ("rows_step", [row_step])):
             model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), key + name))
@@ -540,8 +538,6 @@ def stage_nodes(model, tensor: str, key: str, row_step: int = 1
     # and a Flatten (measured 2026-11-29 on a uint8 [1, 64, 54, 54] tensor read through a Cast, both
     # moments: 71 against 90 us without thread spinning, 44 against 53 us with it)
     if _opset(model) >= 18:
-        from onnx import numpy_helper
-
         model.graph.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), key + "axes"))
         mean = node("ReduceMean", [x, key + "axes"], "mean", keepdims=0)
         msq = node("ReduceMean", [node("Mul", [x, x], "x2"), key + "axes"], "msq", keepdims=0)
@@ -559,11 +555,21 @@ def stage_nodes(model, tensor: str, key: str, row_step: int = 1
     return nodes, feat, (scale, np.concatenate([np.full(channels, zero), np.zeros(channels)]))
 
 
+def _dims(model, tensor: str) -> List[int]:
+    """``tensor``'s dimensions by shape inference (0 for an unknown one; [] when the shape is unknown)."""
+    inferred = _inferred_type(model, tensor)
+    return [d.dim_value for d in inferred.shape.dim] if inferred is not None else []
+
+
 def _channels(model, tensor: str) -> Optional[int]:
     """The channel count (dimension 1) of 4-D ``tensor``, by shape inference; None when unknown."""
-    inferred = _inferred_type(model, tensor)
-    dims = [d.dim_value for d in inferred.shape.dim] if inferred is not None else []
+    dims = _dims(model, tensor)
     return dims[1] if len(dims) == 4 and dims[1] > 0 else None
+
+
+def _per_tap(row_step: int | Sequence[int], count: int) -> List[int]:
+    """One row step per stage tensor: ``row_step`` for each of ``count``, or the sequence as given."""
+    return [row_step] * count if isinstance(row_step, int) else list(row_step)
 
 
 def stage_row_steps(model_path: str | Path, tensors: Sequence[str], tall_rows: int) -> List[int]:
@@ -574,12 +580,7 @@ def stage_row_steps(model_path: str | Path, tensors: Sequence[str], tall_rows: i
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    steps = []
-    for t in tensors:
-        inferred = _inferred_type(model, t)
-        dims = [d.dim_value for d in inferred.shape.dim] if inferred is not None else []
-        steps.append(2 if len(dims) == 4 and dims[2] > tall_rows else 1)
-    return steps
+    return [2 if len(dims) == 4 and dims[2] > tall_rows else 1 for dims in (_dims(model, t) for t in tensors)]
 
 
 def _per_tensor_affine(model, dq) -> Optional[Tuple[float, float]]:
@@ -614,8 +615,7 @@ def stage_features(model_path: str | Path, spec: ModelSpec, pixels: np.ndarray, 
     strip_domain_graph(model)
     spec = spec_without_graphs(spec, domain=True)  # the probe has no domain outputs, whatever the spec says
     names = []
-    steps = [row_step] * len(tensors) if isinstance(row_step, int) else list(row_step)
-    for i, (t, step) in enumerate(zip(tensors, steps)):
+    for i, (t, step) in enumerate(zip(tensors, _per_tap(row_step, len(tensors)))):
         nodes, feat = stage_feature_nodes(model, t, f"{PREFIX}probe{i + 1}/", step)
         model.graph.node.extend(nodes)
         model.graph.output.append(helper.make_tensor_value_info(feat, TensorProto.FLOAT, None))
@@ -942,7 +942,7 @@ def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], 
     if features_branch:
         branches.insert(0, Branch("features", "distance", feat_name, fit_stats(train["features"], labels, rank)))
         keys.insert(0, "features")
-    steps = [stage_row_step] * len(taps or []) if isinstance(stage_row_step, int) else list(stage_row_step)
+    steps = _per_tap(stage_row_step, len(taps or []))
     for i, tensor in enumerate(taps or []):
         key = f"stage{i + 1}"
         branches.append(Branch(key, "distance", "stage", fit_stats(train[key], labels, stage_rank),

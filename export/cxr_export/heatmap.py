@@ -22,9 +22,9 @@ the batch-1 time of the VGG16 / ResNet50 / InceptionV3 INT8 files shipped until 
 sixth commit. Most of it was the dequantization of the first head weight ([1024, 2048] for
 ResNet50), which onnxruntime kept for this second reader. An INT8 file now multiplies by that
 int8 weight as integers instead (:func:`_int8_rows`): the files shipped since pay 0.6% / 1.1% /
-2.0% (0.6% / 2.2% / 1.8% in a later run: benchmarks/results/graphcost-shipped-heatmap.md), and their maps differ from the
-dequantized weight's by a median of 0.12% / 0.15% / 0.04% of their maximum, at most 1.2% / 3.3% /
-1.4%, over 977 test, foreign and full-size images.
+2.0% (0.6% / 2.2% / 1.8% in a later run: benchmarks/results/graphcost-shipped-heatmap.md), and
+their maps differ from the dequantized weight's by a median of 0.12% / 0.15% / 0.04% of their
+maximum, at most 1.2% / 3.3% / 1.4%, over 977 test, foreign and full-size images.
 Nothing on the probabilities path changes (checked bit for bit when the nodes are added).
 
 Add it to an existing file (in place unless ``--out``)::

@@ -547,3 +547,143 @@ def test_a_failed_check_leaves_the_file_as_it_was(plain_model, tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="numpy reference"):
         domain.add_domain_stats(target, train, np.arange(120) % 2, gray_images(60, 4), threads=1)
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_operating_points_choose_a_stricter_or_looser_check(domain_model, plain_model):
+    """cxr-export writes a threshold per validation flag rate; domain_flag_rate picks (and interpolates)
+    one, domain_threshold sets one, and a stricter point flags about its share of validation-like images."""
+    path, block, _ = domain_model
+    spec = read_spec(path)
+    points = spec.domain_operating_points
+    rates = [r for r, _ in points]
+    assert rates == sorted(rates) and {0.01, 0.05, 0.10, 0.30} <= set(rates)
+    assert [t for _, t in points] == sorted((t for _, t in points), reverse=True)
+    assert dict(points)[0.05] == pytest.approx(block["threshold"])  # the file's own point is one of them
+    val = gray_images(200, 1)  # the images the thresholds were set on
+    own = Classifier(path, threads=1)
+    strict = Classifier(path, threads=1, domain_flag_rate=0.30)
+    assert own.domain_threshold == pytest.approx(Classifier(path, threads=1, domain_flag_rate=0.05).domain_threshold)
+    assert strict.domain_threshold == pytest.approx(dict(points)[0.30])
+    assert strict.domain_threshold < own.domain_threshold
+    mid = Classifier(path, threads=1, domain_flag_rate=0.125).domain_threshold  # between 0.10 and 0.15
+    assert dict(points)[0.15] <= mid <= dict(points)[0.10]
+    flagged = np.mean([p.in_domain is False for p in strict.predict(list(val))])
+    assert abs(flagged - 0.30) <= 0.02 and np.mean([p.in_domain is False for p in own.predict(list(val))]) <= 0.07
+    assert strict.info()["domain_check"]["threshold_source"].startswith("flags 30.0% of the file's validation")
+    assert [p["flag_rate"] for p in own.info()["domain_check"]["operating_points"]] == rates
+    # a raw threshold: just below one image's score flags it, just above does not
+    score = own.predict(val[0]).domain_score
+    assert Classifier(path, threads=1, domain_threshold=score - 1e-3).predict(val[0]).in_domain is False
+    assert Classifier(path, threads=1, domain_threshold=score + 1e-3).predict(val[0]).in_domain is True
+    with pytest.raises(ValueError, match="not both"):
+        Classifier(path, threads=1, domain_threshold=1.0, domain_flag_rate=0.1)
+    with pytest.raises(ModelError, match=r"outside the file's operating points \(0.01 to 0.3\)"):
+        Classifier(path, threads=1, domain_flag_rate=0.5)
+    with pytest.raises(ValueError, match="domain_check=True"):
+        Classifier(path, threads=1, domain_flag_rate=0.1, domain_check=False)
+    with pytest.raises(ModelError, match="has no domain statistics"):
+        Classifier(plain_model, threads=1, domain_threshold=1.0)
+
+
+def test_a_file_without_operating_points_takes_a_threshold(domain_model, tmp_path):
+    from cxr_export.modelio import write_spec
+
+    old = tmp_path / "old.onnx"
+    old.write_bytes(domain_model[0].read_bytes())
+    spec = read_spec(old)
+    del spec.raw["domain"]["operating_points"]
+    write_spec(old, spec)
+    assert read_spec(old).domain_operating_points == []
+    with pytest.raises(ModelError, match="has no domain operating points .* pass a domain threshold"):
+        Classifier(old, threads=1, domain_flag_rate=0.1)
+    assert Classifier(old, threads=1, domain_threshold=0.25).domain_threshold == 0.25
+
+
+@pytest.mark.parametrize("points", [
+    "0.05", [{"flag_rate": 0.1, "threshold": 1.0}, {"flag_rate": 0.05, "threshold": 1.5}],  # rates decrease
+    [{"flag_rate": 0.05, "threshold": 1.0}, {"flag_rate": 0.1, "threshold": 1.5}],  # thresholds increase
+    [{"flag_rate": 1.0, "threshold": 1.0}], [{"flag_rate": 0.05, "threshold": "1.5"}],
+    [{"flag_rate": 0.05, "threshold": float("nan")}], [[0.05, 1.5]]])
+def test_malformed_operating_points_are_refused(points):
+    from cxr_infer.spec import ModelSpec
+
+    spec = ModelSpec.new(backbone="tiny", features_output="features").raw
+    spec["outputs"]["domain_score"] = "domain_score"
+    spec["domain"] = {"threshold": 1.5, "operating_points": points}
+    with pytest.raises(ModelError, match="domain.operating_points must be a list"):
+        ModelSpec(spec).validate()
+
+
+def test_cli_domain_strictness(domain_model, images):
+    path, _, _ = domain_model
+    gray, color = images
+    r = run_cli("--model", str(path), "--format", "jsonl", "--domain-threshold", "1e9", str(gray), str(color))
+    assert r.returncode == 0 and [json.loads(x)["in_domain"] for x in r.stdout.decode().splitlines()] == [True, True]
+    r = run_cli("--model", str(path), "--format", "jsonl", "--domain-threshold=-1e9", str(gray), str(color))
+    assert [json.loads(x)["in_domain"] for x in r.stdout.decode().splitlines()] == [False, False]
+    r = run_cli("--model", str(path), "--domain-flag-rate", "10%", "--info")
+    dom = json.loads(r.stdout)["domain_check"]
+    assert r.returncode == 0 and dom["threshold"] == pytest.approx(dict(read_spec(path).domain_operating_points)[0.10])
+    for bad, why in ((["--domain-flag-rate", "2"], "not a share in (0, 1)"),
+                     (["--domain-threshold", "x"], "is not a number"),
+                     (["--domain-flag-rate", "0.1", "--domain-threshold", "1"], "not allowed with argument")):
+        r = run_cli("--model", str(path), *bad, str(gray))
+        assert r.returncode == 2 and why in r.stderr.decode(), r.stderr
+    r = run_cli("--model", str(path), "--domain-flag-rate", "0.6", str(gray))
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and "outside the file's operating points" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_bench_domain_operating_points(domain_model, xrays224, tmp_path, capsys):
+    """The table comes from the file's points; for a file without them, from its validation images,
+    rebuilt from the training folder and checked against the file's split hash."""
+    import shutil
+
+    from cxr_bench.cli import main
+    from cxr_export.modelio import write_spec
+    from cxr_train import data as D
+
+    data = tmp_path / "data"
+    for f in xrays224[:3] + xrays224[6:9]:
+        (data / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, data / f.parent.name / f.name)
+    out = tmp_path / "out"
+    assert main(["domain", "--model", str(domain_model[0]), "--data", str(data), "--count", "2", "--kinds", "noise",
+                 "--out", str(out), "-q"]) == 0
+    (m,) = json.loads((out / "domain.json").read_text())["models"]
+    op = m["operating_points"]
+    assert op["source"] == "the file's domain.operating_points"
+    assert [p["flag_rate"] for p in op["points"]] == [r for r, _ in read_spec(domain_model[0]).domain_operating_points]
+    assert all(p["flagged"]["noise"] == 1.0 for p in op["points"])
+    assert "## Operating points" in (out / "domain.md").read_text()
+    # a file without points, whose provenance names the split of a small training folder
+    from PIL import Image
+
+    train = tmp_path / "train"
+    for label, imgs in (("NORMAL", gray_images(40, 21)), ("PNEUMONIA", gray_images(40, 22))):
+        (train / label).mkdir(parents=True)
+        for i, img in enumerate(imgs):
+            Image.fromarray(img).save(train / label / f"person{i}{label[0]}_x_{i}.png")
+    tr, va = D.split_by_patient(D.scan_folder(train), 0.1, 0)
+    old = tmp_path / "old.onnx"
+    old.write_bytes(domain_model[0].read_bytes())
+    spec = read_spec(old)
+    del spec.raw["domain"]["operating_points"]
+    spec.raw["provenance"]["split_hash"] = D.manifest(tr, va, train, 0, 0.1)["hash"]
+    write_spec(old, spec)
+    assert main(["domain", "--model", str(old), "--data", str(data), "--count", "2", "--kinds", "noise",
+                 "--validation", str(train), "--out", str(out), "-q"]) == 0
+    (m,) = json.loads((out / "domain.json").read_text())["models"]
+    op = m["operating_points"]
+    assert op["source"] == f"quantiles of the domain scores of the file's {len(va)} validation images"
+    assert all(abs(p["validation"] - p["flag_rate"]) <= 1.0 / len(va) + 1e-9 or p["flag_rate"] < 1.0 / len(va)
+               for p in op["points"])
+    # the wrong folder is refused, naming both splits
+    spec.raw["provenance"]["split_hash"] = "0" * 64
+    write_spec(old, spec)
+    capsys.readouterr()
+    assert main(["domain", "--model", str(old), "--data", str(data), "--count", "2", "--kinds", "noise",
+                 "--validation", str(train), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "the split rebuilt from it (seed 0, validation fraction 0.1) is" in err and "not the model's 00000000" in err

@@ -81,9 +81,10 @@ CROSS_EXTRA: Dict[Tuple[str, str], Tuple[str, Set[str]]] = {
     # `cxr-bench latency --checkpoint RUN` times the PyTorch eager baseline in cxr_bench.worker:
     # it needs pip install '.[bench,train]'. cxr_bench.latency.checkpoint_info reads the run
     # folder with the torch-free cxr_train.checkpoint.checkpoint_summary (cxr_train ships in
-    # every install) and says which extras to install when torch is missing.
+    # every install) and says which extras to install when torch is missing. `cxr-bench domain
+    # --validation` rebuilds a model's split with the torch-free cxr_train.data (numpy, cxr_infer).
     ("cxr_bench", "torch"): ("train", {"cxr_bench.worker"}),
-    ("cxr_bench", "cxr_train"): ("train", {"cxr_bench.worker", "cxr_bench.latency"}),
+    ("cxr_bench", "cxr_train"): ("train", {"cxr_bench.worker", "cxr_bench.latency", "cxr_bench.domain"}),
 }
 
 #: Import name -> the distributions that provide it (default: the same name).

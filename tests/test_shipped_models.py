@@ -312,3 +312,25 @@ def test_readme_names_the_shipped_files(readme):
     models_readme = (REPO / "models" / "README.md").read_text()
     for rel in FILES:
         assert rel in models_readme, f"models/README.md does not name {rel}"
+
+
+def test_readme_operating_points_were_measured_on_these_bytes(readme):
+    """README's table of thresholds set to flag 10% of the validation images = the operating points
+    benchmarks/results/domain.json measured on these bytes (cxr-bench domain --validation)."""
+    report = json.loads((RESULTS / "domain.json").read_text())
+    by_sha = {m["sha256"]: m for m in report["models"]}
+    text = " ".join(readme.split())
+    for rel in FILES:
+        m = by_sha.get(_sha256(REPO / rel))
+        assert m and m.get("operating_points"), f"{rel}: no operating points in benchmarks/results/domain.json"
+        (p,) = [p for p in m["operating_points"]["points"] if p["flag_rate"] == pytest.approx(0.10)]
+        name = SHIPPED[rel][1].split()[1]  # "VGG16", "ResNet50", "InceptionV3"
+        row = re.search(r"\| " + re.escape(name) + r"(?: \(default\))? \| ([\d.]+) \| ([\d.]+)% \| ([\d.]+)% \| "
+                        r"([\d.]+)% \| 100% \|", text)
+        assert row, f"README's operating-point table has no row for {name}"
+        assert float(row.group(1)) == pytest.approx(p["threshold"], abs=6e-5)
+        assert float(row.group(2)) == round(100 * p["flagged"]["test split"], 1)
+        assert float(row.group(3)) == round(100 * p["flagged"]["originals"], 1)
+        assert float(row.group(4)) == round(100 * p["flagged"]["adult_frontal"], 1)
+        assert p["flagged"]["lateral"] == p["flagged"]["ct"] == 1.0
+        assert all(p["flagged"][k] == 1.0 for k in m["kinds"] if k != "mirrored")

@@ -117,6 +117,9 @@ examples:
       --originals ../shared/data/kermany_fullres
       also real adult, lateral and CT images (evaluation only), and the in-domain control: full-size
       Kermany originals read the way the runtime reads a user's file
+  cxr-bench domain --model m.onnx --data {TEST_SPLIT} --validation ../shared/data/chest_xray_224/train
+      also the operating points: flag rates at stricter and looser thresholds, each set to flag 1 to
+      30% of the model's validation images (for cxr-infer --domain-threshold S)
 
 kinds: photos (scikit-image / matplotlib sample photographs; pip install scikit-image),
 documents (text rendered with Pillow), noise, inverted, upside_down, rotated_90, cropped
@@ -283,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in-domain images at their original size, read the way the runtime reads a user's file "
                         "(e.g. ../shared/data/kermany_fullres): a check that reacts to the offline-resized test "
                         "split's pipeline instead of the image flags them")
+    d.add_argument("--validation", metavar="TRAIN_DIR",
+                   help="the models' training folder (e.g. ../shared/data/chest_xray_224/train): its validation "
+                        "part, rebuilt and checked against each file's split hash, sets the thresholds of the "
+                        "operating-point table (flag rates at stricter or looser checks) for files that carry no "
+                        "operating points of their own")
     d.add_argument("--batch", type=_positive, default=16, metavar="N", help="inference batch size (default 16)")
     d.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N", help="onnxruntime threads")
     common(d, summary=False)
@@ -395,7 +403,7 @@ def _run(args: argparse.Namespace) -> int:
         kinds = [k for k in (args.kinds or ",".join(KINDS)).split(",") if k]
         rep = run_domain(args.model, args.data, args.out, count=args.count, kinds=kinds, batch=args.batch,
                          threads=args.threads, name=args.name, quiet=args.quiet, foreign=args.foreign,
-                         originals=args.originals)
+                         originals=args.originals, validation=args.validation)
         return 0 if all(m.get("domain") for m in rep["models"]) else 1
     elif args.command == "graphcost":
         from .graphcost import run_graphcost

@@ -345,6 +345,59 @@ def flag_rate_by_source(files: List[str], scores: np.ndarray, thr: float, rows: 
     return {src: {"images": len(v), "flag_rate": float(np.mean(np.asarray(v) > thr))} for src, v in sorted(groups.items())}
 
 
+def validation_files(train_dir: str | Path, spec: Any, seed: int = 0, val_fraction: float = 0.1) -> List[Path]:
+    """The validation images of the file's training split, rebuilt from its training folder the way
+    ``cxr-train`` made it (patient-wise, ``seed`` and ``val_fraction`` its defaults) and checked against
+    the split hash the file records: in-population images the domain check was calibrated on and
+    never fitted on.
+
+    Raises:
+        BenchError: the file records no split hash, or the rebuilt split is not the file's.
+    """
+    from cxr_train import data as D  # torch-free
+
+    want = str((spec.raw.get("provenance") or {}).get("split_hash") or "")
+    if not want:
+        raise BenchError("--validation: the model file records no split_hash, so its validation images cannot be "
+                         "told from its training ones")
+    root = Path(train_dir)
+    if not root.is_dir():
+        raise BenchError(f"--validation {train_dir}: no such folder (give the training folder the models were "
+                         "trained on, e.g. ../shared/data/chest_xray_224/train)")
+    train, val = D.split_by_patient(D.scan_folder(root), val_fraction, seed)
+    got = D.manifest(train, val, root, seed, val_fraction)["hash"]
+    if got != want:
+        raise BenchError(f"--validation {train_dir}: the split rebuilt from it (seed {seed}, validation fraction "
+                         f"{val_fraction}) is {got[:8]}, not the model's {want[:8]}: was the model trained on another "
+                         "folder, seed or --max-images?")
+    return [Path(v.path) for v in val]
+
+
+def operating_table(spec: Any, val_scores: Optional[np.ndarray], scores: Dict[str, np.ndarray]
+                    ) -> Optional[Dict[str, Any]]:
+    """Flag rates at other thresholds than the file's own: its ``domain.operating_points`` where it has
+    them, else thresholds set on ``val_scores`` (the validation images, :func:`validation_files`) at the
+    same rates cxr-export writes. ``scores``: name -> the domain scores of each measured set. None when
+    neither is available."""
+    from cxr_export.domain import OPERATING_RATES, calibrate
+
+    points = list(spec.domain_operating_points)
+    source = "the file's domain.operating_points"
+    if not points:
+        if val_scores is None or not len(val_scores):
+            return None
+        points = [(r, calibrate(val_scores, r)) for r in OPERATING_RATES]
+        source = f"quantiles of the domain scores of the file's {len(val_scores)} validation images"
+    rows = []
+    for rate, thr in points:
+        row: Dict[str, Any] = {"flag_rate": rate, "threshold": thr,
+                               "flagged": {k: float(np.mean(v > thr)) for k, v in scores.items() if len(v)}}
+        if val_scores is not None and len(val_scores):
+            row["validation"] = float(np.mean(val_scores > thr))
+        rows.append(row)
+    return {"source": source, "points": rows}
+
+
 def _scores(model, pixels: np.ndarray, batch: int) -> np.ndarray:
     if not len(pixels):
         return np.zeros(0)
@@ -355,11 +408,13 @@ def _scores(model, pixels: np.ndarray, batch: int) -> np.ndarray:
 def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, count: int = 150,
                kinds: Sequence[str] = KINDS, batch: int = 16, threads: int = 1, name: Optional[str] = None,
                quiet: bool = False, foreign: Optional[str | Path] = None,
-               originals: Optional[str | Path] = None) -> Dict[str, Any]:
+               originals: Optional[str | Path] = None, validation: Optional[str | Path] = None) -> Dict[str, Any]:
     """Measure each model's out-of-domain check; write domain.json / domain.md into ``out``.
 
     ``foreign``: a folder whose sub-folders are real out-of-domain kinds; ``originals``: a folder
-    of in-domain images at their original size (see the module docstring)."""
+    of in-domain images at their original size (see the module docstring); ``validation``: the
+    models' training folder, whose validation part (:func:`validation_files`) sets the thresholds
+    of the operating-point table for files that carry none (:func:`operating_table`)."""
     out = Path(out)
     ds = list_dataset(data)
     cache = PixelCache(ds.files, quiet=quiet)
@@ -367,6 +422,7 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
     built: Dict[Tuple[int, int], Dict[str, Tuple[np.ndarray, List[str]]]] = {}
     real: Dict[Tuple[int, int, str], Any] = {}
     full: Dict[Tuple[int, int, str], Any] = {}
+    val_cache: Dict[Any, np.ndarray] = {}
     for path in models:
         model = open_model(path, threads=threads)
         spec = model.spec
@@ -385,6 +441,7 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
         t0 = time.perf_counter()
         thr = float(spec.domain_threshold)
         s_in = _scores(model, test_px, batch)
+        measured: Dict[str, np.ndarray] = {"test split": s_in}
         labels = np.array([lab for lab, k in zip(ds.folder_labels, keep) if k])
         per_label = {lab: float(np.mean(s_in[labels == lab] > thr)) for lab in sorted(set(labels))}
         entry: Dict[str, Any] = {**model.describe(), "domain": spec.raw.get("domain"),
@@ -393,7 +450,7 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
                                                "score_median": float(np.median(s_in))},
                                  "kinds": {}}
         for kind, (px, sources) in built[size].items():
-            s = _scores(model, px, batch)
+            s = measured[kind] = _scores(model, px, batch)
             entry["kinds"][kind] = {"images": int(len(s)), "flag_rate": float(np.mean(s > thr)),
                                     "auroc": auroc(s_in, s), "score_median": float(np.median(s)),
                                     "sources": sources}
@@ -404,7 +461,7 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
             fkinds, rows = real[key]
             entry["foreign"], fscores = {}, {}
             for kind, (px, files) in fkinds.items():
-                s = fscores[kind] = _scores(model, px, batch)
+                s = fscores[kind] = measured[kind] = _scores(model, px, batch)
                 entry["foreign"][kind] = {"images": int(len(s)), "flag_rate": float(np.mean(s > thr)),
                                           "auroc": auroc(s_in, s), "score_median": float(np.median(s)),
                                           "flagged_by_branch": _deciding(model, px, batch, thr),
@@ -417,13 +474,21 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
             if key not in full:
                 full[key] = load_originals(originals, size, spec.resize_method)
             px, files = full[key]
-            s = _scores(model, px, batch)
+            s = measured["originals"] = _scores(model, px, batch)
             entry["originals"] = {"images": int(len(s)), "flag_rate": float(np.mean(s > thr)),
                                   "auroc": auroc(s_in, s), "score_median": float(np.median(s)),
                                   "flagged_by_branch": _deciding(model, px, batch, thr),
                                   "flagged": [f for f, v in zip(files, s) if v > thr]}
             say(f"{model.name}: full-size originals {fmt_pct(entry['originals']['flag_rate'], 1)} flagged "
                 f"(test split {fmt_pct(entry['in_domain']['flag_rate'], 1)})", quiet)
+        val_scores = None
+        if validation is not None and not spec.domain_operating_points:
+            files_v = validation_files(validation, spec)
+            key_v = (str(validation), size, spec.resize_method)
+            if key_v not in val_cache:
+                val_cache[key_v] = PixelCache(files_v, quiet=quiet).pixels(size, spec.resize_method)
+            val_scores = _scores(model, val_cache[key_v], batch)
+        entry["operating_points"] = operating_table(spec, val_scores, measured)
         entry["seconds"] = time.perf_counter() - t0
         results.append(entry)
         say(f"{model.name}: test flag rate {fmt_pct(entry['in_domain']['flag_rate'])}; " + ", ".join(
@@ -431,7 +496,8 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
     report = new_report(KIND, data={"root": str(ds.root), "n_images": len(ds.files), "counts": ds.counts()},
                         count_per_kind=count, seed=0, models=results,
                         foreign=str(foreign) if foreign is not None else None,
-                        originals=str(originals) if originals is not None else None)
+                        originals=str(originals) if originals is not None else None,
+                        validation=str(validation) if validation is not None else None)
     write_report(out, "domain", name, report, render_markdown, quiet)
     return report
 
@@ -512,6 +578,29 @@ def render_markdown(report: Dict[str, Any]) -> str:
                              ", ".join(f"{b} {n}" for b, n in sorted(m["originals"]["flagged_by_branch"].items(),
                                                                       key=lambda t: -t[1])) or "-"]
                             for m in witho]), ""]
+    with_op = [m for m in models if m.get("operating_points")]
+    if with_op:
+        lines += ["## Operating points: a stricter or looser check", "",
+                  "The same scores at other thresholds, each set to flag a share of the model's validation "
+                  "images (in-population X-rays it was calibrated on, never fitted on): a hospital that receives "
+                  "adults or other views can flag more of them in exchange for flagging more children's X-rays. "
+                  "`cxr-infer --domain-flag-rate R` picks a row in files that carry these points, "
+                  "`--domain-threshold S` in any file. The rows are set on validation images only; the other "
+                  "columns are measured.", ""]
+        for m in with_op:
+            op = m["operating_points"]
+            built = [k for k in m["kinds"] if k not in CONTROLS]
+            cols = [k for k in op["points"][0]["flagged"] if k not in built and k not in CONTROLS]
+
+            def lowest(p: Dict[str, Any]) -> str:
+                k = min(built, key=lambda b: p["flagged"][b])
+                return f"{fmt_pct(p['flagged'][k], 1)} ({k})" if p["flagged"][k] < 1.0 else "100%"
+
+            lines += [f"**{m['name']}** (thresholds: {op['source']})", "",
+                      md_table(["validation flagged", "threshold S"] + cols + (["built kinds (lowest)"] if built else []),
+                               [[fmt_pct(p.get("validation", p["flag_rate"]), 1), fmt_num(p["threshold"], 4)]
+                                + [fmt_pct(p["flagged"][k], 1) for k in cols] + ([lowest(p)] if built else [])
+                                for p in op["points"]]), ""]
     branched = [m for m in models if m["domain"].get("flagged_validation_by_branch")]
     if branched:
         names = [b["name"] for b in branched[0]["domain"]["branches"]]

@@ -270,6 +270,8 @@ STAGE_TAPS: Dict[str, Tuple[str, ...]] = {
 STD_EPS = 1e-6      # added to a thumbnail's variance before dividing (a flat image stays finite)
 LOG_EPS = 1e-6      # added to squared distances before the orientation branch's logarithm
 CENTRE_Q, SCALE_Q = 0.5, 0.95
+#: the validation flag rates whose thresholds a file carries (``domain.operating_points``), besides its own
+OPERATING_RATES = (0.01, 0.02, 0.03, 0.05, 0.075, 0.10, 0.15, 0.20, 0.25, 0.30)
 #: the largest change of an FP16 file's probabilities accepted when the graph is added (on a CPU; see
 #: add_domain_stats): the bound FP16 files are held to against FP32 (tests/test_export.py)
 FP16_TOLERANCE = 5e-3
@@ -903,6 +905,13 @@ def standardise_branch(br: Branch, val_values: np.ndarray) -> None:
     br.scale = spread if spread > 1e-6 * max(1.0, abs(br.centre)) else max(1e-6, 1e-3 * abs(br.centre))
 
 
+def operating_points(val_scores: np.ndarray, rates: Sequence[float] = OPERATING_RATES) -> List[Dict[str, float]]:
+    """The spec's ``domain.operating_points``: for each flag rate, the threshold that flags that share
+    of the validation scores (:func:`calibrate`), so a user can choose a stricter or looser check than
+    the file's own (``cxr-infer --domain-flag-rate``). Rates sorted, duplicates dropped."""
+    return [{"flag_rate": float(r), "threshold": calibrate(val_scores, float(r))} for r in sorted(set(rates))]
+
+
 def calibrate(val_scores: np.ndarray, flag_rate: float = DEFAULT_FLAG_RATE) -> float:
     """The threshold above which ``flag_rate`` of the validation scores lie."""
     if not 0.0 < flag_rate < 1.0:
@@ -1047,6 +1056,7 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
             "threshold": threshold,
             "target_flag_rate": flag_rate,
             "flag_rate_validation": float(np.mean(val_scores > threshold)),
+            "operating_points": operating_points(val_scores, tuple(OPERATING_RATES) + (flag_rate,)),
             "flagged_validation_by_branch": deciding,
             "features_output": feat_name,
             "branches": [br.describe(spec.input_name) for br in branches],

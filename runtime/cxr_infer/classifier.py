@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from .errors import InputError, ModelError
 from .model import DEVICES, ModelFile, ModelSource, available_threads  # noqa: F401  (re-exported)
 from .intended_use import IntendedUse, intended_use_of
 from .preprocess import ImageSource, describe, load_image, load_image_and_header
-from .spec import ModelSpec
+from .spec import ModelSpec, threshold_at
 
 #: Where the embedded default model lives (package data; see setup.cfg).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.onnx"
@@ -137,6 +138,11 @@ class Classifier:
             ``{"session.intra_op.allow_spinning": "1"}`` on a machine dedicated to inference.
         domain_check: compute the out-of-domain score when the model has domain statistics
             (default); ``False`` skips it.
+        domain_threshold: overrides the file's domain threshold (scores above it are out of domain):
+            lower flags more images, those outside the intended use and in-population ones alike.
+        domain_flag_rate: the domain threshold that flags this share of the file's validation
+            images (e.g. ``0.10``), from the operating points the file carries (files exported
+            since 2026-11-29; interpolated between them). Not both ``domain_threshold`` and this.
         header_check: check DICOM headers against the model's ``intended_use`` (default);
             ``False`` skips it. Files without an ``intended_use`` block have no header checks.
         images: how many images this classifier will see, when known (``cxr-infer`` passes its
@@ -163,7 +169,8 @@ class Classifier:
                  threshold: Optional[float] = None, warmup: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
                  providers: Optional[Sequence[Any]] = None, session_config: Optional[Mapping[str, str]] = None,
                  domain_check: bool = True, header_check: bool = True, images: Optional[int] = None,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, domain_threshold: Optional[float] = None,
+                 domain_flag_rate: Optional[float] = None) -> None:
         if model is None:
             if not DEFAULT_MODEL.is_file():
                 raise ModelError(f"no default model is installed yet (expected at {DEFAULT_MODEL}); pass a "
@@ -173,6 +180,15 @@ class Classifier:
             raise ValueError("batch_size must be at least 1")
         if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
             raise ValueError(f"threshold {threshold!r} must be a number in [0, 1]")
+        if domain_threshold is not None and domain_flag_rate is not None:
+            raise ValueError("give a domain threshold or a domain flag rate, not both")
+        if domain_threshold is not None and not (isinstance(domain_threshold, (int, float))
+                                                 and not isinstance(domain_threshold, bool)
+                                                 and math.isfinite(domain_threshold)):
+            raise ValueError(f"domain threshold {domain_threshold!r} must be a finite number")
+        if domain_flag_rate is not None and not (isinstance(domain_flag_rate, (int, float))
+                                                 and 0.0 < float(domain_flag_rate) < 1.0):
+            raise ValueError(f"domain flag rate {domain_flag_rate!r} must be a number in (0, 1), e.g. 0.10")
         #: the opened model file (session, spec, graph input): see :class:`cxr_infer.model.ModelFile`
         self.model = ModelFile(model, device=device, threads=threads, providers=providers,
                                session_config=session_config, images=images)
@@ -188,8 +204,33 @@ class Classifier:
         self.threshold: float = float(threshold) if threshold is not None else self.spec.threshold
         self._labels = self.spec.labels
         self._pos = self.spec.positive_index
-        #: the calibrated domain threshold; None when the check is unavailable (or turned off)
+        #: the domain threshold in use (the file's calibrated one unless overridden); None when the check
+        #: is unavailable (or turned off)
         self.domain_threshold: Optional[float] = self.spec.domain_threshold if domain_check else None
+        #: where :attr:`domain_threshold` comes from, in words
+        self.domain_threshold_source = "the model file's" if self.domain_threshold is not None else None
+        if domain_threshold is not None or domain_flag_rate is not None:
+            what = "a domain threshold" if domain_threshold is not None else "a domain flag rate"
+            if not domain_check:
+                raise ValueError(f"{what} needs the image check (domain_check=True)")
+            if self.domain_threshold is None:
+                raise ModelError(f"{self.name}: has no domain statistics, so {what} cannot apply (add them "
+                                 "with python -m cxr_export.domain)")
+            if domain_threshold is not None:
+                self.domain_threshold = float(domain_threshold)
+                self.domain_threshold_source = "set by the caller"
+            else:
+                points = self.spec.domain_operating_points
+                if not points:
+                    raise ModelError(f"{self.name}: has no domain operating points (exported before they were "
+                                     "written); pass a domain threshold instead (cxr-bench domain --validation "
+                                     "gives the threshold for each flag rate)")
+                try:
+                    self.domain_threshold = threshold_at(points, float(domain_flag_rate))
+                except ValueError as e:
+                    raise ModelError(f"{self.name}: {e}") from None
+                self.domain_threshold_source = (f"flags {float(domain_flag_rate):.1%} of the file's validation "
+                                                "images (its operating points)")
         self._outputs = [self.spec.prob_output]
         if self.domain_threshold is not None:
             self._outputs += [self.spec.domain_output] + ([self.spec.domain_terms_output]
@@ -413,9 +454,13 @@ class Classifier:
                         if self.heatmap_available else
                         {"available": False, "reason": "the model file has no heatmap output (add it with python -m "
                                                        "cxr_export.heatmap MODEL.onnx)"}),
-            "domain_check": ({"available": True, "threshold": self.domain_threshold, "output": self.spec.domain_output,
+            "domain_check": ({"available": True, "threshold": self.domain_threshold,
+                              "threshold_source": self.domain_threshold_source,
+                              "output": self.spec.domain_output,
                               "flags_of_in_domain_validation": (self.spec.raw.get("domain") or {}).get(
                                   "flag_rate_validation"),
+                              "operating_points": [{"flag_rate": r, "threshold": t}
+                                                   for r, t in self.spec.domain_operating_points],
                               "branches": [b.get("name") for b in (self.spec.raw.get("domain") or {}).get(
                                   "branches", []) if isinstance(b, dict)]}
                              if self.domain_available else

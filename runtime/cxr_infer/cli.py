@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 import time
@@ -94,6 +95,26 @@ def _threshold(text: str) -> float:
     return value
 
 
+def _domain_threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def _flag_rate(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.10 or 10%)") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share in (0, 1) (e.g. 0.10 or 10%)")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -131,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reject-out-of-domain", action="store_true",
                    help="do not classify images outside the model's intended use (DICOM header or image "
                         "check): report them as failed inputs with the reasons (exit 1)")
+    strict = p.add_mutually_exclusive_group()
+    strict.add_argument("--domain-flag-rate", type=_flag_rate, metavar="R",
+                        help="how strict the image check is: flag this share of in-population images (the "
+                             "model's validation X-rays), e.g. 0.10 or 10%%. Higher catches more images outside "
+                             "the intended use (adults, other views) and flags more children's X-rays too "
+                             "(default: the model's own, about 0.05). Needs a model file with operating points "
+                             "(--info lists them)")
+    strict.add_argument("--domain-threshold", type=_domain_threshold, metavar="S",
+                        help="the same as a raw domain-score threshold: scores above S are out of domain "
+                             "(default: the model's own; cxr-bench domain --validation gives S for each flag "
+                             "rate of files without operating points)")
     p.add_argument("--heatmap", metavar="DIR",
                    help="also write one PNG per input into DIR: the image with the model's Grad-CAM attention over "
                         "it, the label, probability and intended-use status (model attention, not a localisation)")
@@ -364,7 +396,8 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
 
     t0, c0 = time.perf_counter(), time.process_time()
     clf = Classifier(args.model, device=args.device, threads=args.threads, threshold=args.threshold,
-                     batch_size=args.batch_size, warmup=False, images=len(files))
+                     batch_size=args.batch_size, warmup=False, images=len(files),
+                     domain_threshold=args.domain_threshold, domain_flag_rate=args.domain_flag_rate)
     timing["session"] = time.perf_counter() - t0
     timing["cpu_session"] = time.process_time() - c0
     c0 = time.process_time()

@@ -14,7 +14,8 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ModelError
 
@@ -37,6 +38,58 @@ def spec_from_metadata(metadata: Mapping[str, str], source: str = "model") -> "M
     if SPEC_KEY not in metadata:
         raise ModelError(f"{source}: has no {SPEC_KEY} metadata, so it is not a cxr model (make one with cxr-export)")
     return ModelSpec.from_json(metadata[SPEC_KEY], source=source)
+
+
+def operating_points(value: Any, source: str = "cxr.spec") -> List[Tuple[float, float]]:
+    """A spec's ``domain.operating_points`` as ``(flag rate, threshold)`` pairs, validated.
+
+    Each entry ``{"flag_rate": r, "threshold": t}`` says: a threshold of ``t`` flags a share ``r`` of
+    the file's validation images (in-population images it was not fitted on), so a hospital can
+    trade flagged in-population images for caught out-of-population ones. Rates must lie in (0, 1)
+    and increase, thresholds must be finite and not increase with them.
+
+    Example:
+        >>> operating_points([{"flag_rate": 0.05, "threshold": 1.5}, {"flag_rate": 0.1, "threshold": 1.2}])
+        [(0.05, 1.5), (0.1, 1.2)]
+    """
+    bad = f"{source}: domain.operating_points must be a list of {{flag_rate, threshold}} with flag rates " \
+          "in (0, 1) increasing and finite thresholds not increasing"
+    if not isinstance(value, list):
+        raise ModelError(bad)
+    out: List[Tuple[float, float]] = []
+    for entry in value:
+        if not isinstance(entry, dict):
+            raise ModelError(bad)
+        rate, thr = entry.get("flag_rate"), entry.get("threshold")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (rate, thr)):
+            raise ModelError(bad)
+        if not 0.0 < rate < 1.0 or (out and (rate <= out[-1][0] or thr > out[-1][1])):
+            raise ModelError(bad)
+        out.append((float(rate), float(thr)))
+    return out
+
+
+def threshold_at(points: Sequence[Tuple[float, float]], rate: float) -> float:
+    """The domain threshold that flags a share ``rate`` of the validation images, by linear
+    interpolation between the two nearest ``points`` (from :func:`operating_points`).
+
+    Raises:
+        ValueError: ``rate`` lies outside the points' range (the message gives the range).
+
+    Example:
+        >>> round(threshold_at([(0.05, 1.5), (0.1, 1.2)], 0.075), 6)
+        1.35
+    """
+    if not points:
+        raise ValueError("no operating points")
+    rates = [r for r, _ in points]
+    if not (isinstance(rate, (int, float)) and rates[0] - 1e-12 <= rate <= rates[-1] + 1e-12):
+        raise ValueError(f"flag rate {rate!r} is outside the file's operating points "
+                         f"({rates[0]:g} to {rates[-1]:g})")
+    for (r0, t0), (r1, t1) in zip(points, points[1:]):
+        if rate <= r1:
+            return t0 + (t1 - t0) * (min(max(rate, r0), r1) - r0) / (r1 - r0)
+    return points[-1][1]
 
 
 @dataclass
@@ -147,6 +200,8 @@ class ModelSpec:
             if not isinstance(dom, dict) or not isinstance(dom.get("threshold"), (int, float)) \
                     or isinstance(dom.get("threshold"), bool):
                 raise ModelError(f"{source}: cxr.spec names a domain_score output but no numeric domain.threshold")
+            if "operating_points" in dom:
+                operating_points(dom["operating_points"], source)
 
     # ---- convenient views
     @property
@@ -233,3 +288,11 @@ class ModelSpec:
         if not self.domain_output:
             return None
         return float(self.raw["domain"]["threshold"])
+
+    @property
+    def domain_operating_points(self) -> List[Tuple[float, float]]:
+        """``(flag rate, threshold)`` pairs from the file's validation images, rates increasing (see
+        :func:`operating_points`); empty when the check is unavailable or the file predates them."""
+        if not self.domain_output:
+            return []
+        return operating_points(self.raw["domain"].get("operating_points", []), "cxr.spec")

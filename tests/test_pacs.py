@@ -236,3 +236,35 @@ def test_a_failed_upload_is_retried_and_a_lost_answer_is_not_a_duplicate():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@needs_orthanc
+def test_domain_strictness_reaches_the_srs(orthanc, tmp_path):
+    """cxr-pacs --domain-threshold: the image check with the site's threshold decides what is classified,
+    and the SR's reason names that threshold; a strictness the model cannot apply is one line, exit 2."""
+    import numpy as np
+
+    from conftest import build_model
+    from cxr_export import domain
+
+    plain = tmp_path / "plain.onnx"
+    plain.write_bytes(build_model(features=True, size=32))
+    rng = np.random.default_rng(0)
+    gray = lambda n: np.clip(rng.integers(60, 200, (n, 1, 1, 1)) + rng.normal(0, 5, (n, 32, 32, 3)), 0,  # noqa: E731
+                             255).astype(np.uint8)
+    checked = tmp_path / "checked.onnx"
+    domain.add_domain_stats(plain, gray(120), np.arange(120) % 2, gray(60), out_path=checked, threads=1,
+                            features_branch=True)
+    child = study("CHILD2", "003Y")
+    orthanc.upload(xray_dicom(child, level=150))
+    r = run_pacs(*_args(orthanc, checked, "--once", "--domain-threshold=-1e9"))
+    assert r.returncode == 0, r.stderr
+    (sr,) = orthanc.srs(child["StudyInstanceUID"])
+    assert values(sr, "Finding") == []
+    (reason,) = values(sr, "Reason outside the model's intended use")
+    assert reason.startswith("image unlike the training X-rays (domain score") and "> -1e+09" in reason
+    r = run_pacs(*_args(orthanc, plain, "--once", "--domain-flag-rate", "0.1"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert lines[-1].endswith("has no domain statistics, so a domain flag rate cannot apply (add them with python -m "
+                              "cxr_export.domain)"), r.stderr

@@ -125,6 +125,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def add_domain_strictness(p: argparse.ArgumentParser) -> None:
+    """``--domain-flag-rate R`` / ``--domain-threshold S`` (one or the other): how strict the image
+    check is, for :class:`~cxr_infer.classifier.Classifier`'s ``domain_flag_rate`` and
+    ``domain_threshold`` (cxr-infer and cxr-pacs)."""
+    strict = p.add_mutually_exclusive_group()
+    strict.add_argument("--domain-flag-rate", type=_flag_rate, metavar="R",
+                        help="how strict the image check is: flag this share of in-population images (the "
+                             "model's validation X-rays), e.g. 0.10 or 10%%. Higher catches more images outside "
+                             "the intended use (adults, other views) and flags more children's X-rays too "
+                             "(default: the model's own, about 0.05). Needs a model file with operating points "
+                             "(cxr-infer --info lists them)")
+    strict.add_argument("--domain-threshold", type=_domain_threshold, metavar="S",
+                        help="the same as a raw domain-score threshold: scores above S are out of domain "
+                             "(default: the model's own; cxr-bench domain --validation gives S for each flag "
+                             "rate of files without operating points)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cxr-infer",
@@ -152,17 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reject-out-of-domain", action="store_true",
                    help="do not classify images outside the model's intended use (DICOM header or image "
                         "check): report them as failed inputs with the reasons (exit 1)")
-    strict = p.add_mutually_exclusive_group()
-    strict.add_argument("--domain-flag-rate", type=_flag_rate, metavar="R",
-                        help="how strict the image check is: flag this share of in-population images (the "
-                             "model's validation X-rays), e.g. 0.10 or 10%%. Higher catches more images outside "
-                             "the intended use (adults, other views) and flags more children's X-rays too "
-                             "(default: the model's own, about 0.05). Needs a model file with operating points "
-                             "(--info lists them)")
-    strict.add_argument("--domain-threshold", type=_domain_threshold, metavar="S",
-                        help="the same as a raw domain-score threshold: scores above S are out of domain "
-                             "(default: the model's own; cxr-bench domain --validation gives S for each flag "
-                             "rate of files without operating points)")
+    add_domain_strictness(p)
     p.add_argument("--heatmap", metavar="DIR",
                    help="also write one PNG per input into DIR: the image with the model's Grad-CAM attention over "
                         "it, the label, probability and intended-use status (model attention, not a localisation)")

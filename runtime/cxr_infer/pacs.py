@@ -348,7 +348,7 @@ class Runner:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _positive, _threshold  # the same argument checks as cxr-infer
+    from .cli import _positive, _threshold, add_domain_strictness  # the same argument checks as cxr-infer
 
     p = argparse.ArgumentParser(
         prog="cxr-pacs", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -365,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", metavar="FILE", help="cxr .onnx model (default: the embedded model)")
     p.add_argument("--threshold", type=_threshold, metavar="T", help="decision threshold in [0, 1] (default: the "
                    "model's own)")
+    add_domain_strictness(p)
     p.add_argument("--threads", type=_positive, metavar="N", help="CPU threads for inference")
     p.add_argument("--device", choices=("cpu", "cuda", "openvino", "auto"), default="cpu",
                    help="where to run the model (as cxr-infer --device)")
@@ -419,7 +420,8 @@ def run(args: argparse.Namespace) -> int:
     problem = available()
     if problem:
         raise PacsError(problem.replace("cxr[dicom]", "cxr[pacs]"))
-    classifier = Classifier(args.model, device=args.device, threads=args.threads, threshold=args.threshold)
+    classifier = Classifier(args.model, device=args.device, threads=args.threads, threshold=args.threshold,
+                            domain_threshold=args.domain_threshold, domain_flag_rate=args.domain_flag_rate)
     runner = Runner(orthanc, classifier, [m.strip() for m in args.modalities.split(",") if m.strip()], stop)
     _say(f"connected to Orthanc {version} at {args.url}; model {runner.model.title} ({runner.model.name}, "
          f"threshold {runner.model.threshold:g})")

@@ -570,6 +570,12 @@ def test_operating_points_choose_a_stricter_or_looser_check(domain_model, plain_
     flagged = np.mean([p.in_domain is False for p in strict.predict(list(val))])
     assert abs(flagged - 0.30) <= 0.02 and np.mean([p.in_domain is False for p in own.predict(list(val))]) <= 0.07
     assert strict.info()["domain_check"]["threshold_source"].startswith("flags 30.0% of the file's validation")
+    # results made with another threshold than the file's name it (SR parameters and UIDs, FHIR Device)
+    from cxr_infer.report import model_identity
+
+    assert not own.domain_threshold_overridden and model_identity(own).domain_threshold is None
+    assert not Classifier(path, threads=1, domain_flag_rate=0.05).domain_threshold_overridden  # the file's own
+    assert strict.domain_threshold_overridden and model_identity(strict).domain_threshold == strict.domain_threshold
     assert [p["flag_rate"] for p in own.info()["domain_check"]["operating_points"]] == rates
     # a raw threshold: just below one image's score flags it, just above does not
     score = own.predict(val[0]).domain_score

@@ -121,3 +121,21 @@ def test_fhir_needs_no_extra_for_plain_images(tiny_model):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert [e["resource"]["resourceType"] for e in data["entry"]] == ["Device", "Observation"]
+
+
+def test_a_site_domain_threshold_is_a_device_property():
+    """The Device of a run with a site's image-check threshold says it (valid R4B); the model's own adds
+    nothing; and the Observation's id changes with it, as the SR's UID does."""
+    from cxr_infer.classifier import Prediction
+    from cxr_infer.fhir import bundle, device, observation
+    from cxr_infer.report import ModelIdentity
+
+    own = ModelIdentity("m.onnx", "vgg16", "int8", "ab" * 32, "0.1.0", 0.5)
+    site = ModelIdentity("m.onnx", "vgg16", "int8", "ab" * 32, "0.1.0", 0.5, domain_threshold=1.232)
+    assert [p["type"]["coding"][0]["code"] for p in device(own)["property"]] == ["threshold"]
+    (prop,) = [p for p in device(site)["property"] if p["type"]["coding"][0]["code"] == "domain-threshold"]
+    assert prop["valueQuantity"][0]["value"] == 1.232
+    pred = Prediction("NORMAL", 0.1, 0.5, in_domain=True, source="a.jpeg")
+    obs = [observation(pred, m, "urn:uuid:d") for m in (own, site)]
+    assert obs[0]["id"] != obs[1]["id"]
+    _validate(json.dumps(bundle([("urn:uuid:d", device(site)), (None, obs[1])])))

@@ -195,3 +195,21 @@ def test_cli_usage_errors(model, child, tmp_path):
                 prelude=blocker)
     assert r.returncode == 2 and "pip install 'cxr[dicom]'" in r.stderr.decode(), r.stderr
     assert "Traceback" not in r.stderr.decode()
+
+
+def test_a_site_domain_threshold_makes_its_own_srs(clf, child):
+    """A run with another image-check threshold can answer differently, so its SRs get their own UIDs
+    and name that threshold; a run with the file's own keeps the UIDs results had before the option."""
+    from cxr_infer.report import result_uid
+
+    data = xray_dicom(child, number=4)
+    header = read_header(data)
+    pred = clf.predict(data)
+    m = model_identity(clf)
+    assert m.domain_threshold is None and "domain threshold" not in m.parameters()
+    assert m.sr_uid(header.SOPInstanceUID) == result_uid("sr", header.SOPInstanceUID, m.sha256, f"{m.threshold:.6g}")
+    site = ModelIdentity(m.name, m.backbone, m.precision, m.sha256, m.cxr_version, m.threshold, domain_threshold=1.25)
+    assert site.parameters()["domain threshold"] == "1.25"
+    sr = build_sr(pred, header, site)
+    assert sr.SOPInstanceUID == site.sr_uid(header.SOPInstanceUID) != m.sr_uid(header.SOPInstanceUID)
+    assert sr.SeriesInstanceUID == site.series_uid(header.StudyInstanceUID) != m.series_uid(header.StudyInstanceUID)

@@ -244,6 +244,12 @@ class Classifier:
             self._run_all(np.zeros((self.model.static_batch or 1, h, w, 3), np.uint8))
 
     @property
+    def domain_threshold_overridden(self) -> bool:
+        """True when the image check runs with another threshold than the model file's own (the run's
+        results then name it: SR parameters and UIDs, FHIR Device)."""
+        return self.domain_threshold is not None and self.domain_threshold != self.spec.domain_threshold
+
+    @property
     def domain_available(self) -> bool:
         """True when predictions carry an out-of-domain check (the model has domain statistics)."""
         return self.domain_threshold is not None

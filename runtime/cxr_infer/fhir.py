@@ -31,8 +31,9 @@ import json
 import uuid
 from typing import IO, Any, Dict, List, Optional, Tuple
 
-from .report import (ABSENT, DECISION_THRESHOLD, DISCLAIMER, IN_INTENDED_USE, OUT_OF_USE_REASON, PNEUMONIA,
-                     PRESENT, PROBABILITY_OF_POSITIVE, UCUM_FHIR, ModelIdentity, SourceIds, finding_words, model_identity, not_classified_words, result_uid, source_ids)
+from .report import (ABSENT, DECISION_THRESHOLD, DISCLAIMER, DOMAIN_THRESHOLD, IN_INTENDED_USE, OUT_OF_USE_REASON,
+                     PNEUMONIA, PRESENT, PROBABILITY_OF_POSITIVE, UCUM_FHIR, ModelIdentity, SourceIds, finding_words,
+                     model_identity, not_classified_words, result_uid, source_ids)
 
 AI_ASSERTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "AIAST",
                "display": "Artificial Intelligence asserted"}
@@ -68,7 +69,10 @@ def device(model: ModelIdentity) -> Dict[str, Any]:
         "modelNumber": f"{model.backbone} {model.precision}",
         "version": [{"type": {"text": "cxr"}, "value": model.cxr_version}],
         "property": [{"type": {"coding": [DECISION_THRESHOLD.fhir()]},
-                      "valueQuantity": [{"value": model.threshold, "system": UCUM_FHIR, "code": "1"}]}],
+                      "valueQuantity": [{"value": model.threshold, "system": UCUM_FHIR, "code": "1"}]}]
+        + ([{"type": {"coding": [DOMAIN_THRESHOLD.fhir()]},
+             "valueQuantity": [{"value": model.domain_threshold, "system": UCUM_FHIR, "code": "1"}]}]
+           if model.domain_threshold is not None else []),
         "note": [{"text": DISCLAIMER}],
     }
 

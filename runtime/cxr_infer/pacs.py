@@ -10,7 +10,8 @@ and highdicom for reading images and writing SRs; torch is never imported).
   handles each study when Orthanc reports it stable (``StableStudy``), until SIGINT/SIGTERM.
 
 Idempotent: an SR's SOP Instance UID depends only on the source image, the model file and the
-threshold (:meth:`cxr_infer.report.ModelIdentity.sr_uid`), so an image whose SR is already in
+thresholds (the decision threshold, and ``--domain-threshold`` or ``--domain-flag-rate`` where given:
+:meth:`cxr_infer.report.ModelIdentity.sr_uid`), so an image whose SR is already in
 its study is skipped (after a restart too) and storing it twice is "already stored", never a
 duplicate. Requests that fail for a connection reason or a 5xx answer are retried with
 exponential backoff; when Orthanc stays away the pass stops with exit status 1 (``--once``)

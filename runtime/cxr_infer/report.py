@@ -28,7 +28,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
 if TYPE_CHECKING:  # pragma: no cover
     from .classifier import Classifier, Prediction
@@ -88,6 +88,7 @@ DECISION_THRESHOLD = Concept("threshold", CXR_SCHEME, "Decision threshold")
 IN_INTENDED_USE = Concept("in-intended-use", CXR_SCHEME, "Within the model's intended use")
 OUT_OF_USE_REASON = Concept("intended-use-reason", CXR_SCHEME, "Reason outside the model's intended use")
 CLASSIFIED = Concept("classified", CXR_SCHEME, "Classified by the model")
+DOMAIN_THRESHOLD = Concept("domain-threshold", CXR_SCHEME, "Domain check threshold")
 
 _FINDINGS = {"PNEUMONIA": PNEUMONIA, "NORMAL": NORMAL}
 
@@ -121,6 +122,9 @@ class ModelIdentity:
     cxr_version: str
     threshold: float
     positive_label: str = "PNEUMONIA"
+    #: the image check's threshold where the caller set one (``--domain-threshold`` or
+    #: ``--domain-flag-rate``); None: the model file's own
+    domain_threshold: Optional[float] = None
 
     @property
     def title(self) -> str:
@@ -132,18 +136,28 @@ class ModelIdentity:
         """One UID per model file content (its SHA-256): the SR's Device Observer UID."""
         return result_uid("device", self.sha256)
 
+    def _settings(self) -> Tuple[str, ...]:
+        """The run's settings that can change a result: the threshold, and a site's domain threshold
+        (left out when it is the file's own, so results made before it existed keep their UIDs)."""
+        own = (f"{self.threshold:.6g}",)
+        return own if self.domain_threshold is None else own + (f"domain {self.domain_threshold:.6g}",)
+
     def sr_uid(self, source_sop_instance_uid: str) -> str:
         """The SOP Instance UID of this model's SR about one source image (same inputs, same UID)."""
-        return result_uid("sr", source_sop_instance_uid, self.sha256, f"{self.threshold:.6g}")
+        return result_uid("sr", source_sop_instance_uid, self.sha256, *self._settings())
 
     def series_uid(self, study_instance_uid: str) -> str:
         """The Series Instance UID of this model's SRs in one study: one cxr series per study and model."""
-        return result_uid("series", study_instance_uid, self.sha256, f"{self.threshold:.6g}")
+        return result_uid("series", study_instance_uid, self.sha256, *self._settings())
 
     def parameters(self) -> Dict[str, str]:
-        """``{name: value}`` of what identifies the run: file, backbone, precision, SHA-256, threshold."""
-        return {"model file": self.name, "backbone": self.backbone, "precision": self.precision,
-                "sha256": self.sha256, "threshold": f"{self.threshold:g}", "cxr version": self.cxr_version}
+        """``{name: value}`` of what identifies the run: file, backbone, precision, SHA-256, threshold
+        (and the domain threshold where the caller set one)."""
+        out = {"model file": self.name, "backbone": self.backbone, "precision": self.precision,
+               "sha256": self.sha256, "threshold": f"{self.threshold:g}", "cxr version": self.cxr_version}
+        if self.domain_threshold is not None:
+            out["domain threshold"] = f"{self.domain_threshold:.6g}"
+        return out
 
 
 _SHA_CACHE: Dict[Tuple[str, int, int], str] = {}
@@ -175,7 +189,9 @@ def model_identity(classifier: "Classifier") -> ModelIdentity:
         sha, name = hashlib.sha256(classifier.spec.to_json().encode()).hexdigest(), classifier.name
     return ModelIdentity(name=name, backbone=classifier.spec.backbone, precision=classifier.spec.precision,
                          sha256=sha, cxr_version=__version__, threshold=float(classifier.threshold),
-                         positive_label=classifier.spec.positive_label)
+                         positive_label=classifier.spec.positive_label,
+                         domain_threshold=classifier.domain_threshold if classifier.domain_threshold_overridden
+                         else None)
 
 
 def finding_words(pred: "Prediction", positive_label: str = "PNEUMONIA") -> str:

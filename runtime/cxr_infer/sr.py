@@ -20,7 +20,8 @@ with highdicom (``pip install 'cxr[dicom]'``) as a TID 1500 *Imaging Measurement
 An image outside the intended use that was not classified (``--reject-out-of-domain``,
 ``cxr-pacs``) gets an SR without finding or probability: "classified: No", the reasons, and
 "Not classified: ...". The SOP Instance UID depends only on the source image, the model file
-and the threshold (:meth:`cxr_infer.report.ModelIdentity.sr_uid`), so writing or storing it
+and the thresholds (the decision threshold, and the image check's where the caller set one:
+:meth:`cxr_infer.report.ModelIdentity.sr_uid`), so writing or storing it
 twice never makes two.
 
 Example:

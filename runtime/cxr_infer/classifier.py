@@ -223,8 +223,9 @@ class Classifier:
                 points = self.spec.domain_operating_points
                 if not points:
                     raise ModelError(f"{self.name}: has no domain operating points (exported before they were "
-                                     "written); pass a domain threshold instead (cxr-bench domain --validation "
-                                     "gives the threshold for each flag rate)")
+                                     "written); pass a domain threshold instead (--domain-threshold S, "
+                                     "domain_threshold=S: the README's 'A stricter check' gives S for the shipped "
+                                     "files, cxr-bench domain --validation for any file)")
                 try:
                     self.domain_threshold = threshold_at(points, float(domain_flag_rate))
                 except ValueError as e:

@@ -59,6 +59,12 @@ def test_fp32_spec_round_trip_and_parity(exported, run_dir):
     assert spec.threshold == pytest.approx(meta["threshold"])
     assert spec.raw["provenance"]["training_data_hash"] == meta["data_hash"]
     assert spec.raw["provenance"]["split_hash"] == meta["split_hash"]
+    # how the split was made, so cxr-bench domain --validation rebuilds it: the run's own validation images
+    assert spec.raw["provenance"]["split"] == meta["split"] == {"seed": 1, "val_fraction": 0.1, "max_images": 240}
+    from cxr_bench.domain import validation_files
+
+    split = json.loads((run_dir / "split.json").read_text())
+    assert [str(p.relative_to(TRAIN)) for p in validation_files(TRAIN, spec)] == [v[0] for v in split["val"]]
     assert spec.image_size == (64, 64) and spec.features_output == "features"
     # the training data's intended use, by default the Kermany children, in every file written
     assert spec.raw["intended_use"]["age_years"] == [1, 5] and spec.raw["intended_use"]["views"] == ["PA", "AP"]

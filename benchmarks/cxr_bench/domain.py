@@ -345,17 +345,20 @@ def flag_rate_by_source(files: List[str], scores: np.ndarray, thr: float, rows: 
     return {src: {"images": len(v), "flag_rate": float(np.mean(np.asarray(v) > thr))} for src, v in sorted(groups.items())}
 
 
-def validation_files(train_dir: str | Path, spec: Any, seed: int = 0, val_fraction: float = 0.1) -> List[Path]:
+def validation_files(train_dir: str | Path, spec: Any) -> List[Path]:
     """The validation images of the file's training split, rebuilt from its training folder the way
-    ``cxr-train`` made it (patient-wise, ``seed`` and ``val_fraction`` its defaults) and checked against
-    the split hash the file records: in-population images the domain check was calibrated on and
-    never fitted on.
+    ``cxr-train`` made it (patient-wise; the seed, validation fraction and image cap the file's
+    ``provenance.split`` records, or cxr-train's defaults for files made before it did) and checked
+    against the split hash the file records: in-population images the domain check was calibrated on
+    and never fitted on.
 
     Raises:
         BenchError: the file records no split hash, or the rebuilt split is not the file's.
     """
     from cxr_train import data as D  # torch-free
 
+    how = (spec.raw.get("provenance") or {}).get("split") or {}
+    seed, val_fraction, max_images = how.get("seed", 0), how.get("val_fraction", 0.1), how.get("max_images")
     want = str((spec.raw.get("provenance") or {}).get("split_hash") or "")
     if not want:
         raise BenchError("--validation: the model file records no split_hash, so its validation images cannot be "
@@ -364,12 +367,12 @@ def validation_files(train_dir: str | Path, spec: Any, seed: int = 0, val_fracti
     if not root.is_dir():
         raise BenchError(f"--validation {train_dir}: no such folder (give the training folder the models were "
                          "trained on, e.g. ../shared/data/chest_xray_224/train)")
-    train, val = D.split_by_patient(D.scan_folder(root), val_fraction, seed)
+    train, val = D.split_by_patient(D.subsample(D.scan_folder(root), max_images, seed), val_fraction, seed)
     got = D.manifest(train, val, root, seed, val_fraction)["hash"]
     if got != want:
         raise BenchError(f"--validation {train_dir}: the split rebuilt from it (seed {seed}, validation fraction "
-                         f"{val_fraction}) is {got[:8]}, not the model's {want[:8]}: was the model trained on another "
-                         "folder, seed or --max-images?")
+                         f"{val_fraction}, {max_images or 'all'} images) is {got[:8]}, not the model's {want[:8]}: "
+                         "was the model trained on another folder?")
     return [Path(v.path) for v in val]
 
 

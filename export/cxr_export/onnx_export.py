@@ -55,6 +55,7 @@ def spec_from_checkpoint(meta: Dict, precision: str = "fp32", features: bool = T
         "training_data_hash": meta.get("data_hash"),
         "split_hash": meta.get("split_hash"),
         "split_counts": meta.get("split_counts"),
+        "split": meta.get("split"),  # how to rebuild it from the training folder (cxr-bench domain --validation)
         "recipe": meta.get("recipe"),
         "weights_origin": meta.get("weights_origin"),
         "best_epoch": meta.get("best_epoch"),

@@ -245,6 +245,7 @@ def checkpoint_meta(state: RunState, data: SplitData, cluster: Cluster) -> Dict:
         "eval_precision": "bf16" if cfg.amp else "fp32",
         "selection": selection + (", EMA weights" if state.ema else ""),
         "split_hash": data.manifest["hash"], "split_counts": data.manifest["counts"], "data_hash": data.data_hash,
+        "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "max_images": cfg.max_images},
         "history": state.history, "train_seconds": state.train_seconds,
         "images_per_s": float(np.median([record["images_per_s"] for record in state.history])),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
 import math
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ModelError

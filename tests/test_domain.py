@@ -591,14 +591,21 @@ def test_operating_points_choose_a_stricter_or_looser_check(domain_model, plain_
         Classifier(plain_model, threads=1, domain_threshold=1.0)
 
 
-def test_a_file_without_operating_points_takes_a_threshold(domain_model, tmp_path):
+def predating_points(src, dst, **provenance):
+    """A copy of the file at ``src`` as files exported before operating points were written (its
+    provenance updated with ``provenance``)."""
     from cxr_export.modelio import write_spec
 
-    old = tmp_path / "old.onnx"
-    old.write_bytes(domain_model[0].read_bytes())
-    spec = read_spec(old)
+    dst.write_bytes(src.read_bytes())
+    spec = read_spec(dst)
     del spec.raw["domain"]["operating_points"]
-    write_spec(old, spec)
+    spec.raw["provenance"].update(provenance)
+    write_spec(dst, spec)
+    return dst
+
+
+def test_a_file_without_operating_points_takes_a_threshold(domain_model, tmp_path):
+    old = predating_points(domain_model[0], tmp_path / "old.onnx")
     assert read_spec(old).domain_operating_points == []
     with pytest.raises(ModelError, match="has no domain operating points .* pass a domain threshold"):
         Classifier(old, threads=1, domain_flag_rate=0.1)
@@ -647,7 +654,6 @@ def test_bench_domain_operating_points(domain_model, xrays224, tmp_path, capsys)
     import shutil
 
     from cxr_bench.cli import main
-    from cxr_export.modelio import write_spec
     from cxr_train import data as D
 
     data = tmp_path / "data"
@@ -672,12 +678,7 @@ def test_bench_domain_operating_points(domain_model, xrays224, tmp_path, capsys)
         for i, img in enumerate(imgs):
             Image.fromarray(img).save(train / label / f"person{i}{label[0]}_x_{i}.png")
     tr, va = D.split_by_patient(D.scan_folder(train), 0.1, 0)
-    old = tmp_path / "old.onnx"
-    old.write_bytes(domain_model[0].read_bytes())
-    spec = read_spec(old)
-    del spec.raw["domain"]["operating_points"]
-    spec.raw["provenance"]["split_hash"] = D.manifest(tr, va, train, 0, 0.1)["hash"]
-    write_spec(old, spec)
+    old = predating_points(domain_model[0], tmp_path / "old.onnx", split_hash=D.manifest(tr, va, train, 0, 0.1)["hash"])
     assert main(["domain", "--model", str(old), "--data", str(data), "--count", "2", "--kinds", "noise",
                  "--validation", str(train), "--out", str(out), "-q"]) == 0
     (m,) = json.loads((out / "domain.json").read_text())["models"]
@@ -686,8 +687,7 @@ def test_bench_domain_operating_points(domain_model, xrays224, tmp_path, capsys)
     assert all(abs(p["validation"] - p["flag_rate"]) <= 1.0 / len(va) + 1e-9 or p["flag_rate"] < 1.0 / len(va)
                for p in op["points"])
     # the wrong folder is refused, naming both splits
-    spec.raw["provenance"]["split_hash"] = "0" * 64
-    write_spec(old, spec)
+    predating_points(domain_model[0], old, split_hash="0" * 64)
     capsys.readouterr()
     assert main(["domain", "--model", str(old), "--data", str(data), "--count", "2", "--kinds", "noise",
                  "--validation", str(train), "--out", str(out), "-q"]) == 2

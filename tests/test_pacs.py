@@ -246,15 +246,13 @@ def test_domain_strictness_reaches_the_srs(orthanc, tmp_path):
 
     from conftest import build_model
     from cxr_export import domain
+    from test_domain import SIZE, gray_images
 
     plain = tmp_path / "plain.onnx"
-    plain.write_bytes(build_model(features=True, size=32))
-    rng = np.random.default_rng(0)
-    gray = lambda n: np.clip(rng.integers(60, 200, (n, 1, 1, 1)) + rng.normal(0, 5, (n, 32, 32, 3)), 0,  # noqa: E731
-                             255).astype(np.uint8)
+    plain.write_bytes(build_model(features=True, size=SIZE))
     checked = tmp_path / "checked.onnx"
-    domain.add_domain_stats(plain, gray(120), np.arange(120) % 2, gray(60), out_path=checked, threads=1,
-                            features_branch=True)
+    domain.add_domain_stats(plain, gray_images(120, 0), np.arange(120) % 2, gray_images(60, 1), out_path=checked,
+                            threads=1, features_branch=True)
     child = study("CHILD2", "003Y")
     orthanc.upload(xray_dicom(child, level=150))
     r = run_pacs(*_args(orthanc, checked, "--once", "--domain-threshold=-1e9"))

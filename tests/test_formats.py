@@ -113,6 +113,83 @@ def test_formats_all_rows_and_bad_input(files, tmp_path, capsys):
                  str(tmp_path), "-q"]) == 2
 
 
+def test_formats_report_survives_a_stopped_run(files, tmp_path, monkeypatch):
+    """The report is rewritten after every row: a run stopped during its third row (a device call's
+    limit, a hung TensorRT build) leaves its first two rows, compared, marked incomplete."""
+    from cxr_bench import formats
+
+    fp32, _, int8, data = files
+    real, calls = formats.measure_row, []
+
+    def stopped_at_third(*a, **k):
+        calls.append(a[2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a kill leaves: the process ends in the middle of a row
+        return real(*a, **k)
+
+    monkeypatch.setattr(formats, "measure_row", stopped_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        formats.run_formats([fp32, int8], data, tmp_path, providers=["cpu", "openvino"], rows="all", iterations=2,
+                            batch=2, threads=1, quiet=True)
+    rep = json.loads((tmp_path / "formats.json").read_text())
+    assert rep["complete"] is False and rep["rows_planned"] == 4 and calls == ["cpu", "cpu", "openvino"]
+    assert [(r["provider"], r["precision"], r["status"]) for r in rep["rows"]] == [("cpu", "fp32", "ok"),
+                                                                                  ("cpu", "int8", "ok")]
+    assert rep["rows"][1]["reference"] == "cpu fp32" and 0.0 < rep["rows"][1]["max_abs_dp"] < 0.25
+    assert "probabilities" not in rep["rows"][0]
+    assert "**Partial:** 2 of the 4 planned rows" in (tmp_path / "formats.md").read_text()
+
+
+def test_formats_time_limit_skips_the_rows_left(files, tmp_path, monkeypatch):
+    """--time-limit: no row starts after it; those rows say so, and the finished report is complete."""
+    import time
+    import types
+
+    from cxr_bench import formats
+    from cxr_bench.cli import main
+
+    fp32, _, int8, data = files
+    clock = types.SimpleNamespace(now=0.0, perf_counter=time.perf_counter)
+    clock.monotonic = lambda: clock.now
+    real = formats.measure_row
+
+    def slow_row(*a, **k):  # each row takes 100 s on this clock
+        clock.now += 100.0
+        return real(*a, **k)
+
+    monkeypatch.setattr(formats, "time", clock)
+    monkeypatch.setattr(formats, "measure_row", slow_row)
+    assert main(["formats", "--model", str(fp32), str(int8), "--data", str(data), "--providers", "cpu",
+                 "--time-limit", "50", "--iterations", "2", "--throughput-batch", "2", "--threads", "1",
+                 "--out", str(tmp_path), "-q"]) == 0
+    rep = json.loads((tmp_path / "formats.json").read_text())
+    assert rep["complete"] is True and rep["time_limit_s"] == 50
+    # the first row starts at 0 s and ends at 100 s: the second is past the limit
+    assert [(r["precision"], r["status"]) for r in rep["rows"]] == [
+        ("fp32", "ok"), ("int8", "skipped: time limit of 50 s reached before this row started")]
+    assert rep["rows"][1]["size_mb"] > 0
+    assert "| tiny | cpu | int8 | skipped: time limit of 50 s reached before this row started |" in \
+        (tmp_path / "formats.md").read_text()
+    with pytest.raises(SystemExit) as stop:
+        main(["formats", "--model", str(fp32), "--data", str(data), "--time-limit", "0", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+
+
+def test_formats_names_the_file_where_two_share_a_row(files, tmp_path):
+    """Two files of one backbone and precision (the GPU round's new VGG16 INT8 beside the shipped
+    default): the table names each file in those rows, and only there."""
+    from cxr_bench.cli import main
+
+    fp32, _, int8, data = files
+    again = tmp_path / "again_int8.onnx"
+    shutil.copy(int8, again)
+    assert main(["formats", "--model", str(fp32), str(int8), str(again), "--data", str(data), "--providers", "cpu",
+                 "--iterations", "2", "--throughput-batch", "2", "--threads", "1", "--out", str(tmp_path), "-q"]) == 0
+    md = (tmp_path / "formats.md").read_text()
+    assert "| tiny | cpu | fp32 | ok |" in md
+    assert "| tiny (`tiny_int8.onnx`) | cpu | int8 | ok |" in md and "| tiny (`again_int8.onnx`) | cpu | int8 | ok |" in md
+
+
 def test_formats_compares_in_domain_decisions_on_domain_data(tmp_path):
     """--domain-data: each row's in-domain decisions on the labelled images and on unlabelled ones
     (here two lateral views and a file that is no image), against the CPU reference row."""

@@ -102,8 +102,10 @@ examples:
 
 A row that cannot run says why in its status (skipped: no such provider here; failed: the
 error). TensorRT engines are cached in $CXR_TRT_CACHE (default ~/.cache/cxr/tensorrt); the first
-call's time includes the build. writes formats.json and formats.md into --out. Exit status 1
-when a row failed (a skipped row is not a failure).
+call's time includes the build. writes formats.json and formats.md into --out, again after
+every row ("complete": false until the last), so a run stopped from outside keeps what it
+measured; --time-limit S starts no row after S seconds. Exit status 1 when a row failed (a
+skipped row is not a failure).
 """
 
 DOMAIN_EPILOG = f"""\
@@ -349,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="batch of the images/s column (default 64)")
     fo.add_argument("--threads", type=_positive, default=_default_threads(), metavar="N",
                     help="onnxruntime CPU threads (default: the CPUs this process may use)")
+    fo.add_argument("--time-limit", type=_positive, metavar="S",
+                    help="start no row after S seconds (rows left say 'skipped: time limit'); the report is "
+                         "rewritten after every row anyway, so a run that is killed keeps what it measured")
     common(fo, summary=False)
 
     s = sub.add_parser("summary", formatter_class=fmt, epilog=SUMMARY_EPILOG,
@@ -423,7 +428,8 @@ def _run(args: argparse.Namespace) -> int:
 
         rep = run_formats(args.model, args.data, args.out, providers=[p for p in args.providers.split(",") if p],
                           rows=args.rows, count=args.limit, iterations=args.iterations, batch=args.throughput_batch,
-                          threads=args.threads, name=args.name, quiet=args.quiet, domain_data=args.domain_data)
+                          threads=args.threads, name=args.name, quiet=args.quiet, domain_data=args.domain_data,
+                          time_limit=args.time_limit)
         failed = [r for r in rep["rows"] if r["status"].startswith("failed")]
         for r in failed:
             print(f"cxr-bench: {r['backbone']} {r['precision']} on {r['provider']}: {r['status']}", file=sys.stderr)

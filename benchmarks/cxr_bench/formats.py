@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -163,10 +164,19 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
                 providers: Sequence[str] = ("cpu", "cuda", "tensorrt"), rows: str = "default",
                 count: Optional[int] = None, iterations: int = 50, batch: int = 64, threads: int = 1,
                 name: Optional[str] = None, quiet: bool = False,
-                domain_data: Sequence[str | Path] = ()) -> Dict[str, Any]:
+                domain_data: Sequence[str | Path] = (), time_limit: Optional[float] = None) -> Dict[str, Any]:
     """Measure every (file, provider) of the row plan; write formats.json / formats.md into ``out``.
-    ``domain_data``: folders of unlabelled images whose in-domain decisions are compared too."""
+    ``domain_data``: folders of unlabelled images whose in-domain decisions are compared too.
+
+    The report is written again after every row (``"complete": false`` and the rows so far), so a
+    run that is killed (a device call's limit, a TensorRT build that hangs) leaves what it
+    measured. ``time_limit``: seconds from the start after which no further row is started; those
+    rows say ``skipped: time limit ...``."""
     import onnxruntime as ort
+
+    started = time.monotonic()
+    if time_limit is not None and not time_limit > 0:
+        raise BenchError(f"time limit {time_limit}: expected a number of seconds above 0")
 
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
@@ -195,8 +205,19 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
     plan.sort(key=lambda t: ([f[1] for f in files].index(t[1]), PROVIDERS.index(t[3]),
                              PRECISION_ORDER.index(t[2]) if t[2] in PRECISION_ORDER else 9))
     results: List[Dict[str, Any]] = []
+    envelope = dict(data={"root": str(ds.root), "n_images": int(len(ds.files)), "counts": ds.counts(),
+                          "limit_per_label": count},
+                    domain_data={"folders": [str(f) for f in domain_data], "n_images": len(extra_files)},
+                    providers_asked=list(providers), rows_plan=rows, rows_planned=len(plan), time_limit_s=time_limit,
+                    iterations_b1=iterations, throughput_batch=batch, threads=threads,
+                    tensorrt_cache=str(tensorrt_cache_dir()), machine=describe_machine())
     for path, backbone, precision, provider in plan:
         spec = specs[path]
+        if time_limit is not None and time.monotonic() - started > time_limit:
+            results.append(dict(provider=provider, file=str(path), size_mb=path.stat().st_size / 1e6,
+                                backbone=backbone, precision=precision,
+                                status=f"skipped: time limit of {time_limit:g} s reached before this row started"))
+            continue
         pixels = cache.pixels(spec.image_size, spec.resize_method)
         keep = np.ones(len(ds.files), bool)
         keep[list(cache.failed)] = False
@@ -213,8 +234,20 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
             + (f", accuracy {fmt_pct(row['accuracy'])}, {row['ms_b1']:.2f} ms at b1, "
                f"{row['images_per_s_b64']:.0f} images/s at b{batch}" if row["status"] == "ok" else ""), quiet)
         results.append(row)
-    for row in results:
-        ref = _reference(results, row["backbone"])
+        if len(results) < len(plan):  # what is measured so far, in case the run does not finish
+            partial = _report(results, envelope, False, len(extra.failed))
+            write_report(Path(out), "formats", name, partial, render_markdown, quiet=True)
+    report = _report(results, envelope, True, len(extra.failed))
+    write_report(Path(out), "formats", name, report, render_markdown, quiet)
+    return report
+
+
+def _compared(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Copies of ``results`` with their agreement with the backbone's CPU reference row, and
+    without the per-image arrays (``results`` keeps them, for the rows still to come)."""
+    rows = [dict(r) for r in results]
+    for row in rows:
+        ref = _reference(rows, row["backbone"])
         if row["status"] != "ok" or ref is None:
             continue
         p, q = row["probabilities"], ref["probabilities"]
@@ -230,18 +263,18 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
             row["domain_decisions_differ"] = int(differ.sum())
             row["domain_max_abs_dscore_rel"] = float(np.max(np.abs(a - b)) / abs(ref["domain_threshold"])) \
                 if len(a) else 0.0
-    for row in results:
+    for row in rows:
         row.pop("probabilities", None)
         row.pop("domain_scores", None)
-    report = new_report(KIND, data={"root": str(ds.root), "n_images": int(len(ds.files)), "counts": ds.counts(),
-                                    "limit_per_label": count},
-                        domain_data={"folders": [str(f) for f in domain_data], "n_images": len(extra_files),
-                                     "unreadable": len(extra.failed)},
-                        providers_asked=list(providers), rows_plan=rows, iterations_b1=iterations,
-                        throughput_batch=batch, threads=threads, tensorrt_cache=str(tensorrt_cache_dir()),
-                        machine=describe_machine(), rows=results, goals=_goals(results))
-    write_report(Path(out), "formats", name, report, render_markdown, quiet)
-    return report
+    return rows
+
+
+def _report(results: List[Dict[str, Any]], envelope: Dict[str, Any], complete: bool,
+            unreadable: int) -> Dict[str, Any]:
+    rows = _compared(results)
+    domain_data = dict(envelope["domain_data"], unreadable=unreadable)  # known once they were decoded
+    return new_report(KIND, **dict(envelope, domain_data=domain_data), complete=complete, rows=rows,
+                      goals=_goals(rows))
 
 
 def _goals(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -268,6 +301,12 @@ def render_markdown(report: Dict[str, Any]) -> str:
     m = report["machine"]
     rows = report["rows"]
     b = report["throughput_batch"]
+    shared = Counter((r["backbone"], r["provider"], r["precision"]) for r in rows)
+
+    def backbone(r: Dict[str, Any]) -> str:  # two files of one backbone and precision: name the file
+        twice = shared[(r["backbone"], r["provider"], r["precision"])] > 1
+        return f"{r['backbone']} (`{Path(r['file']).name}`)" if twice and r.get("file") else r["backbone"]
+
     lines = ["# Formats: every provider x precision", "",
              f"Created {report['created']} by cxr-bench {report['cxr_bench_version']}: `{report['command']}`", "",
              f"Data: the {report['data']['n_images']} images of `{report['data']['root']}`; accuracy and AUC at each "
@@ -283,7 +322,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
              md_table(["Backbone", "Provider", "Precision", "Status", "Size (MB)", "Accuracy", "AUC",
                        "TP / FP / TN / FN", "ms (b1)", f"images/s (b{b})", "session + first call (s)",
                        "vs CPU: labels agree, max abs Δp", "vs CPU: in-domain decisions differ, max abs Δscore"],
-                      [[r["backbone"], r["provider"], r["precision"], _short(r["status"]), f"{r['size_mb']:.1f}",
+                      [[backbone(r), r["provider"], r["precision"], _short(r["status"]), f"{r['size_mb']:.1f}",
                         fmt_pct(r.get("accuracy")) if r["status"] == "ok" else "-",
                         fmt_num(r.get("auc"), 4) if r["status"] == "ok" else "-",
                         f"{r['tp']} / {r['fp']} / {r['tn']} / {r['fn']}" if r["status"] == "ok" else "-",
@@ -297,6 +336,9 @@ def render_markdown(report: Dict[str, Any]) -> str:
                          f"{r['domain_decisions_differ']} of {r['domain_images']}, "
                          f"{r['domain_max_abs_dscore_rel']:.3f} x threshold" if "domain_images" in r else "-")]
                        for r in rows]), ""]
+    if not report.get("complete", True):
+        lines += [f"**Partial:** {len(rows)} of the {report.get('rows_planned', '?')} planned rows; the run had not "
+                  "finished when this was written (it is rewritten after every row).", ""]
     long = [r for r in rows if r["status"] != _short(r["status"])]
     if long:
         lines += ["Status in full:", ""] + [f"- {r['backbone']} {r['provider']} {r['precision']}: {r['status']}"

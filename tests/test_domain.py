@@ -449,6 +449,32 @@ def test_bench_domain_originals_control(domain_model, xrays224, tmp_path):
                  "--originals", str(tmp_path / "nowhere"), "--out", str(out), "-q"]) != 0
 
 
+def test_domain_scores_that_are_not_numbers_are_refused(tmp_path):
+    """A file whose statistics give inf or NaN for some images (here features = sqrt of the pooled
+    pixels, NaN for dark images; in an FP16 file, values past float16's range) gets no domain
+    check: one error naming the file, the count and the cause, the file left as it was. It used to
+    fail later, on the operating points' 'finite thresholds' rule, naming neither."""
+    import onnx
+
+    model = onnx.load_from_string(build_model(features=True, size=SIZE))
+    (node,) = [n for n in model.graph.node if n.output[0] == "features"]
+    node.op_type = "Sqrt"
+    path = tmp_path / "sqrt.onnx"
+    onnx.save(model, str(path))
+    before = path.read_bytes()
+    pool = gray_images(600, 3)
+    bright = pool[pool.mean(axis=(1, 2, 3)) > 135][:200]  # normalised means above 0: finite features
+    labels = (bright.mean(axis=(1, 2, 3)) > 155).astype(int)
+    val = pool[:100]
+    dark = int(np.sum(val.mean(axis=(1, 2, 3)) < 110))  # normalised means below 0 in every channel
+    assert dark > 0
+    with pytest.raises(ValueError, match=r"sqrt.onnx: its domain score is not a number \(inf or NaN\) for "
+                                         r"\d+ of 100 validation images.*float16") as err:
+        domain.add_domain_stats(path, bright, labels, val, threads=1, features_branch=True)
+    assert int(str(err.value).split(" for ")[1].split(" of ")[0]) >= dark
+    assert path.read_bytes() == before and not path.with_name(path.name + ".tmp").exists()
+
+
 def test_stage_branch_on_an_fp16_file(plain_model, tmp_path):
     """An FP16 file's stage tensors are float16: the branch casts them to FP32 (cxr-export --fp16
     failed here once, 'Type (tensor(float)) ... does not match expected type (tensor(float16))')."""

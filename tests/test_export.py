@@ -176,6 +176,65 @@ def test_gate_refusal_exit_code_and_force(run_dir, tmp_path):
     assert out.with_name("m_int8.onnx").exists()
 
 
+def overflowing_model(path: Path, gain: float) -> Path:
+    """A tiny cxr file whose positive logit is ``gain`` x (3 + sum |pooled pixels|), through a Concat
+    and a Slice: type-agnostic ops that onnxruntime's CPU provider runs in float16 in an FP16 file,
+    so the logit is rounded to float16 there (float16 ops it lacks run in FP32 between casts it
+    can drop)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from conftest import build_model
+
+    m = onnx.load_from_string(build_model())
+    g = m.graph
+    i = [n.op_type for n in g.node].index("MatMul")
+    g.node[i].input[0] = "feat_big"
+    add = [n.op_type for n in g.node].index("Add")
+    g.node[add].input[0] = "logits_s"
+    nodes = list(g.node)
+    nodes[add:add] = [helper.make_node("Concat", ["logits0", "logits0"], ["logits_c"], axis=1),
+                      helper.make_node("Slice", ["logits_c", "s0", "s2", "ax1"], ["logits_s"])]
+    nodes[i:i] = [helper.make_node("Abs", ["feat"], ["feat_abs"]),
+                  helper.make_node("Add", ["feat_abs", "one"], ["feat_big"])]
+    del g.node[:]
+    g.node.extend(nodes)
+    w = numpy_helper.to_array([t for t in g.initializer if t.name == "W"][0]).copy()
+    w[:, -1] = gain
+    keep = [t for t in g.initializer if t.name != "W"]
+    del g.initializer[:]
+    g.initializer.extend(keep + [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.float32(1.0), "one")]
+                         + [numpy_helper.from_array(np.array([v], np.int64), n)
+                            for n, v in (("s0", 0), ("s2", 2), ("ax1", 1))])
+    onnx.save(m, str(path))
+    return path
+
+
+def test_fp16_file_beyond_float16_range_is_refused(tmp_path, xrays224):
+    """An FP16 file whose values leave float16's range gives inf/NaN probabilities: the FP16 check
+    refuses it with the reason (cxr-export then deletes it and exits 3, as for a refused INT8 file,
+    keeping FP32 and INT8). It used to record a NaN max |dp| and pass: a CPU dry run of the GPU
+    round found this on a 2-epoch InceptionV3 whose training had diverged."""
+    from cxr_export.modelio import read_spec
+    from cxr_export.precisions import ExportJob, write_precision
+    from cxr_infer.preprocess import load_image
+
+    px = np.stack([load_image(f) for f in xrays224[:4]])
+    for gain, refused in ((1.0, False), (3e4, True)):  # 3e4 x at least 3: past float16's 65504
+        fp32 = overflowing_model(tmp_path / f"gain{gain:g}.onnx", gain)
+        job = ExportJob(fp32=fp32, spec=read_spec(fp32), ckpt_dir=tmp_path, data_dir=None, size=(224, 224),
+                        parity_pixels=px, threads=1)
+        result = write_precision("fp16", job)
+        parity = result.block["parity"]
+        assert parity["checked"] and parity["images"] == 4
+        if not refused:
+            assert result.refusal is None and parity["non_finite"] == 0 and parity["max_abs_diff_probability"] < 1e-3
+            continue
+        assert parity["non_finite"] == 4 and parity["max_abs_diff_probability"] is None
+        assert "4 of 4 validation images" in result.refusal and "65504" in result.refusal
+        assert "NaN" not in result.line  # the spec and the line hold JSON null, not NaN
+
+
 def test_threshold_override_and_errors(run_dir, tmp_path, capsys):
     from cxr_export.cli import main
     from cxr_export.modelio import read_spec

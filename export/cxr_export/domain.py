@@ -1052,6 +1052,11 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
     try:
         add_domain_graph(model_path, branches, staged, kernels)
         (val_scores,) = run_outputs(staged, spec, val_pixels, [DOMAIN_OUTPUT], threads=threads)
+        bad = int(np.sum(~np.isfinite(val_scores)))
+        if bad:
+            raise ValueError(f"{model_path}: its domain score is not a number (inf or NaN) for {bad} of "
+                             f"{len(val_scores)} validation images: values inside the graph leave the file's "
+                             "number range (float16: +-65504); leave this precision out, or --no-domain-stats")
         k = min(16, len(train_pixels))
         probs_after, train_scores = run_outputs(staged, spec, train_pixels[:k], [spec.prob_output, DOMAIN_OUTPUT],
                                                 threads=threads)

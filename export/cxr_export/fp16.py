@@ -36,5 +36,17 @@ def fp16_parity(fp32_path: str | Path, fp16_path: str | Path, spec: ModelSpec, p
     except CXRError as exc:  # an execution provider without FP16 kernels
         return {"checked": False, "why": f"could not run the FP16 model: {exc}"}
     p32 = open_model(fp32_path, spec=spec).positive_probability(pixels)
+    finite = np.isfinite(p16)
     return {"checked": True, "provider": model16.providers[0], "images": int(len(pixels)),
-            "max_abs_diff_probability": float(np.max(np.abs(p16 - p32)))}
+            "non_finite": int(np.sum(~finite)),
+            "max_abs_diff_probability": float(np.max(np.abs(p16 - p32)[finite])) if finite.any() else None}
+
+
+def fp16_refusal(parity: Dict | None) -> str | None:
+    """Why an FP16 file must not be written, or None: probabilities that are not numbers mean values
+    in the graph went beyond float16's range (+-65504) and became inf, then NaN."""
+    if not parity or not parity.get("checked") or not parity.get("non_finite"):
+        return None
+    return (f"the FP16 file gives no probability (inf or NaN) for {parity['non_finite']} of {parity['images']} "
+            "validation images: values inside its graph exceed float16's range (+-65504); use the FP32 file on "
+            "the GPU (--force writes the FP16 file anyway)")

@@ -81,11 +81,11 @@ def _make_int8(job: ExportJob, out: Path) -> Tuple[Dict[str, Any], str, Optional
 def _make_fp16(job: ExportJob, out: Path) -> Tuple[Dict[str, Any], str, Optional[str]]:
     import json
 
-    from .fp16 import convert_fp16, fp16_parity
+    from .fp16 import convert_fp16, fp16_parity, fp16_refusal
 
     convert_fp16(job.fp32, out)
     parity = fp16_parity(job.fp32, out, job.spec, job.parity_pixels) if job.parity_pixels is not None else None
-    return {"io_types": "float32 (kept)", "parity": parity}, f"parity: {json.dumps(parity)}", None
+    return {"io_types": "float32 (kept)", "parity": parity}, f"parity: {json.dumps(parity)}", fp16_refusal(parity)
 
 
 PRECISIONS: Dict[str, Precision] = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,19 +176,28 @@ def test_formats_time_limit_skips_the_rows_left(files, tmp_path, monkeypatch):
     assert stop.value.code == 2
 
 
-def test_formats_names_the_file_where_two_share_a_row(files, tmp_path):
-    """Two files of one backbone and precision (the GPU round's new VGG16 INT8 beside the shipped
-    default): the table names each file in those rows, and only there."""
+def test_formats_two_runs_of_one_backbone(files, tmp_path):
+    """Two files of one backbone and precision from different training runs (the GPU round's new
+    VGG16 INT8 beside the shipped default): the table names each file in those rows, and each is
+    compared with a CPU row of its own run, never with the other run's FP32 file."""
     from cxr_bench.cli import main
+    from cxr_export.modelio import read_spec, write_spec
 
     fp32, _, int8, data = files
-    again = tmp_path / "again_int8.onnx"
-    shutil.copy(int8, again)
-    assert main(["formats", "--model", str(fp32), str(int8), str(again), "--data", str(data), "--providers", "cpu",
+    other = tmp_path / "other_int8.onnx"
+    shutil.copy(int8, other)
+    spec = read_spec(other).copy()
+    spec.raw["provenance"] = dict(spec.raw.get("provenance") or {}, trained="2026-11-28T01:36:16+00:00")
+    write_spec(other, spec)
+    assert main(["formats", "--model", str(fp32), str(int8), str(other), "--data", str(data), "--providers", "cpu",
                  "--iterations", "2", "--throughput-batch", "2", "--threads", "1", "--out", str(tmp_path), "-q"]) == 0
+    rows = {Path(r["file"]).name: r for r in json.loads((tmp_path / "formats.json").read_text())["rows"]}
+    assert rows["tiny_int8.onnx"]["reference"] == "cpu fp32" and not rows["tiny_int8.onnx"]["is_reference"]
+    assert rows["other_int8.onnx"]["reference"] == "cpu int8" and rows["other_int8.onnx"]["is_reference"]
+    assert rows["other_int8.onnx"]["trained"] == "2026-11-28T01:36:16+00:00"
     md = (tmp_path / "formats.md").read_text()
     assert "| tiny | cpu | fp32 | ok |" in md
-    assert "| tiny (`tiny_int8.onnx`) | cpu | int8 | ok |" in md and "| tiny (`again_int8.onnx`) | cpu | int8 | ok |" in md
+    assert "| tiny (`tiny_int8.onnx`) | cpu | int8 | ok |" in md and "| tiny (`other_int8.onnx`) | cpu | int8 | ok |" in md
 
 
 def test_formats_compares_in_domain_decisions_on_domain_data(tmp_path):

@@ -154,8 +154,18 @@ def measure_row(path: Path, spec: Any, provider: str, pixels: np.ndarray, y: np.
     return row
 
 
-def _reference(rows: List[Dict[str, Any]], backbone: str) -> Optional[Dict[str, Any]]:
-    ok = [r for r in rows if r["backbone"] == backbone and r["provider"] == "cpu" and r["status"] == "ok"]
+def _trained(spec: Any) -> Optional[str]:
+    """When the file's weights were trained (its spec's provenance), or None."""
+    value = (spec.raw.get("provenance") or {}).get("trained")
+    return str(value) if value is not None else None
+
+
+def _reference(rows: List[Dict[str, Any]], row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The CPU row ``row`` is compared with: the same backbone and training run (``trained``: files
+    exported from one checkpoint share it; the shipped default is not compared with a new VGG16),
+    FP32 where there is one."""
+    ok = [r for r in rows if r["backbone"] == row["backbone"] and r.get("trained") == row.get("trained")
+          and r["provider"] == "cpu" and r["status"] == "ok"]
     ok.sort(key=lambda r: PRECISION_ORDER.index(r["precision"]) if r["precision"] in PRECISION_ORDER else 9)
     return ok[0] if ok else None
 
@@ -215,7 +225,7 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
         spec = specs[path]
         if time_limit is not None and time.monotonic() - started > time_limit:
             results.append(dict(provider=provider, file=str(path), size_mb=path.stat().st_size / 1e6,
-                                backbone=backbone, precision=precision,
+                                backbone=backbone, precision=precision, trained=_trained(spec),
                                 status=f"skipped: time limit of {time_limit:g} s reached before this row started"))
             continue
         pixels = cache.pixels(spec.image_size, spec.resize_method)
@@ -229,7 +239,7 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
         if extra_px is not None and extra.failed:
             extra_px = extra_px[[i for i in range(len(extra_files)) if i not in extra.failed]]
         row = measure_row(path, spec, provider, pixels[keep], y, threads, iterations, batch, available, extra_px)
-        row.update(backbone=backbone, precision=precision)
+        row.update(backbone=backbone, precision=precision, trained=_trained(spec))
         say(f"{backbone} {precision} on {provider}: {row['status']}"
             + (f", accuracy {fmt_pct(row['accuracy'])}, {row['ms_b1']:.2f} ms at b1, "
                f"{row['images_per_s_b64']:.0f} images/s at b{batch}" if row["status"] == "ok" else ""), quiet)
@@ -247,7 +257,7 @@ def _compared(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     without the per-image arrays (``results`` keeps them, for the rows still to come)."""
     rows = [dict(r) for r in results]
     for row in rows:
-        ref = _reference(rows, row["backbone"])
+        ref = _reference(rows, row)
         if row["status"] != "ok" or ref is None:
             continue
         p, q = row["probabilities"], ref["probabilities"]

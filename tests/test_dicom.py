@@ -122,6 +122,79 @@ def test_dicom_scores_like_the_jpeg(classifier, dicoms, xray, name):
     assert dcm.source == str(dicoms[name])
 
 
+def compress(data: bytes, syntax: str, path) -> None:
+    """Write ``data`` (an uncompressed DICOM file) to ``path`` in ``syntax``, encoded by GDCM (what a
+    PACS or modality commonly writes: JPEG Lossless for CR and DX)."""
+    gdcm = pytest.importorskip("gdcm")
+    src = path.with_suffix(".raw.dcm")
+    src.write_bytes(data)
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(src))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change(), syntax
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(path))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+
+
+#: GDCM's name of each transfer syntax -> pydicom's UID of it, and whether it is lossless
+COMPRESSED = {"JPEGLosslessProcess14_1": ("1.2.840.10008.1.2.4.70", True),
+              "JPEGLosslessProcess14": ("1.2.840.10008.1.2.4.57", True),
+              "JPEGLSLossless": ("1.2.840.10008.1.2.4.80", True),
+              "JPEG2000Lossless": ("1.2.840.10008.1.2.4.90", True),
+              "RLELossless": ("1.2.840.10008.1.2.5", True),
+              "JPEGBaselineProcess1": ("1.2.840.10008.1.2.4.50", False)}
+
+
+@pytest.mark.parametrize("syntax,bits", [(syntax, bits) for syntax in COMPRESSED for bits in (8, 12)
+                                         if COMPRESSED[syntax][1] or bits == 8])  # baseline: 8-bit only
+def test_compressed_dicom_gives_the_uncompressed_pixels(gray, tmp_path, syntax, bits):
+    """Compressed pixel data as a PACS holds it (JPEG Lossless above all, for CR and DX) decodes with
+    the DICOM extra (GDCM, Pillow, pydicom's RLE) to the pixels of the uncompressed object: exactly
+    where lossless, closely for 8-bit JPEG baseline."""
+    uid, lossless = COMPRESSED[syntax]
+    crop = gray[:256, :256]
+    plain = make_dicom(crop, bits_stored=8) if bits == 8 else \
+        make_dicom(crop.astype(np.uint16) * 16, bits_stored=12, WindowCenter=2048, WindowWidth=4096)
+    path = tmp_path / f"{syntax}-{bits}.dcm"
+    compress(plain, syntax, path)
+    import pydicom
+
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == uid
+    want, got = load_image(plain), load_image(path)
+    diff = np.abs(got.astype(int) - want.astype(int))
+    if lossless:
+        assert diff.max() == 0, (syntax, bits, diff.max())
+    else:
+        assert diff.mean() < 3 and want.shape == got.shape, (syntax, diff.mean())
+
+
+def test_compressed_dicom_without_gdcm_is_one_line(gray, tmp_path):
+    """Without GDCM, JPEG Lossless cannot be decoded: one line naming the file, the transfer syntax
+    and the install command, exit 1, the other inputs still classified (pydicom's reason, several
+    lines long, is joined into that line)."""
+    from conftest import run_cli
+
+    path = tmp_path / "lossless.dcm"
+    compress(make_dicom(gray[:128, :128]), "JPEGLosslessProcess14_1", path)
+    plain = tmp_path / "plain.dcm"
+    plain.write_bytes(make_dicom(gray[:128, :128]))
+    r = run_cli(str(path), str(plain), "--format", "csv", prelude="import sys; sys.modules['gdcm'] = None")
+    assert r.returncode == 1 and "Traceback" not in r.stderr.decode()
+    err = [ln for ln in r.stderr.decode().splitlines() if "lossless.dcm" in ln]
+    assert len(err) == 1, r.stderr.decode()
+    assert err[0].startswith(f"cxr-infer: {path}: cannot decode the DICOM pixel data (JPEG Lossless")
+    assert err[0].endswith("GDCM decodes JPEG Lossless, JPEG-LS and JPEG 2000: install the DICOM extra: "
+                           "pip install 'cxr[dicom]'") and "\t" not in err[0]
+    (row,) = [row for row in r.stdout.decode().splitlines() if row.startswith(f"{plain},")]
+    assert row.split(",")[1] in ("NORMAL", "PNEUMONIA")
+
+
 def test_without_preamble_and_without_file_meta(gray, ref):
     full = make_dicom(gray)
     no_preamble = full[132:]

@@ -63,6 +63,10 @@ OPTIONAL: Dict[str, str] = {
     # "writing DICOM SR needs highdicom: pip install 'cxr[dicom]'" (exit 2) and every other
     # format, --format fhir included, still works.
     "highdicom": "dicom",
+    # cxr_infer.dicom._have_gdcm(): only asks whether GDCM is there, to say how to install it when
+    # compressed pixel data (JPEG Lossless, JPEG-LS, JPEG 2000) cannot be decoded; pydicom does the
+    # decoding through it.
+    "gdcm": "dicom",
     # cxr_bench.domain: scikit-image's sample photos are one optional source of out-of-domain
     # images for `cxr-bench domain`; skipped when scikit-image is absent (matplotlib's sample
     # photo, which the bench extra brings, is the other).
@@ -93,6 +97,7 @@ PROVIDERS: Dict[str, Set[str]] = {
     "skimage": {"scikit-image"},
     "onnxruntime": {"onnxruntime", "onnxruntime-gpu"},
     "fhir": {"fhir-resources"},
+    "gdcm": {"python-gdcm"},
 }
 
 
@@ -558,6 +563,12 @@ def check_bench(venv: Venv, tmp: Path) -> None:
 
 def check_dicom(venv: Venv, tmp: Path) -> None:
     r = venv.run("cxr-infer", str(_dicom(tmp / "sample.dcm")), cwd=tmp)
+    assert r.returncode == 0 and LABEL.search(r.stdout), r.stdout + r.stderr
+    # JPEG Lossless, as a PACS keeps CR and DX images: the extra's own GDCM decodes it
+    from test_dicom import compress
+
+    compress((tmp / "sample.dcm").read_bytes(), "JPEGLosslessProcess14_1", tmp / "lossless.dcm")
+    r = venv.run("cxr-infer", str(tmp / "lossless.dcm"), cwd=tmp)
     assert r.returncode == 0 and LABEL.search(r.stdout), r.stdout + r.stderr
     assert set(venv.missing("torch", "onnx")) == {"torch", "onnx"}
     # --format dicom-sr: _dicom's file has no study, which an SR must name: one line, exit 1

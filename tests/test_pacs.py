@@ -130,6 +130,34 @@ def test_round_trip_classifies_stores_srs_and_a_second_run_adds_nothing(orthanc,
 
 
 @needs_orthanc
+def test_compressed_instances_as_a_pacs_holds_them(orthanc, model, tmp_path):
+    """CR and DX images usually sit in a PACS as JPEG Lossless (or JPEG-LS, JPEG 2000): Orthanc hands
+    them over as stored and cxr-pacs decodes them (GDCM, the DICOM extra) to the same finding as
+    the uncompressed image."""
+    pytest.importorskip("gdcm")
+    import pydicom
+
+    from test_dicom import compress
+
+    child = study("CHILD2", "004Y", "Roe^Ann")
+    syntaxes = {1: "JPEGLosslessProcess14_1", 2: "JPEGLSLossless", 3: "JPEG2000Lossless"}
+    uids = {}
+    for n, syntax in syntaxes.items():
+        path = tmp_path / f"{syntax}.dcm"
+        compress(xray_dicom(child, level=200, number=n), syntax, path)
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID.is_compressed
+        uids[ds.SOPInstanceUID] = syntax
+        orthanc.upload(path.read_bytes())
+    r = run_pacs(*_args(orthanc, model, "--once"))
+    assert r.returncode == 0, r.stderr
+    assert "3 classified" in r.stderr and "3 SRs stored" in r.stderr, r.stderr
+    srs = orthanc.srs(child["StudyInstanceUID"])
+    assert {values(sr, "Source of Measurement")[0] for sr in srs} == set(uids)
+    assert all(values(sr, "Finding") == [("233604007", "SCT", "Pneumonia")] for sr in srs)
+
+
+@needs_orthanc
 def test_orthanc_stopped_mid_run_is_retried_and_nothing_is_lost_or_duplicated(orthanc, model):
     child = study("CHILD2", "002Y", "Poe^Max")
     for n in range(1, 9):

@@ -61,6 +61,30 @@ def _pydicom() -> Any:
     return pydicom
 
 
+def _have_gdcm() -> bool:
+    try:
+        import gdcm  # noqa: F401  (pydicom's decoder for JPEG Lossless, JPEG-LS, JPEG 2000)
+    except ImportError:
+        return False
+    return True
+
+
+def _decode_error(ds: Any, exc: Exception) -> str:
+    """One line for pixel data that pydicom could not decode: the transfer syntax, pydicom's reason
+    (its several lines joined: each decoder it tried and why) and, for compressed pixel data where
+    GDCM is missing, how to install it."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
+    reason = " ".join(str(exc).split())
+    if len(reason) > 300:
+        reason = reason[:297] + "..."
+    msg = f"cannot decode the DICOM pixel data ({name}: {reason})"
+    if getattr(syntax, "is_compressed", False) and not _have_gdcm():
+        # JPEG Lossless, the usual compression of CR and DX images in a PACS, needs GDCM
+        return f"{msg}; GDCM decodes JPEG Lossless, JPEG-LS and JPEG 2000: {INSTALL_HINT}"
+    return msg
+
+
 def _modality(arr: np.ndarray, ds: Any) -> np.ndarray:
     if "ModalityLUTSequence" in ds:
         try:
@@ -221,10 +245,7 @@ def read_dicom(data: bytes, name: str) -> Image.Image:
             try:
                 raw = np.asarray(ds.pixel_array)
             except Exception as exc:
-                syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-                syntax_name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
-                raise InputError(f"cannot decode the DICOM pixel data ({syntax_name}: {exc}); "
-                                 "compressed DICOM may need pylibjpeg or GDCM") from None
+                raise InputError(_decode_error(ds, exc)) from None
             if photometric in ("MONOCHROME1", "MONOCHROME2"):
                 if raw.ndim != 2:
                     raise InputError(f"DICOM pixel data of shape {raw.shape} is not a single gray frame")

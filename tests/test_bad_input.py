@@ -220,3 +220,18 @@ def test_unknown_device_and_bad_threshold(tiny_model):
         Classifier(tiny_model, device="tpu")
     with pytest.raises(ValueError):
         Classifier(tiny_model, threshold=1.5)
+
+
+def test_an_error_quoting_a_multi_line_reason_is_one_line():
+    """A library's reason quoted in an error can run over several lines (pydicom lists each decoder
+    it tried, one per line): every cxr error joins them, so a bad input stays one line on stderr and
+    in a CSV or JSON Lines row; one-line messages are kept as they are."""
+    from cxr_infer.errors import DeviceError
+
+    reason = "Unable to decode as exceptions were raised by all available plugins:\n  gdcm: no\n\tpillow: no"
+    for cls in (InputError, ModelError, DeviceError):
+        assert str(cls(f"x.dcm: cannot decode ({reason})")) == \
+            "x.dcm: cannot decode (Unable to decode as exceptions were raised by all available plugins: gdcm: no " \
+            "pillow: no)"
+    assert str(InputError("kept  as  it is")) == "kept  as  it is"
+    assert InputError("a", "b").args == ("a", "b")

@@ -3,7 +3,16 @@ from __future__ import annotations
 
 
 class CXRError(Exception):
-    """Base class of every error cxr raises on purpose."""
+    """Base class of every error cxr raises on purpose.
+
+    A message that arrives in several lines (a library's reason quoted in it) is joined into one,
+    so that each bad input stays one line on stderr and in a CSV or JSON Lines row.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and ("\n" in args[0] or "\r" in args[0]):
+            args = (" ".join(args[0].split()),)
+        super().__init__(*args)
 
 
 class InputError(CXRError):

@@ -243,3 +243,35 @@ def test_missing_pydicom_says_how_to_install(gray, monkeypatch):
 def test_looks_like_dicom_rejects_other_formats(head):
     assert not looks_like_dicom(head + b"\0" * 200)
     assert not looks_like_dicom(head)
+
+
+def test_a_dicom_medium_folder_is_read_and_its_dicomdir_skipped(gray, tmp_path):
+    """A CD or DVD export (PS3.10: a DICOMDIR index beside extension-less image files) given as a
+    folder: every image is classified and the DICOMDIR, which holds none, is not reported as a bad
+    input; passed by name it gets one line saying to pass its folder."""
+    from pydicom import dcmread
+    from pydicom.fileset import FileSet
+
+    from conftest import run_cli
+
+    fs = FileSet()
+    for n in (1, 2):
+        src = tmp_path / f"src{n}.dcm"
+        src.write_bytes(make_dicom(gray[:96, :96], PatientID="P1", PatientName="Doe^Ann", StudyInstanceUID="1.2.3.4",
+                                   SeriesInstanceUID="1.2.3.4.5", StudyDate="20240101", StudyTime="120000",
+                                   StudyID="1", SeriesNumber="1", InstanceNumber=str(n)))
+        fs.add(dcmread(src))
+    medium = tmp_path / "medium"
+    fs.write(medium)
+    images = sorted(p for p in medium.rglob("*") if p.is_file() and p.name != "DICOMDIR")
+    assert (medium / "DICOMDIR").is_file() and len(images) == 2 and all(not p.suffix for p in images)
+    r = run_cli(str(medium), "--format", "csv")
+    assert r.returncode == 0, r.stderr.decode()
+    rows = r.stdout.decode().splitlines()[1:]
+    assert sorted(row.split(",")[0] for row in rows) == [str(p) for p in images]
+    assert "DICOMDIR" not in r.stdout.decode() + r.stderr.decode()
+    r = run_cli(str(medium / "DICOMDIR"))
+    err = r.stderr.decode().splitlines()
+    assert r.returncode == 1 and err[0] == (f"cxr-infer: {medium / 'DICOMDIR'}: a DICOMDIR, the index of a DICOM "
+                                            "medium, holds no image: pass the folder it is in (its images are "
+                                            "found there; the DICOMDIR is skipped)")

@@ -31,8 +31,9 @@ PROGRESS_MIN_ITEMS = 16
 EPILOG = """\
 inputs:
   files, folders (searched recursively for .jpeg .jpg .png .bmp .tif .tiff .dcm
-  and extension-less DICOM files), glob patterns (quote them: 'scans/**/*.png'),
-  or - to read one image from stdin.
+  and extension-less DICOM files, such as a DICOM CD's, whose DICOMDIR index is
+  skipped), glob patterns (quote them: 'scans/**/*.png'), or - to read one image
+  from stdin. DICOM may be compressed (JPEG Lossless, JPEG-LS, JPEG 2000, RLE).
 
 examples:
   cxr-infer --model resnet50_int8.onnx chest.jpeg
@@ -201,7 +202,7 @@ def _walk(folder: str) -> List[str]:
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
-            if f.startswith("."):
+            if f.startswith(".") or f.upper() == "DICOMDIR":  # a DICOM medium's index, never an image
                 continue
             path = os.path.join(root, f)
             suffix = os.path.splitext(f)[1].lower()

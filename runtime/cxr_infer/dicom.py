@@ -179,8 +179,19 @@ def _with_header(img: Image.Image, ds: Any) -> Image.Image:
     return img
 
 
-def _describe_object(ds: Any) -> str:
+#: The SOP class of a DICOMDIR, the index of a DICOM medium (PS3.10)
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
+def _sop_class(ds: Any) -> Any:
+    """The object's SOP class; a DICOMDIR names its own only in the file meta information."""
     sop = ds.get("SOPClassUID")
+    meta = getattr(ds, "file_meta", None)
+    return sop if sop else (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+
+
+def _describe_object(ds: Any) -> str:
+    sop = _sop_class(ds)
     sop_name = getattr(sop, "name", None) or (str(sop) if sop else "unknown SOP class")
     modality = ds.get("Modality", "")
     return f"{sop_name}{', modality ' + str(modality) if modality else ''}"
@@ -235,6 +246,9 @@ def read_dicom(data: bytes, name: str) -> Image.Image:
             except Exception as exc:
                 raise InputError(f"corrupt DICOM file ({exc})") from None
             if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                if str(_sop_class(ds) or "") == MEDIA_DIRECTORY:
+                    raise InputError("a DICOMDIR, the index of a DICOM medium, holds no image: pass the folder "
+                                     "it is in (its images are found there; the DICOMDIR is skipped)")
                 raise InputError(f"DICOM object without an image ({_describe_object(ds)})")
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             if frames > 1:

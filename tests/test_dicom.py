@@ -275,3 +275,43 @@ def test_a_dicom_medium_folder_is_read_and_its_dicomdir_skipped(gray, tmp_path):
     assert r.returncode == 1 and err[0] == (f"cxr-infer: {medium / 'DICOMDIR'}: a DICOMDIR, the index of a DICOM "
                                             "medium, holds no image: pass the folder it is in (its images are "
                                             "found there; the DICOMDIR is skipped)")
+
+
+def test_objects_without_an_image_in_a_scanned_folder_are_skipped(gray, tmp_path):
+    """A study folder as a PACS exports it holds reports and presentation states beside the images:
+    a folder scan classifies the images and skips those objects (one line each, exit 0); named
+    on the command line such an object is a failed input (exit 1), and a folder of nothing else
+    is exit 1 too."""
+    from conftest import run_cli
+
+    from cxr_infer import NotAnImage
+
+    study = tmp_path / "study"
+    study.mkdir()
+    for n in (1, 2):
+        (study / f"IM{n}.dcm").write_bytes(make_dicom(gray[:96, :96]))
+    report = study / "report.dcm"
+    report.write_bytes(make_dicom(np.zeros(1), sop=SR, with_pixels=False))
+    (study / "GSPS0001").write_bytes(make_dicom(np.zeros(1), sop="1.2.840.10008.5.1.4.1.1.11.1", with_pixels=False,
+                                                Modality="PR"))
+    with pytest.raises(NotAnImage):
+        load_image(report)
+    r = run_cli(str(study), "--format", "csv")
+    err = r.stderr.decode().splitlines()
+    assert r.returncode == 0, err
+    rows = r.stdout.decode().splitlines()[1:]
+    assert sorted(row.split(",")[0] for row in rows) == [str(study / "IM1.dcm"), str(study / "IM2.dcm")]
+    assert sorted(err[:2]) == [f"cxr-infer: {study / 'GSPS0001'}: skipped: DICOM object without an image "
+                               "(Grayscale Softcopy Presentation State Storage, modality PR)",
+                               f"cxr-infer: {report}: skipped: DICOM object without an image (Basic Text SR Storage, "
+                               "modality SR)"]
+    assert err[-1] == "cxr-infer: 2 of 2 inputs classified, 0 failed; 2 DICOM objects without an image skipped"
+    r = run_cli(str(report), str(study / "IM1.dcm"))
+    assert r.returncode == 1 and f"{report}: DICOM object without an image (Basic Text SR" in r.stderr.decode()
+    assert "1 of 2 inputs classified, 1 failed" in r.stderr.decode()
+    only = tmp_path / "reports"
+    only.mkdir()
+    (only / "report.dcm").write_bytes(report.read_bytes())
+    r = run_cli(str(only))
+    assert r.returncode == 1
+    assert r.stderr.decode().splitlines()[-1] == "cxr-infer: no image to classify: the 1 DICOM objects found hold none"

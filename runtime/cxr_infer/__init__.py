@@ -18,17 +18,18 @@ __version__ = "0.1.0"
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 
 __all__ = ["Classifier", "Prediction", "ModelSpec", "load_image", "to_input", "CXRError", "InputError",
-           "ModelError", "DeviceError", "DEFAULT_MODEL", "IMAGE_SUFFIXES", "__version__"]
+           "NotAnImage", "ModelError", "DeviceError", "DEFAULT_MODEL", "IMAGE_SUFFIXES", "__version__"]
 
 _WHERE = {
     "Classifier": "classifier", "Prediction": "classifier", "DEFAULT_MODEL": "classifier",
     "ModelSpec": "spec", "load_image": "preprocess", "to_input": "preprocess",
-    "CXRError": "errors", "InputError": "errors", "ModelError": "errors", "DeviceError": "errors",
+    "CXRError": "errors", "InputError": "errors", "NotAnImage": "errors", "ModelError": "errors",
+    "DeviceError": "errors",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .classifier import DEFAULT_MODEL, Classifier, Prediction
-    from .errors import CXRError, DeviceError, InputError, ModelError
+    from .errors import CXRError, DeviceError, InputError, ModelError, NotAnImage
     from .preprocess import load_image, to_input
     from .spec import ModelSpec
 

@@ -1,7 +1,8 @@
 """``cxr-infer``: classify chest X-ray images with a cxr ONNX model.
 
-Exit status: 0 every input classified, 1 some inputs failed (each named on stderr),
-2 usage, model or device error. Heavy imports (numpy, Pillow, onnxruntime) happen only
+Exit status: 0 every input classified (a folder scan's DICOM objects without an image, such as
+reports and presentation states, are skipped), 1 some inputs failed (each named on stderr) or
+none was an image, 2 usage, model or device error. Heavy imports (numpy, Pillow, onnxruntime) happen only
 after the arguments are parsed, so ``--help`` is instant.
 
 Example:
@@ -34,6 +35,8 @@ inputs:
   and extension-less DICOM files, such as a DICOM CD's, whose DICOMDIR index is
   skipped), glob patterns (quote them: 'scans/**/*.png'), or - to read one image
   from stdin. DICOM may be compressed (JPEG Lossless, JPEG-LS, JPEG 2000, RLE).
+  DICOM objects without an image that a folder or glob finds (reports, presentation
+  states) are skipped, one line each; named on the command line they fail.
 
 examples:
   cxr-infer --model resnet50_int8.onnx chest.jpeg
@@ -211,23 +214,26 @@ def _walk(folder: str) -> List[str]:
     return found
 
 
-def expand_inputs(args: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
+def expand_inputs(args: Sequence[str], scanned: Optional[set] = None) -> List[Tuple[str, Optional[str]]]:
     """``(path, None)`` per file to classify and ``(arg, problem)`` per arg that gives none, in order.
 
     Folders are searched recursively and globs expanded (``**`` included); duplicates are dropped.
-    A path that does not exist is kept: the classifier names its problem like any other.
+    A path that does not exist is kept: the classifier names its problem like any other. The
+    paths a folder or a glob gave (not named as such) are added to ``scanned``, if given.
     """
     entries: List[Tuple[str, Optional[str]]] = []
     seen = set()
 
-    def add(path: str) -> None:
+    def add(path: str, by_scan: bool = True) -> None:
         if path not in seen:
             seen.add(path)
             entries.append((path, None))
+            if by_scan and scanned is not None:
+                scanned.add(path)
 
     for arg in args:
         if arg == "-" or os.path.isfile(arg):
-            add(arg)
+            add(arg, by_scan=False)
         elif os.path.isdir(arg):
             found = _walk(arg)
             if not found:
@@ -243,7 +249,7 @@ def expand_inputs(args: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
             for f in hits:
                 add(f)
         else:
-            add(arg)
+            add(arg, by_scan=False)
     return entries
 
 
@@ -336,6 +342,14 @@ class Progress:
         self.clear()
 
 
+def _unprefixed(message: str, path: str) -> str:
+    """``message`` without the input's name in front (the caller puts it there)."""
+    for prefix in (path + ": ", "<bytes>: "):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    return message
+
+
 def _say(message: str) -> None:
     sys.stderr.write(f"cxr-infer: {message}\n")
     sys.stderr.flush()
@@ -386,13 +400,14 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
         raise UsageError("no inputs given (try: cxr-infer --model MODEL.onnx IMAGE...; see --help)")
     t0, c0 = time.perf_counter(), time.process_time()
     from .classifier import Classifier
-    from .errors import InputError
+    from .errors import InputError, NotAnImage
     import numpy  # noqa: F401  (already imported; named for the timing split)
     import onnxruntime  # noqa: F401
     timing["import"] = time.perf_counter() - t0
     timing["cpu_import"] = time.process_time() - c0
 
-    entries = expand_inputs(args.inputs)
+    scanned: set = set()  # found by a folder scan or a glob: a DICOM object without an image there is skipped
+    entries = expand_inputs(args.inputs, scanned)
     if args.format == "dicom-sr" and not args.info:
         from .sr import available, input_problem
         if not args.output:
@@ -427,19 +442,19 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
             return 0
         overlays = _overlay_writer(args.heatmap, clf) if args.heatmap else None  # its errors before any output
         writer = Writer(args.format, out, max((len(path) for path, _ in entries), default=4), clf, args.output)
-        failed = outside = 0
+        failed = outside = skipped = 0
         progress = Progress(len(files), enabled=not args.no_progress and len(files) >= PROGRESS_MIN_ITEMS
                             and sys.stderr.isatty())
         results = clf.iter_predict(_sources(files), timing=timing, heatmap=overlays is not None)
         for path, problem in entries:
             result = next(results) if problem is None else InputError(problem)
-            if isinstance(result, InputError):
+            if isinstance(result, NotAnImage) and path in scanned:  # an SR or a presentation state in a study
+                skipped += 1
+                progress.clear()
+                _say(f"{path}: skipped: {_unprefixed(str(result), path)}")
+            elif isinstance(result, InputError):
                 failed += 1
-                message = str(result)
-                for prefix in (path + ": ", "<bytes>: "):
-                    if message.startswith(prefix):
-                        message = message[len(prefix):]
-                        break
+                message = _unprefixed(str(result), path)
                 progress.clear()
                 _say(f"{path}: {message}")
                 writer.error(path, message)
@@ -468,12 +483,16 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
         writer.close()
         timing["cpu_classify"] = time.process_time() - c0
         out.flush()
-        total = len(entries)
+        total = len(entries) - skipped
         if outside:
             _say(f"{outside} of {total} inputs look outside the model's domain (marked OUTSIDE): "
                  "their labels are not reliable")
-        if failed:
-            _say(f"{total - failed} of {total} inputs classified, {failed} failed")
+        if skipped and not total:
+            _say(f"no image to classify: the {skipped} DICOM objects found hold none")
+            return 1
+        if failed or skipped:
+            _say(f"{total - failed} of {total} inputs classified, {failed} failed"
+                 + (f"; {skipped} DICOM objects without an image skipped" if skipped else ""))
         return 1 if failed else 0
     finally:
         if out is not sys.stdout:

@@ -27,7 +27,7 @@ from typing import Any, Dict
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from .errors import InputError, NotAnImage
 
 _VRS = frozenset(v.encode() for v in (
     "AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV").split())
@@ -247,9 +247,9 @@ def read_dicom(data: bytes, name: str) -> Image.Image:
                 raise InputError(f"corrupt DICOM file ({exc})") from None
             if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
                 if str(_sop_class(ds) or "") == MEDIA_DIRECTORY:
-                    raise InputError("a DICOMDIR, the index of a DICOM medium, holds no image: pass the folder "
+                    raise NotAnImage("a DICOMDIR, the index of a DICOM medium, holds no image: pass the folder "
                                      "it is in (its images are found there; the DICOMDIR is skipped)")
-                raise InputError(f"DICOM object without an image ({_describe_object(ds)})")
+                raise NotAnImage(f"DICOM object without an image ({_describe_object(ds)})")
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             if frames > 1:
                 raise InputError(f"multi-frame DICOM ({frames} frames) is not supported; "
@@ -275,4 +275,4 @@ def read_dicom(data: bytes, name: str) -> Image.Image:
                              f"{raw.dtype} {raw.shape} is not supported (expected MONOCHROME1/2 or 8-bit RGB)")
     except InputError as exc:
         msg = str(exc)
-        raise InputError(msg if msg.startswith(name + ":") else f"{name}: {msg}") from None
+        raise type(exc)(msg if msg.startswith(name + ":") else f"{name}: {msg}") from None

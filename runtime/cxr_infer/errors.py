@@ -19,6 +19,11 @@ class InputError(CXRError):
     """An input image cannot be read or is not a usable X-ray image."""
 
 
+class NotAnImage(InputError):
+    """A valid DICOM object that holds no image (a structured report, a presentation state, a
+    DICOMDIR): an input error when it was named, skipped when a folder scan found it."""
+
+
 class ModelError(CXRError):
     """A model file is missing, is not ONNX, or lacks a valid ``cxr.spec``."""
 

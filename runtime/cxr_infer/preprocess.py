@@ -233,7 +233,7 @@ def open_image(source: ImageSource, draft_size: Optional[Sequence[int]] = None) 
 
 def _named(exc: InputError, name: str) -> InputError:
     msg = str(exc)
-    return exc if msg.startswith(name + ":") else InputError(f"{name}: {msg}")
+    return exc if msg.startswith(name + ":") else type(exc)(f"{name}: {msg}")
 
 
 def load_image(source: ImageSource, size: Sequence[int] = (224, 224), *, method: str = "bicubic",

@@ -203,3 +203,23 @@ def test_expand_inputs_keeps_order_and_drops_duplicates(tree):
     entries = expand_inputs([first, str(tree / "a" / "b"), first])
     assert entries[0] == (first, None) and len(entries) == 4  # scan.PNG, 2 JPEGs, IM000002
     assert all(problem is None for _, problem in entries)
+
+
+def test_linked_folders_are_followed_once_and_a_file_is_classified_once(tmp_path, xrays224):
+    """A folder linked into the scanned one (a mounted share, a PACS export) is searched too, where
+    it used to be skipped without a word; a link back up ends the descent instead of looping; and
+    one file reached by two paths (through the link and by name) is classified once."""
+    from cxr_infer.cli import expand_inputs
+
+    real, scan = tmp_path / "real", tmp_path / "scan"
+    (real / "sub").mkdir(parents=True)
+    scan.mkdir()
+    shutil.copy(xrays224[0], real / "sub" / "a.jpeg")
+    shutil.copy(xrays224[1], scan / "b.jpeg")
+    (scan / "linked").symlink_to(real, target_is_directory=True)
+    (real / "sub" / "back").symlink_to(scan, target_is_directory=True)  # a cycle
+    linked = str(scan / "linked" / "sub" / "a.jpeg")
+    assert expand_inputs([str(scan), str(real / "sub" / "a.jpeg")]) == [(str(scan / "b.jpeg"), None), (linked, None)]
+    r = run_cli(str(scan), "--format", "csv")
+    assert r.returncode == 0, r.stderr.decode()
+    assert [row.split(",")[0] for row in r.stdout.decode().splitlines()[1:]] == [str(scan / "b.jpeg"), linked]

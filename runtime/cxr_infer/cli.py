@@ -201,8 +201,17 @@ def _looks_like_extensionless_dicom(path: str) -> bool:
 
 
 def _walk(folder: str) -> List[str]:
+    """The image files under ``folder``, in sorted order. Linked folders are followed (a PACS
+    export or a mounted share often links them), each real folder once, so a link that points
+    back up ends the descent instead of looping."""
     found = []
-    for root, dirs, files in os.walk(folder):
+    visited = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
             if f.startswith(".") or f.upper() == "DICOMDIR":  # a DICOM medium's index, never an image
@@ -217,7 +226,8 @@ def _walk(folder: str) -> List[str]:
 def expand_inputs(args: Sequence[str], scanned: Optional[set] = None) -> List[Tuple[str, Optional[str]]]:
     """``(path, None)`` per file to classify and ``(arg, problem)`` per arg that gives none, in order.
 
-    Folders are searched recursively and globs expanded (``**`` included); duplicates are dropped.
+    Folders are searched recursively and globs expanded (``**`` included); duplicates are dropped,
+    a file reached twice (through a link, or named and found) included: the first path is kept.
     A path that does not exist is kept: the classifier names its problem like any other. The
     paths a folder or a glob gave (not named as such) are added to ``scanned``, if given.
     """
@@ -225,8 +235,9 @@ def expand_inputs(args: Sequence[str], scanned: Optional[set] = None) -> List[Tu
     seen = set()
 
     def add(path: str, by_scan: bool = True) -> None:
-        if path not in seen:
-            seen.add(path)
+        key = os.path.realpath(path) if path != "-" and os.path.exists(path) else path
+        if key not in seen:
+            seen.add(key)
             entries.append((path, None))
             if by_scan and scanned is not None:
                 scanned.add(path)

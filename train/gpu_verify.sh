@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue #16's GPU checks on a lent machine (train/GPU_ROUND.md, call 7): onnxruntime-gpu from the
+# Issue #16's GPU checks on a lent machine (train/GPU_ROUND.md, call 6): onnxruntime-gpu from the
 # parts carried before, the GPU tests (tests/test_gpu.py and the runtime's own), exports of the
-# round's runs where call 6 left them in /tmp/cxr_runs, and `cxr-bench formats` on every file
+# round's runs where call 5 left them in /tmp/cxr_runs, and `cxr-bench formats` on every file
 # with CPU, CUDA and TensorRT rows. Reports and the log come back through $OUT.
 #   device call: VERIFY_S=240 bash train/gpu_verify.sh   (carry: [".data/testdata"], timeout_s: 420)
 #   EXPORT=0 skips the exports (the shipped default model alone).

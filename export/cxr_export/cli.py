@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-nodes", nargs="*", default=[], help="node names kept in FP32")
     p.add_argument("--gate-count", type=int, default=0, help="validation images for the gate (default 0 = all)")
     p.add_argument("--max-drop", type=float, default=1.0, help="max INT8 accuracy drop in points (default 1.0)")
-    p.add_argument("--force", action="store_true", help="write a refused file anyway (an INT8 file past --max-drop, an FP16 file "
-                        "whose probabilities are inf or NaN)")
+    p.add_argument("--force", action="store_true",
+                   help="write a refused file anyway (an INT8 file past --max-drop, an FP16 file whose "
+                        "probabilities are inf or NaN)")
     p.add_argument("--parity-count", type=int, default=32, help="validation images for the PyTorch parity check")
     p.add_argument("--threshold", default="checkpoint",
                    help="decision threshold stored in the spec: 'checkpoint' (the one chosen on validation at"

@@ -251,3 +251,14 @@ def test_cli_rejects_an_unknown_backbone(capsys):
         main(["--backbone", "alexnet", "--data", "x", "--out", "y"])
     assert e.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--mixup", "-0.2"), ("--cutmix", "inf"), ("--mixup", "much")])
+def test_cli_rejects_a_bad_mixing_parameter(capsys, flag, value):
+    from cxr_train.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--backbone", "tiny", "--data", "x", "--out", "y", flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"cxr-train: error: argument {flag}: ") and value in err

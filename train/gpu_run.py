@@ -125,6 +125,8 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every time budget (tiny test runs: 0.01)")
     ap.add_argument("--max-images", type=int)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--mixup", type=float, default=0.0, help="cxr-train --mixup for every backbone (0 = off)")
+    ap.add_argument("--cutmix", type=float, default=0.0, help="cxr-train --cutmix for every backbone (0 = off)")
     ap.add_argument("--fetch", type=int, help="only copy tar parts FETCH.. into --out (a later call)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -155,6 +157,7 @@ def main() -> int:
         weights = cached.get(b, "auto")
         cfg = TrainConfig(backbone=b, data=args.data, out=str(runs / b), weights=weights,
                           batch_size=plan["batch_size"], lr=plan["lr"], augment=plan["augment"], ema=0.995,
+                          mixup=args.mixup, cutmix=args.cutmix,
                           time_budget=plan["time_budget"] * args.scale, epochs=200, device=args.device,
                           save_dtype="fp16", progress=False, save_last=False, max_images=args.max_images)
         t0 = time.perf_counter()

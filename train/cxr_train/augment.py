@@ -3,13 +3,16 @@ runtime's preprocessing: the input is the runtime's uint8 pixels, the output the
 normalised float input the model sees.
 
 Small rotations, shifts and zoom (one affine warp per image), then brightness, contrast
-and gamma. No horizontal flip by default: the heart's side is anatomy, not noise.
+and gamma. No horizontal flip by default: the heart's side is anatomy, not noise. Optionally,
+:func:`mix_batch` then mixes the normalised batch with a permutation of itself (mixup, CutMix).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -98,3 +101,35 @@ def augment(x: torch.Tensor, cfg: Optional[AugmentConfig], gen: torch.Generator)
                 & (cols >= x0.view(n, 1, 1)) & (cols < (x0 + ew).view(n, 1, 1)) & do.view(n, 1, 1))
         x = x.masked_fill(mask.unsqueeze(1), 0.0)
     return x.clamp_(0.0, 1.0)
+
+
+def mix_batch(x: torch.Tensor, mixup: float, cutmix: float, rng: np.random.Generator, gen: torch.Generator
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], float]:
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a normalised NCHW batch with a
+    permutation of itself: ``(mixed, permutation, lam)``, the loss being ``lam * loss(y) +
+    (1 - lam) * loss(y[permutation])``. ``mixup`` and ``cutmix`` are the Beta(a, a) parameters
+    (0: off); with both on, each batch takes one at even odds. ``rng`` (numpy, on the host) draws
+    lam and the box, so no step waits on the device; ``gen`` draws the permutation where the batch
+    is. Returns ``(x, None, 1.0)`` when both are off.
+
+    Example:
+        >>> x = torch.zeros(4, 1, 8, 8); x[:2] = 1
+        >>> mixed, perm, lam = mix_batch(x, 0.0, 1.0, np.random.default_rng(0), torch.Generator().manual_seed(0))
+        >>> 0 < lam < 1 and perm.shape == (4,)
+        True
+    """
+    if not (mixup > 0 or cutmix > 0):
+        return x, None, 1.0
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
+    perm = torch.randperm(x.shape[0], generator=gen, device=gen.device).to(x.device)
+    if not use_cutmix:
+        return x * lam + x[perm] * (1.0 - lam), perm, lam
+    h, w = x.shape[2], x.shape[3]
+    cut_h, cut_w = int(round(h * math.sqrt(1.0 - lam))), int(round(w * math.sqrt(1.0 - lam)))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, h)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, w)
+    mixed = x.clone()
+    mixed[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+    return mixed, perm, 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)  # lam: the share of the image kept

@@ -22,6 +22,16 @@ split.json (the patient-wise split) and last.pt (for --resume). The test split i
 """
 
 
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 0.0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text}: a Beta parameter must be 0 (off) or above")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cxr-train`` argument parser (building it imports no torch).
 
@@ -49,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance", default="loss", choices=["loss", "sampler", "none"],
                    help="class imbalance: weighted loss, balanced sampler, or none (default: loss)")
     p.add_argument("--augment", choices=["none", "light", "medium", "strong"])
+    p.add_argument("--mixup", type=_alpha, default=0.0, metavar="A",
+                   help="mixup: blend each batch with a shuffled copy, lam ~ Beta(A, A), the loss mixed alike "
+                        "(0 = off, default; 0.2 to 0.4 are usual)")
+    p.add_argument("--cutmix", type=_alpha, default=0.0, metavar="A",
+                   help="CutMix: paste a box of a shuffled copy, its area ~ Beta(A, A) (0 = off, default; 1.0 is "
+                        "usual); with --mixup too, each batch takes one of the two at even odds")
     p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--ema", type=float, help="EMA decay of the weights (0 turns it off)")
     p.add_argument("--patience", type=int, default=0, help="early stop after N epochs without a better val AUC")
@@ -89,7 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = TrainConfig(
         backbone=args.backbone, data=args.data, out=args.out, recipe=args.recipe, weights=args.weights,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, balance=args.balance, augment=args.augment, dropout=args.dropout,
+        label_smoothing=args.label_smoothing, balance=args.balance, augment=args.augment, mixup=args.mixup,
+        cutmix=args.cutmix, dropout=args.dropout,
         ema=args.ema, patience=args.patience, val_fraction=args.val_fraction, seed=args.seed, device=args.device,
         max_images=args.max_images, image_size=args.image_size, amp={"auto": None, "on": True, "off": False}[args.amp],
         save_dtype=args.save_dtype, time_limit=args.time_limit, threshold_rule=args.threshold_rule,

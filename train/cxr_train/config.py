@@ -45,6 +45,8 @@ class TrainConfig:
     label_smoothing: Optional[float] = None
     balance: str = "loss"
     augment: Optional[str] = None
+    mixup: float = 0.0   # Beta(a, a) of mixup; 0 = off
+    cutmix: float = 0.0  # Beta(a, a) of CutMix; 0 = off; with both on, each batch takes one at even odds
     dropout: float = 0.3
     ema: Optional[float] = None
     warmup_epochs: float = 1.0

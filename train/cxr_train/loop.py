@@ -28,7 +28,7 @@ from cxr_infer.metrics import binary_metrics, youden_threshold
 from cxr_infer.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 from . import data as D
-from .augment import PRESETS, augment, normalise, to_float
+from .augment import PRESETS, augment, mix_batch, normalise, to_float
 from .checkpoint import atomic_write_text, save_weights
 from .config import THRESHOLD_RULES, TrainConfig, resolve_amp
 from .distributed import (Cluster, buffers_from_rank0, from_rank0, replica_digests, start_cluster, stop_cluster,
@@ -104,6 +104,7 @@ def run_epoch(state: RunState, data: SplitData, epoch: int, cluster: Cluster) ->
     # gradual unfreezing: a pretrained base waits while the new head learns its first epochs
     base_learns = not (state.pretrained and cfg.recipe == "finetune" and epoch < cfg.unfreeze_epochs)
     augment_generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + epoch)
+    mix_rng = np.random.default_rng([cfg.seed, epoch, cluster.rank])  # mixup / CutMix draws, on the host
     order = epoch_order(state, data, epoch, cluster)
     started = time.perf_counter()
     loss_sum, images = 0.0, 0
@@ -116,6 +117,7 @@ def run_epoch(state: RunState, data: SplitData, epoch: int, cluster: Cluster) ->
         index = order[batch * cfg.batch_size:(batch + 1) * cfg.batch_size].to(data.train_pixels.device)
         x = to_float(data.train_pixels[index].to(device, non_blocking=True))
         x = normalise(augment(x, PRESETS[cfg.augment], augment_generator))
+        x, partner, lam = mix_batch(x, cfg.mixup, cfg.cutmix, mix_rng, augment_generator)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = data.train_labels[index].to(device)
@@ -126,6 +128,8 @@ def run_epoch(state: RunState, data: SplitData, epoch: int, cluster: Cluster) ->
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             logits = state.trained(x)
         loss = state.loss_fn(logits.float(), y)
+        if partner is not None:  # mixup / CutMix: the two images' labels, weighted by their shares
+            loss = lam * loss + (1.0 - lam) * state.loss_fn(logits.float(), y[partner])
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()

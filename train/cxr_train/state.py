@@ -198,8 +198,9 @@ def build_state(cfg: TrainConfig, cluster: Cluster, data: SplitData, say: Log = 
     pretrained = not origin.startswith("random")
     cfg = cfg.resolved(pretrained)
     say(f"model: {cfg.backbone}, weights: {origin}; recipe {cfg.recipe}: epochs {cfg.epochs}, lr {cfg.lr},"
-        f" batch {cfg.batch_size} x {world}, augment {cfg.augment}, balance {cfg.balance}, ema {cfg.ema},"
-        f" device {device}, bf16 {cfg.amp}")
+        f" batch {cfg.batch_size} x {world}, augment {cfg.augment}"
+        + (f", mixup {cfg.mixup:g}" if cfg.mixup else "") + (f", cutmix {cfg.cutmix:g}" if cfg.cutmix else "")
+        + f", balance {cfg.balance}, ema {cfg.ema}, device {device}, bf16 {cfg.amp}")
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -367,7 +367,7 @@ def validation_files(train_dir: str | Path, spec: Any) -> List[Path]:
     if not root.is_dir():
         raise BenchError(f"--validation {train_dir}: no such folder (give the training folder the models were "
                          "trained on, e.g. ../shared/data/chest_xray_224/train)")
-    train, val = D.split_by_patient(D.subsample(D.scan_folder(root), max_images, seed), val_fraction, seed)
+    train, val = D.make_split(root, seed, val_fraction, max_images)
     got = D.manifest(train, val, root, seed, val_fraction)["hash"]
     if got != want:
         raise BenchError(f"--validation {train_dir}: the split rebuilt from it (seed {seed}, validation fraction "

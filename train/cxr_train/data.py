@@ -120,6 +120,14 @@ def split_by_patient(samples: List[Sample], val_fraction: float = 0.1, seed: int
     return train, val
 
 
+def make_split(root: str | Path, seed: int = 0, val_fraction: float = 0.1, max_images: Optional[int] = None
+               ) -> Tuple[List[Sample], List[Sample]]:
+    """The run's ``(train, validation)`` samples of the training folder ``root``: scanned, subsampled
+    to ``max_images`` and split by patient, as ``cxr-train`` makes them (and ``cxr-bench domain
+    --validation`` rebuilds them from a model file's ``provenance.split``)."""
+    return split_by_patient(subsample(scan_folder(root), max_images, seed), val_fraction, seed)
+
+
 def files_hash(paths: Sequence[str]) -> str:
     """SHA-256 over the names and bytes of ``paths`` (in the given order)."""
     h = hashlib.sha256()

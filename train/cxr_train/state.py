@@ -108,8 +108,7 @@ def prepare_data(cfg: TrainConfig, cluster: Cluster, out: Path, say: Log = print
         >>> data.train_pixels.shape                                                    # doctest: +SKIP
         torch.Size([21, 224, 224, 3])
     """
-    samples = D.subsample(D.scan_folder(cfg.data), cfg.max_images, cfg.seed)
-    train_set, val_set = D.split_by_patient(samples, cfg.val_fraction, cfg.seed)
+    train_set, val_set = D.make_split(cfg.data, cfg.seed, cfg.val_fraction, cfg.max_images)
     if not train_set or not val_set:
         raise ValueError(f"split gave {len(train_set)} training and {len(val_set)} validation images;"
                          " use more images")

@@ -2,8 +2,8 @@
 
 Exit status: 0 every input classified (a folder scan's DICOM objects without an image, such as
 reports and presentation states, are skipped), 1 some inputs failed (each named on stderr) or
-none was an image, 2 usage, model or device error. Heavy imports (numpy, Pillow, onnxruntime) happen only
-after the arguments are parsed, so ``--help`` is instant.
+none was an image, 2 usage, model or device error. Heavy imports (numpy, Pillow, onnxruntime)
+happen only after the arguments are parsed, so ``--help`` is instant.
 
 Example:
     $ cxr-infer --model resnet50_int8.onnx scans/ --format jsonl --output results.jsonl

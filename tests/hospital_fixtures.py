@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-
 from conftest import PYTHONPATH, REPO, build_model
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -69,8 +68,8 @@ def corrupt_dicom(attrs: Dict[str, str]) -> bytes:
 
 def text_sr_dicom(attrs: Dict[str, str]) -> bytes:
     """A non-image instance (an SR of someone else) in its own series of the study."""
-    from test_dicom import make_dicom
     from pydicom.uid import generate_uid
+    from test_dicom import make_dicom
 
     return make_dicom(np.zeros((1, 1), np.uint8), sop="1.2.840.10008.5.1.4.1.1.88.11", with_pixels=False,
                       **dict(attrs, SeriesInstanceUID=generate_uid(), SeriesNumber="50"))
@@ -198,6 +197,7 @@ class OrthancServer:
     def srs(self, study_instance_uid: str) -> List[Any]:
         """Every SR instance of a study, read back as pydicom datasets."""
         import io
+
         from pydicom import dcmread
 
         out = []

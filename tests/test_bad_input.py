@@ -7,8 +7,8 @@ import zlib
 
 import numpy as np
 import pytest
-
 from conftest import build_model, run_cli
+
 from cxr_infer import Classifier, InputError, ModelError, Prediction, load_image
 
 

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from bench_fixtures import FULLRES_TRAIN, tiny_model
 
 from cxr_bench import cli

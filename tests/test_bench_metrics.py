@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from cxr_infer.metrics import binary_metrics, roc_auc
 from cxr_bench.stats import bootstrap_metrics, bootstrap_weights, calibration_bins, weighted_auc, weighted_metrics
+from cxr_infer.metrics import binary_metrics, roc_auc
 
 # 10 images; at threshold 0.5: TP 4 (0.9 0.8 0.7 0.6), FN 1 (0.3), FP 2 (0.55 0.65), TN 3 (0.1 0.2 0.4)
 Y = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])

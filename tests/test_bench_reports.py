@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from bench_fixtures import TEST_224, small_dataset, tiny_model
 
 from cxr_bench import cli

@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import expected_probability
 from PIL import Image
 
-from conftest import expected_probability
 from cxr_infer import Classifier, DeviceError, InputError, ModelError, ModelSpec, Prediction, load_image
 from cxr_infer import classifier as classifier_module
 

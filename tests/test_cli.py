@@ -7,8 +7,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import run_cli
+
 from cxr_infer import classifier as classifier_module
 
 
@@ -27,8 +27,8 @@ def tree(tmp_path_factory, xrays224, xray):
     shutil.copy(xrays224[4], root / ".hidden" / "skip.jpeg")
     (root / "a" / "notes.txt").write_text("not an image")
     try:
-        from test_dicom import make_dicom
         import numpy as np
+        from test_dicom import make_dicom
         (root / "a" / "IM000001").write_bytes(make_dicom(np.asarray(Image.open(xray).convert("L"))))
         (root / "a" / "b" / "IM000002").write_bytes(make_dicom(np.asarray(Image.open(xray).convert("L")))[132:])
         (root / "a" / "b" / "README").write_text("extension-less, not DICOM: skipped")

@@ -10,8 +10,8 @@ from PIL import Image
 
 pytest.importorskip("pydicom")
 
-from cxr_infer import InputError, load_image  # noqa: E402
-from cxr_infer.dicom import looks_like_dicom  # noqa: E402
+from cxr_infer import InputError, load_image
+from cxr_infer.dicom import looks_like_dicom
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 SR = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
@@ -249,10 +249,9 @@ def test_a_dicom_medium_folder_is_read_and_its_dicomdir_skipped(gray, tmp_path):
     """A CD or DVD export (PS3.10: a DICOMDIR index beside extension-less image files) given as a
     folder: every image is classified and the DICOMDIR, which holds none, is not reported as a bad
     input; passed by name it gets one line saying to pass its folder."""
+    from conftest import run_cli
     from pydicom import dcmread
     from pydicom.fileset import FileSet
-
-    from conftest import run_cli
 
     fs = FileSet()
     for n in (1, 2):

@@ -10,12 +10,11 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import build_model, run_cli
 
-from cxr_infer import Classifier, ModelError
 from cxr_export import domain
 from cxr_export.modelio import read_spec
+from cxr_infer import Classifier, ModelError
 
 SIZE = 32
 

@@ -182,9 +182,8 @@ def overflowing_model(path: Path, gain: float) -> Path:
     so the logit is rounded to float16 there (float16 ops it lacks run in FP32 between casts it
     can drop)."""
     import onnx
-    from onnx import helper, numpy_helper
-
     from conftest import build_model
+    from onnx import helper, numpy_helper
 
     m = onnx.load_from_string(build_model())
     g = m.graph

@@ -9,8 +9,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import REPO, run_cli
+
 from cxr_infer.fhir import AI_ASSERTED
 
 SAMPLE = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import build_model
 
 pytest.importorskip("onnx")
@@ -57,7 +56,7 @@ def test_formats_table_rows_status_and_agreement(files, tmp_path):
                           ("tensorrt", "fp16"), ("tensorrt", "int8")]
     assert rc == (1 if any(r["status"].startswith("failed") for r in rep["rows"]) else 0)
     available = ort.get_available_providers()
-    for (provider, precision), r in rows.items():
+    for (provider, _precision), r in rows.items():
         assert set(r) >= {"backbone", "provider", "precision", "status", "size_mb"}
         assert r["backbone"] == "tiny" and r["size_mb"] > 0
         wanted = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",

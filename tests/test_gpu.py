@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import PYTHONPATH, REPO, build_model, expected_probability
 
 ort = pytest.importorskip("onnxruntime")

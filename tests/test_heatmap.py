@@ -250,9 +250,8 @@ def test_a_model_without_the_output_says_how_to_add_it(tiny_model, tmp_path):
 
 
 def test_cli_writes_one_overlay_per_input(square_model, tmp_path):
-    from PIL import Image
-
     from conftest import run_cli
+    from PIL import Image
     from test_dicom import make_dicom
 
     images, _, _ = square_images(2, seed=4)
@@ -271,9 +270,10 @@ def test_cli_writes_one_overlay_per_input(square_model, tmp_path):
 
 
 def test_overlay_marks_out_of_domain_images():
+    from PIL import Image
+
     from cxr_infer.classifier import Prediction
     from cxr_infer.overlay import CAPTION, _status_lines, render_overlay
-    from PIL import Image
 
     heat = np.zeros((4, 4), np.float32)
     heat[1, 2] = 1.0

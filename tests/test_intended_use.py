@@ -11,15 +11,15 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
 
 pytest.importorskip("pydicom")
 
-from cxr_infer import Classifier  # noqa: E402
-from cxr_infer.errors import ModelError  # noqa: E402
-from cxr_infer.intended_use import KERMANY, IntendedUse, age_in_years  # noqa: E402
-from test_dicom import make_dicom  # noqa: E402
+from test_dicom import make_dicom
+
+from cxr_infer import Classifier
+from cxr_infer.errors import ModelError
+from cxr_infer.intended_use import KERMANY, IntendedUse, age_in_years
 
 #: the header of an in-domain twin: a 3-year-old's PA chest radiograph
 TWIN = {"PatientAge": "003Y", "ViewPosition": "PA", "Modality": "DX", "BodyPartExamined": "CHEST",
@@ -53,6 +53,7 @@ def pixels(xrays224) -> np.ndarray:
 def kermany_model(model_dir):
     """A tiny model with the Kermany intended use (and no domain statistics: header checks alone)."""
     from conftest import build_model
+
     from cxr_infer.spec import ModelSpec
 
     spec = ModelSpec.new(backbone="tiny", intended_use=KERMANY).raw
@@ -155,6 +156,7 @@ def test_reasons_in_every_output_format_and_the_reject_option(kermany_model, pix
 
 def test_a_bad_intended_use_block_is_refused_on_load(model_dir):
     from conftest import build_model
+
     from cxr_infer.spec import ModelSpec
 
     spec = ModelSpec.new(backbone="tiny").raw

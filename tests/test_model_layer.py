@@ -62,7 +62,6 @@ def test_every_caller_feeds_the_same_input(kind, write_model, feeds):
     from cxr_export.fp16 import fp16_parity
     from cxr_export.modelio import read_spec
     from cxr_export.quantize import _reader, gate
-
     from cxr_infer import Classifier
 
     path = write_model(f"layer_{kind}.onnx", features=True, **KINDS[kind])

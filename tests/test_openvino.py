@@ -32,14 +32,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, run_cli
 
 from cxr_infer import model as model_mod
 from cxr_infer import ov_session
 from cxr_infer.errors import DeviceError, ModelError
-from cxr_infer.model import (AUTO_OPENVINO_MIN_IMAGES, OPENVINO_PROVIDER, ModelFile, openvino_cache_dir,
-                             providers_for, resolve_device)
+from cxr_infer.model import (
+    AUTO_OPENVINO_MIN_IMAGES,
+    OPENVINO_PROVIDER,
+    ModelFile,
+    openvino_cache_dir,
+    providers_for,
+    resolve_device,
+)
 from cxr_infer.ov_session import openvino_config
 
 TEST_224 = REPO.parent / "shared" / "data" / "chest_xray_224" / "test"

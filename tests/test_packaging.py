@@ -332,7 +332,7 @@ def test_optional_imports_are_guarded_and_still_used(cfg, graph):
         for module in {s.module for s in sites}:
             assert any(s.guarded for s in sites if s.module == module), (
                 f"{module} imports {name} without `try: ... except ImportError`; make it a requirement")
-    for (pkg, target), (extra, modules) in CROSS_EXTRA.items():
+    for (pkg, target), _ in CROSS_EXTRA.items():
         made = {s.module for m in graph.modules_of(pkg) for s in graph.modules[m] if s.top == target}
         assert made, f"CROSS_EXTRA lists {pkg} -> {target}, which is not imported any more: drop it"
 
@@ -340,7 +340,7 @@ def test_optional_imports_are_guarded_and_still_used(cfg, graph):
 def test_cross_extra_paths_are_covered_by_the_named_extra(cfg, graph):
     """`cxr-bench latency --checkpoint` needs .[bench,train]: cxr_bench.worker's torch path
     (torch and cxr_train.checkpoint) is fully covered by those two extras together."""
-    for (pkg, target), (extra, modules) in CROSS_EXTRA.items():
+    for (pkg, _target), (extra, modules) in CROSS_EXTRA.items():
         allowed = cfg.requires(extra) | cfg.requires(PACKAGE_EXTRA[pkg])
         roots = sorted(modules)
         _, sites = graph.closure(roots)

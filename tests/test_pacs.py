@@ -19,9 +19,21 @@ import pytest
 pytest.importorskip("pydicom")
 pytest.importorskip("highdicom")
 
-from hospital_fixtures import (DARK, OrthancServer, corrupt_dicom, free_port, intended_use_model,  # noqa: E402
-                               orthanc_binary, pacs_cmd, pacs_env, run_pacs, study, text_sr_dicom, values,
-                               xray_dicom)
+from hospital_fixtures import (
+    DARK,
+    OrthancServer,
+    corrupt_dicom,
+    free_port,
+    intended_use_model,
+    orthanc_binary,
+    pacs_cmd,
+    pacs_env,
+    run_pacs,
+    study,
+    text_sr_dicom,
+    values,
+    xray_dicom,
+)
 
 needs_orthanc = pytest.mark.skipif(orthanc_binary() is None,
                                    reason="Orthanc not installed (Debian package orthanc: apt-get install orthanc)")
@@ -136,7 +148,6 @@ def test_compressed_instances_as_a_pacs_holds_them(orthanc, model, tmp_path):
     the uncompressed image."""
     pytest.importorskip("gdcm")
     import pydicom
-
     from test_dicom import compress
 
     child = study("CHILD2", "004Y", "Roe^Ann")
@@ -229,7 +240,7 @@ def test_a_failed_upload_is_retried_and_a_lost_answer_is_not_a_duplicate():
     stored, answers = [], ["503", "503", "drop", "ok"]
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
             what = answers.pop(0)
             if what == "503":
@@ -271,10 +282,10 @@ def test_domain_strictness_reaches_the_srs(orthanc, tmp_path):
     """cxr-pacs --domain-threshold: the image check with the site's threshold decides what is classified,
     and the SR's reason names that threshold; a strictness the model cannot apply is one line, exit 2."""
     import numpy as np
-
     from conftest import build_model
-    from cxr_export import domain
     from test_domain import SIZE, gray_images
+
+    from cxr_export import domain
 
     plain = tmp_path / "plain.onnx"
     plain.write_bytes(build_model(features=True, size=SIZE))

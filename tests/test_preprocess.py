@@ -5,9 +5,9 @@ import io
 
 import numpy as np
 import pytest
+from conftest import fullres_pairs
 from PIL import Image
 
-from conftest import fullres_pairs
 from cxr_infer.preprocess import load_image, open_image, to_input
 
 

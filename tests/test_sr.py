@@ -14,12 +14,12 @@ import pytest
 pytest.importorskip("pydicom")
 pytest.importorskip("highdicom")
 
-from pydicom import dcmread  # noqa: E402
+from conftest import REPO, run_cli
+from hospital_fixtures import DARK, intended_use_model, study, values, xray_dicom
+from pydicom import dcmread
 
-from conftest import REPO, run_cli  # noqa: E402
-from hospital_fixtures import DARK, intended_use_model, study, values, xray_dicom  # noqa: E402
-from cxr_infer.report import ModelIdentity, model_identity, read_header  # noqa: E402
-from cxr_infer.sr import COMPREHENSIVE_SR, build_sr, sr_bytes  # noqa: E402
+from cxr_infer.report import ModelIdentity, model_identity, read_header
+from cxr_infer.sr import COMPREHENSIVE_SR, build_sr, sr_bytes
 
 SAMPLE = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"
 
@@ -117,8 +117,9 @@ def test_sr_uid_depends_only_on_image_model_and_threshold(clf, child):
 
 
 def test_header_without_study_uid_is_one_clear_error(clf):
-    from test_dicom import make_dicom
     import numpy as np
+    from test_dicom import make_dicom
+
     from cxr_infer.errors import InputError
 
     data = make_dicom(np.full((32, 32), 90, np.uint8))  # no StudyInstanceUID, no SeriesInstanceUID

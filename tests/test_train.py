@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from train_fixtures import REPO, TRAIN_DATA, free_port, needs_data, read_jsonl, subprocess_env, without_timing
 
 torch = pytest.importorskip("torch", reason="cxr-train needs the train extra (torch)")

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from train_fixtures import REPO, TRAIN_DATA, needs_data, subprocess_env
 
 from cxr_train.checkpoint import checkpoint_summary, find_weights, read_meta, safetensors_dtypes

@@ -9,7 +9,6 @@ import sys
 from collections import Counter, defaultdict
 
 import pytest
-
 from train_fixtures import REPO, TRAIN_DATA, needs_data, subprocess_env
 
 torch = pytest.importorskip("torch", reason="cxr-train needs the train extra (torch)")
@@ -17,7 +16,6 @@ pytest.importorskip("torchvision", reason="cxr-train needs the train extra (torc
 
 from cxr_train import data as D  # noqa: E402
 from cxr_train.models import WeightsUnavailable, build_model  # noqa: E402
-
 
 # ---------------------------------------------------------------- patient ids (data README forms)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from train_fixtures import TRAIN_DATA, needs_data
 
 torch = pytest.importorskip("torch", reason="cxr-train needs the train extra (torch)")
@@ -23,7 +22,14 @@ from cxr_train.checkpoint import load_checkpoint  # noqa: E402
 from cxr_train.config import AMP_ENV, THRESHOLD_RULES, TrainConfig, resolve_amp  # noqa: E402
 from cxr_train.distributed import Cluster  # noqa: E402
 from cxr_train.loop import (  # noqa: E402
-    EpochResult, checkpoint_meta, epoch_record, evaluate, is_better, planned_epochs, predict_proba, run_epoch,
+    EpochResult,
+    checkpoint_meta,
+    epoch_record,
+    evaluate,
+    is_better,
+    planned_epochs,
+    predict_proba,
+    run_epoch,
     select_and_save,
 )
 from cxr_train.state import build_state, prepare_data, restore, save_last, warmup_cosine  # noqa: E402

@@ -31,8 +31,19 @@ from cxr_infer.metrics import binary_metrics, roc_curve
 from .dataset import PixelCache, list_dataset
 from .models import OnnxModel, inspect_model, open_model
 from .stats import CI_METRICS, bootstrap_metrics, calibration_bins
-from .util import (BenchError, Progress, fmt_ci, fmt_num, fmt_pct, mb, md_table, new_report, report_stem, say,
-                   write_report)
+from .util import (
+    BenchError,
+    Progress,
+    fmt_ci,
+    fmt_num,
+    fmt_pct,
+    mb,
+    md_table,
+    new_report,
+    report_stem,
+    say,
+    write_report,
+)
 
 KIND = "cxr-bench/accuracy"
 

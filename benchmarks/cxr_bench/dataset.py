@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
 from cxr_infer import IMAGE_SUFFIXES
 from cxr_infer.errors import InputError
 from cxr_infer.preprocess import load_image

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
 from cxr_infer.metrics import roc_auc
 from cxr_infer.preprocess import load_image
 
@@ -595,7 +596,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
             built = [k for k in m["kinds"] if k not in CONTROLS]
             cols = [k for k in op["points"][0]["flagged"] if k not in built and k not in CONTROLS]
 
-            def lowest(p: Dict[str, Any]) -> str:
+            def lowest(p: Dict[str, Any], built: List[str] = built) -> str:
                 k = min(built, key=lambda b: p["flagged"][b])
                 return f"{fmt_pct(p['flagged'][k], 1)} ({k})" if p["flagged"][k] < 1.0 else "100%"
 

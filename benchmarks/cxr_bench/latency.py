@@ -35,9 +35,8 @@ KIND = "cxr-bench/latency"
 
 def child_env(threads: int) -> Dict[str, str]:
     """The parent's environment, thread variables pinned, and cxr packages importable."""
-    import cxr_infer
-
     import cxr_bench
+    import cxr_infer
 
     env = dict(os.environ)
     roots = [str(Path(cxr_bench.__file__).resolve().parents[1]), str(Path(cxr_infer.__file__).resolve().parents[1])]

@@ -132,7 +132,7 @@ def build_summary(results: str | Path, threads: Optional[int] = None, device: st
     for path, rep in acc_reports:
         sources.setdefault("data", {})[path.name] = rep["data"]["root"]
         sources["warnings"] += rep.get("warnings", [])
-    for path, rep in lat_reports:
+    for _path, rep in lat_reports:
         sources["warnings"] += rep.get("warnings", [])
     sources["warnings"] = list(dict.fromkeys(sources["warnings"]))
     sources["machines"] = {path.name: rep["machine"].get("cpu_model") for path, rep in lat_reports}
@@ -142,7 +142,7 @@ def build_summary(results: str | Path, threads: Optional[int] = None, device: st
 def render_markdown(rows: List[Dict[str, Any]], sources: Dict[str, Any]) -> str:
     """``summary.md``: the rows as a table, plus where each figure came from."""
     table = []
-    for r, s in zip(rows, sources["rows"]):
+    for r in rows:
         speed = (r["torch_latency_ms_b1"] / r["latency_ms_b1"]
                  if r["latency_ms_b1"] and r["torch_latency_ms_b1"] else None)
         counts = "/".join(str(r[k]) for k in ("tp", "fp", "tn", "fn")) if r["tp"] is not None else "n/a"

@@ -472,7 +472,7 @@ def _inferred_type(model, tensor: str) -> Any:
 
     try:
         inferred = shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - an uninferable graph: the callers' defaults
+    except Exception:
         return None
     for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         if v.name == tensor and v.type.tensor_type.elem_type:

@@ -22,14 +22,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import (Any, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Tuple,
-                    Union, overload)
+from typing import (
+    Any,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    MutableMapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    overload,
+)
 
 import numpy as np
 
 from .errors import InputError, ModelError
-from .model import DEVICES, ModelFile, ModelSource, available_threads  # noqa: F401  (re-exported)
 from .intended_use import IntendedUse, intended_use_of
+from .model import DEVICES, ModelFile, ModelSource, available_threads  # noqa: F401  (re-exported)
 from .preprocess import ImageSource, describe, load_image, load_image_and_header
 from .spec import ModelSpec, threshold_at
 

@@ -410,10 +410,11 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
     if not args.inputs and not args.info:
         raise UsageError("no inputs given (try: cxr-infer --model MODEL.onnx IMAGE...; see --help)")
     t0, c0 = time.perf_counter(), time.process_time()
-    from .classifier import Classifier
-    from .errors import InputError, NotAnImage
     import numpy  # noqa: F401  (already imported; named for the timing split)
     import onnxruntime  # noqa: F401
+
+    from .classifier import Classifier
+    from .errors import InputError, NotAnImage
     timing["import"] = time.perf_counter() - t0
     timing["cpu_import"] = time.process_time() - c0
 

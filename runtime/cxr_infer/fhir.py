@@ -31,9 +31,25 @@ import json
 import uuid
 from typing import IO, Any, Dict, List, Optional, Tuple
 
-from .report import (ABSENT, DECISION_THRESHOLD, DISCLAIMER, DOMAIN_THRESHOLD, IN_INTENDED_USE, OUT_OF_USE_REASON,
-                     PNEUMONIA, PRESENT, PROBABILITY_OF_POSITIVE, UCUM_FHIR, ModelIdentity, SourceIds, finding_words,
-                     model_identity, not_classified_words, result_uid, source_ids)
+from .report import (
+    ABSENT,
+    DECISION_THRESHOLD,
+    DISCLAIMER,
+    DOMAIN_THRESHOLD,
+    IN_INTENDED_USE,
+    OUT_OF_USE_REASON,
+    PNEUMONIA,
+    PRESENT,
+    PROBABILITY_OF_POSITIVE,
+    UCUM_FHIR,
+    ModelIdentity,
+    SourceIds,
+    finding_words,
+    model_identity,
+    not_classified_words,
+    result_uid,
+    source_ids,
+)
 
 AI_ASSERTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "AIAST",
                "display": "Artificial Intelligence asserted"}

@@ -40,9 +40,28 @@ from pathlib import Path
 from typing import IO, Any, Dict, Optional
 
 from .errors import InputError
-from .report import (CLASSIFIED, CXR_SCHEME, DISCLAIMER, IN_INTENDED_USE, NO, OUT_OF_USE_REASON, PLAIN_CHEST_XRAY,
-                     PROBABILITY_OF_POSITIVE, THRESHOLD, UNITLESS, YES, Concept, ModelIdentity, finding_for,
-                     finding_words, model_identity, not_classified_words, read_header, result_uid, source_ids)
+from .report import (
+    CLASSIFIED,
+    CXR_SCHEME,
+    DISCLAIMER,
+    IN_INTENDED_USE,
+    NO,
+    OUT_OF_USE_REASON,
+    PLAIN_CHEST_XRAY,
+    PROBABILITY_OF_POSITIVE,
+    THRESHOLD,
+    UNITLESS,
+    YES,
+    Concept,
+    ModelIdentity,
+    finding_for,
+    finding_words,
+    model_identity,
+    not_classified_words,
+    read_header,
+    result_uid,
+    source_ids,
+)
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 #: Series Number of cxr's SR series (one per study and model).

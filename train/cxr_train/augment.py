@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 

@@ -31,8 +31,15 @@ from . import data as D
 from .augment import PRESETS, augment, mix_batch, normalise, to_float
 from .checkpoint import atomic_write_text, save_weights
 from .config import THRESHOLD_RULES, TrainConfig, resolve_amp
-from .distributed import (Cluster, buffers_from_rank0, from_rank0, replica_digests, start_cluster, stop_cluster,
-                          sum_over_ranks)
+from .distributed import (
+    Cluster,
+    buffers_from_rank0,
+    from_rank0,
+    replica_digests,
+    start_cluster,
+    stop_cluster,
+    sum_over_ranks,
+)
 from .state import Log, RunState, SplitData, build_state, prepare_data, restore, save_last
 
 #: Ties in validation AUC closer than this are broken by the validation loss.

@@ -58,8 +58,8 @@ def tiny_model(path: Path, image_size: int = 32, precision: str = "fp32", thresh
     spec = ModelSpec.new(backbone=backbone, precision=precision, threshold=threshold, image_size=image_size,
                          provenance={"note": "tiny test model"})
     if fp16:
-        spec.raw["input"]["dtype"] = "float16"
-    spec.raw.update(spec_overrides or {})
+        spec = spec.updated({"input": {**spec.to_dict()["input"], "dtype": "float16"}})
+    spec = spec.updated(spec_overrides or {})
     helper.set_model_props(model, {SPEC_KEY: spec.to_json()})
     onnx.checker.check_model(model)
     path = Path(path)

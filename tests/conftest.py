@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CXR_TEST_DATA") or REPO.parent / "shared" / "data")
 FULLRES = DATA / "kermany_fullres" / "train"
 SMALL = DATA / "chest_xray_224" / "train"
-PYTHONPATH = os.pathsep.join(str(REPO / p) for p in ("runtime", "train", "export", "benchmarks"))
+PYTHONPATH = os.pathsep.join(str(REPO / p) for p in ("runtime", "train", "export", "benchmarks", "hospital"))
 
 sys.path.insert(0, str(REPO / "runtime"))
 
@@ -122,7 +122,7 @@ def build_model(*, labels: Sequence[str] = ("NORMAL", "PNEUMONIA"), positive: Op
         spec = ModelSpec.new(backbone="tiny", precision=precision or ("fp16" if dtype == "float16" else "fp32"),
                              threshold=threshold, image_size=size, labels=labels, input_name=input_name,
                              prob_output=prob_output, features_output="features" if features else None,
-                             provenance={"note": "built by tests/conftest.py"}).raw
+                             provenance={"note": "built by tests/conftest.py"}).to_dict()
         spec["positive_label"] = positive
         spec["input"]["dtype"] = dtype
         spec["normalization"]["in_graph"] = in_graph

@@ -27,7 +27,7 @@ def intended_use_model(path: Path) -> Path:
     from cxr_infer.intended_use import KERMANY
     from cxr_infer.spec import ModelSpec
 
-    spec = ModelSpec.new(backbone="tiny", precision="fp32", threshold=0.5, provenance={"note": "tests"}).raw
+    spec = ModelSpec.new(backbone="tiny", precision="fp32", threshold=0.5, provenance={"note": "tests"}).to_dict()
     spec["intended_use"] = dict(KERMANY)
     path.write_bytes(build_model(spec=spec))
     return path
@@ -211,8 +211,8 @@ class OrthancServer:
 
 
 def pacs_cmd(*args: str) -> List[str]:
-    """``python -m cxr_infer.pacs ARGS`` in a fresh process."""
-    return [sys.executable, "-m", "cxr_infer.pacs", *args]
+    """``python -m cxr_hospital.pacs ARGS`` in a fresh process."""
+    return [sys.executable, "-m", "cxr_hospital.pacs", *args]
 
 
 def pacs_env() -> Dict[str, str]:

@@ -102,9 +102,9 @@ def test_torch_eager_baseline_on_real_checkpoint(tiny, tmp_path):
 @pytest.mark.skipif(not FULLRES_TRAIN.is_dir(), reason="full-size images not found")
 def test_e2e_cold_processes_run_on_the_device_asked_for(tiny, tmp_path, monkeypatch):
     """--device reaches the cold cxr-infer processes too, not only the in-process part."""
-    from cxr_infer.model import openvino_available
+    from cxr_infer.devices import DEVICES
 
-    if not openvino_available():
+    if DEVICES["openvino"].missing() is not None:
         pytest.skip("the OpenVINO runtime is not installed (pip install 'cxr[openvino]')")
     monkeypatch.setenv("CXR_OPENVINO_CACHE", str(tmp_path / "ov"))
     rc = cli.main(["e2e", "--model", str(tiny[1]), "--images", str(FULLRES_TRAIN), "--count", "1", "--repeats", "1",

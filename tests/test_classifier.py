@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -125,26 +126,35 @@ def test_threads_default_to_the_cores_we_may_use(tiny_model):
     assert spinning.model.session.get_session_options().get_session_config_entry(spin) == "1"
 
 
+def _openvino_installed(monkeypatch, installed: bool) -> None:
+    """Make the registry's OpenVINO entry say it is (or is not) installed here."""
+    from dataclasses import replace
+
+    from cxr_infer.devices import DEVICES
+    monkeypatch.setitem(DEVICES, "openvino", replace(DEVICES["openvino"],
+                                                     check=lambda available: None if installed else "not installed"))
+
+
 def test_device_selection(monkeypatch):
-    from cxr_infer import model as model_mod
-    from cxr_infer.model import OPENVINO_PROVIDER
-    from cxr_infer.model import providers_for as providers
-    assert providers("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    monkeypatch.setattr(model_mod, "openvino_available", lambda: False)
-    assert providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    monkeypatch.setattr(model_mod, "openvino_available", lambda: True)  # pip install 'cxr[openvino]'
-    assert providers("auto", ["CPUExecutionProvider"]) == [OPENVINO_PROVIDER]
-    assert providers("auto", ["CPUExecutionProvider"], images=1) == ["CPUExecutionProvider"]
-    assert providers("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == "CUDAExecutionProvider"
-    with_trt = providers("cuda", ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert with_trt[0][0] == "TensorrtExecutionProvider" and with_trt[1:] == ["CUDAExecutionProvider",
-                                                                              "CPUExecutionProvider"]
+    from cxr_infer.devices import DEVICES, SessionRequest, resolve_device
+    request, cpu = SessionRequest(b"", "m.onnx", 1), ["CPUExecutionProvider"]
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert DEVICES["cpu"].providers(request, both) == ["CPUExecutionProvider"]
+    _openvino_installed(monkeypatch, False)
+    assert resolve_device("auto", cpu) == "cpu"
+    _openvino_installed(monkeypatch, True)  # pip install 'cxr[openvino]'
+    assert resolve_device("auto", cpu) == "openvino"
+    assert resolve_device("auto", cpu, images=1) == "cpu"
+    assert resolve_device("auto", both) == "cuda"
+    with_trt = DEVICES["cuda"].providers(request, ["TensorrtExecutionProvider", *both])
+    assert with_trt[0][0] == "TensorrtExecutionProvider" and with_trt[1:] == both
     monkeypatch.setenv("CXR_TENSORRT", "0")
-    assert providers("cuda", ["TensorrtExecutionProvider", "CUDAExecutionProvider"])[0] == "CUDAExecutionProvider"
-    with pytest.raises(DeviceError, match="no CUDA provider.*cxr\\[gpu\\]"):
-        providers("cuda", ["AzureExecutionProvider", "CPUExecutionProvider"])
+    assert DEVICES["cuda"].providers(request, ["TensorrtExecutionProvider", *both])[0] == "CUDAExecutionProvider"
+    assert re.search(r"no CUDAExecutionProvider.*cxr\[gpu\]",
+                     DEVICES["cuda"].missing(["AzureExecutionProvider", "CPUExecutionProvider"]))
+    assert DEVICES["tensorrt"].missing(both).startswith("device 'tensorrt' requested")
     with pytest.raises(DeviceError, match="unknown device"):
-        providers("gpu", ["CPUExecutionProvider"])
+        resolve_device("gpu", cpu)
 
 
 def test_cuda_unavailable_is_a_device_error(tiny_model, monkeypatch):
@@ -152,8 +162,7 @@ def test_cuda_unavailable_is_a_device_error(tiny_model, monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(DeviceError, match="device 'cuda' requested"):
         Classifier(tiny_model, device="cuda")
-    from cxr_infer import model as model_mod
-    monkeypatch.setattr(model_mod, "openvino_available", lambda: False)
+    _openvino_installed(monkeypatch, False)
     assert Classifier(tiny_model, device="auto", threads=1).device == "cpu"
     assert Classifier(tiny_model, device="auto", threads=1, images=1).device == "cpu"
 

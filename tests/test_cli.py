@@ -103,12 +103,28 @@ def test_csv_to_output_file_with_threshold(tiny_model, xrays224, tmp_path):
     assert r.stderr.decode().splitlines()[0] == f"cxr-infer: {missing}: no such file"
 
 
-def test_info_prints_the_spec(tiny_model):
-    r = run_cli("--model", str(tiny_model), "--info")
+def test_info_json_prints_the_whole_spec(tiny_model):
+    r = run_cli("--model", str(tiny_model), "--info", "--json")
     assert r.returncode == 0
     info = json.loads(r.stdout)
     assert info["spec"]["backbone"] == "tiny" and info["spec"]["labels"] == ["NORMAL", "PNEUMONIA"]
     assert info["inputs"][0]["shape"][1:] == [3, 224, 224]
+
+
+def test_info_is_a_short_summary_people_read(tiny_model):
+    from cxr_infer.info import file_sha256
+
+    r = run_cli("--model", str(tiny_model), "--info")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.decode().splitlines()
+    width = len(text[0]) - len(text[0][len("model"):].lstrip())  # the key column
+    lines = {line[:width].strip(): line[width:] for line in text}
+    assert lines["sha256"] == file_sha256(tiny_model) and lines["backbone"] == "tiny, fp32"
+    assert lines["labels"].startswith("NORMAL, PNEUMONIA (positive: PNEUMONIA)")
+    assert lines["image check"].startswith("none") and lines["validation"] == "not recorded in the file"
+    assert len(r.stdout) < 2000
+    r = run_cli("--model", str(tiny_model), "--json", str(tiny_model))
+    assert r.returncode == 2 and "--json goes with --info" in r.stderr.decode()
 
 
 def test_stdin(tiny_model, xrays224):
@@ -121,7 +137,7 @@ def test_stdin(tiny_model, xrays224):
     ((), "no inputs given"),
     (("--threshold", "1.5", "x.jpeg"), "not in [0, 1]"),
     (("--batch-size", "0", "x.jpeg"), "must be at least 1"),
-    (("--format", "xml", "x.jpeg"), "invalid choice"),
+    (("--format", "xml", "x.jpeg"), "unknown format 'xml' (choose one of table, jsonl, csv, dicom-sr, fhir)"),
     (("--device", "tpu", "x.jpeg"), "invalid choice"),
 ])
 def test_usage_errors_exit_2(tiny_model, args, needle):
@@ -170,7 +186,7 @@ def test_cuda_without_provider_exit_2(tiny_model, xrays224):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has CUDA")
     r = run_cli("--model", str(tiny_model), "--device", "cuda", str(xrays224[0]))
-    assert r.returncode == 2 and "no CUDA provider" in r.stderr.decode()
+    assert r.returncode == 2 and "has no CUDAExecutionProvider" in r.stderr.decode()
 
 
 def test_timing_and_threads(tiny_model, xrays224):

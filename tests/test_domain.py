@@ -55,7 +55,7 @@ def test_stats_round_trip_through_the_file(domain_model, plain_model):
 
     path, block, train = domain_model
     spec = read_spec(path)
-    assert spec.domain_output == "domain_score" and spec.raw["domain"] == block
+    assert spec.domain_output == "domain_score" and spec.to_dict()["domain"] == block
     assert spec.domain_threshold == pytest.approx(block["threshold"]) and block["threshold"] > 0
     assert block["fit"]["images"] == 300 and block["calibration"]["images"] == 200
     assert abs(block["flag_rate_validation"] - 0.05) <= 0.02
@@ -95,7 +95,7 @@ def test_refreshing_replaces_the_old_statistics(domain_model, tmp_path):
     domain.add_domain_stats(path, train[:100], np.zeros(100, int), train[100:160], out_path=again, rank=2)
     m = onnx.load(str(again))
     assert [o.name for o in m.graph.output].count("domain_score") == 1
-    assert read_spec(again).raw["domain"]["rank"] == 2
+    assert read_spec(again).to_dict()["domain"]["rank"] == 2
 
 
 def test_far_input_flagged_training_like_not(domain_model):
@@ -281,14 +281,14 @@ def test_old_model_without_stats_still_loads(plain_model):
     p = clf.predict(red())
     assert not clf.domain_available and p.in_domain is None and p.domain_score is None
     assert clf.info()["domain_check"]["available"] is False
-    r = run_cli("--model", str(plain_model), "--info")
+    r = run_cli("--model", str(plain_model), "--info", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["domain_check"]["available"] is False
 
 
 def test_spec_naming_a_domain_output_needs_a_threshold(tmp_path):
     from cxr_infer.spec import ModelSpec
 
-    spec = ModelSpec.new(backbone="tiny", features_output="features").raw
+    spec = ModelSpec.new(backbone="tiny", features_output="features").to_dict()
     spec["outputs"]["domain_score"] = "domain_score"
     with pytest.raises(ModelError, match="domain.threshold"):
         ModelSpec(spec).validate()
@@ -484,9 +484,7 @@ def test_stage_branch_on_an_fp16_file(plain_model, tmp_path):
 
     fp16 = tmp_path / "tiny_fp16.onnx"
     convert_fp16(plain_model, fp16)
-    spec = read_spec(plain_model).copy()
-    spec.raw["precision"] = "fp16"
-    write_spec(fp16, spec)
+    write_spec(fp16, read_spec(plain_model).updated({"precision": "fp16"}))
     assert domain.tensor_elem_type(onnx.load(str(fp16)), "pooled") == onnx.TensorProto.FLOAT16
     train = gray_images(200, 0)
     labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
@@ -526,9 +524,9 @@ def test_without_the_features_branch(plain_model, tmp_path):
     clf = Classifier(out, threads=1)
     gray, far = clf.predict(gray_images(1, 10)[0]), clf.predict(red())
     assert gray.in_domain is True and far.in_domain is False
-    from cxr_infer.classifier import BRANCH_WORDS
-    assert len(far.domain_reasons) == 1 and any(BRANCH_WORDS[n] in far.domain_reasons[0] for n in names)
-    assert BRANCH_WORDS["features"] not in far.domain_reasons[0]
+    words = {b.name: b.words for b in clf.spec.domain.branches}
+    assert len(far.domain_reasons) == 1 and any(words[n] in far.domain_reasons[0] for n in names)
+    assert "the model's features" not in far.domain_reasons[0]
     spec = read_spec(out)
     (terms,) = domain.run_outputs(out, spec, gray_images(4, 11), ["domain_terms"])
     assert terms.shape == (4, 4)
@@ -596,7 +594,7 @@ def test_operating_points_choose_a_stricter_or_looser_check(domain_model, plain_
     assert abs(flagged - 0.30) <= 0.02 and np.mean([p.in_domain is False for p in own.predict(list(val))]) <= 0.07
     assert strict.info()["domain_check"]["threshold_source"].startswith("flags 30.0% of the file's validation")
     # results made with another threshold than the file's name it (SR parameters and UIDs, FHIR Device)
-    from cxr_infer.report import model_identity
+    from cxr_hospital.report import model_identity
 
     assert not own.domain_threshold_overridden and model_identity(own).domain_threshold is None
     assert not Classifier(path, threads=1, domain_flag_rate=0.05).domain_threshold_overridden  # the file's own
@@ -622,10 +620,10 @@ def predating_points(src, dst, **provenance):
     from cxr_export.modelio import write_spec
 
     dst.write_bytes(src.read_bytes())
-    spec = read_spec(dst)
-    del spec.raw["domain"]["operating_points"]
-    spec.raw["provenance"].update(provenance)
-    write_spec(dst, spec)
+    data = read_spec(dst).to_dict()
+    del data["domain"]["operating_points"]
+    write_spec(dst, read_spec(dst).updated({"domain": data["domain"], "provenance": {**data["provenance"],
+                                                                                    **provenance}}))
     return dst
 
 
@@ -645,7 +643,7 @@ def test_a_file_without_operating_points_takes_a_threshold(domain_model, tmp_pat
 def test_malformed_operating_points_are_refused(points):
     from cxr_infer.spec import ModelSpec
 
-    spec = ModelSpec.new(backbone="tiny", features_output="features").raw
+    spec = ModelSpec.new(backbone="tiny", features_output="features").to_dict()
     spec["outputs"]["domain_score"] = "domain_score"
     spec["domain"] = {"threshold": 1.5, "operating_points": points}
     with pytest.raises(ModelError, match="domain.operating_points must be a list"):
@@ -659,7 +657,7 @@ def test_cli_domain_strictness(domain_model, images):
     assert r.returncode == 0 and [json.loads(x)["in_domain"] for x in r.stdout.decode().splitlines()] == [True, True]
     r = run_cli("--model", str(path), "--format", "jsonl", "--domain-threshold=-1e9", str(gray), str(color))
     assert [json.loads(x)["in_domain"] for x in r.stdout.decode().splitlines()] == [False, False]
-    r = run_cli("--model", str(path), "--domain-flag-rate", "10%", "--info")
+    r = run_cli("--model", str(path), "--domain-flag-rate", "10%", "--info", "--json")
     dom = json.loads(r.stdout)["domain_check"]
     assert r.returncode == 0 and dom["threshold"] == pytest.approx(dict(read_spec(path).domain_operating_points)[0.10])
     for bad, why in ((["--domain-flag-rate", "2"], "not a share in (0, 1)"),

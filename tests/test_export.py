@@ -57,23 +57,23 @@ def test_fp32_spec_round_trip_and_parity(exported, run_dir):
     meta = json.loads((run_dir / "checkpoint.json").read_text())
     assert spec.precision == "fp32" and spec.backbone == "tiny"
     assert spec.threshold == pytest.approx(meta["threshold"])
-    assert spec.raw["provenance"]["training_data_hash"] == meta["data_hash"]
-    assert spec.raw["provenance"]["split_hash"] == meta["split_hash"]
+    assert spec.to_dict()["provenance"]["training_data_hash"] == meta["data_hash"]
+    assert spec.to_dict()["provenance"]["split_hash"] == meta["split_hash"]
     # how the split was made, so cxr-bench domain --validation rebuilds it: the run's own validation images
-    assert spec.raw["provenance"]["split"] == meta["split"] == {"seed": 1, "val_fraction": 0.1, "max_images": 240}
+    assert spec.to_dict()["provenance"]["split"] == meta["split"] == {"seed": 1, "val_fraction": 0.1, "max_images": 240}
     from cxr_bench.domain import validation_files
 
     split = json.loads((run_dir / "split.json").read_text())
     assert [str(p.relative_to(TRAIN)) for p in validation_files(TRAIN, spec)] == [v[0] for v in split["val"]]
     assert spec.image_size == (64, 64) and spec.features_output == "features"
     # the training data's intended use, by default the Kermany children, in every file written
-    assert spec.raw["intended_use"]["age_years"] == [1, 5] and spec.raw["intended_use"]["views"] == ["PA", "AP"]
-    assert read_spec(exported.with_name("tiny_int8.onnx")).raw["intended_use"] == spec.raw["intended_use"]
+    assert spec.to_dict()["intended_use"]["age_years"] == [1, 5] and spec.to_dict()["intended_use"]["views"] == ["PA", "AP"]
+    assert read_spec(exported.with_name("tiny_int8.onnx")).to_dict()["intended_use"] == spec.to_dict()["intended_use"]
     # every file carries the Grad-CAM output, named in its spec
     for name in ("tiny.onnx", "tiny_int8.onnx", "tiny_fp16.onnx"):
         written = read_spec(exported.with_name(name))
-        assert written.heatmap_output == "heatmap" and written.raw["heatmap"]["grid"] == [4, 4]
-    parity = spec.raw["export"]["parity"]
+        assert written.heatmap_output == "heatmap" and written.to_dict()["heatmap"]["grid"] == [4, 4]
+    parity = spec.to_dict()["export"]["parity"]
     assert parity["images"] > 0 and parity["max_abs_diff_probability"] < 1e-4
 
 
@@ -96,9 +96,9 @@ def test_every_file_gets_domain_statistics_of_its_own(exported):
     thresholds = {}
     for f in (exported, exported.with_name("tiny_int8.onnx"), exported.with_name("tiny_fp16.onnx")):
         spec = read_spec(f)
-        assert spec.domain_output == "domain_score" and spec.raw["domain"]["fit"]["images"] > 0
-        assert spec.raw["domain"]["probabilities_unchanged"] is True
-        thresholds[f.name] = spec.raw["domain"]["branches"][0]["scale"]  # of the features branch
+        assert spec.domain_output == "domain_score" and spec.to_dict()["domain"]["fit"]["images"] > 0
+        assert spec.to_dict()["domain"]["probabilities_unchanged"] is True
+        thresholds[f.name] = spec.to_dict()["domain"]["branches"][0]["scale"]  # of the features branch
     assert len(set(thresholds.values())) == 3  # fitted per file, on its own features
     cxr_infer = pytest.importorskip("cxr_infer")
     img = next((TRAIN / "NORMAL").glob("*.jpeg"))
@@ -114,12 +114,12 @@ def test_int8_is_quantized_and_agrees(exported, run_dir):
     assert q["QuantizeLinear"] > 0 and q["DequantizeLinear"] > 0
     spec = read_spec(int8)
     assert spec.precision == "int8"
-    g = spec.raw["export"]["int8"]["gate"]
+    g = spec.to_dict()["export"]["int8"]["gate"]
     assert g["images"] > 0 and g["agreement"] >= 0.9
     # the settings are the Int8Config the CLI built, recorded as they are
     from cxr_export.quantize import Int8Config
 
-    settings = {k: v for k, v in spec.raw["export"]["int8"].items() if k not in ("gate", "qdq_nodes")}
+    settings = {k: v for k, v in spec.to_dict()["export"]["int8"].items() if k not in ("gate", "qdq_nodes")}
     expected = Int8Config(calibration_count=64, max_drop_points=10.0).spec_block()
     assert settings == dict(expected, calibration_images=64)
     assert settings["reduce_range"] is True and settings["weights"] == "s8 per-channel"
@@ -146,7 +146,7 @@ def test_gate_catches_bad_calibration(exported, run_dir, tmp_path):
 
     spec = read_spec(exported)
     # the spec as export has it before the per-file outputs (domain score, heatmap) are added
-    spec.raw["outputs"] = {k: spec.raw["outputs"][k] for k in ("probabilities", "features")}
+    spec = spec.without_additions(["domain", "heatmap"])
     px, y, _ = _val(run_dir)
     mid_gray = np.round(255 * np.array(spec.mean)).astype(np.uint8)
     bad = tmp_path / "bad_int8.onnx"
@@ -241,7 +241,7 @@ def test_threshold_override_and_errors(run_dir, tmp_path, capsys):
     out = tmp_path / "t.onnx"
     assert main([str(run_dir), "--out", str(out), "--threshold", "0.5", "--parity-count", "0"]) == 0
     spec = read_spec(out)
-    assert spec.threshold == 0.5 and "set at export" in spec.raw["threshold_rule"]
+    assert spec.threshold == 0.5 and "set at export" in spec.to_dict()["threshold_rule"]
     assert main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
     assert "checkpoint.json" in capsys.readouterr().err
     assert main([str(run_dir), "--out", str(out), "--int8"]) == 2

@@ -11,7 +11,7 @@ import shutil
 import pytest
 from conftest import REPO, run_cli
 
-from cxr_infer.fhir import AI_ASSERTED
+from cxr_hospital.fhir import AI_ASSERTED
 
 SAMPLE = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"
 
@@ -126,9 +126,9 @@ def test_fhir_needs_no_extra_for_plain_images(tiny_model):
 def test_a_site_domain_threshold_is_a_device_property():
     """The Device of a run with a site's image-check threshold says it (valid R4B); the model's own adds
     nothing; and the Observation's id changes with it, as the SR's UID does."""
-    from cxr_infer.classifier import Prediction
-    from cxr_infer.fhir import bundle, device, observation
-    from cxr_infer.report import ModelIdentity
+    from cxr_hospital.fhir import bundle, device, observation
+    from cxr_hospital.report import ModelIdentity
+    from cxr_infer.prediction import Prediction
 
     own = ModelIdentity("m.onnx", "vgg16", "int8", "ab" * 32, "0.1.0", 0.5)
     site = ModelIdentity("m.onnx", "vgg16", "int8", "ab" * 32, "0.1.0", 0.5, domain_threshold=1.232)

@@ -29,9 +29,7 @@ def files(tmp_path_factory, xrays224):
     fp16.write_bytes(build_model(dtype="float16"))
     calib = np.stack([load_image(f) for f in xrays224[:8]])
     quantize_int8(fp32, int8, calib, read_spec(fp32), Int8Config(calibration_count=8))
-    spec = read_spec(fp32).copy()
-    spec.raw["precision"] = "int8"
-    write_spec(int8, spec)
+    write_spec(int8, read_spec(fp32).updated({"precision": "int8"}))
     data = d / "data"
     for f in xrays224[:4] + xrays224[6:10]:
         (data / f.parent.name).mkdir(parents=True, exist_ok=True)
@@ -185,9 +183,8 @@ def test_formats_two_runs_of_one_backbone(files, tmp_path):
     fp32, _, int8, data = files
     other = tmp_path / "other_int8.onnx"
     shutil.copy(int8, other)
-    spec = read_spec(other).copy()
-    spec.raw["provenance"] = dict(spec.raw.get("provenance") or {}, trained="2026-11-28T01:36:16+00:00")
-    write_spec(other, spec)
+    spec = read_spec(other)
+    write_spec(other, spec.updated({"provenance": {**spec.provenance.fields, "trained": "2026-11-28T01:36:16+00:00"}}))
     assert main(["formats", "--model", str(fp32), str(int8), str(other), "--data", str(data), "--providers", "cpu",
                  "--iterations", "2", "--throughput-batch", "2", "--threads", "1", "--out", str(tmp_path), "-q"]) == 0
     rows = {Path(r["file"]).name: r for r in json.loads((tmp_path / "formats.json").read_text())["rows"]}
@@ -205,7 +202,7 @@ def test_formats_compares_in_domain_decisions_on_domain_data(tmp_path):
     from conftest import DATA, REPO
 
     from cxr_bench.cli import main
-    from cxr_infer.model import openvino_available
+    from cxr_infer.devices import DEVICES
 
     shipped = REPO / "models" / "resnet50_int8.onnx"
     test, lateral = DATA / "chest_xray_224" / "test", DATA / "foreign_cxr" / "lateral"
@@ -229,7 +226,7 @@ def test_formats_compares_in_domain_decisions_on_domain_data(tmp_path):
     assert cpu["domain_max_abs_dscore_rel"] == 0.0
     md = (out / "formats.md").read_text()
     assert "in-domain decisions differ" in md and "3 unlabelled images" in md and "(1 unreadable)" in md
-    if not openvino_available():
+    if DEVICES["openvino"].missing() is not None:
         assert rows["openvino"]["status"].startswith("skipped: ")
         return
     ov = rows["openvino"]

@@ -83,7 +83,7 @@ def test_graph_map_equals_autograd_gradcam(backbone, size, seed, tmp_path):
     px = pixels(6, size)
     graph = maps_of(model_file, px)
     reference = autograd_gradcam(model, backbone, model_file.graph_input(px))
-    assert graph.shape == reference.shape and graph.shape[1:] == tuple(model_file.spec.raw["heatmap"]["grid"])
+    assert graph.shape == reference.shape and graph.shape[1:] == tuple(model_file.spec.to_dict()["heatmap"]["grid"])
     assert np.mean(reference > 0) > 0.2  # maps to compare, not zero arrays
     np.testing.assert_allclose(graph, reference, rtol=0, atol=PARITY * float(reference.max()))
 
@@ -272,8 +272,8 @@ def test_cli_writes_one_overlay_per_input(square_model, tmp_path):
 def test_overlay_marks_out_of_domain_images():
     from PIL import Image
 
-    from cxr_infer.classifier import Prediction
     from cxr_infer.overlay import CAPTION, _status_lines, render_overlay
+    from cxr_infer.prediction import Prediction
 
     heat = np.zeros((4, 4), np.float32)
     heat[1, 2] = 1.0
@@ -313,11 +313,9 @@ def test_bench_heatmaps_report(square_model, tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"img{i:02d}.png")
     spec = read_spec(square_model)
-    spec.raw["outputs"] = {k: spec.raw["outputs"][k] for k in ("probabilities", "features")}
+    spec = spec.without_additions(["domain", "heatmap"])
     int8 = quantize_int8(square_model, tmp_path / "square_int8.onnx", images, spec)
-    spec8 = spec.copy()
-    spec8.raw["precision"] = "int8"
-    write_spec(int8, spec8)
+    write_spec(int8, spec.updated({"precision": "int8"}))
     add_heatmap(int8, threads=1)
     assert main(["heatmaps", "--model", str(int8), "--data", str(tmp_path / "data"), "--per-kind", "2",
                  "--threads", "1", "--out", str(tmp_path / "out"), "-q"]) == 0

@@ -56,7 +56,7 @@ def kermany_model(model_dir):
 
     from cxr_infer.spec import ModelSpec
 
-    spec = ModelSpec.new(backbone="tiny", intended_use=KERMANY).raw
+    spec = ModelSpec.new(backbone="tiny", intended_use=KERMANY).to_dict()
     path = model_dir / "kermany_use.onnx"
     path.write_bytes(build_model(spec=spec))
     return path
@@ -150,7 +150,7 @@ def test_reasons_in_every_output_format_and_the_reject_option(kermany_model, pix
     assert "label" in rows[1]
     assert r.stderr.decode().count(str(adult)) == 1
 
-    info = json.loads(run_cli("--model", str(kermany_model), "--info").stdout)
+    info = json.loads(run_cli("--model", str(kermany_model), "--info", "--json").stdout)
     assert info["intended_use"]["header_checks"] is True and info["intended_use"]["modalities"] == ["CR", "DX", "DR"]
 
 
@@ -159,7 +159,7 @@ def test_a_bad_intended_use_block_is_refused_on_load(model_dir):
 
     from cxr_infer.spec import ModelSpec
 
-    spec = ModelSpec.new(backbone="tiny").raw
+    spec = ModelSpec.new(backbone="tiny").to_dict()
     spec["intended_use"] = dict(KERMANY, age_years=[5, 1])
     path = model_dir / "bad_use.onnx"
     path.write_bytes(build_model(spec=spec))

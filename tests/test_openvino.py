@@ -34,18 +34,11 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli
 
-from cxr_infer import model as model_mod
 from cxr_infer import ov_session
+from cxr_infer.devices import AUTO_OPENVINO_MIN_IMAGES, DEVICES, openvino_cache_dir, resolve_device
 from cxr_infer.errors import DeviceError, ModelError
-from cxr_infer.model import (
-    AUTO_OPENVINO_MIN_IMAGES,
-    OPENVINO_PROVIDER,
-    ModelFile,
-    openvino_cache_dir,
-    providers_for,
-    resolve_device,
-)
-from cxr_infer.ov_session import openvino_config
+from cxr_infer.model import ModelFile
+from cxr_infer.ov_session import OPENVINO_ENGINE, openvino_config
 
 TEST_224 = REPO.parent / "shared" / "data" / "chest_xray_224" / "test"
 SHIPPED = [REPO / "runtime" / "cxr_infer" / "models" / "default.onnx", REPO / "models" / "resnet50_int8.onnx",
@@ -73,8 +66,7 @@ def fresh_runtime(monkeypatch):
 
 def test_missing_runtime_is_one_clear_device_error(monkeypatch, fresh_runtime):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import fails
-    with pytest.raises(DeviceError, match=r"pip install 'cxr\[openvino\]'"):
-        providers_for("openvino", CPU_ONLY)
+    assert "pip install 'cxr[openvino]'" in DEVICES["openvino"].missing(CPU_ONLY)
     with pytest.raises(DeviceError, match=r"pip install 'cxr\[openvino\]'"):
         ModelFile(SHIPPED[1], device="openvino", threads=1)
     assert resolve_device("auto", CPU_ONLY) == "cpu"  # auto never fails for want of the runtime
@@ -129,14 +121,20 @@ def test_valid_onnx_openvino_cannot_convert_is_one_device_error(tmp_path):
         ModelFile(path, device="openvino", threads=1)
 
 
+def _openvino_installed(monkeypatch, installed: bool) -> None:
+    from dataclasses import replace
+    monkeypatch.setitem(DEVICES, "openvino", replace(DEVICES["openvino"],
+                                                     check=lambda available: None if installed else "not installed"))
+
+
 def test_auto_takes_openvino_for_long_runs_only(monkeypatch):
-    monkeypatch.setattr(model_mod, "openvino_available", lambda: True)
+    _openvino_installed(monkeypatch, True)
     assert resolve_device("auto", CPU_ONLY) == "openvino"                      # embedded Classifier
     assert resolve_device("auto", CPU_ONLY, images=AUTO_OPENVINO_MIN_IMAGES) == "openvino"  # a folder
     assert resolve_device("auto", CPU_ONLY, images=1) == "cpu"                  # cxr-infer on one image
     assert resolve_device("auto", CPU_ONLY + ["CUDAExecutionProvider"], images=1) == "cuda"
     assert resolve_device("cpu", CPU_ONLY) == "cpu"
-    monkeypatch.setattr(model_mod, "openvino_available", lambda: False)
+    _openvino_installed(monkeypatch, False)
     assert resolve_device("auto", CPU_ONLY) == "cpu"
     with pytest.raises(DeviceError, match="unknown device"):
         resolve_device("tpu", CPU_ONLY)
@@ -158,8 +156,8 @@ def test_cache_lock_serialises_processes(tmp_path):
     import subprocess
 
     code = ("import sys, time; sys.path.insert(0, %r)\n"
-            "from cxr_infer.model import _cache_lock\n"
-            "with _cache_lock(%r):\n"
+            "from cxr_infer.devices import cache_lock\n"
+            "with cache_lock(%r):\n"
             "    t = time.time(); time.sleep(0.4); print(t, time.time())\n") % (str(REPO / "runtime"), str(tmp_path))
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     spans = sorted(tuple(map(float, p.communicate(timeout=30)[0].split())) for p in procs)
@@ -186,7 +184,7 @@ def test_openvino_agrees_with_the_cpu_provider_on_every_output(path):
 
     cpu = ModelFile(path, device="cpu", threads=2)
     ov = ModelFile(path, device="openvino", threads=2)
-    assert ov.device == "openvino" and ov.providers == [OPENVINO_PROVIDER]
+    assert ov.device == "openvino" and ov.providers == [OPENVINO_ENGINE]
     assert ov.session._compiled.get_property("INFERENCE_NUM_THREADS") == 2  # threads honoured
     spec = cpu.spec
     outs = [o for o in (spec.prob_output, spec.features_output, spec.domain_output, spec.domain_terms_output,

@@ -44,8 +44,8 @@ TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]  # as README's test comman
 #: Which packages each way of installing is for (the extra's own command).
 EXTRA_PACKAGES: Dict[str, List[str]] = {
     "": ["cxr_infer"],         # pip install .      -> cxr-infer, cxr_infer.Classifier
-    "dicom": ["cxr_infer"],    # .[dicom]           -> DICOM inputs, --format dicom-sr
-    "pacs": ["cxr_infer"],     # .[pacs]            -> cxr-pacs (Orthanc REST; reads images, writes SRs)
+    "dicom": ["cxr_infer", "cxr_hospital"],  # .[dicom] -> DICOM inputs, --format dicom-sr and fhir
+    "pacs": ["cxr_hospital"],  # .[pacs]            -> cxr-pacs (Orthanc REST; reads images, writes SRs)
     "gpu": ["cxr_infer"],      # .[gpu]             -> --device cuda
     "openvino": ["cxr_infer"],  # .[openvino]       -> --device openvino (the OpenVINO runtime)
     "train": ["cxr_train"],    # .[train]           -> cxr-train
@@ -59,7 +59,7 @@ OPTIONAL: Dict[str, str] = {
     # cxr_infer.dicom._pydicom(): DICOM inputs only; without pydicom a DICOM input fails with
     # "install the DICOM extra: pip install 'cxr[dicom]'" and every other format still works.
     "pydicom": "dicom",
-    # cxr_infer.sr._highdicom(): --format dicom-sr and cxr-pacs only; without highdicom they say
+    # cxr_hospital.sr._highdicom(): --format dicom-sr and cxr-pacs only; without highdicom they say
     # "writing DICOM SR needs highdicom: pip install 'cxr[dicom]'" (exit 2) and every other
     # format, --format fhir included, still works.
     "highdicom": "dicom",
@@ -77,7 +77,18 @@ OPTIONAL: Dict[str, str] = {
 }
 
 #: The extra of each package (what its own command needs).
-PACKAGE_EXTRA = {"cxr_infer": "", "cxr_train": "train", "cxr_export": "export", "cxr_bench": "bench"}
+PACKAGE_EXTRA = {"cxr_infer": "", "cxr_train": "train", "cxr_export": "export", "cxr_bench": "bench",
+                 "cxr_hospital": "pacs"}
+
+#: The cxr packages each package may import (DESIGN.md: dependencies point one way; the runtime
+#: imports none, integrations sit on top of it).
+MAY_IMPORT: Dict[str, Set[str]] = {
+    "cxr_infer": set(),
+    "cxr_hospital": {"cxr_infer"},
+    "cxr_train": {"cxr_infer"},
+    "cxr_export": {"cxr_infer", "cxr_train"},
+    "cxr_bench": {"cxr_infer", "cxr_export", "cxr_train"},
+}
 
 #: Imports a package reaches only on a path that documents another extra. (package, import
 #: target) -> (the other extra, the modules allowed to make that import).
@@ -280,11 +291,20 @@ def _extra_sites(graph: ImportGraph, extra: str) -> Tuple[List[Site], List[str]]
     return graph.third_party(kept), problems
 
 
-def test_package_dirs_are_the_four_packages(cfg):
-    assert set(cfg.package_dir) == {"cxr_infer", "cxr_train", "cxr_export", "cxr_bench"}
+def test_package_dirs_are_the_five_packages(cfg):
+    assert set(cfg.package_dir) == {"cxr_infer", "cxr_train", "cxr_export", "cxr_bench", "cxr_hospital"}
     for pkg, folder in cfg.package_dir.items():
         assert (folder / "__init__.py").is_file(), f"{pkg}: no {folder}/__init__.py"
     assert set(EXTRA_PACKAGES) - {""} <= set(cfg.extras)
+
+
+def test_dependencies_point_one_way(cfg, graph):
+    """No package imports a cxr package it may not: the runtime none, hospital integration only the
+    runtime (its formats reach cxr-infer through entry points), and so on (MAY_IMPORT)."""
+    assert set(MAY_IMPORT) == set(cfg.package_dir)
+    bad = [str(s) for pkg in MAY_IMPORT for m in graph.modules_of(pkg) for s in graph.modules[m]
+           if s.top in MAY_IMPORT and s.top != pkg and s.top not in MAY_IMPORT[pkg]]
+    assert not bad, "\n".join(bad)
 
 
 def test_base_install_is_the_lean_runtime(cfg):
@@ -424,6 +444,8 @@ def test_wheel_holds_the_packages_the_default_model_and_the_sample(wheel, cfg):
     entry_points = next(info.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
     for script in ("cxr-infer", "cxr-train", "cxr-export", "cxr-bench", "cxr-pacs"):
         assert re.search(rf"^{script} = ", entry_points, re.M), f"no {script} console script"
+    for fmt in ("dicom-sr", "fhir"):
+        assert re.search(rf"^{fmt} = cxr_hospital\.", entry_points, re.M), f"no {fmt} output format entry point"
     with info.open("cxr_infer/models/default.onnx") as f:
         assert f.read() == DEFAULT_MODEL.read_bytes()
 
@@ -431,7 +453,7 @@ def test_wheel_holds_the_packages_the_default_model_and_the_sample(wheel, cfg):
 def test_wheel_holds_no_tests_data_or_other_models(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert tops == {"cxr_infer", "cxr_train", "cxr_export", "cxr_bench"}, tops
+    assert tops == {"cxr_infer", "cxr_train", "cxr_export", "cxr_bench", "cxr_hospital"}, tops
     bad = [n for n in names if re.search(r"(^|/)(tests?|conftest\.py|results|runs|data)(/|$)", n)
            or (n.endswith(".onnx") and n != "cxr_infer/models/default.onnx")
            or (re.search(r"\.(jpe?g|png|dcm|bmp|tiff?)$", n) and not n.startswith("cxr_infer/samples/"))]

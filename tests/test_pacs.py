@@ -2,7 +2,7 @@
 
 Each test starts its own Orthanc on 127.0.0.1 (a free port, a throw-away storage folder, basic
 authentication, StableAge 1 s; about a second) and stops it after; the tests upload studies, run
-``cxr-pacs`` in a fresh process (``python -m cxr_infer.pacs``) and read the SRs back through
+``cxr-pacs`` in a fresh process (``python -m cxr_hospital.pacs``) and read the SRs back through
 Orthanc's REST API. Skipped only where the Orthanc binary is absent.
 """
 from __future__ import annotations
@@ -235,7 +235,7 @@ def test_a_failed_upload_is_retried_and_a_lost_answer_is_not_a_duplicate():
     import http.server
     import json
 
-    from cxr_infer.pacs import Orthanc
+    from cxr_hospital.pacs import Orthanc
 
     stored, answers = [], ["503", "503", "drop", "ok"]
 

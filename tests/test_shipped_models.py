@@ -114,7 +114,7 @@ def test_spec_says_backbone_int8_labels_threshold(rel, specs):
     assert spec.threshold == pytest.approx(THRESHOLD)
     assert spec.image_size == (224, 224)
     assert spec.input_dtype == "float32"
-    assert spec.raw["resize"]["method"] == "bicubic" and spec.raw["resize"]["convert"] == "RGB"
+    assert spec.to_dict()["resize"]["method"] == "bicubic" and spec.to_dict()["resize"]["convert"] == "RGB"
 
 
 @pytest.mark.parametrize("rel", FILES)
@@ -123,7 +123,7 @@ def test_graph_is_int8_qdq_with_fp32_softmax(rel, graphs, specs):
     output Softmax in FP32. The graph's QDQ counts are the ones cxr-export recorded."""
     g = graphs[rel].graph
     ops = collections.Counter(n.op_type for n in g.node)
-    recorded = specs[rel].raw["export"]["int8"]["qdq_nodes"]
+    recorded = specs[rel].to_dict()["export"]["int8"]["qdq_nodes"]
     assert ops["QuantizeLinear"] == recorded["QuantizeLinear"] > 0
     assert ops["DequantizeLinear"] == recorded["DequantizeLinear"] > 0
     int8_weights = [t for t in g.initializer if t.data_type == 3]  # TensorProto.INT8
@@ -141,7 +141,7 @@ def test_graph_is_int8_qdq_with_fp32_softmax(rel, graphs, specs):
 def test_outputs_exist_and_the_spec_names_them(rel, sessions, specs):
     spec = specs[rel]
     outs = {o.name: o for o in sessions[rel].get_outputs()}
-    named = spec.raw["outputs"]
+    named = spec.to_dict()["outputs"]
     for role in ("probabilities", "features", "domain_score", "domain_terms", "heatmap"):
         assert named.get(role), f"the spec names no {role} output"
         assert named[role] in outs, f"the spec's {role} output {named[role]!r} is not a graph output"
@@ -158,15 +158,15 @@ def test_outputs_exist_and_the_spec_names_them(rel, sessions, specs):
 def test_intended_use_and_heatmap_blocks(rel, specs):
     """README: every shipped file says its intended use (header checks on) and carries Grad-CAM."""
     spec = specs[rel]
-    assert {k: spec.raw["intended_use"][k] for k in INTENDED_USE} == INTENDED_USE
-    assert spec.raw["heatmap"]["grid"] == HEATMAP_GRID[SHIPPED[rel][0]]
-    assert spec.raw["heatmap"]["probabilities_unchanged"] == "bit for bit"
+    assert {k: spec.to_dict()["intended_use"][k] for k in INTENDED_USE} == INTENDED_USE
+    assert spec.to_dict()["heatmap"]["grid"] == HEATMAP_GRID[SHIPPED[rel][0]]
+    assert spec.to_dict()["heatmap"]["probabilities_unchanged"] == "bit for bit"
 
 
 @pytest.mark.parametrize("rel", FILES)
 def test_domain_threshold_and_branches(rel, specs):
     spec = specs[rel]
-    dom = spec.raw["domain"]
+    dom = spec.to_dict()["domain"]
     assert spec.domain_threshold is not None and np.isfinite(spec.domain_threshold) and spec.domain_threshold > 0
     assert {b["name"] for b in dom["branches"]} == DOMAIN_BRANCHES[SHIPPED[rel][0]]
     assert dom["target_flag_rate"] == pytest.approx(0.05)
@@ -188,7 +188,7 @@ def test_domain_graph_reads_stage_tensors_as_integers(rel, graphs, specs):
     read = [producer[n.input[0]] for n in stage_reads if producer[n.input[0]].op_type != "Slice"] + \
         [producer[s.input[0]] for s in sliced]
     assert all(n.op_type == "QuantizeLinear" for n in read)
-    steps = specs[rel].raw["domain"]["stage_row_steps"]
+    steps = specs[rel].to_dict()["domain"]["stage_row_steps"]
     assert len(sliced) == sum(k == 2 for k in steps) == ROWS_SUBSAMPLED[SHIPPED[rel][0]]
 
 

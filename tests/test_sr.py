@@ -1,4 +1,4 @@
-"""DICOM SR output: ``cxr_infer.sr.build_sr`` and ``cxr-infer --format dicom-sr --output DIR``.
+"""DICOM SR output: ``cxr_hospital.sr.build_sr`` and ``cxr-infer --format dicom-sr --output DIR``.
 
 The SR's content is read back item by item, and ``dciodvfy`` (Debian package dicom3tools)
 checks each object against the Comprehensive SR IOD when it is installed.
@@ -18,8 +18,9 @@ from conftest import REPO, run_cli
 from hospital_fixtures import DARK, intended_use_model, study, values, xray_dicom
 from pydicom import dcmread
 
-from cxr_infer.report import ModelIdentity, model_identity, read_header
-from cxr_infer.sr import COMPREHENSIVE_SR, build_sr, sr_bytes
+from cxr_hospital.report import ModelIdentity, model_identity
+from cxr_hospital.sr import COMPREHENSIVE_SR, build_sr, sr_bytes
+from cxr_infer.dicom import read_header
 
 SAMPLE = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"
 
@@ -201,7 +202,7 @@ def test_cli_usage_errors(model, child, tmp_path):
 def test_a_site_domain_threshold_makes_its_own_srs(clf, child):
     """A run with another image-check threshold can answer differently, so its SRs get their own UIDs
     and name that threshold; a run with the file's own keeps the UIDs results had before the option."""
-    from cxr_infer.report import result_uid
+    from cxr_hospital.report import result_uid
 
     data = xray_dicom(child, number=4)
     header = read_header(data)

@@ -293,7 +293,7 @@ def finding_label(row: Dict[str, str]) -> Optional[int]:
 def _deciding(model, pixels: np.ndarray, batch: int, thr: float) -> Dict[str, int]:
     """How many of ``pixels`` are flagged with each branch deciding (from ``domain_terms``)."""
     spec = model.spec
-    names = [b.get("name", str(i)) for i, b in enumerate((spec.raw.get("domain") or {}).get("branches", []))]
+    names = [b.name for b in spec.domain.branches] if spec.domain is not None else []
     if not spec.domain_terms_output or not len(pixels) or not names:
         return {}
     score, terms = model.model.run(pixels, [spec.domain_output, spec.domain_terms_output], batch)
@@ -358,9 +358,9 @@ def validation_files(train_dir: str | Path, spec: Any) -> List[Path]:
     """
     from cxr_train import data as D  # torch-free
 
-    how = (spec.raw.get("provenance") or {}).get("split") or {}
+    how = spec.provenance.split
     seed, val_fraction, max_images = how.get("seed", 0), how.get("val_fraction", 0.1), how.get("max_images")
-    want = str((spec.raw.get("provenance") or {}).get("split_hash") or "")
+    want = str(spec.provenance.split_hash or "")
     if not want:
         raise BenchError("--validation: the model file records no split_hash, so its validation images cannot be "
                          "told from its training ones")
@@ -448,7 +448,7 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
         measured: Dict[str, np.ndarray] = {"test split": s_in}
         labels = np.array([lab for lab, k in zip(ds.folder_labels, keep) if k])
         per_label = {lab: float(np.mean(s_in[labels == lab] > thr)) for lab in sorted(set(labels))}
-        entry: Dict[str, Any] = {**model.describe(), "domain": spec.raw.get("domain"),
+        entry: Dict[str, Any] = {**model.describe(), "domain": spec.to_dict().get("domain"),
                                  "in_domain": {"images": int(len(s_in)), "flag_rate": float(np.mean(s_in > thr)),
                                                "flag_rate_per_label": per_label,
                                                "score_median": float(np.median(s_in))},

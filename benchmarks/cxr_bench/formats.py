@@ -45,9 +45,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from cxr_infer.devices import DEVICES, SessionRequest, tensorrt_cache_dir
 from cxr_infer.errors import CXRError
 from cxr_infer.metrics import binary_metrics
-from cxr_infer.model import OPENVINO_PROVIDER, ModelFile, openvino_available, providers_for, tensorrt_cache_dir
+from cxr_infer.model import ModelFile
+from cxr_infer.ov_session import OPENVINO_ENGINE
 
 from .dataset import PixelCache, list_dataset
 from .domain import image_files
@@ -62,8 +64,9 @@ DEFAULT_ROWS: Tuple[Tuple[str, str], ...] = (("cpu", "fp32"), ("cpu", "int8"), (
                                              ("cuda", "int8"), ("tensorrt", "fp16"), ("tensorrt", "int8"),
                                              ("openvino", "fp32"), ("openvino", "int8"))
 PRECISION_ORDER = ("fp32", "fp16", "int8")
+#: what a row's session must report it runs on
 ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
-             "openvino": OPENVINO_PROVIDER}
+             "openvino": OPENVINO_ENGINE}
 #: the goals of the GPU round (issue #16), checked in the report
 GOAL_IMAGES_PER_S = 5000.0   # ResNet50 FP16 at batch 64 on an H100/H200 class GPU
 GOAL_ACCURACY_POINTS = 0.5   # every GPU row within this of CPU FP32 accuracy
@@ -74,29 +77,18 @@ class Unavailable(Exception):
 
 
 def provider_list(provider: str, precision: str, input_name: str, size: Tuple[int, int], max_batch: int,
-                  available: Sequence[str]) -> List[Any]:
-    """onnxruntime providers for one row, or :class:`Unavailable` with the reason."""
-    if provider == "cpu":
-        return ["CPUExecutionProvider"]
-    if provider == "openvino":
-        if not openvino_available():
-            raise Unavailable("the OpenVINO runtime is not installed (pip install 'cxr[openvino]')")
-        return providers_for("openvino", available)
-    if ORT_NAMES[provider] not in available:
-        raise Unavailable(f"no {ORT_NAMES[provider]} in this onnxruntime (it has {', '.join(available)})"
-                          + ("; install onnxruntime-gpu (pip install 'cxr[gpu]')" if provider == "cuda" else
-                             "; onnxruntime-gpu with the TensorRT libraries provides it"))
-    if provider == "cuda":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    w, h = size
-    shapes = {k: f"{input_name}:{n}x3x{h}x{w}" for k, n in (("min", 1), ("opt", max_batch), ("max", max_batch))}
-    cache = tensorrt_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-               "trt_fp16_enable": precision in ("fp16", "int8"), "trt_int8_enable": precision == "int8",
-               "trt_profile_min_shapes": shapes["min"], "trt_profile_opt_shapes": shapes["opt"],
-               "trt_profile_max_shapes": shapes["max"]}
-    return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+                  available: Sequence[str]) -> Optional[List[Any]]:
+    """onnxruntime providers for one row (None: the device opens its own engine, OpenVINO), or
+    :class:`Unavailable` with the device registry's reason."""
+    device = DEVICES[provider]
+    reason = device.missing(available)
+    if reason:
+        raise Unavailable(reason)
+    if device.engine != "onnxruntime":
+        return None
+    request = SessionRequest(b"", "", 1, input_name=input_name, image_size=size, max_batch=max_batch,
+                             precision=precision)
+    return device.providers(request, available)
 
 
 def _median_ms(fn, calls: int) -> float:
@@ -119,7 +111,7 @@ def measure_row(path: Path, spec: Any, provider: str, pixels: np.ndarray, y: np.
     except Unavailable as exc:
         return dict(row, status=f"skipped: {exc}")
     try:
-        model = ModelFile(path, threads=threads, providers=providers)
+        model = ModelFile(path, threads=threads, providers=providers, device=provider)
         row["providers"] = model.providers
         row["session_s"] = model.load_s
         if ORT_NAMES[provider] not in model.providers:
@@ -156,7 +148,7 @@ def measure_row(path: Path, spec: Any, provider: str, pixels: np.ndarray, y: np.
 
 def _trained(spec: Any) -> Optional[str]:
     """When the file's weights were trained (its spec's provenance), or None."""
-    value = (spec.raw.get("provenance") or {}).get("trained")
+    value = spec.provenance.trained
     return str(value) if value is not None else None
 
 

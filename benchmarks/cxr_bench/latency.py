@@ -75,7 +75,7 @@ def checkpoint_info(folder: str | Path) -> Dict[str, Any]:
 
 def model_info(path: str | Path) -> Dict[str, Any]:
     """Backbone, precision and size of an ONNX model file (spec checked before any timing)."""
-    from cxr_infer.report import file_sha256 as sha256_file
+    from cxr_infer.info import file_sha256 as sha256_file
 
     p = Path(path)
     spec, facts, warnings = inspect_model(p)
@@ -161,20 +161,17 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         raise BenchError("nothing to measure: pass --model FILE.onnx and/or --checkpoint RUN_FOLDER")
     if repeats < 1 or iterations < 1 or threads < 1 or any(b < 1 for b in batches):
         raise BenchError("--repeats, --iterations, --threads and every --batch must be at least 1")
-    import onnxruntime as ort
-
+    from cxr_infer.devices import get_device
     from cxr_infer.errors import DeviceError
-    from cxr_infer.model import providers_for
 
     devices = [device] if isinstance(device, str) else list(dict.fromkeys(device))
     missing: Dict[str, str] = {}
     for d in devices:  # fail (or note) before any process starts if a device is missing
-        try:
-            providers_for(d, ort.get_available_providers())
-        except DeviceError as exc:
-            if len(devices) == 1:
-                raise
-            missing[d] = str(exc)
+        reason = get_device(d).missing()
+        if reason and len(devices) == 1:
+            raise DeviceError(reason)
+        if reason:
+            missing[d] = reason
     multi = len(devices) > 1
     torch_device = "cuda" if "cuda" in devices else "cpu"
     subjects = [model_info(m) for m in models] + [checkpoint_info(c) for c in checkpoints]

@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from cxr_infer.info import file_sha256 as sha256_file
 from cxr_infer.model import ModelFile
-from cxr_infer.report import file_sha256 as sha256_file
 from cxr_infer.spec import ModelSpec
 
 
@@ -56,7 +56,6 @@ class OnnxModel:
 
     def describe(self) -> Dict[str, Any]:
         """The facts about this file that a report must show."""
-        prov = self.spec.raw.get("provenance", {})
         return {
             "name": self.name,
             "path": str(self.path),
@@ -65,14 +64,14 @@ class OnnxModel:
             "backbone": self.spec.backbone,
             "precision": self.spec.precision,
             "threshold": self.spec.threshold,
-            "threshold_rule": self.spec.raw.get("threshold_rule") or prov.get("threshold_rule"),
+            "threshold_rule": self.spec.provenance.threshold_rule,
             "image_size": list(self.spec.image_size),
             "labels": self.spec.labels,
             "positive_label": self.spec.positive_label,
             "input_dtype": self.spec.input_dtype,
             "providers": self.providers,
             "load_s": self.load_s,
-            "provenance": prov,
+            "provenance": self.spec.to_dict()["provenance"],
         }
 
 

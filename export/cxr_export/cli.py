@@ -125,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parity_px, _, _ = images.image_set(ckpt_dir, data_dir, "val", args.parity_count, size)
         out, spec = export_fp32(model, meta, args.out, parity_px, args.opset, features=not args.no_features,
                                 intended_use=block_from_args(args))
-        par = spec.raw.get("export", {}).get("parity")
+        par = spec.export.get("parity")
         _say(f"FP32: {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s"
              + (f"; parity with PyTorch on {par['images']} images: max |dp| {par['max_abs_diff_probability']:.2e}" if par else
                 "; parity not checked (no data folder)"))

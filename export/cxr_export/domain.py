@@ -657,7 +657,7 @@ def default_taps(spec: ModelSpec, model_path: str | Path) -> List[str]:
     other backbones: they get the thumbnail and features branches only)."""
     import onnx
 
-    wanted = STAGE_TAPS.get(str(spec.raw.get("backbone", "")), ())
+    wanted = STAGE_TAPS.get(spec.backbone, ())
     if not wanted:
         return []
     model = onnx.load(str(model_path), load_external_data=False)
@@ -1099,10 +1099,8 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
             "probabilities_unchanged": True if change == 0.0 else f"within {change:.2g} (FP16 on CPU)",
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        new = spec.copy()
-        new.raw["outputs"] = dict(new.raw["outputs"], domain_score=DOMAIN_OUTPUT, domain_terms=TERMS_OUTPUT)
-        new.raw["domain"] = block
-        write_spec(staged, new)
+        write_spec(staged, spec.updated({"domain": block},
+                                        outputs={"domain_score": DOMAIN_OUTPUT, "domain_terms": TERMS_OUTPUT}))
         os.replace(staged, out)
     finally:
         staged.unlink(missing_ok=True)

@@ -280,10 +280,7 @@ def add_heatmap(model_path: str | Path, out_path: Optional[str | Path] = None, t
         staged.unlink(missing_ok=True)
     block["grid"] = [int(maps.shape[1]), int(maps.shape[2])]
     block["probabilities_unchanged"] = "bit for bit" if change == 0.0 else f"within {change:.2g} (FP16 on CPU)"
-    new = spec.copy()
-    new.raw["outputs"] = dict(new.raw["outputs"], heatmap=HEATMAP_OUTPUT)
-    new.raw["heatmap"] = block
-    write_spec(out, new)
+    write_spec(out, spec.updated({"heatmap": block}, outputs={"heatmap": HEATMAP_OUTPUT}))
     return block
 
 

@@ -70,12 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         block = block_from_args(args)
         for path in args.models:
-            spec = read_spec(path)
-            if block is None:
-                spec.raw.pop("intended_use", None)
-            else:
-                spec.raw["intended_use"] = block
-            write_spec(path, spec)
+            write_spec(path, read_spec(path).updated({"intended_use": block}))
             print(f"{path}: intended use "
                   + (IntendedUse.from_spec(block).describe() if block else "removed (header checks off)"),
                   file=sys.stderr)

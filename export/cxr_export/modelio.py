@@ -91,12 +91,7 @@ ADDED_OUTPUTS = {"domain": ("domain_score", "domain_terms"), "heatmap": ("heatma
 def spec_without_graphs(spec: ModelSpec, domain: bool = False, heatmap: bool = False) -> ModelSpec:
     """A copy of ``spec`` that no longer names the domain graph's (``domain``) and/or the Grad-CAM
     graph's (``heatmap``) outputs, nor has their blocks: the spec of the file without them."""
-    new = spec.copy()
-    for block, gone in (("domain", domain), ("heatmap", heatmap)):
-        if gone:
-            new.raw["outputs"] = {k: v for k, v in new.raw["outputs"].items() if k not in ADDED_OUTPUTS[block]}
-            new.raw.pop(block, None)
-    return new
+    return spec.without_additions([name for name, gone in (("domain", domain), ("heatmap", heatmap)) if gone])
 
 
 def write_without_graphs(path: str | Path, out: str | Path, domain: bool, heatmap: bool) -> Path:

@@ -120,13 +120,14 @@ def export_fp32(model, meta: Dict, out: str | Path, parity_pixels: Optional[np.n
     spec = spec_from_checkpoint(meta, "fp32", features=True, intended_use=intended_use)
     if not features:
         _drop_output(out, "features")
-        spec.raw["outputs"]["features"] = None
-    spec.raw["export"] = {"opset": opset, "batchnorm_folded": folded, "torch": torch.__version__}
+        spec = spec.updated(outputs={"features": None})
+    record = {"opset": opset, "batchnorm_folded": folded, "torch": torch.__version__}
     if parity_pixels is not None and len(parity_pixels):
         ref = torch_probs(model, parity_pixels, spec)
         got = open_model(out, spec=spec).positive_probability(parity_pixels)
-        spec.raw["export"]["parity"] = {"images": int(len(parity_pixels)), "max_abs_diff_probability":
-                                        float(np.max(np.abs(ref - got))), "against": "PyTorch fp32 eager"}
+        record["parity"] = {"images": int(len(parity_pixels)), "max_abs_diff_probability":
+                            float(np.max(np.abs(ref - got))), "against": "PyTorch fp32 eager"}
+    spec = spec.updated({"export": record})
     write_spec(out, spec)
     return out, spec
 

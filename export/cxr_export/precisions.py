@@ -106,10 +106,6 @@ def write_precision(name: str, job: ExportJob) -> Outcome:
     precision = PRECISIONS[name]
     out = job.fp32.with_name(job.fp32.stem + precision.suffix + job.fp32.suffix)
     block, line, refusal = precision.make(job, out)
-    spec = job.spec.copy()
-    spec.raw["precision"] = name
-    spec.raw["export"] = dict(spec.raw.get("export", {}))
-    spec.raw["export"].pop("parity", None)
-    spec.raw["export"][name] = block
-    write_spec(out, spec)
+    record = {k: v for k, v in job.spec.to_dict().get("export", {}).items() if k != "parity"}
+    write_spec(out, job.spec.updated({"precision": name, "export": {**record, name: block}}))
     return Outcome(out, block, line, refusal)

@@ -21,15 +21,16 @@ __all__ = ["Classifier", "Prediction", "ModelSpec", "load_image", "to_input", "C
            "NotAnImage", "ModelError", "DeviceError", "DEFAULT_MODEL", "IMAGE_SUFFIXES", "__version__"]
 
 _WHERE = {
-    "Classifier": "classifier", "Prediction": "classifier", "DEFAULT_MODEL": "classifier",
+    "Classifier": "classifier", "Prediction": "prediction", "DEFAULT_MODEL": "classifier",
     "ModelSpec": "spec", "load_image": "preprocess", "to_input": "preprocess",
     "CXRError": "errors", "InputError": "errors", "NotAnImage": "errors", "ModelError": "errors",
     "DeviceError": "errors",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .classifier import DEFAULT_MODEL, Classifier, Prediction
+    from .classifier import DEFAULT_MODEL, Classifier
     from .errors import CXRError, DeviceError, InputError, ModelError, NotAnImage
+    from .prediction import Prediction
     from .preprocess import load_image, to_input
     from .spec import ModelSpec
 

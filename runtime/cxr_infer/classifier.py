@@ -19,7 +19,6 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import (
@@ -40,79 +39,15 @@ from typing import (
 import numpy as np
 
 from .errors import InputError, ModelError
-from .intended_use import IntendedUse, intended_use_of
-from .model import DEVICES, ModelFile, ModelSource, available_threads  # noqa: F401  (re-exported)
+from .intended_use import IntendedUse
+from .model import ModelFile, ModelSource
+from .prediction import Prediction
 from .preprocess import ImageSource, describe, load_image, load_image_and_header
 from .spec import ModelSpec, threshold_at
 
 #: Where the embedded default model lives (package data; see setup.cfg).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.onnx"
 DEFAULT_BATCH_SIZE = 8
-#: How a domain branch (``spec.domain.branches[i].name``) is named in a reason.
-BRANCH_WORDS = {"features": "the model's features", "thumb16": "image layout at 16x16",
-                "thumb8": "image layout at 8x8", "thumb4": "the chest's overall shape in the frame (4x4)",
-                "orientation": "orientation (upright versus upside down)",
-                **{f"stage{i}": f"image statistics at the network's stage {i}" for i in range(1, 5)}}
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The result for one image.
-
-    ``probability`` is the model's probability of ``positive_label``; ``label`` is the positive
-    label when ``probability >= threshold``, otherwise the most probable other label.
-
-    ``in_domain`` says whether the image lies inside the model's intended use: ``False`` when
-    a DICOM header says otherwise (an adult, a lateral view, a CT: see
-    :mod:`cxr_infer.intended_use`) or when its ``domain_score`` (how far the image lies from the
-    training images, see ``cxr_export.domain``) exceeds the model's calibrated domain threshold;
-    the label should then not be trusted, and ``domain_reasons`` says why in words (empty when
-    in domain). ``None`` when no check is possible (the model file carries no domain statistics
-    and no header said otherwise).
-    """
-
-    label: str
-    probability: float
-    threshold: float
-    probabilities: Mapping[str, float] = field(default_factory=dict)
-    source: Optional[str] = None
-    in_domain: Optional[bool] = None
-    domain_score: Optional[float] = None
-    domain_reasons: Tuple[str, ...] = ()
-    #: Grad-CAM of the positive label, float32 ``(h, w)`` at the model's last feature-map grid (7 x 7 for
-    #: VGG16 and ResNet50 at 224), scaled to 0..1; only with ``predict(..., heatmap=True)``. Model
-    #: attention, not a localisation: see :meth:`heatmap_at` for the image's own size.
-    heatmap: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
-
-    def heatmap_at(self, size: Tuple[int, int]) -> np.ndarray:
-        """The heatmap resized (bilinear) to ``size`` = ``(width, height)``, e.g. the original image's.
-
-        Example:
-            >>> p = clf.predict("chest.jpeg", heatmap=True)               # doctest: +SKIP
-            >>> p.heatmap.shape, p.heatmap_at((1024, 880)).shape        # doctest: +SKIP
-            ((7, 7), (880, 1024))
-        """
-        if self.heatmap is None:
-            raise ValueError("this prediction has no heatmap: ask for it with predict(..., heatmap=True)")
-        from PIL import Image
-
-        resized = Image.fromarray(np.asarray(self.heatmap, np.float32), "F").resize(
-            (int(size[0]), int(size[1])), Image.Resampling.BILINEAR)
-        return np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
-
-    @property
-    def positive(self) -> bool:
-        """True when ``probability >= threshold``."""
-        return self.probability >= self.threshold
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-ready dict: ``path``, ``label``, ``probability``, ``threshold``, ``probabilities``,
-        ``in_domain``, ``domain_score``, ``domain_reasons``."""
-        return {"path": self.source, "label": self.label, "probability": self.probability,
-                "threshold": self.threshold, "probabilities": dict(self.probabilities),
-                "in_domain": self.in_domain, "domain_score": self.domain_score,
-                "domain_reasons": list(self.domain_reasons)}
-
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[List[Any]]:
     """``items`` in lists of ``size`` (the last one shorter), read lazily."""
@@ -249,9 +184,9 @@ class Classifier:
             self._outputs += [self.spec.domain_output] + ([self.spec.domain_terms_output]
                                                           if self.spec.domain_terms_output else [])
         #: the model's intended use (None: the file has none, or header checks are off)
-        self.intended_use: Optional[IntendedUse] = intended_use_of(self.spec.raw, self.name) if header_check else None
-        self._branch_names = [str(b.get("name", f"branch {i}")) for i, b in enumerate(
-            (self.spec.raw.get("domain") or {}).get("branches", [])) if isinstance(b, dict)]
+        self.intended_use: Optional[IntendedUse] = self.spec.intended_use if header_check else None
+        domain = self.spec.domain
+        self._branch_words = [b.words for b in domain.branches] if domain is not None else []
         if warmup:
             w, h = self.spec.image_size
             self._run_all(np.zeros((self.model.static_batch or 1, h, w, 3), np.uint8))
@@ -301,9 +236,8 @@ class Classifier:
     def _image_reason(self, score: float, terms: Optional[np.ndarray]) -> str:
         """Why the image check flagged an image, naming the test that fired (the largest term)."""
         reason = f"image unlike the training X-rays (domain score {score:.3g} > {self.domain_threshold:.3g}"
-        if terms is not None and len(terms) == len(self._branch_names) and len(terms):
-            name = self._branch_names[int(np.argmax(terms))]
-            reason += f"; test that fired: {BRANCH_WORDS.get(name, name)}"
+        if terms is not None and len(terms) == len(self._branch_words) and len(terms):
+            reason += f"; test that fired: {self._branch_words[int(np.argmax(terms))]}"
         return reason + ")"
 
     def _prediction(self, probs: np.ndarray, source: Optional[str], score: Optional[float] = None,
@@ -454,41 +388,33 @@ class Classifier:
 
     # ---- description
     def info(self) -> Dict[str, Any]:
-        """What this classifier runs: the model file, its spec, graph inputs/outputs, providers, threads."""
-        return {
-            "model": self.model_path or self.name,
-            "providers": self.providers,
-            "threads": self.threads,
-            "threshold": self.threshold,
-            "intended_use": ({"header_checks": True, "summary": self.intended_use.describe(),
-                              **self.spec.raw["intended_use"]} if self.intended_use is not None else
-                             {"header_checks": False, "reason": "the model file has no intended_use block, so DICOM "
-                              "header checks are off (cxr-export writes one)" if "intended_use" not in self.spec.raw
-                              else "turned off (header_check=False)"}),
-            "heatmap": ({"available": True, "output": self.spec.heatmap_output,
-                         "grid": (self.spec.raw.get("heatmap") or {}).get("grid"),
-                         "method": (self.spec.raw.get("heatmap") or {}).get("method"),
-                         "use": "predict(..., heatmap=True) or cxr-infer --heatmap DIR; model attention, not a "
-                                "localisation"}
-                        if self.heatmap_available else
-                        {"available": False, "reason": "the model file has no heatmap output (add it with python -m "
-                                                       "cxr_export.heatmap MODEL.onnx)"}),
-            "domain_check": ({"available": True, "threshold": self.domain_threshold,
-                              "threshold_source": self.domain_threshold_source,
-                              "output": self.spec.domain_output,
-                              "flags_of_in_domain_validation": (self.spec.raw.get("domain") or {}).get(
-                                  "flag_rate_validation"),
-                              "operating_points": [{"flag_rate": r, "threshold": t}
-                                                   for r, t in self.spec.domain_operating_points],
-                              "branches": [b.get("name") for b in (self.spec.raw.get("domain") or {}).get(
-                                  "branches", []) if isinstance(b, dict)]}
-                             if self.domain_available else
-                             {"available": False, "reason": "the model file has no domain statistics (add them with "
-                              "python -m cxr_export.domain)" if self.spec.domain_threshold is None else
-                              "turned off (domain_check=False)"}),
-            **self.model.describe_io(),
-            "spec": self.spec.raw,
-        }
+        """What this classifier runs: the model file, its checks, graph inputs/outputs, providers,
+        threads and the whole spec (``cxr-infer --info --json``; :func:`cxr_infer.info.summary` for people)."""
+        spec, use, heatmap, domain = self.spec, self.intended_use, self.spec.heatmap, self.spec.domain
+        if use is not None:
+            header = {"header_checks": True, "summary": use.describe(), **spec.to_dict()["intended_use"]}
+        else:
+            header = {"header_checks": False, "reason": "turned off (header_check=False)" if spec.intended_use else
+                      "the model file has no intended_use block, so DICOM header checks are off (cxr-export writes one)"}
+        if heatmap is not None:
+            maps = {"available": True, "output": heatmap.output, "grid": list(heatmap.grid) if heatmap.grid else None,
+                    "method": heatmap.method,
+                    "use": "predict(..., heatmap=True) or cxr-infer --heatmap DIR; model attention, not a localisation"}
+        else:
+            maps = {"available": False, "reason": "the model file has no heatmap output (add it with python -m "
+                                                  "cxr_export.heatmap MODEL.onnx)"}
+        if self.domain_available and domain is not None:
+            check = {"available": True, "threshold": self.domain_threshold,
+                     "threshold_source": self.domain_threshold_source, "output": spec.domain_output,
+                     "flags_of_in_domain_validation": domain.flag_rate_validation,
+                     "operating_points": [{"flag_rate": r, "threshold": t} for r, t in domain.operating_points],
+                     "branches": [b.name for b in domain.branches]}
+        else:
+            check = {"available": False, "reason": "turned off (domain_check=False)" if domain is not None else
+                     "the model file has no domain statistics (add them with python -m cxr_export.domain)"}
+        return {"model": self.model_path or self.name, "providers": self.providers, "threads": self.threads,
+                "threshold": self.threshold, "intended_use": header, "heatmap": maps, "domain_check": check,
+                **self.model.describe_io(), "spec": spec.to_dict()}
 
     def __repr__(self) -> str:
         return (f"Classifier(model={self.name!r}, backbone={self.spec.backbone!r}, precision={self.spec.precision!r}, "

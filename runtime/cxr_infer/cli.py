@@ -11,15 +11,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import math
 import os
 import sys
 import time
-from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, Iterator, List, Optional, Sequence
 
-from . import IMAGE_SUFFIXES
+from . import cliargs
+from .inputs import expand_inputs
 
 T_START = time.perf_counter()
 
@@ -29,7 +28,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 PROGRESS_MIN_ITEMS = 16
 
-EPILOG = """\
+EPILOG_TEMPLATE = """\
 inputs:
   files, folders (searched recursively for .jpeg .jpg .png .bmp .tif .tiff .dcm
   and extension-less DICOM files, such as a DICOM CD's, whose DICOMDIR index is
@@ -48,22 +47,15 @@ examples:
   cxr-infer --model m.onnx --device cuda --batch-size 32 big_folder/
       on the GPU (needs onnxruntime-gpu: pip install 'cxr[gpu]')
   cxr-infer --model m.onnx --info
-      print the model's spec (backbone, input, labels, threshold, provenance)
+      what the model is: backbone, input, labels, threshold, intended use, image check and
+      its operating points, metrics, SHA-256 (--info --json: the whole spec)
   cxr-infer --model m.onnx --reject-out-of-domain scans/
       images outside the model's intended use (by DICOM header or by the image itself)
       are not classified (reported as failed, with the reasons)
   cat image.dcm | cxr-infer --model m.onnx -
 
-output:
-  table   path, label, probability of the positive label, threshold, domain
-  jsonl   {"path", "label", "probability", "threshold", "probabilities", "in_domain",
-          "domain_score", "domain_reasons": [...]} or {"path", "error"}
-  csv     path,label,probability,threshold,in_domain,domain_score,domain_reasons,error
-          (reasons joined with "; ")
-  dicom-sr  one DICOM Comprehensive SR per DICOM input, into the folder --output DIR (needs
-          pip install 'cxr[dicom]'); stdout lists input<TAB>SR file. Non-DICOM inputs fail.
-  fhir    one FHIR R4 Bundle (JSON): a Device for the model, an Observation per result,
-          an OperationOutcome per failed input
+output (--format):
+{formats}
   Bad inputs are also reported on stderr, one line each; the rest are still classified.
 
 intended use and the out-of-domain check:
@@ -89,91 +81,42 @@ class UsageError(Exception):
     """A command-line mistake: reported in one line, exit status 2."""
 
 
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
-    return value
+def _format_lines(plugins: bool) -> str:
+    """The epilog's format list (the installed packages' formats only when ``plugins``: asking
+    them costs a cold start about 30 ms, so only ``--help`` does)."""
+    import textwrap
+
+    from .formats import output_formats
+
+    lines = []
+    for fmt in output_formats(plugins).values():
+        text = fmt.description + (" (into the folder --output DIR)" if fmt.target == "folder" else "")
+        lines += textwrap.wrap(text, 88, initial_indent=f"  {fmt.name:<9} ", subsequent_indent=" " * 12)
+    return "\n".join(lines)
 
 
-def _domain_threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
-
-
-def _flag_rate(text: str) -> float:
-    try:
-        value = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.10 or 10%)") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a share in (0, 1) (e.g. 0.10 or 10%)")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
-def add_domain_strictness(p: argparse.ArgumentParser) -> None:
-    """``--domain-flag-rate R`` / ``--domain-threshold S`` (one or the other): how strict the image
-    check is, for :class:`~cxr_infer.classifier.Classifier`'s ``domain_flag_rate`` and
-    ``domain_threshold`` (cxr-infer and cxr-pacs)."""
-    strict = p.add_mutually_exclusive_group()
-    strict.add_argument("--domain-flag-rate", type=_flag_rate, metavar="R",
-                        help="how strict the image check is: flag this share of in-population images (the "
-                             "model's validation X-rays), e.g. 0.10 or 10%%. Higher catches more images outside "
-                             "the intended use (adults, other views) and flags more children's X-rays too "
-                             "(default: the model's own, about 0.05). Needs a model file with operating points "
-                             "(cxr-infer --info lists them)")
-    strict.add_argument("--domain-threshold", type=_domain_threshold, metavar="S",
-                        help="the same as a raw domain-score threshold: scores above S are out of domain "
-                             "(default: the model's own; cxr-bench domain --validation gives S for each flag "
-                             "rate of files without operating points)")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
+    """The parser of ``cxr-infer``; ``plugins=False`` leaves the installed packages' formats out of the
+    help (``--format`` still takes them)."""
     p = argparse.ArgumentParser(
         prog="cxr-infer",
         description="Classify chest X-ray images (NORMAL / PNEUMONIA) with a self-describing cxr ONNX model.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG_TEMPLATE.format(formats=_format_lines(plugins)),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders, glob patterns, or -")
-    p.add_argument("-m", "--model", metavar="FILE",
-                   help="cxr .onnx model (default: the model embedded in the package, if installed)")
-    p.add_argument("--device", choices=("cpu", "cuda", "openvino", "auto"), default="cpu",
-                   help="where to run: cpu (default: the onnxruntime CPU provider), cuda (TensorRT/CUDA), "
-                        "openvino (the OpenVINO runtime on the CPU, Intel or AMD: pip install 'cxr[openvino]'), "
-                        "auto (cuda when available, else openvino for 128 or more images where it is installed, "
-                        "else cpu)")
-    p.add_argument("--threshold", type=_threshold, metavar="T",
-                   help="decision threshold for the positive label, in [0, 1] (default: the model's own)")
-    p.add_argument("--batch-size", type=_positive, default=8, metavar="N",
+    cliargs.add_model_arguments(p)
+    p.add_argument("--batch-size", type=cliargs.positive, default=8, metavar="N",
                    help="images per inference batch (default 8)")
-    p.add_argument("--threads", type=_positive, metavar="N",
-                   help="CPU threads for inference (default: the cores this process may use)")
-    p.add_argument("--format", choices=("table", "jsonl", "csv", "dicom-sr", "fhir"), default="table",
-                   help="output format (default table)")
+    p.add_argument("--format", default="table", metavar="NAME",
+                   help="output format (default table; the list is below)")
     p.add_argument("-o", "--output", metavar="FILE",
-                   help="write results to FILE instead of stdout (for dicom-sr: the folder DIR to write SRs into)")
-    p.add_argument("--info", action="store_true", help="print the model's spec and graph as JSON, then exit")
+                   help="write results to FILE instead of stdout (a folder format: the folder DIR to write into)")
+    p.add_argument("--info", action="store_true",
+                   help="say what the model is (with --json: its whole spec and graph as JSON), then exit")
+    p.add_argument("--json", action="store_true", help="with --info: JSON instead of the summary")
     p.add_argument("--reject-out-of-domain", action="store_true",
                    help="do not classify images outside the model's intended use (DICOM header or image "
                         "check): report them as failed inputs with the reasons (exit 1)")
-    add_domain_strictness(p)
     p.add_argument("--heatmap", metavar="DIR",
                    help="also write one PNG per input into DIR: the image with the model's Grad-CAM attention over "
                         "it, the label, probability and intended-use status (model attention, not a localisation)")
@@ -186,143 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _version() -> str:
     from . import __version__
     return __version__
-
-
-# ---- inputs
-def _looks_like_extensionless_dicom(path: str) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    from .dicom import looks_like_dicom
-
-    return looks_like_dicom(head)
-
-
-def _walk(folder: str) -> List[str]:
-    """The image files under ``folder``, in sorted order. Linked folders are followed (a PACS
-    export or a mounted share often links them), each real folder once, so a link that points
-    back up ends the descent instead of looping."""
-    found = []
-    visited = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in visited:
-            dirs[:] = []
-            continue
-        visited.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in sorted(files):
-            if f.startswith(".") or f.upper() == "DICOMDIR":  # a DICOM medium's index, never an image
-                continue
-            path = os.path.join(root, f)
-            suffix = os.path.splitext(f)[1].lower()
-            if suffix in IMAGE_SUFFIXES or (not suffix and _looks_like_extensionless_dicom(path)):
-                found.append(path)
-    return found
-
-
-def expand_inputs(args: Sequence[str], scanned: Optional[set] = None) -> List[Tuple[str, Optional[str]]]:
-    """``(path, None)`` per file to classify and ``(arg, problem)`` per arg that gives none, in order.
-
-    Folders are searched recursively and globs expanded (``**`` included); duplicates are dropped,
-    a file reached twice (through a link, or named and found) included: the first path is kept.
-    A path that does not exist is kept: the classifier names its problem like any other. The
-    paths a folder or a glob gave (not named as such) are added to ``scanned``, if given.
-    """
-    entries: List[Tuple[str, Optional[str]]] = []
-    seen = set()
-
-    def add(path: str, by_scan: bool = True) -> None:
-        key = os.path.realpath(path) if path != "-" and os.path.exists(path) else path
-        if key not in seen:
-            seen.add(key)
-            entries.append((path, None))
-            if by_scan and scanned is not None:
-                scanned.add(path)
-
-    for arg in args:
-        if arg == "-" or os.path.isfile(arg):
-            add(arg, by_scan=False)
-        elif os.path.isdir(arg):
-            found = _walk(arg)
-            if not found:
-                entries.append((arg, "folder holds no image files"))
-            for f in found:
-                add(f)
-        elif glob.has_magic(arg):
-            hits = []
-            for m in sorted(glob.glob(arg, recursive=True)):
-                hits.extend(_walk(m) if os.path.isdir(m) else [m])
-            if not hits:
-                entries.append((arg, "no files match this pattern"))
-            for f in hits:
-                add(f)
-        else:
-            add(arg, by_scan=False)
-    return entries
-
-
-# ---- output
-class Writer:
-    """Streams results as a table, JSON lines or CSV; DICOM SR and FHIR are views of their own
-    (:class:`cxr_infer.sr.SRFolderWriter`, :class:`cxr_infer.fhir.FhirBundleWriter`)."""
-
-    def __init__(self, fmt: str, out: IO[str], width: int, classifier: Any = None, folder: Optional[str] = None) -> None:
-        self.fmt, self.out, self.width = fmt, out, max(4, min(width, 100))
-        self._view: Any = None
-        if fmt == "dicom-sr":
-            from .sr import SRFolderWriter
-            self._view = SRFolderWriter(folder or ".", classifier, out)
-        elif fmt == "fhir":
-            from .fhir import FhirBundleWriter
-            self._view = FhirBundleWriter(classifier, out)
-        elif fmt == "csv":
-            import csv
-            self._csv = csv.writer(out, lineterminator="\n")
-            self._csv.writerow(["path", "label", "probability", "threshold", "in_domain", "domain_score",
-                                "domain_reasons", "error"])
-        elif fmt == "table":
-            out.write(f"{'path':<{self.width}}  {'label':<12} {'probability':>11}  {'threshold':>9}  domain\n")
-
-    def result(self, path: str, pred: Any) -> None:
-        if self._view is not None:
-            return self._view.result(path, pred)
-        p = round(pred.probability, 6)
-        score = None if pred.domain_score is None else round(pred.domain_score, 4)
-        if self.fmt == "jsonl":
-            obj = {"path": path, "label": pred.label, "probability": p, "threshold": pred.threshold,
-                   "probabilities": {k: round(v, 6) for k, v in pred.probabilities.items()},
-                   "in_domain": pred.in_domain, "domain_score": score, "domain_reasons": list(pred.domain_reasons)}
-            self.out.write(json.dumps(obj) + "\n")
-        elif self.fmt == "csv":
-            in_domain = "" if pred.in_domain is None else str(pred.in_domain).lower()
-            self._csv.writerow([path, pred.label, f"{p:.6f}", pred.threshold, in_domain,
-                                "" if score is None else score, "; ".join(pred.domain_reasons), ""])
-        else:
-            marker = "n/a" if pred.in_domain is None else ("ok" if pred.in_domain else "OUTSIDE (!)")
-            if pred.domain_reasons:
-                marker += ": " + "; ".join(pred.domain_reasons)
-            self.out.write(f"{path:<{self.width}}  {pred.label:<12} {p:>11.4f}  {pred.threshold:>9.4g}  {marker}\n")
-
-    def rejected(self, path: str, pred: Any, message: str) -> None:
-        """An input left unclassified because it is outside the intended use."""
-        if self._view is not None:
-            return self._view.rejected(path, pred, message)
-        self.error(path, message)
-
-    def close(self) -> None:
-        if self._view is not None:
-            self._view.close()
-
-    def error(self, path: str, message: str) -> None:
-        if self._view is not None:
-            return self._view.error(path, message)
-        if self.fmt == "jsonl":
-            self.out.write(json.dumps({"path": path, "error": message}) + "\n")
-        elif self.fmt == "csv":
-            self._csv.writerow([path, "", "", "", "", "", "", message])
 
 
 class Progress:
@@ -406,27 +212,116 @@ def _overlay_writer(folder: str, clf: Any) -> Any:
     return write
 
 
+def _open_output(args: argparse.Namespace, fmt: Any) -> IO[str]:
+    """stdout, or the file ``--output`` names (a folder format: the folder is made; stdout lists)."""
+    try:
+        if fmt is not None and fmt.target == "folder":
+            os.makedirs(args.output, exist_ok=True)
+            return sys.stdout
+        return open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+
+
+def _output_format(args: argparse.Namespace) -> Any:
+    """The ``--format`` entry, checked before any model is loaded."""
+    from .formats import get_format
+
+    try:
+        fmt = get_format(args.format)
+    except KeyError as exc:
+        raise UsageError(f"--format: {exc.args[0]}") from None
+    if fmt.target == "folder" and not args.output:
+        raise UsageError(f"--format {fmt.name} writes into a folder: give it with --output DIR")
+    problem = fmt.missing()
+    if problem:
+        raise UsageError(f"--format {fmt.name}: {problem}")
+    return fmt
+
+
+def _classify(args: argparse.Namespace, clf: Any, entries: List[Any], scanned: set, fmt: Any, out: IO[str],
+              timing: Dict[str, float]) -> int:
+    """Classify every input, write each outcome through the format's writer; the exit status."""
+    from .errors import InputError, NotAnImage
+    from .formats import FormatContext
+
+    files = [path for path, problem in entries if problem is None]
+    overlays = _overlay_writer(args.heatmap, clf) if args.heatmap else None  # its errors before any output
+    width = max((len(path) for path, _ in entries), default=4)
+    writer = fmt.writer(FormatContext(out=out, folder=args.output if fmt.target == "folder" else None,
+                                      width=width, classifier=clf))
+    failed = outside = skipped = 0
+    progress = Progress(len(files), enabled=not args.no_progress and len(files) >= PROGRESS_MIN_ITEMS
+                        and sys.stderr.isatty())
+
+    def fail(path: str, message: str) -> None:
+        progress.clear()
+        _say(f"{path}: {message}")
+
+    results = clf.iter_predict(_sources(files), timing=timing, heatmap=overlays is not None)
+    for path, problem in entries:
+        result = next(results) if problem is None else InputError(problem)
+        if isinstance(result, NotAnImage) and path in scanned:  # an SR or a presentation state in a study
+            skipped += 1
+            fail(path, f"skipped: {_unprefixed(str(result), path)}")
+        elif isinstance(result, InputError):
+            failed += 1
+            message = _unprefixed(str(result), path)
+            fail(path, message)
+            writer.error(path, message)
+        elif result.in_domain is False and args.reject_out_of_domain:
+            failed += 1
+            message = "not classified: outside the model's intended use: " + "; ".join(result.domain_reasons)
+            fail(path, message)
+            try:
+                writer.rejected(path, result, message)
+            except InputError as exc:  # e.g. its "not classified" SR cannot be written
+                fail(path, str(exc))
+        else:
+            outside += result.in_domain is False
+            try:
+                writer.result(path, result)
+                if overlays is not None:
+                    overlays(path, result)
+            except InputError as exc:  # e.g. its SR cannot be written: this input failed, the rest go on
+                failed += 1
+                fail(path, str(exc))
+        if problem is None:
+            progress.step()
+    progress.close()
+    writer.close()
+    out.flush()
+    total = len(entries) - skipped
+    if outside:
+        _say(f"{outside} of {total} inputs look outside the model's domain (marked OUTSIDE): "
+             "their labels are not reliable")
+    if skipped and not total:
+        _say(f"no image to classify: the {skipped} DICOM objects found hold none")
+        return 1
+    if failed or skipped:
+        _say(f"{total - failed} of {total} inputs classified, {failed} failed"
+             + (f"; {skipped} DICOM objects without an image skipped" if skipped else ""))
+    return 1 if failed else 0
+
+
 def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
     if not args.inputs and not args.info:
         raise UsageError("no inputs given (try: cxr-infer --model MODEL.onnx IMAGE...; see --help)")
+    if args.json and not args.info:
+        raise UsageError("--json goes with --info (for results as JSON lines: --format jsonl)")
+    fmt = None if args.info else _output_format(args)
     t0, c0 = time.perf_counter(), time.process_time()
     import numpy  # noqa: F401  (already imported; named for the timing split)
     import onnxruntime  # noqa: F401
 
     from .classifier import Classifier
-    from .errors import InputError, NotAnImage
     timing["import"] = time.perf_counter() - t0
     timing["cpu_import"] = time.process_time() - c0
 
     scanned: set = set()  # found by a folder scan or a glob: a DICOM object without an image there is skipped
     entries = expand_inputs(args.inputs, scanned)
-    if args.format == "dicom-sr" and not args.info:
-        from .sr import available, input_problem
-        if not args.output:
-            raise UsageError("--format dicom-sr writes one SR file per DICOM input: give the folder with --output DIR")
-        if available():
-            raise UsageError(f"--format dicom-sr: {available()}")
-        entries = [(path, problem or input_problem(path)) for path, problem in entries]
+    if fmt is not None and fmt.input_problem is not None:
+        entries = [(path, problem or fmt.input_problem(path)) for path, problem in entries]
     files = [path for path, problem in entries if problem is None]
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -440,72 +335,16 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
         raise UsageError(f"--reject-out-of-domain: {clf.name} has neither domain statistics nor an intended_use "
                          "block, so no check is possible (add statistics: python -m cxr_export.domain RUN_DIR "
                          "MODEL.onnx --data TRAIN_DIR)")
-
-    try:
-        if args.format == "dicom-sr" and args.output:
-            os.makedirs(args.output, exist_ok=True)
-        out: IO[str] = open(args.output, "w", encoding="utf-8", newline="") \
-            if args.output and args.format != "dicom-sr" else sys.stdout
-    except OSError as exc:
-        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    out = _open_output(args, fmt)
     try:
         if args.info:
-            out.write(json.dumps(clf.info(), indent=2) + "\n")
+            from .info import summary
+
+            out.write((json.dumps(clf.info(), indent=2) if args.json else summary(clf)) + "\n")
             return 0
-        overlays = _overlay_writer(args.heatmap, clf) if args.heatmap else None  # its errors before any output
-        writer = Writer(args.format, out, max((len(path) for path, _ in entries), default=4), clf, args.output)
-        failed = outside = skipped = 0
-        progress = Progress(len(files), enabled=not args.no_progress and len(files) >= PROGRESS_MIN_ITEMS
-                            and sys.stderr.isatty())
-        results = clf.iter_predict(_sources(files), timing=timing, heatmap=overlays is not None)
-        for path, problem in entries:
-            result = next(results) if problem is None else InputError(problem)
-            if isinstance(result, NotAnImage) and path in scanned:  # an SR or a presentation state in a study
-                skipped += 1
-                progress.clear()
-                _say(f"{path}: skipped: {_unprefixed(str(result), path)}")
-            elif isinstance(result, InputError):
-                failed += 1
-                message = _unprefixed(str(result), path)
-                progress.clear()
-                _say(f"{path}: {message}")
-                writer.error(path, message)
-            elif result.in_domain is False and args.reject_out_of_domain:
-                failed += 1
-                message = "not classified: outside the model's intended use: " + "; ".join(result.domain_reasons)
-                progress.clear()
-                _say(f"{path}: {message}")
-                try:
-                    writer.rejected(path, result, message)
-                except InputError as exc:  # its "not classified" SR cannot be written
-                    _say(f"{path}: {exc}")
-            else:
-                outside += result.in_domain is False
-                try:
-                    writer.result(path, result)
-                    if overlays is not None:
-                        overlays(path, result)
-                except InputError as exc:  # e.g. its SR cannot be written: this input failed, the rest go on
-                    failed += 1
-                    progress.clear()
-                    _say(f"{path}: {exc}")
-            if problem is None:
-                progress.step()
-        progress.close()
-        writer.close()
+        status = _classify(args, clf, entries, scanned, fmt, out, timing)
         timing["cpu_classify"] = time.process_time() - c0
-        out.flush()
-        total = len(entries) - skipped
-        if outside:
-            _say(f"{outside} of {total} inputs look outside the model's domain (marked OUTSIDE): "
-                 "their labels are not reliable")
-        if skipped and not total:
-            _say(f"no image to classify: the {skipped} DICOM objects found hold none")
-            return 1
-        if failed or skipped:
-            _say(f"{total - failed} of {total} inputs classified, {failed} failed"
-                 + (f"; {skipped} DICOM objects without an image skipped" if skipped else ""))
-        return 1 if failed else 0
+        return status
     finally:
         if out is not sys.stdout:
             out.close()
@@ -513,7 +352,8 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``cxr-infer``; returns the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(plugins=any(a in ("-h", "--help") for a in argv))
     args = parser.parse_args(argv)  # exits 2 on usage errors, 0 on --help/--version
     show_timing = args.timing or os.environ.get("CXR_TIMING", "") not in ("", "0")
     timing: Dict[str, float] = {}

@@ -20,9 +20,10 @@ Example:
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -171,12 +172,11 @@ def _ensure_transfer_syntax(ds: Any) -> None:
         ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
-def _with_header(img: Image.Image, ds: Any) -> Image.Image:
+def _with_header(img: Image.Image, ds: Any) -> Tuple[Image.Image, Dict[str, Any]]:
     try:
-        img.info[HEADER_INFO_KEY] = header_of(ds)
+        return img, header_of(ds)
     except Exception:  # a malformed header element: the checks then see no header, never a traceback
-        img.info[HEADER_INFO_KEY] = {}
-    return img
+        return img, {}
 
 
 #: The SOP class of a DICOMDIR, the index of a DICOM medium (PS3.10)
@@ -195,10 +195,6 @@ def _describe_object(ds: Any) -> str:
     sop_name = getattr(sop, "name", None) or (str(sop) if sop else "unknown SOP class")
     modality = ds.get("Modality", "")
     return f"{sop_name}{', modality ' + str(modality) if modality else ''}"
-
-
-#: Where :func:`read_dicom` leaves the header fields of the intended-use checks on the image.
-HEADER_INFO_KEY = "cxr.dicom_header"
 
 
 def _text(value: Any) -> str:
@@ -228,11 +224,9 @@ def header_of(ds: Any) -> Dict[str, Any]:
     return header
 
 
-def read_dicom(data: bytes, name: str) -> Image.Image:
-    """Decode one DICOM frame into an 8-bit PIL image (``L``, or ``RGB`` for colour objects).
-
-    The header fields of the intended-use checks (:func:`header_of`) travel with the image in
-    ``image.info[HEADER_INFO_KEY]``.
+def read_dicom(data: bytes, name: str) -> Tuple[Image.Image, Dict[str, Any]]:
+    """Decode one DICOM frame into an 8-bit PIL image (``L``, or ``RGB`` for colour objects) and
+    the header fields of the intended-use checks (:func:`header_of`).
 
     Raises :class:`InputError` (one line naming ``name``) for objects without an image,
     multi-frame objects, undecodable pixel data, or a missing pydicom.
@@ -276,3 +270,26 @@ def read_dicom(data: bytes, name: str) -> Image.Image:
     except InputError as exc:
         msg = str(exc)
         raise type(exc)(msg if msg.startswith(name + ":") else f"{name}: {msg}") from None
+
+
+def read_header(source: Union[str, os.PathLike, bytes]) -> Any:
+    """The pydicom dataset of a DICOM file or bytes, without its pixel data.
+
+    Raises :class:`~cxr_infer.errors.InputError` when it is not DICOM or pydicom is missing.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source[:132])
+    else:
+        try:
+            with open(source, "rb") as fh:
+                data = fh.read(132)
+        except OSError as exc:
+            raise InputError(f"cannot read ({exc.strerror or exc})") from None
+    if not looks_like_dicom(data):
+        raise InputError("not a DICOM file")
+    pydicom = _pydicom()
+    try:
+        return pydicom.dcmread(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                               force=True, stop_before_pixels=True)
+    except Exception as exc:
+        raise InputError(f"corrupt DICOM header ({exc})") from None

@@ -218,9 +218,3 @@ class IntendedUse:
         found = [self.age_reason(header), *self.view_reasons(header), self.modality_reason(header),
                  self.body_part_reason(header), self.image_type_reason(header)]
         return [reason for reason in found if reason]
-
-
-def intended_use_of(spec_raw: Mapping[str, Any], source: str = "model") -> Optional[IntendedUse]:
-    """The spec's intended use, or None when the file has none (header checks are then off)."""
-    block = spec_raw.get("intended_use")
-    return None if block is None else IntendedUse.from_spec(block, source)

@@ -15,181 +15,30 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import DeviceError, ModelError
-from .ov_session import OPENVINO_ENGINE, OpenVINOSession, openvino_runtime
+from .devices import (
+    SessionRequest,
+    available_threads,
+    device_of,
+    get_device,
+    ort_message,
+    resolve_device,
+)
+from .devices import open_onnxruntime as _open_with_providers
+from .errors import ModelError
 from .preprocess import to_input
 from .spec import ModelSpec, spec_from_metadata
 
-DEVICES = ("cpu", "cuda", "openvino", "auto")
-#: onnxruntime session config entries set by default. Worker threads that spin while idle burn
-#: cores the host application needs; on a shared 2-core CPU, turning spinning off made an INT8
-#: ResNet50 run faster (about 55 vs 95 ms) as well. ``session_config`` overrides these.
-SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _ORT_DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 ModelSource = Union[str, "os.PathLike[str]", bytes]
-
-
-def available_threads() -> int:
-    """CPU cores this process may run on (container CPU sets included; ``os.cpu_count`` ignores them)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-#: What ``ModelFile.providers`` lists for a session the OpenVINO runtime runs (``device="openvino"``).
-OPENVINO_PROVIDER = OPENVINO_ENGINE
-#: Where OpenVINO keeps compiled models (a second session of the same file skips most of the
-#: compilation); ``$CXR_OPENVINO_CACHE`` overrides it, and an empty value or ``0`` turns it off.
-OPENVINO_CACHE = Path.home() / ".cache" / "cxr" / "openvino"
-#: ``auto`` on a CPU takes OpenVINO (where ``pip install 'cxr[openvino]'`` put it) for an embedded
-#: :class:`~cxr_infer.Classifier` (one session, many images) and for a run of at least this many
-#: images; fewer take the onnxruntime CPU provider. OpenVINO costs more once per process (``import
-#: openvino`` about 0.14 s, compiling 0.05-0.2 s from a warm cache) and saves 1.4-2.7 ms per image:
-#: whole ``cxr-infer`` runs break even at about 85 (VGG16), 135 (ResNet50) and 100 (InceptionV3)
-#: images on a 2-core AMD EPYC (README, "The fastest CPU path": measured, paired runs).
-AUTO_OPENVINO_MIN_IMAGES = 128
-
-
-def openvino_cache_dir() -> Optional[Path]:
-    """OpenVINO's model cache folder (see :data:`OPENVINO_CACHE`), or None when turned off."""
-    value = os.environ.get("CXR_OPENVINO_CACHE")
-    if value is None:
-        return OPENVINO_CACHE
-    return None if value.strip() in ("", "0") else Path(value).expanduser()
-
-
-def tensorrt_cache_dir() -> Path:
-    """TensorRT's engine cache folder: ``$CXR_TRT_CACHE``, default ``~/.cache/cxr/tensorrt``."""
-    return Path(os.environ.get("CXR_TRT_CACHE", Path.home() / ".cache" / "cxr" / "tensorrt"))
-
-
-def openvino_available() -> bool:
-    """True when ``device="openvino"`` can run here (the ``openvino`` package is installed and
-    offers the CPU)."""
-    try:
-        openvino_runtime()
-    except DeviceError:
-        return False
-    return True
-
-
-def resolve_device(device: str, available: Sequence[str], images: Optional[int] = None) -> str:
-    """The device ``device`` stands for: ``auto`` becomes ``cuda`` where a CUDA provider exists,
-    else ``openvino`` where the OpenVINO runtime is installed and the run is long (``images`` is None: an
-    embedded classifier; or at least :data:`AUTO_OPENVINO_MIN_IMAGES`), else ``cpu``.
-
-    Example:
-        >>> resolve_device("auto", ["CPUExecutionProvider"], images=1)
-        'cpu'
-    """
-    if device not in DEVICES:
-        raise DeviceError(f"unknown device {device!r} (expected one of {', '.join(DEVICES)})")
-    if device != "auto":
-        return device
-    if "CUDAExecutionProvider" in available:
-        return "cuda"
-    if (images is None or images >= AUTO_OPENVINO_MIN_IMAGES) and openvino_available():
-        return "openvino"
-    return "cpu"
-
-
-def providers_for(device: str, available: Sequence[str], images: Optional[int] = None) -> List[Any]:
-    """The onnxruntime execution providers for ``device`` (``cpu``, ``cuda``, ``openvino`` or ``auto``).
-
-    ``cuda`` takes TensorRT first when present (engine cache in ``$CXR_TRT_CACHE``, default
-    ``~/.cache/cxr/tensorrt``; ``CXR_TENSORRT=0`` skips it), then CUDA, then CPU for any op
-    they lack; ``openvino`` is the OpenVINO runtime on the CPU (:data:`OPENVINO_PROVIDER`, not
-    an onnxruntime provider: :class:`ModelFile` compiles the file with OpenVINO itself, with its
-    threads and model cache :func:`openvino_cache_dir`); ``auto``: see :func:`resolve_device`.
-
-    Example:
-        >>> providers_for("auto", ["CPUExecutionProvider"], images=1)
-        ['CPUExecutionProvider']
-    """
-    device = resolve_device(device, available, images)
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "openvino":
-        openvino_runtime()  # one clear error where the runtime is missing
-        return [OPENVINO_PROVIDER]
-    if "CUDAExecutionProvider" not in available:
-        raise DeviceError("device 'cuda' requested but this onnxruntime has no CUDA provider "
-                          f"(available: {', '.join(available) or 'none'}); install the GPU build: "
-                          "pip uninstall onnxruntime && pip install 'cxr[gpu]'")
-    providers: List[Any] = []
-    if "TensorrtExecutionProvider" in available and os.environ.get("CXR_TENSORRT", "1") != "0":
-        cache = tensorrt_cache_dir()
-        providers.append(("TensorrtExecutionProvider", {"trt_engine_cache_enable": True,
-                                                        "trt_engine_cache_path": str(cache)}))
-    return providers + ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-@contextlib.contextmanager
-def _cache_lock(cache: Optional[str]) -> Iterator[bool]:
-    """Hold an exclusive lock on ``cache/.lock`` while a session compiles into the cache folder, so
-    two processes sharing it never read each other's half-written blobs (the second one then finds
-    the first one's blob complete). Yields whether the folder is usable: False where it cannot be
-    made (the session then compiles without a cache) or where there is none."""
-    if not cache:
-        yield False
-        return
-    try:
-        Path(cache).mkdir(parents=True, exist_ok=True)
-    except OSError:
-        yield False
-        return
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: OpenVINO's own cache handling alone
-        yield True
-        return
-    try:
-        fd = os.open(str(Path(cache) / ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        yield True
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield True
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def session_options(threads: int, config: Optional[Mapping[str, str]] = None) -> Any:
-    """Session options of every cxr session: ``threads`` intra-op, one inter-op, sequential,
-    all graph optimisations, quiet logs, :data:`SESSION_CONFIG` updated by ``config``."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    for key, value in dict(SESSION_CONFIG, **(config or {})).items():
-        opts.add_session_config_entry(key, str(value))
-    return opts
-
-
-def ort_message(exc: BaseException, name: str) -> str:
-    """onnxruntime's message in one short line, without its status-code prefix."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
-    text = text.replace(f"Load model from {name} failed:", "").strip()
-    return text[:300] or type(exc).__name__
 
 
 def graph_input(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
@@ -216,19 +65,19 @@ def _shape(value: Any) -> List[Any]:
 
 
 class ModelFile:
-    """An opened cxr model file: validated spec, onnxruntime session, graph input, named outputs.
+    """An opened cxr model file: validated spec, session, graph input, named outputs.
 
     Args:
         model: path of a ``.onnx`` file with a ``cxr.spec`` (or its bytes).
-        device: ``"cpu"``, ``"cuda"`` (TensorRT, then CUDA when present), ``"openvino"`` (the
-            OpenVINO runtime on the CPU: ``pip install 'cxr[openvino]'``) or ``"auto"``.
+        device: a name in :data:`cxr_infer.devices.DEVICES` (``"cpu"``, ``"cuda"``, ``"tensorrt"``,
+            ``"openvino"``) or ``"auto"`` (:func:`cxr_infer.devices.resolve_device`).
         threads: intra-op threads; ``None`` or 0: the cores this process may use.
         providers: onnxruntime execution providers, overriding ``device`` (advanced).
         session_config: extra onnxruntime session config entries (advanced).
         spec: use this spec instead of the file's own (export checks a graph before it has
             written the spec into it); it is validated against the graph all the same.
         images: how many images this session will run, when known: ``auto`` takes the CPU
-            provider below :data:`AUTO_OPENVINO_MIN_IMAGES` (see :func:`resolve_device`).
+            provider below :data:`cxr_infer.devices.AUTO_OPENVINO_MIN_IMAGES`.
 
     Raises:
         ModelError: the file is missing, not ONNX, or has no valid spec or the wrong graph.
@@ -243,8 +92,6 @@ class ModelFile:
     def __init__(self, model: ModelSource, device: str = "cpu", threads: Optional[int] = None,
                  providers: Optional[Sequence[Any]] = None, session_config: Optional[Mapping[str, str]] = None,
                  spec: Optional[ModelSpec] = None, images: Optional[int] = None) -> None:
-        import onnxruntime as ort
-
         self.path: Optional[Path] = None
         if isinstance(model, (bytes, bytearray)):
             self.name, load_from = "<model bytes>", bytes(model)
@@ -259,32 +106,19 @@ class ModelFile:
         self.threads = int(threads) if threads else available_threads()
         if self.threads < 1:
             raise ValueError("threads must be at least 1")
-        available = ort.get_available_providers()
-        requested = device
-        if providers is None:
-            requested = resolve_device(device, available, images)
-            providers = providers_for(requested, available)
+        request = SessionRequest(load_from, self.name, self.threads, dict(session_config or {}))
         started = time.perf_counter()
         self.session: Any
-        if OPENVINO_PROVIDER in [p if isinstance(p, str) else p[0] for p in providers]:
-            cache = openvino_cache_dir()
-            with _cache_lock(str(cache) if cache else None) as usable:
-                self.session = OpenVINOSession(load_from, self.threads, str(cache) if usable else None, self.name)
+        if providers is not None:
+            self.session = _open_with_providers(request, providers)
         else:
-            try:
-                self.session = ort.InferenceSession(load_from, sess_options=session_options(self.threads,
-                                                                                            session_config),
-                                                    providers=providers)
-            except Exception as exc:  # onnxruntime raises several unrelated types here
-                raise ModelError(f"{self.name}: not a loadable ONNX model ({ort_message(exc, self.name)})") from None
-        #: seconds onnxruntime took to build the session
+            self.session = get_device(resolve_device(device, images=images)).open_session(request)
+        #: seconds the engine took to build the session
         self.load_s = time.perf_counter() - started
+        #: what runs the graph: onnxruntime's execution providers, or ``["OpenVINO"]``
         self.providers: List[str] = list(self.session.get_providers())
-        if requested == "cuda" and not any(p in self.providers for p in GPU_PROVIDERS):
-            raise DeviceError("device 'cuda' requested but onnxruntime could not start its CUDA provider "
-                              "(check the CUDA and cuDNN libraries match onnxruntime-gpu)")
-        #: where the session runs: "cpu", "cuda" or "openvino" (what "auto" became)
-        self.device = {"CPUExecutionProvider": "cpu", OPENVINO_PROVIDER: "openvino"}.get(self.providers[0], "cuda")
+        #: where the session runs: a name in :data:`cxr_infer.devices.DEVICES` (what "auto" became)
+        self.device = device_of(self.providers)
         if spec is None:
             spec = spec_from_metadata(self.session.get_modelmeta().custom_metadata_map, self.name)
         else:
@@ -317,11 +151,10 @@ class ModelFile:
         if inp.type != _ORT_DTYPES[spec.input_dtype]:
             raise ModelError(f"{name}: input {inp.name!r} is {inp.type}, but its spec says {spec.input_dtype}")
         outputs = {o.name: o for o in self.session.get_outputs()}
-        for role, out_name in (("probabilities", spec.prob_output), ("features", spec.features_output),
-                               ("domain score", spec.domain_output)):
-            if out_name and out_name not in outputs:
-                raise ModelError(f"{name}: the graph has no {role} output {out_name!r} named by its spec "
-                                 f"(outputs: {', '.join(outputs)})")
+        for role, out_name in spec.outputs.named.items():
+            if out_name not in outputs:
+                raise ModelError(f"{name}: the graph has no {role.replace('_', ' ')} output {out_name!r} named by its "
+                                 f"spec (outputs: {', '.join(outputs)})")
         prob_shape = _shape(outputs[spec.prob_output])
         n_labels = len(spec.labels)
         if len(prob_shape) != 2 or (isinstance(prob_shape[1], int) and prob_shape[1] != n_labels):

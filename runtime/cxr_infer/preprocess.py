@@ -212,12 +212,19 @@ def open_image(source: ImageSource, draft_size: Optional[Sequence[int]] = None) 
         >>> open_image(np.full((4, 6), 9, np.uint8)).size
         (6, 4)
     """
+    return open_image_and_header(source, draft_size)[0]
+
+
+def open_image_and_header(source: ImageSource, draft_size: Optional[Sequence[int]] = None
+                          ) -> Tuple[Image.Image, Optional[Dict[str, Any]]]:
+    """:func:`open_image`'s image and, for DICOM data, the header fields of the intended-use checks
+    (:func:`cxr_infer.dicom.header_of`; None for other inputs)."""
     name = describe(source)
     try:
         if isinstance(source, Image.Image):
-            return _orient(source)
+            return _orient(source), None
         if isinstance(source, np.ndarray):
-            return _from_array(source)
+            return _from_array(source), None
         if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
             raise InputError(f"unsupported input type {type(source).__name__} "
                              "(expected a path, bytes, a PIL image or a numpy array)")
@@ -226,7 +233,7 @@ def open_image(source: ImageSource, draft_size: Optional[Sequence[int]] = None) 
 
         if dicom.looks_like_dicom(data):
             return dicom.read_dicom(data, name)
-        return _orient(_decode(data, draft_size))
+        return _orient(_decode(data, draft_size)), None
     except InputError as exc:
         raise _named(exc, name) from None
 
@@ -259,10 +266,7 @@ def load_image_and_header(source: ImageSource, size: Sequence[int] = (224, 224),
     checks (:func:`cxr_infer.dicom.header_of`; None for other inputs)."""
     target = (int(size[0]), int(size[1]))
     name = describe(source)
-    img = open_image(source, target if draft else None)
-    from .dicom import HEADER_INFO_KEY
-
-    header = img.info.get(HEADER_INFO_KEY)
+    img, header = open_image_and_header(source, target if draft else None)
     try:
         img = _flatten_alpha(_to_8bit(img))
         if img.mode not in ("RGB", "L"):

@@ -1,13 +1,21 @@
 """The model spec: a JSON document in the ONNX file's ``metadata_props`` under ``cxr.spec``.
 
-A ``.onnx`` file is the whole model: the runtime reads everything it needs (input,
-resize rule, normalisation, labels, threshold) from this spec, validates it, and refuses
-a file whose spec it does not understand. JSON only: nothing is evaluated or unpickled.
+A ``.onnx`` file is the whole model: the runtime reads everything it needs (input, resize rule,
+normalisation, labels, threshold, the graphs added at export) from this spec, validates it, and
+refuses a file whose spec it does not understand. JSON only: nothing is evaluated or unpickled.
+
+:class:`ModelSpec` is the one reader of that JSON. Everything else reads its typed views
+(:attr:`ModelSpec.outputs`, :attr:`~ModelSpec.domain`, :attr:`~ModelSpec.heatmap`,
+:attr:`~ModelSpec.intended_use`, :attr:`~ModelSpec.provenance`, :attr:`~ModelSpec.export`) and
+writes through :meth:`ModelSpec.updated`. The graphs ``cxr-export`` adds after the classifier are
+one table, :data:`GRAPH_ADDITIONS`: the spec block that describes each and the outputs it adds.
 
 Example:
     >>> spec = ModelSpec.new(backbone="tiny", precision="fp32", threshold=0.5)
     >>> ModelSpec.from_json(spec.to_json()).threshold
     0.5
+    >>> spec.updated({"threshold": 0.3}).threshold, spec.domain is None
+    (0.3, True)
 """
 from __future__ import annotations
 
@@ -15,9 +23,13 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .intended_use import IntendedUse
 
 SPEC_KEY = "cxr.spec"
 FORMAT_VERSION = "1.0"
@@ -26,6 +38,35 @@ PRECISIONS = ("fp32", "int8", "fp16")
 
 REQUIRED = ("format_version", "backbone", "precision", "input", "outputs", "resize", "normalization", "labels",
             "positive_label", "threshold", "provenance")
+#: The output roles every exported classifier may have (the added graphs' roles are in GRAPH_ADDITIONS).
+CORE_OUTPUTS = ("probabilities", "features")
+
+
+@dataclass(frozen=True)
+class GraphAddition:
+    """A graph ``cxr-export`` appends after the classifier: its spec block and the outputs it adds.
+
+    ``cxr_export.additions`` pairs each entry with how it is built and stripped; the runtime needs
+    only this half: which outputs exist, and which block describes them.
+    """
+
+    name: str
+    outputs: Tuple[str, ...]
+    description: str
+
+
+GRAPH_ADDITIONS: Dict[str, GraphAddition] = {a.name: a for a in (
+    GraphAddition("domain", ("domain_score", "domain_terms"),
+                  "the out-of-domain check: how far an image lies from the training X-rays"),
+    GraphAddition("heatmap", ("heatmap",), "Grad-CAM of the positive label at the last feature map"),
+)}
+
+#: How a domain-check test (``domain.branches[i].name``) is named in a reason, for files whose branches
+#: do not carry their own ``words`` (written by cxr-export since the spec gained them).
+LEGACY_BRANCH_WORDS = {"features": "the model's features", "thumb16": "image layout at 16x16",
+                       "thumb8": "image layout at 8x8", "thumb4": "the chest's overall shape in the frame (4x4)",
+                       "orientation": "orientation (upright versus upside down)",
+                       **{f"stage{i}": f"image statistics at the network's stage {i}" for i in range(1, 5)}}
 
 
 def spec_from_metadata(metadata: Mapping[str, str], source: str = "model") -> "ModelSpec":
@@ -38,6 +79,10 @@ def spec_from_metadata(metadata: Mapping[str, str], source: str = "model") -> "M
     if SPEC_KEY not in metadata:
         raise ModelError(f"{source}: has no {SPEC_KEY} metadata, so it is not a cxr model (make one with cxr-export)")
     return ModelSpec.from_json(metadata[SPEC_KEY], source=source)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def operating_points(value: Any, source: str = "cxr.spec") -> List[Tuple[float, float]]:
@@ -61,7 +106,7 @@ def operating_points(value: Any, source: str = "cxr.spec") -> List[Tuple[float, 
         if not isinstance(entry, dict):
             raise ModelError(bad)
         rate, thr = entry.get("flag_rate"), entry.get("threshold")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (rate, thr)):
+        if not (_number(rate) and _number(thr)):
             raise ModelError(bad)
         if not 0.0 < rate < 1.0 or (out and (rate <= out[-1][0] or thr > out[-1][1])):
             raise ModelError(bad)
@@ -92,11 +137,115 @@ def threshold_at(points: Sequence[Tuple[float, float]], rate: float) -> float:
     return points[-1][1]
 
 
-@dataclass
-class ModelSpec:
-    """The parsed, validated ``cxr.spec`` of a model file; ``raw`` keeps every field."""
+def _frozen(value: Any) -> Any:
+    """A read-only deep copy: mappings become MappingProxyType, lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
-    raw: Dict[str, Any] = field(default_factory=dict)
+
+@dataclass(frozen=True)
+class Outputs:
+    """The graph output each role is read from (None where the file has no such output)."""
+
+    probabilities: str
+    features: Optional[str] = None
+    domain_score: Optional[str] = None
+    domain_terms: Optional[str] = None
+    heatmap: Optional[str] = None
+    #: every role the spec names, with its graph output (roles this runtime does not know included)
+    named: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class DomainBranch:
+    """One test of the image check: its name, and how a reason names it."""
+
+    name: str
+    words: str
+
+
+@dataclass(frozen=True)
+class DomainCheck:
+    """The ``domain`` block: the image check's threshold, operating points and tests.
+
+    ``operating_points`` are ``(flag rate, threshold)`` pairs (:func:`operating_points`), empty in
+    files exported before they were written; ``flag_rate_validation`` is the share of validation
+    images the file's own threshold flags.
+    """
+
+    threshold: float
+    operating_points: Tuple[Tuple[float, float], ...]
+    branches: Tuple[DomainBranch, ...]
+    flag_rate_validation: Optional[float]
+    fit_images: Optional[int]
+    calibration_images: Optional[int]
+    method: str
+
+    @classmethod
+    def from_block(cls, block: Any, source: str) -> "DomainCheck":
+        if not isinstance(block, dict) or not _number(block.get("threshold")):
+            raise ModelError(f"{source}: cxr.spec names a domain_score output but no numeric domain.threshold")
+        branches = []
+        for i, b in enumerate(block.get("branches") or []):
+            if isinstance(b, dict):
+                name = str(b.get("name", f"branch {i}"))
+                branches.append(DomainBranch(name, str(b.get("words") or LEGACY_BRANCH_WORDS.get(name, name))))
+        rate = block.get("flag_rate_validation")
+        return cls(threshold=float(block["threshold"]),
+                   operating_points=tuple(operating_points(block.get("operating_points", []), source)),
+                   branches=tuple(branches), flag_rate_validation=float(rate) if _number(rate) else None,
+                   fit_images=(block.get("fit") or {}).get("images"),
+                   calibration_images=(block.get("calibration") or {}).get("images"),
+                   method=str(block.get("method", "")))
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """The ``heatmap`` block: the Grad-CAM output, its grid ``(h, w)`` and method."""
+
+    output: str
+    grid: Optional[Tuple[int, int]]
+    method: str
+    feature_map: str
+
+    @classmethod
+    def from_block(cls, block: Any, output: str, source: str) -> "Heatmap":
+        block = block if isinstance(block, dict) else {}
+        grid = block.get("grid")
+        valid = isinstance(grid, (list, tuple)) and len(grid) == 2 and all(isinstance(g, int) for g in grid)
+        return cls(output=output, grid=(int(grid[0]), int(grid[1])) if valid else None,
+                   method=str(block.get("method", "")), feature_map=str(block.get("feature_map", "")))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the model came from: training time, split, data hashes, metrics, threshold rule.
+
+    ``metrics`` maps a split's name (``validation``, ``validation_at_0.5``, ``test`` where
+    recorded) to its figures; ``fields`` holds every provenance field, read-only.
+    """
+
+    trained: Optional[str]
+    split: Mapping[str, Any]
+    split_hash: Optional[str]
+    training_data_hash: Optional[str]
+    metrics: Mapping[str, Mapping[str, Any]]
+    threshold_rule: Optional[str]
+    fields: Mapping[str, Any]
+
+
+class ModelSpec:
+    """The parsed, validated ``cxr.spec`` of a model file.
+
+    Read it through its properties and typed blocks; make a changed copy with :meth:`updated`;
+    :meth:`to_dict` and :meth:`to_json` give the whole document.
+    """
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data: Dict[str, Any] = copy.deepcopy(dict(data))
 
     # ---- construction
     @classmethod
@@ -106,7 +255,7 @@ class ModelSpec:
             provenance: Optional[Dict[str, Any]] = None, **extra: Any) -> "ModelSpec":
         """A complete spec with cxr's conventions; ``extra`` keys are added at top level."""
         labels = list(labels or ["NORMAL", "PNEUMONIA"])
-        raw: Dict[str, Any] = {
+        data: Dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "backbone": backbone,
             "precision": precision,
@@ -122,8 +271,8 @@ class ModelSpec:
             "threshold": float(threshold),
             "provenance": dict(provenance or {}),
         }
-        raw.update(extra)
-        spec = cls(raw)
+        data.update(extra)
+        spec = cls(data)
         spec.validate()
         return spec
 
@@ -131,24 +280,68 @@ class ModelSpec:
     def from_json(cls, text: str, source: str = "model") -> "ModelSpec":
         """Parse and validate; :class:`ModelError` (one line) on anything not understood."""
         try:
-            raw = json.loads(text)
+            data = json.loads(text)
         except (TypeError, ValueError) as exc:
             raise ModelError(f"{source}: cxr.spec is not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
+        if not isinstance(data, dict):
             raise ModelError(f"{source}: cxr.spec must be a JSON object")
-        spec = cls(raw)
+        spec = cls(data)
         spec.validate(source)
         return spec
 
     def to_json(self) -> str:
-        return json.dumps(self.raw, indent=None, sort_keys=True, separators=(",", ":"))
+        return json.dumps(self._data, indent=None, sort_keys=True, separators=(",", ":"))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The whole spec as a new JSON-ready dict (changing it changes nothing here)."""
+        return copy.deepcopy(self._data)
 
     def copy(self) -> "ModelSpec":
-        return ModelSpec(copy.deepcopy(self.raw))
+        return ModelSpec(self._data)
+
+    def updated(self, fields: Optional[Mapping[str, Any]] = None,
+                outputs: Optional[Mapping[str, Optional[str]]] = None) -> "ModelSpec":
+        """A validated copy with top-level ``fields`` replaced (a value of None removes the field)
+        and the output roles in ``outputs`` set (None removes the role).
+
+        Example:
+            >>> s = ModelSpec.new(backbone="tiny", features_output="features")
+            >>> s.updated(outputs={"features": None}).outputs.features is None
+            True
+        """
+        data = copy.deepcopy(self._data)
+        for key, value in (fields or {}).items():
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = copy.deepcopy(value)
+        if outputs:
+            named = dict(data.get("outputs") or {})
+            for role, name in outputs.items():
+                if name is None:
+                    named.pop(role, None)
+                else:
+                    named[role] = name
+            data["outputs"] = named
+        spec = ModelSpec(data)
+        spec.validate()
+        return spec
+
+    def without_additions(self, names: Sequence[str]) -> "ModelSpec":
+        """The spec of the file without the added graphs ``names`` (keys of :data:`GRAPH_ADDITIONS`):
+        their outputs and blocks removed."""
+        roles = {role: None for name in names for role in GRAPH_ADDITIONS[name].outputs}
+        return self.updated({name: None for name in names}, roles)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModelSpec) and other._data == self._data
+
+    def __repr__(self) -> str:
+        return f"ModelSpec(backbone={self.backbone!r}, precision={self.precision!r}, threshold={self.threshold})"
 
     # ---- validation
     def validate(self, source: str = "model") -> None:
-        r = self.raw
+        r = self._data
         missing = [k for k in REQUIRED if k not in r]
         if missing:
             raise ModelError(f"{source}: cxr.spec lacks required field(s): {', '.join(missing)}")
@@ -161,7 +354,8 @@ class ModelSpec:
             raise ModelError(f"{source}: cxr.spec format_version {version} is not supported by this runtime"
                              f" (understands {SUPPORTED_MAJOR}.x); upgrade cxr")
         if r["precision"] not in PRECISIONS:
-            raise ModelError(f"{source}: unknown precision {r['precision']!r} (expected one of {', '.join(PRECISIONS)})")
+            raise ModelError(f"{source}: unknown precision {r['precision']!r} "
+                             f"(expected one of {', '.join(PRECISIONS)})")
         inp = r["input"]
         if not isinstance(inp, dict) or not {"name", "shape", "dtype", "layout"} <= set(inp):
             raise ModelError(f"{source}: cxr.spec input needs name, shape, dtype and layout")
@@ -196,33 +390,76 @@ class ModelSpec:
 
             IntendedUse.from_spec(r["intended_use"], source)
         if outs.get("domain_score"):
-            dom = r.get("domain")
-            if not isinstance(dom, dict) or not isinstance(dom.get("threshold"), (int, float)) \
-                    or isinstance(dom.get("threshold"), bool):
-                raise ModelError(f"{source}: cxr.spec names a domain_score output but no numeric domain.threshold")
-            if "operating_points" in dom:
-                operating_points(dom["operating_points"], source)
+            DomainCheck.from_block(r.get("domain"), source)
 
-    # ---- convenient views
+    # ---- typed blocks
+    @property
+    def outputs(self) -> Outputs:
+        """The graph outputs by role."""
+        named = {k: str(v) for k, v in self._data["outputs"].items() if v}
+        return Outputs(probabilities=named["probabilities"], features=named.get("features"),
+                       domain_score=named.get("domain_score"), domain_terms=named.get("domain_terms"),
+                       heatmap=named.get("heatmap"), named=MappingProxyType(named))
+
+    @property
+    def domain(self) -> Optional[DomainCheck]:
+        """The image check, or None when the file has no domain statistics."""
+        if not self._data["outputs"].get("domain_score"):
+            return None
+        return DomainCheck.from_block(self._data.get("domain"), "cxr.spec")
+
+    @property
+    def heatmap(self) -> Optional[Heatmap]:
+        """The Grad-CAM output, or None when the file has none."""
+        output = self._data["outputs"].get("heatmap")
+        return Heatmap.from_block(self._data.get("heatmap"), output, "cxr.spec") if output else None
+
+    @property
+    def intended_use(self) -> "Optional[IntendedUse]":
+        """Who and what the model is for (:class:`~cxr_infer.intended_use.IntendedUse`); None when the
+        file has no ``intended_use`` block (DICOM header checks are then off)."""
+        if "intended_use" not in self._data:
+            return None
+        from .intended_use import IntendedUse
+
+        return IntendedUse.from_spec(self._data["intended_use"])
+
+    @property
+    def provenance(self) -> Provenance:
+        """Training and split provenance."""
+        p = self._data.get("provenance") or {}
+        metrics = p.get("metrics") if isinstance(p.get("metrics"), dict) else {}
+        return Provenance(trained=p.get("trained"), split=_frozen(p.get("split") or {}), split_hash=p.get("split_hash"),
+                          training_data_hash=p.get("training_data_hash"), metrics=_frozen(metrics),
+                          threshold_rule=self._data.get("threshold_rule") or p.get("threshold_rule"),
+                          fields=_frozen(p))
+
+    @property
+    def export(self) -> Mapping[str, Any]:
+        """What ``cxr-export`` recorded (opset, PyTorch parity, the INT8 settings and gate, FP16 parity),
+        read-only; empty for a file not made by it."""
+        return _frozen(self._data.get("export") or {})
+
+    # ---- scalar views
     @property
     def backbone(self) -> str:
-        return self.raw["backbone"]
+        return self._data["backbone"]
 
     @property
     def precision(self) -> str:
-        return self.raw["precision"]
+        return self._data["precision"]
 
     @property
     def threshold(self) -> float:
-        return float(self.raw["threshold"])
+        return float(self._data["threshold"])
 
     @property
     def labels(self) -> List[str]:
-        return list(self.raw["labels"])
+        return list(self._data["labels"])
 
     @property
     def positive_label(self) -> str:
-        return self.raw["positive_label"]
+        return self._data["positive_label"]
 
     @property
     def positive_index(self) -> int:
@@ -230,69 +467,68 @@ class ModelSpec:
 
     @property
     def input_name(self) -> str:
-        return self.raw["input"]["name"]
+        return self._data["input"]["name"]
 
     @property
     def input_dtype(self) -> str:
-        return self.raw["input"]["dtype"]
+        return self._data["input"]["dtype"]
 
     @property
     def image_size(self) -> tuple:
-        w, h = self.raw["resize"]["size"]
+        """``(width, height)`` of the model's input."""
+        w, h = self._data["resize"]["size"]
         return int(w), int(h)
 
     @property
     def resize_method(self) -> str:
         """The Pillow resampling filter the model was trained with (``bicubic`` for every cxr model so far)."""
-        return str(self.raw["resize"].get("method", "bicubic"))
+        return str(self._data["resize"].get("method", "bicubic"))
 
     @property
     def mean(self) -> List[float]:
-        return list(self.raw["normalization"].get("mean", [0.0, 0.0, 0.0]))
+        return list(self._data["normalization"].get("mean", [0.0, 0.0, 0.0]))
 
     @property
     def std(self) -> List[float]:
-        return list(self.raw["normalization"].get("std", [1.0, 1.0, 1.0]))
+        return list(self._data["normalization"].get("std", [1.0, 1.0, 1.0]))
 
     @property
     def normalization_in_graph(self) -> bool:
-        return bool(self.raw["normalization"]["in_graph"])
+        return bool(self._data["normalization"]["in_graph"])
 
     @property
     def prob_output(self) -> str:
-        return self.raw["outputs"]["probabilities"]
+        return self.outputs.probabilities
 
     @property
     def features_output(self) -> Optional[str]:
-        return self.raw["outputs"].get("features")
+        return self.outputs.features
 
     @property
     def domain_output(self) -> Optional[str]:
         """The graph output with the out-of-domain score ([N]); None when the file has no domain statistics."""
-        return self.raw["outputs"].get("domain_score") or None
+        return self.outputs.domain_score
 
     @property
     def heatmap_output(self) -> Optional[str]:
-        """The graph output with the Grad-CAM map ([N, h, w], see ``cxr_export.heatmap``); None when absent."""
-        return self.raw["outputs"].get("heatmap") or None
+        """The graph output with the Grad-CAM map ([N, h, w]); None when absent."""
+        return self.outputs.heatmap
 
     @property
     def domain_terms_output(self) -> Optional[str]:
-        """The graph output with each domain branch's term ([N, branches], named by ``domain.branches``);
+        """The graph output with each domain test's term ([N, tests], named by ``domain.branches``);
         None in files made before it existed."""
-        return self.raw["outputs"].get("domain_terms") or None
+        return self.outputs.domain_terms
 
     @property
     def domain_threshold(self) -> Optional[float]:
         """Scores above this are outside the model's domain; None when the check is unavailable."""
-        if not self.domain_output:
-            return None
-        return float(self.raw["domain"]["threshold"])
+        domain = self.domain
+        return None if domain is None else domain.threshold
 
     @property
     def domain_operating_points(self) -> List[Tuple[float, float]]:
         """``(flag rate, threshold)`` pairs from the file's validation images, rates increasing (see
         :func:`operating_points`); empty when the check is unavailable or the file predates them."""
-        if not self.domain_output:
-            return []
-        return operating_points(self.raw["domain"].get("operating_points", []), "cxr.spec")
+        domain = self.domain
+        return [] if domain is None else list(domain.operating_points)

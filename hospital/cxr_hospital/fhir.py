@@ -17,8 +17,8 @@ Plain JSON built here (no FHIR library at run time; the tests validate it with
   could not be read gets an ``OperationOutcome`` naming it, so the bundle loses nothing.
 
 Example:
-    >>> from cxr_infer.classifier import Prediction
-    >>> from cxr_infer.report import ModelIdentity
+    >>> from cxr_infer.prediction import Prediction
+    >>> from cxr_hospital.report import ModelIdentity
     >>> m = ModelIdentity("default.onnx", "vgg16", "int8", "ab" * 32, "0.1.0", 0.5)
     >>> obs = observation(Prediction("PNEUMONIA", 0.87, 0.5, in_domain=True), m, "urn:uuid:x")
     >>> obs["status"], obs["valueCodeableConcept"]["text"], obs["component"][0]["valueQuantity"]["value"]
@@ -30,6 +30,8 @@ import datetime as _dt
 import json
 import uuid
 from typing import IO, Any, Dict, List, Optional, Tuple
+
+from cxr_infer.formats import FormatContext, OutputFormat, ResultWriter
 
 from .report import (
     ABSENT,
@@ -165,7 +167,7 @@ def bundle(entries: List[Tuple[Optional[str], Dict[str, Any]]]) -> Dict[str, Any
             "entry": items}
 
 
-class FhirBundleWriter:
+class FhirBundleWriter(ResultWriter):
     """``cxr-infer --format fhir``: collects every result, writes one Bundle on :meth:`close`.
 
     Example:
@@ -174,14 +176,15 @@ class FhirBundleWriter:
     """
 
     def __init__(self, classifier: Any, out: IO[str]) -> None:
+        super().__init__(FormatContext(out=out, classifier=classifier))
         self.model = model_identity(classifier)
         self.out = out
         self.device_url = _uuid_url("device", self.model.sha256)
         self.entries: List[Tuple[Optional[str], Dict[str, Any]]] = [(self.device_url, device(self.model))]
 
     def _source(self, path: str) -> Optional[SourceIds]:
-        from .errors import InputError
-        from .report import read_header
+        from cxr_infer.dicom import read_header
+        from cxr_infer.errors import InputError
 
         if path == "-":
             return None
@@ -209,3 +212,10 @@ class FhirBundleWriter:
     def close(self) -> None:
         """Write the Bundle (pretty JSON) and a newline."""
         self.out.write(json.dumps(bundle(self.entries), indent=2) + "\n")
+
+
+#: ``cxr-infer --format fhir`` (registered through the ``cxr.formats`` entry point).
+FHIR_FORMAT = OutputFormat(
+    "fhir", "one FHIR R4 Bundle (JSON): a Device for the model, an Observation per result, an "
+            "OperationOutcome per failed input",
+    writer=lambda context: FhirBundleWriter(context.classifier, context.out))

@@ -4,14 +4,14 @@ Talks to Orthanc over its REST API (stdlib HTTP; ``pip install 'cxr[pacs]'`` bri
 and highdicom for reading images and writing SRs; torch is never imported).
 
 * ``cxr-pacs --url URL --once``: every CR/DX/DR image instance without an SR of this model
-  is downloaded, classified, and its Comprehensive SR (:mod:`cxr_infer.sr`) stored into the
+  is downloaded, classified, and its Comprehensive SR (:mod:`cxr_hospital.sr`) stored into the
   same study; then it exits.
 * without ``--once``: the same pass, then it follows Orthanc's change feed (``/changes``) and
   handles each study when Orthanc reports it stable (``StableStudy``), until SIGINT/SIGTERM.
 
 Idempotent: an SR's SOP Instance UID depends only on the source image, the model file and the
 thresholds (the decision threshold, and ``--domain-threshold`` or ``--domain-flag-rate`` where given:
-:meth:`cxr_infer.report.ModelIdentity.sr_uid`), so an image whose SR is already in
+:meth:`cxr_hospital.report.ModelIdentity.sr_uid`), so an image whose SR is already in
 its study is skipped (after a restart too) and storing it twice is "already stored", never a
 duplicate. Requests that fail for a connection reason or a 5xx answer are retried with
 exponential backoff; when Orthanc stays away the pass stops with exit status 1 (``--once``)
@@ -255,9 +255,10 @@ class Runner:
 
     def handle(self, job: Job, position: str) -> None:
         """Classify one instance and store its SR; per-image problems are logged and counted."""
-        from .classifier import Prediction
-        from .errors import InputError
-        from .report import read_header
+        from cxr_infer.dicom import read_header
+        from cxr_infer.errors import InputError
+        from cxr_infer.prediction import Prediction
+
         from .sr import build_sr, sr_bytes
 
         name = f"{position} instance {job.sop_instance_uid}"
@@ -349,7 +350,7 @@ class Runner:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _positive, _threshold, add_domain_strictness  # the same argument checks as cxr-infer
+    from cxr_infer import cliargs
 
     p = argparse.ArgumentParser(
         prog="cxr-pacs", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -363,13 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file whose first line is the password (default: the CXR_PACS_PASSWORD variable)")
     p.add_argument("--once", action="store_true", help="one pass over every study, then exit")
     p.add_argument("--poll", type=float, default=5.0, metavar="S", help="seconds between change-feed polls (5)")
-    p.add_argument("-m", "--model", metavar="FILE", help="cxr .onnx model (default: the embedded model)")
-    p.add_argument("--threshold", type=_threshold, metavar="T", help="decision threshold in [0, 1] (default: the "
-                   "model's own)")
-    add_domain_strictness(p)
-    p.add_argument("--threads", type=_positive, metavar="N", help="CPU threads for inference")
-    p.add_argument("--device", choices=("cpu", "cuda", "openvino", "auto"), default="cpu",
-                   help="where to run the model (as cxr-infer --device)")
+    cliargs.add_model_arguments(p)
     p.add_argument("--modalities", default=",".join(RADIOGRAPHS),
                    help="series modalities to classify, comma-separated (default CR,DX,DR)")
     p.add_argument("--retries", type=int, default=5, metavar="N",
@@ -415,10 +410,11 @@ def run(args: argparse.Namespace) -> int:
     except (Unreachable, Refused) as exc:
         raise PacsError(f"Orthanc is not reachable at {args.url} ({exc}); is it running, and is the URL right?") \
             from None
-    from .classifier import Classifier
-    from .sr import available
+    from cxr_infer.classifier import Classifier
 
-    problem = available()
+    from .sr import missing
+
+    problem = missing()
     if problem:
         raise PacsError(problem.replace("cxr[dicom]", "cxr[pacs]"))
     classifier = Classifier(args.model, device=args.device, threads=args.threads, threshold=args.threshold,
@@ -460,7 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _say("interrupted")
         return 130
     except Exception as exc:  # CXRError (model, device) and anything unforeseen: one line, no traceback
-        from .errors import CXRError
+        from cxr_infer.errors import CXRError
         if os.environ.get("CXR_DEBUG") and not isinstance(exc, CXRError):
             raise
         _say(str(exc) if isinstance(exc, CXRError) else

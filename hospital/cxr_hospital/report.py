@@ -1,7 +1,7 @@
 """What every hospital-facing view of a :class:`~cxr_infer.classifier.Prediction` says, in one place.
 
-The DICOM SR writer (:mod:`cxr_infer.sr`), the FHIR writer (:mod:`cxr_infer.fhir`) and the
-PACS client (:mod:`cxr_infer.pacs`) share this vocabulary, so a result reads the same wherever
+The DICOM SR writer (:mod:`cxr_hospital.sr`), the FHIR writer (:mod:`cxr_hospital.fhir`) and the
+PACS client (:mod:`cxr_hospital.pacs`) share this vocabulary, so a result reads the same wherever
 it lands: the finding as words and as a SNOMED CT code, the sentence that the result is not a
 diagnosis, the model that made it (:class:`ModelIdentity`: file name, backbone, precision,
 SHA-256, cxr version, threshold) and the identifiers of the DICOM image it came from
@@ -23,15 +23,14 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import io
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .classifier import Classifier, Prediction
+    from cxr_infer.classifier import Classifier
+    from cxr_infer.prediction import Prediction
 
 #: Says on every SR, FHIR Observation and PACS log what the result is and is not.
 DISCLAIMER = ("Computer-generated result of the cxr AI model, for decision support only: not a diagnosis. "
@@ -79,7 +78,6 @@ PRESENT = Concept("52101004", "SCT", "Present")
 ABSENT = Concept("272519000", "SCT", "Absent")
 YES = Concept("373066001", "SCT", "Yes")
 NO = Concept("373067005", "SCT", "No")
-PROBABILITY = Concept("122157", "DCM", "Probability")
 THRESHOLD = Concept("122411", "DCM", "Threshold Value")
 UNITLESS = Concept("1", "UCUM", "no units")
 # cxr's own concepts (99CXR / urn:cxr:codes)
@@ -160,28 +158,13 @@ class ModelIdentity:
         return out
 
 
-_SHA_CACHE: Dict[Tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Union[str, os.PathLike]) -> str:
-    """The hex SHA-256 of a file (cached per path, size and modification time)."""
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        _SHA_CACHE[key] = digest.hexdigest()
-    return _SHA_CACHE[key]
-
-
 def model_identity(classifier: "Classifier") -> ModelIdentity:
     """The :class:`ModelIdentity` of a loaded classifier (its threshold as it runs, not only its spec's).
 
     A model given as bytes has no file to hash: its spec's JSON is hashed instead.
     """
-    from . import __version__
+    from cxr_infer import __version__
+    from cxr_infer.info import file_sha256
 
     if classifier.model_path:
         sha, name = file_sha256(classifier.model_path), Path(classifier.model_path).name
@@ -198,22 +181,13 @@ def finding_words(pred: "Prediction", positive_label: str = "PNEUMONIA") -> str:
     """The result in one sentence.
 
     Example:
-        >>> from cxr_infer.classifier import Prediction
+        >>> from cxr_infer.prediction import Prediction
         >>> finding_words(Prediction("PNEUMONIA", 0.8734, 0.5))
         'PNEUMONIA: probability of PNEUMONIA 0.873, at or above the decision threshold 0.5'
     """
     side = "at or above" if pred.probability >= pred.threshold else "below"
     return (f"{pred.label}: probability of {positive_label} {pred.probability:.3f}, {side} the decision "
             f"threshold {pred.threshold:g}")
-
-
-def intended_use_words(pred: "Prediction") -> str:
-    """Whether the image lies inside the model's intended use, with the reasons when it does not."""
-    if pred.in_domain is None:
-        return "intended use not checked (the model file has no domain statistics or intended-use block)"
-    if pred.in_domain:
-        return "inside the model's intended use"
-    return "OUTSIDE the model's intended use: " + "; ".join(pred.domain_reasons or ("no reason given",))
 
 
 def not_classified_words(pred: "Prediction") -> str:
@@ -233,32 +207,6 @@ class SourceIds:
     sop_instance_uid: str
     sop_class_uid: str
     accession_number: str = ""
-
-
-def read_header(source: Union[str, os.PathLike, bytes]) -> Any:
-    """The pydicom dataset of a DICOM file or bytes, without its pixel data.
-
-    Raises :class:`~cxr_infer.errors.InputError` when it is not DICOM or pydicom is missing.
-    """
-    from .dicom import _pydicom, looks_like_dicom
-    from .errors import InputError
-
-    if isinstance(source, (bytes, bytearray)):
-        data = bytes(source[:132])
-    else:
-        try:
-            with open(source, "rb") as fh:
-                data = fh.read(132)
-        except OSError as exc:
-            raise InputError(f"cannot read ({exc.strerror or exc})") from None
-    if not looks_like_dicom(data):
-        raise InputError("not a DICOM file")
-    pydicom = _pydicom()
-    try:
-        return pydicom.dcmread(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
-                               force=True, stop_before_pixels=True)
-    except Exception as exc:
-        raise InputError(f"corrupt DICOM header ({exc})") from None
 
 
 def source_ids(header: Any) -> SourceIds:

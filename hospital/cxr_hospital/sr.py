@@ -21,7 +21,7 @@ An image outside the intended use that was not classified (``--reject-out-of-dom
 ``cxr-pacs``) gets an SR without finding or probability: "classified: No", the reasons, and
 "Not classified: ...". The SOP Instance UID depends only on the source image, the model file
 and the thresholds (the decision threshold, and the image check's where the caller set one:
-:meth:`cxr_infer.report.ModelIdentity.sr_uid`), so writing or storing it
+:meth:`cxr_hospital.report.ModelIdentity.sr_uid`), so writing or storing it
 twice never makes two.
 
 Example:
@@ -39,7 +39,10 @@ import os
 from pathlib import Path
 from typing import IO, Any, Dict, Optional
 
-from .errors import InputError
+from cxr_infer.dicom import read_header
+from cxr_infer.errors import InputError
+from cxr_infer.formats import FormatContext, OutputFormat, ResultWriter
+
 from .report import (
     CLASSIFIED,
     CXR_SCHEME,
@@ -58,7 +61,6 @@ from .report import (
     finding_words,
     model_identity,
     not_classified_words,
-    read_header,
     result_uid,
     source_ids,
 )
@@ -85,7 +87,7 @@ def _highdicom() -> Any:
     return highdicom
 
 
-def available() -> Optional[str]:
+def missing() -> Optional[str]:
     """None when SR writing works here, otherwise what to install (one line)."""
     try:
         import highdicom  # noqa: F401
@@ -176,7 +178,7 @@ def build_sr(pred: Any, header: Any, model: ModelIdentity, classified: bool = Tr
     schemes = [hd.coding_schemes.CodingSchemeIdentificationItem(
         designator=CXR_SCHEME, name="cxr result concepts",
         responsible_organization="cxr project (see the cxr README, Hospital integration)")]
-    from . import __version__
+    from cxr_infer import __version__
 
     return hd.sr.ComprehensiveSR(
         evidence=[evidence], content=report, series_instance_uid=model.series_uid(ids.study_instance_uid),
@@ -203,7 +205,7 @@ def sr_bytes(sr: Any) -> bytes:
     return buf.getvalue()
 
 
-class SRFolderWriter:
+class SRFolderWriter(ResultWriter):
     """``cxr-infer --format dicom-sr --output DIR``: one SR file per DICOM input, named by its UID.
 
     ``out`` gets one line per SR written: the input, a tab, the SR file. A second input with
@@ -216,6 +218,7 @@ class SRFolderWriter:
     """
 
     def __init__(self, folder: str, classifier: Any, out: IO[str]) -> None:
+        super().__init__(FormatContext(out=out, folder=folder, classifier=classifier))
         self.folder = Path(folder)
         self.model = model_identity(classifier)
         self.out = out
@@ -261,8 +264,16 @@ def input_problem(path: str) -> Optional[str]:
             head = fh.read(132)
     except OSError:
         return None  # the classifier names the problem
-    from .dicom import looks_like_dicom
+    from cxr_infer.dicom import looks_like_dicom
 
     if not looks_like_dicom(head):
         return "not a DICOM file: --format dicom-sr writes an SR into the source image's study, so needs DICOM inputs"
     return None
+
+
+#: ``cxr-infer --format dicom-sr --output DIR`` (registered through the ``cxr.formats`` entry point).
+SR_FORMAT = OutputFormat(
+    "dicom-sr", "one DICOM Comprehensive SR per DICOM input (pip install 'cxr[dicom]'); stdout lists "
+                "input<TAB>SR file. Non-DICOM inputs fail",
+    writer=lambda context: SRFolderWriter(context.folder or ".", context.classifier, context.out),
+    target="folder", missing=missing, input_problem=input_problem)

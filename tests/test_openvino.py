@@ -9,8 +9,8 @@ Agreement with the CPU provider, every graph output of the three shipped INT8 fi
 real test images (32 NORMAL, 32 PNEUMONIA) at their stored 224 px:
 
 - labels: identical, except an image whose CPU-provider probability lies within 0.02 of the
-  threshold (none may flip otherwise); max |dp| of every probability <= 0.03 (issue 15
-  measured 0.008 on ResNet50 and 0.000 on the others);
+  threshold (none may flip otherwise); max |dp| of every probability <= 0.03 (measured on an
+  Intel Xeon: 0.008 on ResNet50 and 0.000 on the others);
 - in-domain decisions: at most one of the 64 differs, and only for a score whose change stays
   within the bound below; domain_score and each domain term within 0.6 x the domain threshold.
   Chosen after measuring (cxr-bench formats --domain-data, benchmarks/results/formats-cpu-openvino.md,

@@ -32,7 +32,7 @@ CALL_BYTES = 4 * PART_BYTES      # < 64 MiB per call, logs included
 WEIGHT_FILES = ("model_fp16.safetensors", "model.safetensors")
 
 # Per backbone: training-time budget (s), batch size and peak LR for a random start.
-# Measured on an H200 (2026-11-28): ResNet50 ~3,100 img/s, InceptionV3 ~2,100, VGG16 ~3,200 at
+# Measured on an H200: ResNet50 ~3,100 img/s, InceptionV3 ~2,100, VGG16 ~3,200 at
 # batch 128 (bf16, channels_last); the first epoch pays ~5 s of autotuning. Budgets of
 # 140 / 125 / 90 s gave 78 / 68 / 54 epochs and a 400 s run (406 s wall, plus ~45 s machine
 # start); these add ~30 s. Keep the run under ~480 s so that it and a fetch call fit in the

@@ -88,8 +88,8 @@ class Classifier:
         domain_threshold: overrides the file's domain threshold (scores above it are out of domain):
             lower flags more images, those outside the intended use and in-population ones alike.
         domain_flag_rate: the domain threshold that flags this share of the file's validation
-            images (e.g. ``0.10``), from the operating points the file carries (files exported
-            since 2026-11-29; interpolated between them). Not both ``domain_threshold`` and this.
+            images (e.g. ``0.10``), interpolated between the operating points the file carries
+            (``cxr-infer --info`` lists them). Not both ``domain_threshold`` and this.
         header_check: check DICOM headers against the model's ``intended_use`` (default);
             ``False`` skips it. Files without an ``intended_use`` block have no header checks.
         images: how many images this classifier will see, when known (``cxr-infer`` passes its

@@ -30,7 +30,7 @@ def file_sha256(path: Union[str, "os.PathLike[str]"]) -> str:
     return _SHA_CACHE[key]
 
 
-def _metrics_line(name: str, m: Mapping[str, Any]) -> str:
+def _metrics_line(m: Mapping[str, Any]) -> str:
     counts = "/".join(str(m.get(k, "?")) for k in ("tp", "fp", "tn", "fn"))
     figures = ", ".join(f"{label} {m[key]:.4f}" for key, label in (("accuracy", "accuracy"), ("auc", "AUC"),
                                                                    ("sensitivity", "sensitivity"),
@@ -81,7 +81,12 @@ def summary(classifier: Any) -> str:
                  f"Grad-CAM {'x'.join(map(str, heatmap.grid or ('?', '?')))} (cxr-infer --heatmap DIR)"))
     metrics = spec.provenance.metrics
     for name in ("validation", "test"):
-        rows.append((name, _metrics_line(name, metrics[name]) if name in metrics else "not recorded in the file"
+        # the figures at the threshold in use where the file records them (e.g. validation_at_0.5)
+        kept = [k for k in metrics if k == name or k.startswith(name + "_at_")]
+        at = [k for k in kept if isinstance(metrics[k].get("threshold"), (int, float))
+              and abs(metrics[k]["threshold"] - classifier.threshold) < 1e-9]
+        key = (at or kept or [None])[0]
+        rows.append((name, _metrics_line(metrics[key]) if key else "not recorded in the file"
                      + (" (cxr-bench accuracy measures it)" if name == "test" else "")))
     fields = spec.provenance.fields
     trained = ", ".join(str(v) for v in (fields.get("trained"), fields.get("trained_on"), fields.get("recipe"),

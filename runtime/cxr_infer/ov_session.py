@@ -72,8 +72,8 @@ def openvino_config(threads: int) -> Dict[str, Any]:
     """The CPU plugin properties of a cxr session: ``threads`` inference threads, latency hint,
     one stream (one image after another, as the onnxruntime CPU provider runs them), and FP32 for
     everything not INT8. OpenVINO's default on a CPU with AVX-512 bf16 or AMX is bf16 inference:
-    on the 2-core AMD EPYC of 2026-11-29 it moved the shipped files' domain scores by up to four
-    times their threshold on 64 real test images and turned ResNet50's orientation term into NaN."""
+    measured on a 2-core AMD EPYC with AVX-512 bf16, it moved the shipped files' domain scores by up
+    to four times their threshold on 64 real test images and turned ResNet50's orientation term into NaN."""
     return {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
             "INFERENCE_PRECISION_HINT": "f32"}
 

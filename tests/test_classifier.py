@@ -241,7 +241,8 @@ def test_prefetch_keeps_order_and_every_result(tiny_model, xrays224, tmp_path, m
         if isinstance(a, InputError):
             assert str(a) == str(b)
         else:
-            assert (a.source, a.label) == (b.source, b.label) and a.probability == pytest.approx(b.probability, abs=1e-6)
+            assert (a.source, a.label) == (b.source, b.label)
+            assert a.probability == pytest.approx(b.probability, abs=1e-6)
     assert [type(r).__name__ for r in got[:4]] == ["Prediction", "InputError", "Prediction", "InputError"]
     assert got[0].probability == pytest.approx(got[-1].probability, abs=1e-6)  # same image first and last
     assert timing["preprocess"] > 0 and timing["inference"] > 0

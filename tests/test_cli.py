@@ -173,7 +173,8 @@ def test_without_model_uses_the_shipped_default(xrays224):
 
 
 def test_no_default_model_installed_message(xrays224, tmp_path):
-    prelude = f"import cxr_infer.classifier as c, pathlib\nc.DEFAULT_MODEL = pathlib.Path({str(tmp_path / 'none.onnx')!r})"
+    missing = str(tmp_path / "none.onnx")
+    prelude = f"import cxr_infer.classifier as c, pathlib\nc.DEFAULT_MODEL = pathlib.Path({missing!r})"
     r = run_cli(str(xrays224[0]), prelude=prelude)
     assert r.returncode == 2
     err = r.stderr.decode()

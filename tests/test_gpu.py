@@ -1,7 +1,7 @@
 """The runtime on a real GPU: CUDA (and TensorRT where onnxruntime-gpu offers it) against the CPU.
 
 These run only where the installed onnxruntime has the CUDA provider (onnxruntime-gpu on a GPU
-machine: ``train/gpu_round.sh`` runs them there); elsewhere they skip, saying why. What the
+machine: ``train/gpu_verify.sh`` runs them there); elsewhere they skip, saying why. What the
 runtime does *without* a GPU (a clear error, exit 2) is tested in test_cli.py and
 test_classifier.py on every machine.
 """
@@ -68,7 +68,8 @@ def test_default_model_on_cuda_agrees_with_the_cpu(test_pixels):
 def test_cxr_infer_device_cuda_on_the_sample():
     env = dict(os.environ, PYTHONPATH=PYTHONPATH, CXR_TENSORRT="0")
     runs = {d: subprocess.run([sys.executable, "-m", "cxr_infer.cli", str(SAMPLE), "--device", d, "--format", "csv"],
-                              capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300) for d in ("cpu", "cuda")}
+                              capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300)
+            for d in ("cpu", "cuda")}
     assert runs["cuda"].returncode == 0, runs["cuda"].stderr
     label = [line.split(",")[1] for line in runs["cpu"].stdout.splitlines()[1:]]
     assert label == [line.split(",")[1] for line in runs["cuda"].stdout.splitlines()[1:]]

@@ -117,7 +117,8 @@ def test_valid_onnx_openvino_cannot_convert_is_one_device_error(tmp_path):
     path = tmp_path / "unknown_op.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                       helper.make_opsetid("com.example", 1)]), str(path))
-    with pytest.raises(DeviceError, match="unknown_op.onnx: OpenVINO cannot convert this model .*NoSuchOp.*--device cpu"):
+    with pytest.raises(DeviceError,
+                       match="unknown_op.onnx: OpenVINO cannot convert this model .*NoSuchOp.*--device cpu"):
         ModelFile(path, device="openvino", threads=1)
 
 

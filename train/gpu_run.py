@@ -165,7 +165,8 @@ def main() -> int:
             if weights != "auto":
                 cfg.lr = None  # the recipe's pretrained default
             meta = train(cfg, log=log)
-            summary[b] = {k: meta[k] for k in ("weights_origin", "best_epoch", "threshold", "val_metrics", "images_per_s")}
+            summary[b] = {k: meta[k] for k in ("weights_origin", "best_epoch", "threshold", "val_metrics",
+                                               "images_per_s")}
             summary[b]["epochs_run"] = len(meta["history"])
         except Exception as exc:  # one backbone failing must not lose the others
             log(f"{b}: FAILED: {exc}")

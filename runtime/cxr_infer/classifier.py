@@ -395,7 +395,8 @@ class Classifier:
             header = {"header_checks": True, "summary": use.describe(), **spec.to_dict()["intended_use"]}
         else:
             header = {"header_checks": False, "reason": "turned off (header_check=False)" if spec.intended_use else
-                      "the model file has no intended_use block, so DICOM header checks are off (cxr-export writes one)"}
+                      "the model file has no intended_use block, so DICOM header checks are off "
+                      "(cxr-export writes one)"}
         if heatmap is not None:
             maps = {"available": True, "output": heatmap.output, "grid": list(heatmap.grid) if heatmap.grid else None,
                     "method": heatmap.method,

@@ -54,8 +54,9 @@ def summary(classifier: Any) -> str:
         rows.append(("model", classifier.name))
     rows.append(("backbone", f"{spec.backbone}, {spec.precision}"))
     w, h = spec.image_size
+    where = " in the graph" if spec.normalization_in_graph else ""
     rows.append(("input", f"{w} x {h} RGB, {spec.resize_method} resize (aspect not kept), "
-                          f"mean {spec.mean} std {spec.std}" + (" in the graph" if spec.normalization_in_graph else "")))
+                          f"mean {spec.mean} std {spec.std}{where}"))
     rows.append(("labels", f"{', '.join(spec.labels)} (positive: {spec.positive_label})"))
     rule = spec.provenance.threshold_rule
     rows.append(("threshold", f"{classifier.threshold:g}" + ("" if classifier.threshold == spec.threshold else

@@ -76,7 +76,7 @@ class ModelFile:
         session_config: extra onnxruntime session config entries (advanced).
         spec: use this spec instead of the file's own (export checks a graph before it has
             written the spec into it); it is validated against the graph all the same.
-        images: how many images this session will run, when known: ``auto`` takes the CPU
+        images: how many images the session will run, when known: ``auto`` takes the CPU
             provider below :data:`cxr_infer.devices.AUTO_OPENVINO_MIN_IMAGES`.
 
     Raises:

@@ -62,7 +62,8 @@ def scan_folder(root: str | Path, labels: Sequence[str] = LABELS) -> List[Sample
     for idx, label in enumerate(labels):
         folder = root / label
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: missing class folder; the data folder needs one subfolder per class {list(labels)}")
+            raise FileNotFoundError(f"{folder}: missing class folder; the data folder needs one subfolder per "
+                                    f"class {list(labels)}")
         for p in sorted(folder.rglob("*")):
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
                 samples.append(Sample(str(p), idx))
@@ -88,7 +89,8 @@ def subsample(samples: List[Sample], max_images: Optional[int], seed: int) -> Li
     return sorted(out, key=lambda s: s.path)
 
 
-def split_by_patient(samples: List[Sample], val_fraction: float = 0.1, seed: int = 0) -> Tuple[List[Sample], List[Sample]]:
+def split_by_patient(samples: List[Sample], val_fraction: float = 0.1,
+                     seed: int = 0) -> Tuple[List[Sample], List[Sample]]:
     """Deterministic patient-wise, class-stratified train/validation split.
 
     Patients are grouped by their (majority) class; within each class a seeded shuffle

@@ -43,7 +43,8 @@ class TinyBase(nn.Module):
         super().__init__()
         layers, c = [], 3
         for out in (8, 16, width, width):
-            layers += [nn.Conv2d(c, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(c, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True)]
             c = out
         self.features = nn.Sequential(*layers)
 
@@ -128,7 +129,8 @@ def load_base_weights(base: nn.Module, state: Dict[str, torch.Tensor], min_fract
     matched = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if len(matched) < min_fraction * len(own):
         raise ValueError(
-            f"weights match only {len(matched)} of the base's {len(own)} tensors; is this a state dict of the same backbone?"
+            f"weights match only {len(matched)} of the base's {len(own)} tensors; "
+            "is this a state dict of the same backbone?"
         )
     base.load_state_dict(matched, strict=False)
     return len(matched)

@@ -16,7 +16,7 @@ Plain JSON built here (no FHIR library at run time; the tests validate it with
   gets an Observation with ``dataAbsentReason`` not-performed and the reasons; an input that
   could not be read gets an ``OperationOutcome`` naming it, so the bundle loses nothing.
 
-Example:
+Examples:
     >>> from cxr_infer.prediction import Prediction
     >>> from cxr_hospital.report import ModelIdentity
     >>> m = ModelIdentity("default.onnx", "vgg16", "int8", "ab" * 32, "0.1.0", 0.5)
@@ -74,7 +74,7 @@ def _uuid_url(*parts: str) -> str:
 def device(model: ModelIdentity) -> Dict[str, Any]:
     """The FHIR Device of the model (R4).
 
-    Example:
+    Examples:
         >>> device(ModelIdentity("m.onnx", "resnet50", "int8", "cd" * 32, "0.1.0", 0.4))["modelNumber"]
         'resnet50 int8'
     """
@@ -170,7 +170,7 @@ def bundle(entries: List[Tuple[Optional[str], Dict[str, Any]]]) -> Dict[str, Any
 class FhirBundleWriter(ResultWriter):
     """``cxr-infer --format fhir``: collects every result, writes one Bundle on :meth:`close`.
 
-    Example:
+    Examples:
         >>> w = FhirBundleWriter(classifier, sys.stdout)                # doctest: +SKIP
         >>> w.result("chest.dcm", classifier.predict("chest.dcm")); w.close()  # doctest: +SKIP
     """

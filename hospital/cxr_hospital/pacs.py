@@ -22,7 +22,7 @@ instances are skipped; an image that cannot be read is one error line and the re
 Exit status: 0 done, 1 some images failed or Orthanc went away mid-run, 2 usage, model or
 connection error at start (Orthanc down, credentials refused).
 
-Example:
+Examples:
     $ cxr-pacs --url http://orthanc:8042 --username cxr --password-file /run/secrets/orthanc --once
     cxr-pacs: [1/2] instance 1.2.3.4: PNEUMONIA 0.873 -> SR 2.25.1234... stored
     cxr-pacs: [2/2] instance 1.2.3.5: not classified (patient age 67Y is outside the intended 1-5 years) -> SR ...
@@ -91,7 +91,7 @@ def _say(message: str) -> None:
 class Orthanc:
     """A small client of Orthanc's REST API with retries.
 
-    Example:
+    Examples:
         >>> o = Orthanc("http://localhost:8042", ("cxr", "secret"))           # doctest: +SKIP
         >>> o.get_json("/system")["Version"]                                  # doctest: +SKIP
         '1.10.1'

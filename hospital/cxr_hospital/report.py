@@ -12,7 +12,7 @@ file at one threshold, always has the same SOP Instance UID. Writing it again ov
 same file, storing it again into a PACS is "already stored": a retry or a second run can never
 make a duplicate.
 
-Example:
+Examples:
     >>> finding_for("PNEUMONIA").code, finding_for("NORMAL").display
     ('233604007', 'Normal')
     >>> result_uid("sr", "1.2.3", "abc") == result_uid("sr", "1.2.3", "abc")
@@ -51,7 +51,7 @@ CXR_SCHEME = "99CXR"
 class Concept:
     """One coded concept: ``code`` in the DICOM coding ``scheme`` (FHIR ``system``), ``display`` words.
 
-    Example:
+    Examples:
         >>> PNEUMONIA.fhir()
         {'system': 'http://snomed.info/sct', 'code': '233604007', 'display': 'Pneumonia'}
     """
@@ -105,7 +105,7 @@ def result_uid(*parts: str) -> str:
 class ModelIdentity:
     """The model that made a result, as the SR observer device and the FHIR Device name it.
 
-    Example:
+    Examples:
         >>> m = ModelIdentity("default.onnx", "vgg16", "int8", "ab" * 32, "0.1.0", 0.5)
         >>> m.title
         'cxr 0.1.0 vgg16 int8'
@@ -180,7 +180,7 @@ def model_identity(classifier: "Classifier") -> ModelIdentity:
 def finding_words(pred: "Prediction", positive_label: str = "PNEUMONIA") -> str:
     """The result in one sentence.
 
-    Example:
+    Examples:
         >>> from cxr_infer.prediction import Prediction
         >>> finding_words(Prediction("PNEUMONIA", 0.8734, 0.5))
         'PNEUMONIA: probability of PNEUMONIA 0.873, at or above the decision threshold 0.5'

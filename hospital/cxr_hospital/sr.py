@@ -24,7 +24,7 @@ and the thresholds (the decision threshold, and the image check's where the call
 :meth:`cxr_hospital.report.ModelIdentity.sr_uid`), so writing or storing it
 twice never makes two.
 
-Example:
+Examples:
     >>> from cxr_infer import Classifier                                      # doctest: +SKIP
     >>> clf = Classifier()                                                    # doctest: +SKIP
     >>> header = read_header("chest.dcm")                                     # doctest: +SKIP
@@ -211,7 +211,7 @@ class SRFolderWriter(ResultWriter):
     ``out`` gets one line per SR written: the input, a tab, the SR file. A second input with
     the same SOP Instance UID as an earlier one is an error (its SR is already written).
 
-    Example:
+    Examples:
         >>> w = SRFolderWriter("results/", classifier, sys.stdout)       # doctest: +SKIP
         >>> w.result("chest.dcm", classifier.predict("chest.dcm"))       # doctest: +SKIP
         chest.dcm	results/2.25.1234....dcm

@@ -1,6 +1,6 @@
 """cxr_infer: the lean chest X-ray classifier runtime (onnxruntime + numpy + Pillow; never torch).
 
-Example:
+Examples:
     >>> from cxr_infer import Classifier                      # doctest: +SKIP
     >>> Classifier("model.onnx").predict("chest.jpeg").label  # doctest: +SKIP
     'PNEUMONIA'

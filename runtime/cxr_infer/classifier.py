@@ -3,7 +3,7 @@
 One ``Classifier`` holds one onnxruntime session, shared by every thread that calls it
 (``InferenceSession.run`` is thread-safe and nothing else here changes after loading).
 
-Example:
+Examples:
     >>> from cxr_infer import Classifier
     >>> clf = Classifier("resnet50_int8.onnx")                     # doctest: +SKIP
     >>> p = clf.predict("chest.jpeg")                              # doctest: +SKIP
@@ -72,10 +72,11 @@ class Classifier:
     Args:
         model: path to a ``.onnx`` file with a ``cxr.spec`` (or its bytes); ``None`` loads the
             embedded default model.
-        device: ``"cpu"``, ``"cuda"`` (TensorRT, then CUDA when present), ``"openvino"`` (the OpenVINO
-            runtime on the CPU: ``pip install 'cxr[openvino]'``) or ``"auto"``: CUDA where
-            present, else OpenVINO where it is installed (an embedded classifier pays
-            OpenVINO's longer session start once and gains on every image), else the CPU provider.
+        device: a device of :data:`cxr_infer.devices.DEVICES` (``"cpu"``, ``"cuda"``: TensorRT, then
+            CUDA when present; ``"tensorrt"``; ``"openvino"``: the OpenVINO runtime on the CPU,
+            ``pip install 'cxr[openvino]'``) or ``"auto"``: CUDA where present, else OpenVINO where it
+            is installed (an embedded classifier pays OpenVINO's longer session start once and gains
+            on every image), else the CPU provider.
         threads: intra-op threads; default: the cores this process may use.
         threshold: overrides the spec's decision threshold.
         warmup: run one dummy batch on load so the first real call is not slow.
@@ -106,7 +107,7 @@ class Classifier:
         ModelError: the file is missing, not ONNX, or has no valid spec or the wrong graph.
         DeviceError: the device's execution provider is not available.
 
-    Example:
+    Examples:
         >>> clf = Classifier("model.onnx", threads=2)              # doctest: +SKIP
         >>> clf.predict(np.zeros((512, 512), np.uint8)).label      # doctest: +SKIP
         'NORMAL'
@@ -342,7 +343,7 @@ class Classifier:
                      ) -> List[Union[Prediction, InputError]]:
         """Classify every item; a bad item gives its :class:`InputError` in its place, the rest go on.
 
-        Example:
+        Examples:
             >>> [type(r).__name__ for r in clf.predict_many(["ok.jpeg", "missing.jpeg"])]  # doctest: +SKIP
             ['Prediction', 'InputError']
         """
@@ -365,7 +366,7 @@ class Classifier:
         Grad-CAM map (:attr:`Prediction.heatmap`); without it the map is not fetched (onnxruntime
         still runs the graph's Grad-CAM nodes: it runs every node, whatever outputs are asked for).
 
-        Example:
+        Examples:
             >>> clf.predict("chest.jpeg").label                       # doctest: +SKIP
             'PNEUMONIA'
         """

@@ -5,7 +5,7 @@ reports and presentation states, are skipped), 1 some inputs failed (each named 
 none was an image, 2 usage, model or device error. Heavy imports (numpy, Pillow, onnxruntime)
 happen only after the arguments are parsed, so ``--help`` is instant.
 
-Example:
+Examples:
     $ cxr-infer --model resnet50_int8.onnx scans/ --format jsonl --output results.jsonl
 """
 from __future__ import annotations

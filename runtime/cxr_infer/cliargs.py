@@ -1,7 +1,7 @@
 """Command-line arguments shared by the commands that run a model (``cxr-infer``, ``cxr-pacs``, and
 every integration built on the runtime): their types, checks and help, written once.
 
-Example:
+Examples:
     >>> import argparse
     >>> p = argparse.ArgumentParser()
     >>> add_model_arguments(p)

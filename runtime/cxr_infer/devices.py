@@ -9,7 +9,7 @@ that says what to install when it cannot), and how it opens a session. ``cxr-inf
 ``auto`` is not a device but a rule (:func:`resolve_device`): CUDA where present, else OpenVINO
 where it is installed and the session will see many images, else the CPU provider.
 
-Example:
+Examples:
     >>> sorted(DEVICES)
     ['cpu', 'cuda', 'openvino', 'tensorrt']
     >>> resolve_device("auto", available=["CPUExecutionProvider"], images=1)
@@ -303,7 +303,7 @@ def resolve_device(name: str, available: Optional[Sequence[str]] = None, images:
     (``images`` is None: an embedded classifier; or at least :data:`AUTO_OPENVINO_MIN_IMAGES`),
     else ``cpu``.
 
-    Example:
+    Examples:
         >>> resolve_device("auto", available=["CPUExecutionProvider"], images=1)
         'cpu'
     """

@@ -11,7 +11,7 @@ The pipeline follows the DICOM grayscale standard display chain:
 RGB (and, with pydicom 3, YBR) 8-bit images are passed through. Multi-frame objects and
 objects without pixel data (reports, presentation states, ...) are refused with one clear line.
 
-Example:
+Examples:
     >>> looks_like_dicom(b"\\0" * 128 + b"DICM" + b"\\2\\0\\0\\0UL")
     True
     >>> looks_like_dicom(b"\\xff\\xd8\\xff\\xe0 a JPEG")

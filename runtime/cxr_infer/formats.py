@@ -7,7 +7,7 @@ inputs it can never take. The runtime brings ``table``, ``jsonl`` and ``csv``; i
 theirs through the ``cxr.formats`` entry point group (``cxr_hospital`` adds ``dicom-sr`` and
 ``fhir``), so the runtime never imports them. Embedding code may :func:`register_format` its own.
 
-Example:
+Examples:
     >>> sorted(BUILTIN_FORMATS)
     ['csv', 'jsonl', 'table']
     >>> import io

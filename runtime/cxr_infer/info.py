@@ -1,6 +1,6 @@
 """What a model file is, for people: ``cxr-infer --info`` (``--info --json`` prints the whole spec).
 
-Example:
+Examples:
     >>> from cxr_infer import Classifier
     >>> print(summary(Classifier()))                         # doctest: +SKIP
     model         .../default.onnx (17.1 MiB)

@@ -5,7 +5,7 @@ A folder scan finds every file whose ending is in :data:`cxr_infer.IMAGE_SUFFIXE
 extension-less DICOM file (a DICOM CD's images), skips hidden files and a medium's ``DICOMDIR``
 index, and follows linked folders, each real folder once.
 
-Example:
+Examples:
     >>> expand_inputs(["missing.jpeg"])
     [('missing.jpeg', None)]
 """

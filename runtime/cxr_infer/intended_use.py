@@ -21,7 +21,7 @@ anatomy far less than the adult-versus-child gap the check exists for. DICOM age
 2.5 years); without ``PatientAge`` the age is computed from ``PatientBirthDate`` and the
 first of ``StudyDate``, ``SeriesDate``, ``AcquisitionDate``.
 
-Example:
+Examples:
     >>> use = IntendedUse.from_spec(KERMANY)
     >>> use.header_reasons({"PatientAge": "067Y", "ViewPosition": "LL", "Modality": "CT"})
     ['patient age 67Y is outside the intended 1-5 years', 'view LL (lateral) is not frontal (PA, AP)', \
@@ -64,7 +64,7 @@ _RADIOGRAPHS = {"CR", "DX", "DR", "RG", "DF"}
 def age_in_years(value: str) -> Optional[float]:
     """A DICOM age string (``AS``: ``nnnD/W/M/Y``) in years; None when it is not one.
 
-    Example:
+    Examples:
         >>> age_in_years("030M"), age_in_years("002W") < 0.05, age_in_years("old")
         (2.5, True, None)
     """

@@ -2,7 +2,7 @@
 
 Labels are 0/1 with 1 the positive class (PNEUMONIA); scores are probabilities of 1.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> m = binary_metrics(np.array([0, 1, 1, 0]), np.array([0.2, 0.9, 0.4, 0.6]), 0.5)
     >>> m["tp"], m["fp"], m["tn"], m["fn"], m["accuracy"]

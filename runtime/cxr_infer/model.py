@@ -7,7 +7,7 @@ clear device errors), reads and validates the spec, checks the graph against it,
 graph input from ``uint8`` pixels (:func:`graph_input`: FP32 or FP16, normalisation in the
 graph or not) and runs the named outputs a caller asks for, and only those.
 
-Example:
+Examples:
     >>> m = ModelFile("resnet50_int8.onnx", threads=2)                    # doctest: +SKIP
     >>> probs, score = m.run(pixels, [m.spec.prob_output, "domain_score"])  # doctest: +SKIP
     >>> m.positive_probability(pixels)[:2]                               # doctest: +SKIP
@@ -45,7 +45,7 @@ def graph_input(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
     """The graph input for ``uint8`` pixels ``(N, H, W, 3)`` (or one ``(H, W, 3)``): NCHW in the
     spec's input dtype, normalised with the spec's mean and std unless the graph normalises.
 
-    Example:
+    Examples:
         >>> spec = ModelSpec.new(backbone="tiny")
         >>> graph_input(spec, np.full((1, 224, 224, 3), 255, np.uint8))[0, :, 0, 0].round(3)
         array([2.249, 2.429, 2.64 ], dtype=float32)
@@ -83,7 +83,7 @@ class ModelFile:
         ModelError: the file is missing, not ONNX, or has no valid spec or the wrong graph.
         DeviceError: the device's execution provider is not available.
 
-    Example:
+    Examples:
         >>> m = ModelFile("model.onnx", threads=1)                            # doctest: +SKIP
         >>> (m.spec.backbone, m.providers, m.static_batch)                     # doctest: +SKIP
         ('vgg16', ['CPUExecutionProvider'], None)
@@ -203,7 +203,7 @@ class ModelFile:
     def run(self, pixels: np.ndarray, outputs: Sequence[str], batch_size: Optional[int] = None) -> List[np.ndarray]:
         """The named ``outputs`` for ``uint8`` pixels ``(N, H, W, 3)``, ``batch_size`` images per call.
 
-        Example:
+        Examples:
             >>> (probs,) = m.run(np.zeros((4, 224, 224, 3), np.uint8), ["probabilities"])  # doctest: +SKIP
             >>> probs.shape                                                                  # doctest: +SKIP
             (4, 2)

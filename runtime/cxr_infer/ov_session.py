@@ -13,7 +13,7 @@ Needs ``pip install 'cxr[openvino]'`` (the ``openvino`` package). Threads: OpenV
 :func:`~cxr_infer.model.openvino_cache_dir`; the caller holds a lock on the folder while
 compiling, so two processes sharing it never read a half-written blob.
 
-Example:
+Examples:
     >>> s = OpenVINOSession("models/resnet50_int8.onnx", threads=2)    # doctest: +SKIP
     >>> [o.name for o in s.get_outputs()][:2]                           # doctest: +SKIP
     ['probabilities', 'features']

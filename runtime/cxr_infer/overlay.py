@@ -1,7 +1,7 @@
 """Heatmap overlays people can read: the image, its Grad-CAM map in a perceptual colormap, a
 colour bar, the answer and what the map is not (Pillow and numpy only, like the rest of the runtime).
 
-Example:
+Examples:
     >>> p = clf.predict("chest.jpeg", heatmap=True)                      # doctest: +SKIP
     >>> render_overlay(open_image("chest.jpeg"), p).save("chest_map.png")  # doctest: +SKIP
 """
@@ -28,7 +28,7 @@ _VIRIDIS = np.array([
 def viridis(values: np.ndarray) -> np.ndarray:
     """``values`` in 0..1 (any shape) to RGB ``uint8`` (shape + (3,)).
 
-    Example:
+    Examples:
         >>> viridis(np.array([0.0, 1.0])).tolist()
         [[67, 1, 85], [255, 231, 38]]
     """
@@ -101,7 +101,7 @@ def render_overlay(image: Image.Image, prediction: Any, alpha: float = 0.55) -> 
 def overlay_name(source: str, taken: set, suffix: str = ".png") -> str:
     """A file name for ``source``'s overlay that no other input of the run has taken.
 
-    Example:
+    Examples:
         >>> taken = set(); overlay_name("a/x.jpeg", taken), overlay_name("b/x.jpeg", taken)
         ('x.png', 'x-2.png')
     """

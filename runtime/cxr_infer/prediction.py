@@ -3,7 +3,7 @@
 Every view of a result (the table, JSON lines and CSV of ``cxr-infer``, a DICOM SR, a FHIR
 Observation, a service's answer) is written from this one record.
 
-Example:
+Examples:
     >>> p = Prediction("PNEUMONIA", 0.87, 0.5, in_domain=True)
     >>> p.positive, p.to_dict()["label"]
     (True, 'PNEUMONIA')
@@ -48,7 +48,7 @@ class Prediction:
     def heatmap_at(self, size: Tuple[int, int]) -> np.ndarray:
         """The heatmap resized (bilinear) to ``size`` = ``(width, height)``, e.g. the original image's.
 
-        Example:
+        Examples:
             >>> p = clf.predict("chest.jpeg", heatmap=True)               # doctest: +SKIP
             >>> p.heatmap.shape, p.heatmap_at((1024, 880)).shape        # doctest: +SKIP
             ((7, 7), (880, 1024))

@@ -10,7 +10,7 @@ Inputs: a path, ``bytes``, a PIL image or a numpy array. Files: JPEG, PNG, BMP, 
 EXIF orientation is applied. Anything unreadable raises :class:`InputError` with one line
 that names the input and the problem.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> px = load_image(np.zeros((600, 500), dtype=np.uint8))
     >>> px.shape, px.dtype
@@ -208,7 +208,7 @@ def open_image(source: ImageSource, draft_size: Optional[Sequence[int]] = None) 
     ``draft_size`` a JPEG may be decoded at a reduced scale (never below ``DRAFT_MARGIN``
     times that size). Raises :class:`InputError` with a one-line reason naming the input.
 
-    Example:
+    Examples:
         >>> open_image(np.full((4, 6), 9, np.uint8)).size
         (6, 4)
     """
@@ -252,7 +252,7 @@ def load_image(source: ImageSource, size: Sequence[int] = (224, 224), *, method:
     ``method`` is the spec's resize method. ``draft=False`` decodes JPEGs at full scale
     (slower, same parity).
 
-    Example:
+    Examples:
         >>> load_image(b"not an image")  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
         cxr_infer.errors.InputError: <bytes>: not a supported image (text; ...)
@@ -291,7 +291,7 @@ def to_input(pixels: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
 
     ``x = (pixels / 255 - mean) / std`` per channel, as every cxr model expects.
 
-    Example:
+    Examples:
         >>> to_input(np.zeros((2, 224, 224, 3), np.uint8)).shape
         (2, 3, 224, 224)
     """

@@ -10,7 +10,7 @@ refuses a file whose spec it does not understand. JSON only: nothing is evaluate
 writes through :meth:`ModelSpec.updated`. The graphs ``cxr-export`` adds after the classifier are
 one table, :data:`GRAPH_ADDITIONS`: the spec block that describes each and the outputs it adds.
 
-Example:
+Examples:
     >>> spec = ModelSpec.new(backbone="tiny", precision="fp32", threshold=0.5)
     >>> ModelSpec.from_json(spec.to_json()).threshold
     0.5
@@ -72,7 +72,7 @@ LEGACY_BRANCH_WORDS = {"features": "the model's features", "thumb16": "image lay
 def spec_from_metadata(metadata: Mapping[str, str], source: str = "model") -> "ModelSpec":
     """The validated spec in a model file's metadata (``{key: value}`` of its ``metadata_props``).
 
-    Example:
+    Examples:
         >>> spec_from_metadata({SPEC_KEY: ModelSpec.new(backbone="tiny").to_json()}).backbone
         'tiny'
     """
@@ -93,7 +93,7 @@ def operating_points(value: Any, source: str = "cxr.spec") -> List[Tuple[float, 
     trade flagged in-population images for caught out-of-population ones. Rates must lie in (0, 1)
     and increase, thresholds must be finite and not increase with them.
 
-    Example:
+    Examples:
         >>> operating_points([{"flag_rate": 0.05, "threshold": 1.5}, {"flag_rate": 0.1, "threshold": 1.2}])
         [(0.05, 1.5), (0.1, 1.2)]
     """
@@ -121,7 +121,7 @@ def threshold_at(points: Sequence[Tuple[float, float]], rate: float) -> float:
     Raises:
         ValueError: ``rate`` lies outside the points' range (the message gives the range).
 
-    Example:
+    Examples:
         >>> round(threshold_at([(0.05, 1.5), (0.1, 1.2)], 0.075), 6)
         1.35
     """
@@ -304,7 +304,7 @@ class ModelSpec:
         """A validated copy with top-level ``fields`` replaced (a value of None removes the field)
         and the output roles in ``outputs`` set (None removes the role).
 
-        Example:
+        Examples:
             >>> s = ModelSpec.new(backbone="tiny", features_output="features")
             >>> s.updated(outputs={"features": None}).outputs.features is None
             True

@@ -112,7 +112,7 @@ def mix_batch(x: torch.Tensor, mixup: float, cutmix: float, rng: np.random.Gener
     lam and the box, so no step waits on the device; ``gen`` draws the permutation where the batch
     is. Returns ``(x, None, 1.0)`` when both are off.
 
-    Example:
+    Examples:
         >>> x = torch.zeros(4, 1, 8, 8); x[:2] = 1
         >>> mixed, perm, lam = mix_batch(x, 0.0, 1.0, np.random.default_rng(0), torch.Generator().manual_seed(0))
         >>> 0 < lam < 1 and perm.shape == (4,)

@@ -7,7 +7,7 @@ backbone is one :class:`Backbone` entry here (and its tests).
 Importing this module does not import torch (``cxr-train --help`` lists the names from it); an
 entry's ``build`` imports torch and torchvision when it is called.
 
-Example:
+Examples:
     >>> BACKBONES["resnet50"].feature_dim
     2048
     >>> [name for name, spec in BACKBONES.items() if spec.imagenet]
@@ -98,7 +98,7 @@ BACKBONE_NAMES: Tuple[str, ...] = tuple(BACKBONES)
 def get_backbone(name: str) -> Backbone:
     """The registry entry of ``name``; ``ValueError`` naming the choices when there is none.
 
-    Example:
+    Examples:
         >>> get_backbone("inception_v3").transform_input
         True
     """

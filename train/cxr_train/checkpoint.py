@@ -4,7 +4,7 @@ Reading what a checkpoint is (:func:`read_meta`, :func:`find_weights`, :func:`ch
 needs no torch: importing this module does not import it, so tools that only list or describe
 run folders (``cxr-bench latency``) start fast. Saving and loading weights import torch inside.
 
-Example:
+Examples:
     >>> from cxr_train.checkpoint import checkpoint_summary, load_checkpoint   # doctest: +SKIP
     >>> checkpoint_summary("runs/resnet50")["weights_name"]                    # doctest: +SKIP
     'model_fp16.safetensors'
@@ -42,7 +42,7 @@ def _folder_of(ckpt: str | Path) -> Path:
 def read_meta(ckpt: str | Path) -> Dict[str, Any]:
     """The ``checkpoint.json`` of a run folder (or of the folder holding a weights file).
 
-    Example:
+    Examples:
         >>> read_meta("runs/resnet50")["backbone"]   # doctest: +SKIP
         'resnet50'
     """
@@ -57,7 +57,7 @@ def find_weights(ckpt: str | Path) -> Path:
     """The weights file of a run folder: ``ckpt`` itself when it is a ``.safetensors`` file, else
     the folder's ``model.safetensors``, else its ``model_fp16.safetensors``.
 
-    Example:
+    Examples:
         >>> find_weights("runs/resnet50").name   # doctest: +SKIP
         'model.safetensors'
     """
@@ -75,7 +75,7 @@ def safetensors_dtypes(path: str | Path) -> List[str]:
     """The tensor dtypes (``"F32"``, ``"F16"``, ``"I64"``, ...) named in a safetensors file's
     JSON header; reads the header only.
 
-    Example:
+    Examples:
         >>> safetensors_dtypes("runs/resnet50/model_fp16.safetensors")   # doctest: +SKIP
         ['F16', 'I64']
     """
@@ -99,7 +99,7 @@ def checkpoint_summary(ckpt: str | Path) -> Dict[str, Any]:
     (``None`` in checkpoints older than that field). Raises ``FileNotFoundError`` without a
     ``checkpoint.json`` or weights, ``ValueError`` when either is not what it should be.
 
-    Example:
+    Examples:
         >>> s = checkpoint_summary("runs/resnet50")        # doctest: +SKIP
         >>> s["backbone"], s["weights_name"], s["stored_fp16"]   # doctest: +SKIP
         ('resnet50', 'model_fp16.safetensors', True)
@@ -122,7 +122,7 @@ def checkpoint_summary(ckpt: str | Path) -> Dict[str, Any]:
 def save_weights(model: "torch.nn.Module", path: Path, dtype: "torch.dtype | None" = None) -> None:
     """Save a state dict as safetensors (floating tensors cast to ``dtype``, default fp32), atomically.
 
-    Example:
+    Examples:
         >>> save_weights(model, Path("runs/x/model_fp16.safetensors"), torch.float16)   # doctest: +SKIP
     """
     import torch
@@ -141,7 +141,7 @@ def save_weights(model: "torch.nn.Module", path: Path, dtype: "torch.dtype | Non
 def load_checkpoint(ckpt: str | Path, map_location: str = "cpu") -> Tuple["torch.nn.Module", Dict[str, Any]]:
     """Rebuild the trained model (fp32, eval mode) and its metadata from a run folder or weights file.
 
-    Example:
+    Examples:
         >>> model, meta = load_checkpoint("runs/resnet50")   # doctest: +SKIP
     """
     from safetensors.torch import load_file

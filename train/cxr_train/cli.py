@@ -35,7 +35,7 @@ def _alpha(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The ``cxr-train`` argument parser (building it imports no torch).
 
-    Example:
+    Examples:
         >>> build_parser().parse_args(["--backbone", "tiny", "--data", "d", "--out", "o"]).amp
         'auto'
     """

@@ -1,6 +1,6 @@
 """What a training run is asked to do: :class:`TrainConfig`, its recipes, and the bf16 decision.
 
-Example:
+Examples:
     >>> cfg = TrainConfig("tiny", "data/train", "runs/tiny").resolved(pretrained=False)
     >>> cfg.epochs, cfg.lr, cfg.augment
     (30, 0.002, 'medium')
@@ -73,7 +73,7 @@ class TrainConfig:
     def resolved(self, pretrained: bool) -> "TrainConfig":
         """A copy with the recipe's defaults filled in for every knob left as ``None``.
 
-        Example:
+        Examples:
             >>> TrainConfig("tiny", "d", "o", recipe="reference").resolved(pretrained=True).lr
             0.0001
         """
@@ -121,7 +121,7 @@ def resolve_amp(amp: Optional[bool], device_type: str) -> bool:
     ``CXR_TRAIN_AMP=off`` makes every run that does not choose (the tests' runs, ``--amp auto``)
     reproducible in fp32 on any CPU; ``on`` exercises the bf16 path on any CPU (slowly where emulated).
 
-    Example:
+    Examples:
         >>> resolve_amp(False, "cuda"), resolve_amp(True, "cpu")
         (False, True)
     """

@@ -1,6 +1,6 @@
 """The folder dataset, patient ids, and the patient-wise stratified validation split.
 
-Example:
+Examples:
     >>> patient_id("person1_bacteria_1.jpeg"), patient_id("NORMAL2-IM-0381-0001.jpeg")
     ('person1', 'IM-0381')
 """

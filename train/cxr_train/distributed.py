@@ -3,7 +3,7 @@
 One process is a world of one; under ``torchrun`` (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``)
 the processes join one process group (NCCL on GPUs, gloo on CPUs), and rank 0 alone writes.
 
-Example:
+Examples:
     >>> cluster = start_cluster("cpu")   # doctest: +SKIP
     >>> cluster.world, cluster.is_main   # doctest: +SKIP
     (1, True)
@@ -37,7 +37,7 @@ class Cluster:
 def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when visible, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 
-    Example:
+    Examples:
         >>> resolve_device("cpu")
         device(type='cpu')
     """

@@ -51,7 +51,7 @@ def predict_proba(model: nn.Module, pixels: torch.Tensor, device: torch.device, 
                   amp: bool = True, channels_last: bool = True) -> np.ndarray:
     """Positive-class probabilities of uint8 NHWC ``pixels`` (eval mode, no augmentation).
 
-    Example:
+    Examples:
         >>> from cxr_train.models import build_model
         >>> predict_proba(build_model("tiny")[0], torch.zeros(2, 32, 32, 3, dtype=torch.uint8),
         ...               torch.device("cpu"), amp=False).shape
@@ -100,7 +100,7 @@ def run_epoch(state: RunState, data: SplitData, epoch: int, cluster: Cluster) ->
     """Train one epoch (0-based ``epoch``): augmented batches, per-step learning rate, optimiser and
     EMA steps; under DDP, then share rank 0's BatchNorm statistics and sum the loss over ranks.
 
-    Example:
+    Examples:
         >>> run_epoch(state, data, 0, Cluster(torch.device("cpu"))).train_loss   # doctest: +SKIP
         0.71
     """
@@ -170,7 +170,7 @@ def evaluate(model: nn.Module, pixels: torch.Tensor, labels: np.ndarray, device:
     ``amp`` (bf16 autocast) and ``channels_last`` must be the run's to reproduce its numbers;
     ``checkpoint.json`` records them as ``eval_precision`` and ``args.channels_last``.
 
-    Example:
+    Examples:
         >>> probs, metrics = evaluate(model, data.val_pixels, data.val_labels, torch.device("cpu"))  # doctest: +SKIP
         >>> sorted(metrics)[:3]                                                                       # doctest: +SKIP
         ['accuracy', 'auc', 'f1']
@@ -192,7 +192,7 @@ def epoch_record(epoch: int, result: EpochResult, metrics: Dict, lr: float, worl
 def is_better(record: Dict, best: Optional[Dict]) -> bool:
     """The selection rule: a higher validation AUC; within :data:`AUC_TIE`, a lower validation loss.
 
-    Example:
+    Examples:
         >>> is_better({"val_auc": 0.90, "val_loss": 0.3}, {"val_auc": 0.90005, "val_loss": 0.4})
         True
     """
@@ -209,7 +209,7 @@ def select_and_save(state: RunState, record: Dict, probs: np.ndarray, labels: np
     ``improved`` decides), with its threshold and validation metrics, and save its weights
     (``write``: rank 0). Returns whether it was kept; counts ``state.stalled`` otherwise.
 
-    Example:
+    Examples:
         >>> select_and_save(state, record, probs, data.val_labels, Path("runs/x"))   # doctest: +SKIP
         True
     """
@@ -268,7 +268,7 @@ def checkpoint_meta(state: RunState, data: SplitData, cluster: Cluster) -> Dict:
 def planned_epochs(time_budget: float, spent: float, per_epoch: float) -> int:
     """Epochs that fit ``time_budget`` seconds after two epochs took ``spent`` (at least 2).
 
-    Example:
+    Examples:
         >>> planned_epochs(100.0, 25.0, 10.0)
         9
     """
@@ -280,7 +280,7 @@ def planned_epochs(time_budget: float, spent: float, per_epoch: float) -> int:
 def train(cfg: TrainConfig, log: Log = print) -> Dict:
     """Run one training; returns the final ``checkpoint.json`` content.
 
-    Example:
+    Examples:
         >>> train(TrainConfig("tiny", "data/train", "runs/tiny", epochs=1, max_images=32))  # doctest: +SKIP
     """
     cluster = start_cluster(cfg.device)

@@ -80,7 +80,7 @@ def _imagenet_enum(backbone: str):
 def cached_imagenet_file(backbone: str) -> Optional[Path]:
     """The torch hub cache file of any ImageNet weights of ``backbone``, if one exists.
 
-    Example:
+    Examples:
         >>> cached_imagenet_file("tiny") is None   # no ImageNet weights exist for it
         True
     """
@@ -139,7 +139,7 @@ def load_base_weights(base: nn.Module, state: Dict[str, torch.Tensor], min_fract
 def build_model(backbone: str, weights: str = "none", dropout: float = 0.3, init: bool = True) -> Tuple[CXRNet, str]:
     """The model and a one-line description of where its starting weights came from.
 
-    Example:
+    Examples:
         >>> model, origin = build_model("tiny")
         >>> origin
         'random init'

@@ -7,7 +7,7 @@ The decoded dataset lives in memory on the training device as uint8 (on a GPU th
 5,216 training images take about 0.8 GB); augmentation runs there too, so no loader
 process is ever the bottleneck.
 
-Example:
+Examples:
     >>> data = prepare_data(cfg, cluster, Path("runs/x"))   # doctest: +SKIP
     >>> state = build_state(cfg, cluster, data)              # doctest: +SKIP
     >>> state.cfg.epochs, state.steps_per_epoch              # doctest: +SKIP
@@ -70,7 +70,7 @@ def copy_for_ema(model: nn.Module) -> nn.Module:
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
     """Learning-rate multiplier: linear warmup over ``warmup_steps``, then a cosine to 0 at ``total_steps``.
 
-    Example:
+    Examples:
         >>> warmup_cosine(0, 100, 10), warmup_cosine(10, 100, 10), warmup_cosine(100, 100, 10)
         (0.1, 1.0, 0.0)
     """
@@ -103,7 +103,7 @@ def prepare_data(cfg: TrainConfig, cluster: Cluster, out: Path, say: Log = print
     """Scan, subsample and split ``cfg.data`` by patient, write ``split.json`` (rank 0) and decode
     both parts through the runtime's preprocessing.
 
-    Example:
+    Examples:
         >>> data = prepare_data(cfg, Cluster(torch.device("cpu")), Path("runs/x"))   # doctest: +SKIP
         >>> data.train_pixels.shape                                                    # doctest: +SKIP
         torch.Size([21, 224, 224, 3])
@@ -187,7 +187,7 @@ def build_state(cfg: TrainConfig, cluster: Cluster, data: SplitData, say: Log = 
     """Build the model (starting weights from ``cfg.weights``), resolve the recipe, and set up the
     optimiser (head and base groups), the class-weighted loss, DDP and the EMA.
 
-    Example:
+    Examples:
         >>> state = build_state(cfg, Cluster(torch.device("cpu")), data)   # doctest: +SKIP
         >>> state.step, state.history                                      # doctest: +SKIP
         (0, [])
@@ -234,7 +234,7 @@ def restore(state: RunState, last_path: Path, split_hash: str, device: torch.dev
 
     Raises ``ValueError`` when ``last.pt`` was trained on another split.
 
-    Example:
+    Examples:
         >>> restore(state, Path("runs/x/last.pt"), data.manifest["hash"], torch.device("cpu"))   # doctest: +SKIP
         >>> state.epochs_done                                                                      # doctest: +SKIP
         1

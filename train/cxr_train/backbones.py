@@ -1,8 +1,9 @@
 """The backbone registry: one entry per backbone, read by everything that needs to know one.
 
 :func:`cxr_train.models.build_model`, the ImageNet weights lookup, ``cxr-train --backbone``'s
-choices and :func:`cxr_train.checkpoint.load_checkpoint` all read :data:`BACKBONES`; adding a
-backbone is one :class:`Backbone` entry here (and its tests).
+choices, :func:`cxr_train.checkpoint.load_checkpoint` and the exporter's image check (which
+activations it reads) all read :data:`BACKBONES`; adding a backbone is one :class:`Backbone`
+entry here (and its tests).
 
 Importing this module does not import torch (``cxr-train --help`` lists the names from it); an
 entry's ``build`` imports torch and torchvision when it is called.
@@ -37,6 +38,10 @@ class Backbone:
         imagenet: torchvision publishes ImageNet weights under ``name``.
         transform_input: the base has inception's ``transform_input`` flag: on when it starts
             from pretrained weights, recorded in ``checkpoint.json`` and set back on reload.
+        domain_taps: the activations (tensor names in the exported ONNX graph) whose channel means
+            and standard deviations the image check reads, one test each
+            (:mod:`cxr_export.domain.stages`); empty: the check reads the pooled features instead.
+            Why these: ``docs/design/domain-check.md``.
     """
 
     name: str
@@ -45,6 +50,7 @@ class Backbone:
     input_size: int = 224
     imagenet: bool = True
     transform_input: bool = False
+    domain_taps: Tuple[str, ...] = ()
 
 
 def _resnet(name: str, pretrained: bool, init: bool) -> "nn.Module":
@@ -84,9 +90,17 @@ def _tiny(pretrained: bool, init: bool) -> "nn.Module":
 
 
 BACKBONES: Dict[str, Backbone] = {spec.name: spec for spec in (
-    Backbone("vgg16", _vgg16, feature_dim=512),
-    Backbone("resnet50", partial(_resnet, "resnet50"), feature_dim=2048),
-    Backbone("inception_v3", _inception_v3, feature_dim=2048, input_size=299, transform_input=True),
+    # VGG16: the max-pools closing blocks 1 to 4 (the ends of its first four stages)
+    Backbone("vgg16", _vgg16, feature_dim=512,
+             domain_taps=("/features.4/MaxPool_output_0", "/features.9/MaxPool_output_0",
+                          "/features.16/MaxPool_output_0", "/features.23/MaxPool_output_0")),
+    # ResNet50: two activations inside bottleneck blocks, layer2.3.conv1 (128 x 28 x 28) and
+    # layer3.1.conv2 (256 x 14 x 14), after their ReLU
+    Backbone("resnet50", partial(_resnet, "resnet50"), feature_dim=2048,
+             domain_taps=("/relu_19/Relu_output_0", "/relu_26/Relu_output_0")),
+    # InceptionV3: the first stem max-pool, Mixed_5d and Mixed_6e
+    Backbone("inception_v3", _inception_v3, feature_dim=2048, input_size=299, transform_input=True,
+             domain_taps=("/maxpool1/MaxPool_output_0", "/Concat_2_output_0", "/Concat_7_output_0")),
     Backbone("resnet18", partial(_resnet, "resnet18"), feature_dim=512),
     Backbone("tiny", _tiny, feature_dim=32, imagenet=False),  # four conv layers: tests and smoke runs
 )}

@@ -276,6 +276,33 @@ def test_default_taps_follow_the_backbone(plain_model):
     assert len(domain.STAGE_TAPS["resnet50"]) == 2  # two bottleneck-inner activations (see STAGE_TAPS)
 
 
+def test_a_registered_backbone_brings_its_taps_and_the_spec_its_words(plain_model, tmp_path, monkeypatch):
+    """The taps are a fact of the backbone's registry entry: a backbone registered with taps gets a
+    stage branch for each its graph has, and every branch's reason words travel in the spec, worded
+    as the runtime words files that lack them."""
+    from dataclasses import replace
+
+    from cxr_export.modelio import write_spec
+    from cxr_infer.spec import LEGACY_BRANCH_WORDS
+    from cxr_train.backbones import BACKBONES
+
+    monkeypatch.setitem(BACKBONES, "tapped", replace(BACKBONES["tiny"], name="tapped",
+                                                     domain_taps=("pooled", "no_such_tensor")))
+    path = tmp_path / "tapped.onnx"
+    path.write_bytes(plain_model.read_bytes())
+    write_spec(path, read_spec(path).updated({"backbone": "tapped"}))
+    assert domain.STAGE_TAPS["tapped"] == ("pooled", "no_such_tensor")
+    assert domain.default_taps(read_spec(path), path) == ["pooled"]  # the graph's tensors only
+    train = gray_images(200, 12)
+    block = domain.add_domain_stats(path, train, (train.mean(axis=(1, 2, 3)) > 120).astype(int),
+                                    gray_images(100, 13), threads=1)
+    assert block["stage_tensors"] == ["pooled"]
+    words = {b["name"]: b["words"] for b in block["branches"]}
+    assert list(words) == ["thumb16", "thumb8", "thumb4", "orientation", "stage1"]
+    assert words == {name: LEGACY_BRANCH_WORDS[name] for name in words}
+    assert {b.name: b.words for b in read_spec(path).domain.branches} == words
+
+
 def test_old_model_without_stats_still_loads(plain_model):
     clf = Classifier(plain_model, threads=1)
     p = clf.predict(red())
@@ -566,7 +593,7 @@ def test_a_failed_check_leaves_the_file_as_it_was(plain_model, tmp_path, monkeyp
     shutil.copy(plain_model, target)
     before = target.read_bytes()
     train = gray_images(120, 3)
-    monkeypatch.setattr(domain, "reference_scores", lambda branches, inputs: np.full(len(inputs[0]), 1e6))
+    monkeypatch.setattr(domain.fit, "reference_scores", lambda branches, inputs: np.full(len(inputs[0]), 1e6))
     with pytest.raises(RuntimeError, match="numpy reference"):
         domain.add_domain_stats(target, train, np.arange(120) % 2, gray_images(60, 4), threads=1)
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

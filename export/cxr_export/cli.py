@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .intended import add_arguments, block_from_args
 
@@ -26,10 +26,11 @@ The gate refuses (exit 3) when INT8 accuracy on validation drops more than --max
 below FP32, unless --force.
 
 Out-of-domain statistics (on by default when a data folder is known; --no-domain-stats
-leaves them out): every written file gets a domain_score output (Mahalanobis distances on its
-own features and on standardised thumbnails of its input, plus an upright-vs-upside-down test,
-fitted on --domain-fit-count train images of the split) and a threshold that flags
---domain-flag-rate of the validation images. Add them to an existing file with
+leaves them out): every written file gets a domain_score output (Mahalanobis distances on
+standardised thumbnails of its input and on statistics of activations inside its backbone, or
+its pooled features, plus an upright-vs-upside-down test, fitted on --domain-fit-count train
+images of the split) and a threshold that flags --domain-flag-rate of the validation images.
+Add them to an existing file with
   python -m cxr_export.domain RUN_DIR MODEL.onnx --data TRAIN_DIR
 
 Heatmap: every file gets a Grad-CAM output (heatmap, [N, h, w] at the last feature map) computed
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="also write a static INT8 (QDQ) model, calibrated")
     p.add_argument("--fp16", action="store_true", help="also write an FP16 model for GPUs (FP32 inputs/outputs)")
     p.add_argument("--calibration", help="training data folder (NORMAL/, PNEUMONIA/); required by --int8")
-    p.add_argument("--calibration-count", type=int, default=300, help="calibration images, class-balanced (default 300)")
+    p.add_argument("--calibration-count", type=int, default=300,
+                   help="calibration images, class-balanced (default 300)")
     p.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"])
     p.add_argument("--activations", default="u8", choices=["u8", "s8"], help="activation type (default u8: fastest)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weights")
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain-fit-count", type=int, default=1500, help="train images for the statistics (default 1500)")
     p.add_argument("--domain-flag-rate", type=float, default=0.05,
                    help="share of validation images the threshold flags (default 0.05)")
-    p.add_argument("--no-heatmap", action="store_true",
+    p.add_argument("--no-heatmap", dest="heatmap", action="store_false", default=None,
                    help="leave out the Grad-CAM heatmap output (default: every file gets one)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--triton", help="also write a Triton model repository for each file into this folder")
@@ -89,7 +91,86 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _checkpoint(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any], Path]:
+    """The trained model, its metadata (with the ``--threshold`` override) and its run folder."""
+    from cxr_train.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(args.checkpoint)
+    if args.threshold != "checkpoint":
+        value = float(args.threshold)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"--threshold {value} must be in [0, 1]")
+        meta = dict(meta, threshold=value, threshold_rule=(
+            f"{value:g}, set at export (the checkpoint's rule, {meta.get('threshold_rule')}, gave"
+            f" {meta.get('threshold', 0.5):.4f})"))
+    ckpt_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    return model, meta, ckpt_dir
+
+
+def _write_precisions(args: argparse.Namespace, job: Any) -> Tuple[List[Path], int]:
+    """Every precision asked for beside the FP32 file: the files kept, and 3 when one was refused."""
+    from .precisions import PRECISIONS, write_precision
+
+    written, status = [], 0
+    for name in [n for n in PRECISIONS if getattr(args, n)]:
+        t1 = time.perf_counter()
+        result = write_precision(name, job)
+        _say(f"{name.upper()}: {result.path} ({result.path.stat().st_size / 2**20:.1f} MiB) in "
+             f"{time.perf_counter() - t1:.1f}s; {result.line}")
+        if result.refusal and not args.force:
+            result.path.unlink()
+            _say(f"cxr-export: refused: {result.refusal}")
+            status = 3
+            continue
+        if result.refusal:
+            _say(f"cxr-export: warning: {result.refusal} (kept: --force)")
+        written.append(result.path)
+    return written, status
+
+
+def _export(args: argparse.Namespace) -> int:
+    """FP32, the other precisions, the graph additions and the Triton repositories; the exit status."""
+    from . import images
+    from .additions import AddContext, add_all
+    from .onnx_export import export_fp32
+    from .precisions import ExportJob
+    from .quantize import Int8Config
+
+    t0 = time.perf_counter()
+    model, meta, ckpt_dir = _checkpoint(args)
+    size = (int(meta.get("image_size", 224)),) * 2
+    data_dir = args.calibration or meta.get("args", {}).get("data")
+    parity_px = None
+    if data_dir and Path(data_dir).is_dir() and args.parity_count:
+        parity_px, _, _ = images.image_set(ckpt_dir, data_dir, "val", args.parity_count, size)
+    out, spec = export_fp32(model, meta, args.out, parity_px, args.opset, features=not args.no_features,
+                            intended_use=block_from_args(args))
+    par = spec.export.get("parity")
+    _say(f"FP32: {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s"
+         + (f"; parity with PyTorch on {par['images']} images: max |dp| {par['max_abs_diff_probability']:.2e}"
+            if par else "; parity not checked (no data folder)"))
+    int8 = Int8Config(calibration_method=args.calibration_method, calibration_count=args.calibration_count,
+                      per_channel=not args.per_tensor, activations=args.activations,
+                      reduce_range=not args.full_range, nodes_excluded=tuple(args.exclude_nodes),
+                      max_drop_points=args.max_drop)
+    job = ExportJob(fp32=out, spec=spec, ckpt_dir=ckpt_dir, size=size, int8=int8, parity_pixels=parity_px,
+                    data_dir=Path(args.calibration) if args.calibration else None,
+                    gate_count=args.gate_count or None, threads=args.threads)
+    others, status = _write_precisions(args, job)
+    written = [out] + others
+    add_all(written, AddContext(ckpt_dir=ckpt_dir, data_dir=data_dir, size=size, features=not args.no_features,
+                                threads=args.threads, options=vars(args)), _say)
+    if args.triton:
+        from .triton import write_triton_repo
+
+        for f in written:
+            cfg = write_triton_repo(f, args.triton)
+            _say(f"Triton: {cfg.parent}")
+    return status
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``cxr-export``; returns the exit status (2: bad arguments or input, 3: a file refused)."""
     args = build_parser().parse_args(argv)
     if args.int8 and not args.calibration:
         _say("cxr-export: error: --int8 needs --calibration DIR (the training folder the checkpoint was trained on)")
@@ -100,84 +181,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         _say("cxr-export: PyTorch is not installed; install the export extra: pip install 'cxr[export]'")
         return 2
     from cxr_infer.errors import CXRError
-    from cxr_train.checkpoint import load_checkpoint
-
-    from . import images
-    from .onnx_export import export_fp32
-    from .precisions import PRECISIONS, ExportJob, write_precision
-    from .quantize import Int8Config
 
     try:
-        t0 = time.perf_counter()
-        model, meta = load_checkpoint(args.checkpoint)
-        if args.threshold != "checkpoint":
-            value = float(args.threshold)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"--threshold {value} must be in [0, 1]")
-            meta = dict(meta, threshold=value, threshold_rule=(
-                f"{value:g}, set at export (the checkpoint's rule, {meta.get('threshold_rule')}, gave"
-                f" {meta.get('threshold', 0.5):.4f})"))
-        ckpt_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
-        size = (int(meta.get("image_size", 224)),) * 2
-        data_dir = args.calibration or meta.get("args", {}).get("data")
-        parity_px = None
-        if data_dir and Path(data_dir).is_dir() and args.parity_count:
-            parity_px, _, _ = images.image_set(ckpt_dir, data_dir, "val", args.parity_count, size)
-        out, spec = export_fp32(model, meta, args.out, parity_px, args.opset, features=not args.no_features,
-                                intended_use=block_from_args(args))
-        par = spec.export.get("parity")
-        _say(f"FP32: {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s"
-             + (f"; parity with PyTorch on {par['images']} images: max |dp| {par['max_abs_diff_probability']:.2e}" if par else
-                "; parity not checked (no data folder)"))
-        written = [out]
-        status = 0
-        int8 = Int8Config(calibration_method=args.calibration_method, calibration_count=args.calibration_count,
-                          per_channel=not args.per_tensor, activations=args.activations,
-                          reduce_range=not args.full_range, nodes_excluded=tuple(args.exclude_nodes),
-                          max_drop_points=args.max_drop)
-        job = ExportJob(fp32=out, spec=spec, ckpt_dir=ckpt_dir, size=size, int8=int8, parity_pixels=parity_px,
-                        data_dir=Path(args.calibration) if args.calibration else None,
-                        gate_count=args.gate_count or None, threads=args.threads)
-        for name in [n for n in PRECISIONS if getattr(args, n)]:
-            t1 = time.perf_counter()
-            result = write_precision(name, job)
-            _say(f"{name.upper()}: {result.path} ({result.path.stat().st_size / 2**20:.1f} MiB) in "
-                 f"{time.perf_counter() - t1:.1f}s; {result.line}")
-            if result.refusal and not args.force:
-                result.path.unlink()
-                _say(f"cxr-export: refused: {result.refusal}")
-                status = 3
-                continue
-            if result.refusal:
-                _say(f"cxr-export: warning: {result.refusal} (kept: --force)")
-            written.append(result.path)
-        have_data = bool(data_dir) and Path(data_dir).is_dir()
-        if args.domain_stats and not have_data:
-            raise ValueError("--domain-stats needs the training folder: pass --calibration DIR")
-        if (args.domain_stats is None and have_data and not args.no_features) or args.domain_stats:
-            from .domain import add_domain_stats, load_sets
-
-            tr_px, tr_y, va_px = load_sets(ckpt_dir, data_dir, size, args.domain_fit_count)
-            for f in written:
-                block = add_domain_stats(f, tr_px, tr_y, va_px, flag_rate=args.domain_flag_rate,
-                                         threads=args.threads, source=str(data_dir))
-                _say(f"domain: {f.name}: threshold {block['threshold']:.4g} (flags "
-                     f"{block['flag_rate_validation']:.1%} of {block['calibration']['images']} validation images;"
-                     f" fitted on {block['fit']['images']} train images)")
-        if not args.no_heatmap and not args.no_features:
-            from .heatmap import add_heatmap
-
-            for f in written:
-                block = add_heatmap(f, threads=args.threads)
-                _say(f"heatmap: {f.name}: Grad-CAM at {block['grid'][0]}x{block['grid'][1]} "
-                     f"({block['feature_map']})")
-        if args.triton:
-            from .triton import write_triton_repo
-
-            for f in written:
-                cfg = write_triton_repo(f, args.triton)
-                _say(f"Triton: {cfg.parent}")
-        return status
+        return _export(args)
     except (CXRError, FileNotFoundError, ValueError, KeyError) as exc:
         _say(f"cxr-export: error: {exc}")
         return 2

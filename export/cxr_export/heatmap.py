@@ -11,27 +11,27 @@ gradient) are ``alpha_k = (dz_c / dp)_k / (h w)`` and the map is ``ReLU(sum_k al
 ([h, w]): exactly what ``pytorch-grad-cam`` computes with autograd for this head, with no
 backward pass. The nodes appended here compute it in FP32 from the graph's own tensors: the
 feature map feeding the global pooling, the head's activation after the ReLU (for the ReLU
-mask: ``relu(x) > 0`` exactly where ``x > 0``), and the head weights as the graph uses them (the dequantized weights in an INT8 file),
-so the map explains the very computation that gave the probability.
+mask: ``relu(x) > 0`` exactly where ``x > 0``), and the head weights as the graph uses them
+(the dequantized weights in an INT8 file), so the map explains the very computation that gave
+the probability.
 
 The output ``heatmap`` is [N, h, w] (7 x 7 for ResNet50 and VGG16 at 224, 5 x 5 for
 InceptionV3 at 224), non-negative and not normalised; the runtime scales each map to 0..1 and
 fetches it only when asked (``predict(..., heatmap=True)``). The nodes still run on every call
-(onnxruntime runs every node of a graph, whatever outputs are asked for): 1.2% / 11.6% / 9.2% of
-the batch-1 time of the VGG16 / ResNet50 / InceptionV3 INT8 files shipped until 2026-11-29's
-sixth commit. Most of it was the dequantization of the first head weight ([1024, 2048] for
-ResNet50), which onnxruntime kept for this second reader. An INT8 file now multiplies by that
-int8 weight as integers instead (:func:`_int8_rows`): the files shipped since pay 0.6% / 1.1% /
-2.0% (0.6% / 2.2% / 1.8% in a later run: benchmarks/results/graphcost-shipped-heatmap.md), and
-their maps differ from the dequantized weight's by a median of 0.12% / 0.15% / 0.04% of their
-maximum, at most 1.2% / 3.3% / 1.4%, over 977 test, foreign and full-size images.
-Nothing on the probabilities path changes (checked bit for bit when the nodes are added).
+(onnxruntime runs every node of a graph, whatever outputs are asked for). In an INT8 file the
+first head weight is multiplied as int8 integers (:func:`_int8_rows`) rather than dequantized
+for this second reader, which was most of the cost: the maps then cost 0.6 / 1.1 / 2.0% of the
+batch-1 time of the VGG16 / ResNet50 / InceptionV3 INT8 files (against 1.2 / 11.6 / 9.2% with
+the dequantized weight; ``cxr-bench graphcost``), and differ from the dequantized weight's by a
+median of 0.12 / 0.15 / 0.04% of their maximum, at most 1.2 / 3.3 / 1.4%, over 977 test, foreign
+and full-size images. Nothing on the probabilities path changes (checked bit for bit when the
+nodes are added).
 
 Add it to an existing file (in place unless ``--out``)::
 
     python -m cxr_export.heatmap models/resnet50_int8.onnx
 
-Example:
+Examples:
     >>> block = add_heatmap("m.onnx")   # doctest: +SKIP
     >>> block["grid"]                   # doctest: +SKIP
     [7, 7]
@@ -46,9 +46,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .onnxgraph import consumers, inferred_values, int_attribute, opset, producers, strip_prefixed
+
 HEATMAP_OUTPUT = "heatmap"
 #: the largest change of an FP16 file's probabilities accepted when the nodes are added (see add_heatmap)
 FP16_TOLERANCE = 1e-4
+#: the name prefix of every node and initializer the heatmap adds
 PREFIX = "cxr_heatmap/"
 #: nodes walked through between the named tensors (quantization, reshapes, casts, dropout)
 _PASS_THROUGH = {"QuantizeLinear", "DequantizeLinear", "Flatten", "Reshape", "Squeeze", "Identity", "Cast",
@@ -61,34 +64,21 @@ class HeadNotFound(ValueError):
     """The graph does not have the pooled-features -> Linear -> ReLU -> Linear head Grad-CAM needs."""
 
 
-def _producers(graph) -> Dict[str, Any]:
-    return {out: node for node in graph.node for out in node.output}
-
-
-def _consumers(graph) -> Dict[str, List[Any]]:
-    found: Dict[str, List[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            found.setdefault(name, []).append(node)
-    return found
-
-
-def _attribute(node, name: str, default: int) -> int:
-    return next((int(a.i) for a in node.attribute if a.name == name), default)
-
-
 def find_head(model, features: str) -> Dict[str, Any]:
     """The tensors Grad-CAM needs, found from the ``features`` tensor: the feature map, the first
     linear layer (its output, weight and layout) and the second layer's weight.
 
     Raises :class:`HeadNotFound` naming what is missing.
     """
+    from .additions import ADDITIONS
+
     graph = model.graph
-    producers, consumers = _producers(graph), _consumers(graph)
+    written_by, read_by = producers(graph), consumers(graph)
+    added = tuple(addition.prefix for addition in ADDITIONS.values())  # nodes cxr added are not the head's
     # back from the features to the global pooling: its input is the last feature map
-    node = producers.get(features)
+    node = written_by.get(features)
     while node is not None and node.op_type in _PASS_THROUGH:
-        node = producers.get(node.input[0])
+        node = written_by.get(node.input[0])
     if node is None or node.op_type not in _POOLS:
         raise HeadNotFound(f"no global average pooling before the {features!r} output")
     feature_map = node.input[0]
@@ -97,8 +87,8 @@ def find_head(model, features: str) -> Dict[str, Any]:
         queue, seen = [tensor], set()
         while queue:
             name = queue.pop(0)
-            for user in consumers.get(name, []):
-                if id(user) in seen or user.name.startswith(("cxr_domain/", PREFIX)):
+            for user in read_by.get(name, []):
+                if id(user) in seen or user.name.startswith(added):
                     continue
                 seen.add(id(user))
                 if user.op_type in _LINEAR:
@@ -119,19 +109,17 @@ def find_head(model, features: str) -> Dict[str, Any]:
     # consumer of the first layer's own output would stop onnxruntime fusing Gemm + ReLU, and the FP16
     # probabilities would then round differently; in an INT8 file it is the dequantized activation
     return {"feature_map": feature_map, "activation": second.input[0], "w1": first.input[1],
-            "w1_transposed": first.op_type != "MatMul" and _attribute(first, "transB", 0) == 1,
-            "w2": second.input[1], "w2_transposed": second.op_type != "MatMul" and _attribute(second, "transB", 0) == 1}
+            "w1_transposed": first.op_type != "MatMul" and int_attribute(first, "transB", 0) == 1,
+            "w2": second.input[1],
+            "w2_transposed": second.op_type != "MatMul" and int_attribute(second, "transB", 0) == 1}
 
 
 def _inferred(model, feature_map: str) -> Tuple[Dict[str, int], Tuple[Optional[int], Optional[int]]]:
     """One shape inference: the element type of every tensor it can tell (initializers included)
     and the feature map's grid ``(h, w)`` (None where unknown)."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
     types = {t.name: t.data_type for t in model.graph.initializer}
     grid: Tuple[Optional[int], Optional[int]] = (None, None)
-    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+    for value in inferred_values(model):
         types[value.name] = value.type.tensor_type.elem_type
         if value.name == feature_map:
             dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
@@ -140,11 +128,9 @@ def _inferred(model, feature_map: str) -> Tuple[Dict[str, int], Tuple[Optional[i
     return types, grid
 
 
-def strip_heatmap_graph(model) -> None:
+def strip_heatmap_graph(model: Any) -> None:
     """Remove what :func:`add_heatmap_graph` added (in place)."""
-    from .modelio import strip_added_nodes
-
-    strip_added_nodes(model, PREFIX, (HEATMAP_OUTPUT,))
+    strip_prefixed(model, PREFIX, (HEATMAP_OUTPUT,))
 
 
 def _int8_rows(model, weight: str) -> Optional[Tuple[str, str]]:
@@ -152,13 +138,13 @@ def _int8_rows(model, weight: str) -> Optional[Tuple[str, str]]:
     with one scale per row (axis 0) and zero offsets, as an INT8 file's first head layer is; else None."""
     from onnx import TensorProto, numpy_helper
 
-    producer = _producers(model.graph).get(weight)
+    producer = producers(model.graph).get(weight)
     inits = {t.name: t for t in model.graph.initializer}
     if producer is None or producer.op_type != "DequantizeLinear" or len(producer.input) < 3 or \
             not all(name in inits for name in producer.input[:3]):
         return None
     q, scale, zero = (inits[name] for name in producer.input[:3])
-    if q.data_type != TensorProto.INT8 or len(q.dims) != 2 or _attribute(producer, "axis", 1) != 0 or \
+    if q.data_type != TensorProto.INT8 or len(q.dims) != 2 or int_attribute(producer, "axis", 1) != 0 or \
             list(scale.dims) != [q.dims[0]] or np.any(numpy_helper.to_array(zero) != 0):
         return None
     return producer.input[0], producer.input[1]
@@ -172,7 +158,7 @@ def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, An
     strip_heatmap_graph(model)
     head = find_head(model, features)
     types, (height, width) = _inferred(model, head["feature_map"])
-    opset = max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] or [13])
+    version = opset(model)
     nodes: List[Any] = []
 
     def node(op: str, inputs: List[str], name: str, **attrs: Any) -> str:
@@ -211,10 +197,9 @@ def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, An
         gradient = node("MatMul", [gated, w1 if head["w1_transposed"] else
                                    node("Transpose", [w1], "w1_t", perm=[1, 0])], "gradient")  # [N, C] = dz / dp
     # Grad-CAM's weights: the spatial mean of dz / dA = gradient / (h w). A cxr graph's input size is
-    # fixed, so h w is a constant. (Computed from the tensor's shape, Shape -> Slice -> ReduceProd ->
-    # Cast, it killed OpenVINO 2026.4's CPU plugin with SIGFPE at the first inference of the whole
-    # graph, although the same nodes alone ran; that form is kept only for a grid shape inference
-    # cannot tell.)
+    # fixed, so h w is a constant. Computed from the tensor's shape (Shape -> Slice -> ReduceProd ->
+    # Cast) it stops OpenVINO 2026.4's CPU plugin with SIGFPE at the first inference of the whole
+    # graph, although the same nodes alone run; that form serves only a grid shape inference cannot tell.
     if height and width:
         area = PREFIX + "area_f"
         inits[area] = np.array(float(height * width), np.float32)
@@ -224,7 +209,7 @@ def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, An
         inits[PREFIX + "start2"], inits[PREFIX + "end4"] = np.array([2], np.int64), np.array([4], np.int64)
         area = node("Cast", [size], "area_f", to=TensorProto.FLOAT)
     alpha = node("Div", [gradient, area], "alpha")
-    if opset >= 13:
+    if version >= 13:
         alpha4 = node("Unsqueeze", [alpha, PREFIX + "axes23"], "alpha4")         # [N, C, 1, 1]
         weighted = node("Mul", [feature_map, alpha4], "weighted")
         summed = node("ReduceSum", [weighted, PREFIX + "axis1"], "summed", keepdims=0)

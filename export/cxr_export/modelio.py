@@ -3,9 +3,10 @@
 Running a model file always goes through :class:`cxr_infer.model.ModelFile` (one session
 set-up, one graph input, one output runner for the Classifier, export and benchmarks);
 this module only adds what needs the ``onnx`` package: reading a spec without building a
-session, and writing one into a file.
+session, writing one into a file, and writing a copy without some of the graphs added after
+export (:func:`write_without`).
 
-Example:
+Examples:
     >>> from cxr_export.modelio import read_spec   # doctest: +SKIP
     >>> read_spec("model.onnx").precision           # doctest: +SKIP
     'int8'
@@ -69,44 +70,21 @@ def open_model(model_path: str | Path, threads: int = 0, spec: Optional[ModelSpe
     return ModelFile(model_path, device=device, threads=threads or None, spec=spec)
 
 
-def strip_added_nodes(model, prefix: str, outputs: Sequence[str]) -> None:
-    """Remove the nodes and initializers whose names start with ``prefix`` and the graph
-    ``outputs`` that cxr added after export (in place): how a domain graph or heatmap is replaced."""
-    graph = model.graph
-    keep = [n for n in graph.node if not n.name.startswith(prefix)]
-    del graph.node[:]
-    graph.node.extend(keep)
-    inits = [t for t in graph.initializer if not t.name.startswith(prefix)]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    kept_outputs = [o for o in graph.output if o.name not in outputs]
-    del graph.output[:]
-    graph.output.extend(kept_outputs)
+def write_without(path: str | Path, out: str | Path, names: Sequence[str]) -> Path:
+    """A copy of the file ``path`` at ``out`` without the graph additions ``names`` (keys of
+    :data:`cxr_export.additions.ADDITIONS`, e.g. ``["domain"]``), its spec adjusted to match
+    (:meth:`~cxr_infer.spec.ModelSpec.without_additions`).
 
-
-#: the spec's output roles of the graphs cxr adds after export, and the spec block of each
-ADDED_OUTPUTS = {"domain": ("domain_score", "domain_terms"), "heatmap": ("heatmap",)}
-
-
-def spec_without_graphs(spec: ModelSpec, domain: bool = False, heatmap: bool = False) -> ModelSpec:
-    """A copy of ``spec`` that no longer names the domain graph's (``domain``) and/or the Grad-CAM
-    graph's (``heatmap``) outputs, nor has their blocks: the spec of the file without them."""
-    return spec.without_additions([name for name, gone in (("domain", domain), ("heatmap", heatmap)) if gone])
-
-
-def write_without_graphs(path: str | Path, out: str | Path, domain: bool, heatmap: bool) -> Path:
-    """A copy of the file ``path`` at ``out`` without its domain graph (``domain``) and/or Grad-CAM
-    graph (``heatmap``), its spec adjusted (:func:`spec_without_graphs`)."""
+    Examples:
+        >>> write_without("m.onnx", "m_plain.onnx", ["domain", "heatmap"])   # doctest: +SKIP
+        PosixPath('m_plain.onnx')
+    """
     import onnx
 
-    from .domain import strip_domain_graph
-    from .heatmap import strip_heatmap_graph
+    from .additions import strip_additions
 
     model = onnx.load(str(path), load_external_data=True)
-    if domain:
-        strip_domain_graph(model)
-    if heatmap:
-        strip_heatmap_graph(model)
+    strip_additions(model, names)
     onnx.save(model, str(out))
-    write_spec(out, spec_without_graphs(read_spec(path), domain, heatmap))
+    write_spec(out, read_spec(path).without_additions(names))
     return Path(out)

@@ -7,7 +7,7 @@ images read through the runtime's preprocessing, and the final Softmax kept in F
 probabilities keep their resolution. ``quant_pre_process`` runs first (shape inference, graph
 optimisation). The settings are written into the file's spec as they are (``asdict``).
 
-Example:
+Examples:
     >>> Int8Config(calibration_method="percentile").weights
     's8 per-channel'
 """
@@ -93,15 +93,22 @@ def _reader(pixels: np.ndarray, spec: ModelSpec, batch_size: int):
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.ndarray, spec: ModelSpec,
                   config: Int8Config = Int8Config()) -> Path:
     """Write a QDQ INT8 model calibrated on ``calib_pixels`` (uint8 NHWC, runtime-preprocessed)."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .additions import strip_additions
 
     if len(calib_pixels) == 0:
         raise ValueError("no calibration images")
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory() as tmp:
+        # the graphs added after export are per file: they are added again to the INT8 file, fitted on
+        # its own outputs, so the quantizer sees the classifier alone
         core = Path(tmp) / "core.onnx"
-        strip_added_graphs(fp32_path, core)
+        model = onnx.load(str(fp32_path), load_external_data=True)
+        strip_additions(model)
+        onnx.save(model, str(core))
         prep = Path(tmp) / "prep.onnx"
         quant_pre_process(str(core), str(prep), skip_symbolic_shape=True)
         exclude_nodes = list(config.nodes_excluded) + output_softmax_nodes(prep)
@@ -115,21 +122,6 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.
             extra_options={"CalibMovingAverage": False, "ActivationSymmetric": config.activations == "s8"},
         )
     return out_path
-
-
-def strip_added_graphs(path: str | Path, out: str | Path) -> Path:
-    """Write ``path`` without the nodes cxr adds after export (domain statistics, heatmap): they are
-    per file and are added again to the INT8 file, fitted on its own features."""
-    import onnx
-
-    from .domain import strip_domain_graph
-    from .heatmap import strip_heatmap_graph
-
-    model = onnx.load(str(path), load_external_data=True)
-    strip_domain_graph(model)
-    strip_heatmap_graph(model)
-    onnx.save(model, str(out))
-    return Path(out)
 
 
 def output_softmax_nodes(path: str | Path) -> list:

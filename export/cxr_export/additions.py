@@ -1,0 +1,165 @@
+"""The graphs ``cxr-export`` adds after the classifier, one table entry each: :data:`ADDITIONS`.
+
+Each entry is built on the runtime's half of the table (:data:`cxr_infer.spec.GRAPH_ADDITIONS`:
+the name of the spec block and the outputs it adds) and says how the exporter handles it: the
+prefix of the node and initializer names it adds (how it is stripped again), how it is added
+to a written file (``add(path, context)`` writes the nodes and the spec block, and returns the
+block), the one line ``cxr-export`` prints for it, and when ``cxr-export`` runs it (its option,
+whether it needs the training folder and a ``features`` output). ``cxr-export`` loops over the
+table (:func:`add_all`); INT8 calibration strips every entry before quantizing
+(:func:`strip_additions`), and :func:`cxr_export.modelio.write_without` writes a copy of a file
+without some of them (what ``cxr-bench`` times against). A new addition is one entry here, one in
+``GRAPH_ADDITIONS``, its option in ``cxr-export`` and its tests.
+
+Examples:
+    >>> sorted(ADDITIONS)
+    ['domain', 'heatmap']
+    >>> ADDITIONS["domain"].outputs, ADDITIONS["heatmap"].prefix
+    (('domain_score', 'domain_terms'), 'cxr_heatmap/')
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+from cxr_infer.spec import GRAPH_ADDITIONS, GraphAddition
+
+from . import heatmap
+from .domain import graph as domain_graph
+from .onnxgraph import strip_prefixed
+
+
+@dataclass
+class AddContext:
+    """What ``cxr-export`` knows when it adds the graphs to the files it has written.
+
+    ``options`` holds the command's options (argparse's ``dest`` -> value); ``cache`` is shared by
+    the files of one export, so what every file needs (the training images) is read once
+    (:meth:`once`).
+    """
+
+    ckpt_dir: Optional[Path] = None
+    data_dir: Optional[str | Path] = None
+    size: Tuple[int, int] = (224, 224)
+    features: bool = True
+    threads: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
+    cache: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_data(self) -> bool:
+        """Whether the training folder is known and exists."""
+        return bool(self.data_dir) and Path(self.data_dir).is_dir()
+
+    def once(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()``, computed on the first call for ``key`` and kept for the next ones."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+
+@dataclass(frozen=True)
+class Addition:
+    """One graph the exporter appends after the classifier.
+
+    Attributes:
+        graph: the runtime's entry (name of the spec block, outputs it adds, description).
+        prefix: the prefix of every node and initializer name it adds.
+        add: ``add(path, context)`` appends it to the file ``path`` (replacing an earlier one), names its
+            outputs in the spec and writes its block there; returns the block.
+        summary: the block -> the line ``cxr-export`` prints after adding it.
+        option: the ``cxr-export`` option (argparse ``dest``) that asks for it (True), leaves it out
+            (False) or leaves the default (None: added when what it needs is there).
+        needs_data: it is fitted on the training folder (``--calibration`` or the run's data).
+        needs_features: it reads the ``features`` output.
+    """
+
+    graph: GraphAddition
+    prefix: str
+    add: Callable[[Path, AddContext], Dict[str, Any]]
+    summary: Callable[[Dict[str, Any]], str]
+    option: str
+    needs_data: bool = False
+    needs_features: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.graph.name
+
+    @property
+    def outputs(self) -> Tuple[str, ...]:
+        return tuple(self.graph.outputs)
+
+    def strip(self, model: Any) -> None:
+        """Remove this addition's nodes, initializers and outputs from ``model`` (in place)."""
+        strip_prefixed(model, self.prefix, self.outputs)
+
+    def wanted(self, context: AddContext) -> bool:
+        """Whether ``cxr-export`` adds it, by its option and what it needs; ``ValueError`` when it is
+        asked for and the training folder it needs is not known."""
+        requested = context.options.get(self.option)
+        if requested is False:
+            return False
+        if requested:
+            if self.needs_data and not context.has_data:
+                raise ValueError(f"--{self.option.replace('_', '-')} needs the training folder: pass --calibration DIR")
+            return True
+        return (context.has_data or not self.needs_data) and (context.features or not self.needs_features)
+
+
+def _add_domain(path: Path, context: AddContext) -> Dict[str, Any]:
+    from .domain.fit import DEFAULT_FIT_COUNT, DEFAULT_FLAG_RATE, add_domain_stats, load_sets
+
+    fit_count = context.options.get("domain_fit_count", DEFAULT_FIT_COUNT)
+    tr_px, tr_y, va_px = context.once("domain_sets", lambda: load_sets(context.ckpt_dir, context.data_dir,
+                                                                       context.size, fit_count))
+    return add_domain_stats(path, tr_px, tr_y, va_px, flag_rate=context.options.get("domain_flag_rate",
+                                                                                   DEFAULT_FLAG_RATE),
+                            threads=context.threads, source=str(context.data_dir))
+
+
+def _domain_summary(block: Dict[str, Any]) -> str:
+    return (f"threshold {block['threshold']:.4g} (flags {block['flag_rate_validation']:.1%} of "
+            f"{block['calibration']['images']} validation images; fitted on {block['fit']['images']} train images)")
+
+
+def _add_heatmap(path: Path, context: AddContext) -> Dict[str, Any]:
+    return heatmap.add_heatmap(path, threads=context.threads)
+
+
+def _heatmap_summary(block: Dict[str, Any]) -> str:
+    return f"Grad-CAM at {block['grid'][0]}x{block['grid'][1]} ({block['feature_map']})"
+
+
+#: The graph additions, in the order ``cxr-export`` adds them.
+ADDITIONS: Dict[str, Addition] = {a.name: a for a in (
+    Addition(GRAPH_ADDITIONS["domain"], domain_graph.PREFIX, _add_domain, _domain_summary, option="domain_stats",
+             needs_data=True),
+    Addition(GRAPH_ADDITIONS["heatmap"], heatmap.PREFIX, _add_heatmap, _heatmap_summary, option="heatmap"),
+)}
+
+
+def get_addition(name: str) -> Addition:
+    """The entry of ``name``; ``ValueError`` naming the choices when there is none."""
+    try:
+        return ADDITIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown graph addition {name!r}; choose from {', '.join(ADDITIONS)}") from None
+
+
+def strip_additions(model: Any, names: Optional[Sequence[str]] = None) -> None:
+    """Remove the additions ``names`` (default: every registered one) from ``model`` (in place)."""
+    for name in ADDITIONS if names is None else names:
+        get_addition(name).strip(model)
+
+
+def add_all(files: Sequence[Path], context: AddContext, say: Callable[[str], None]) -> None:
+    """Add every wanted addition (:meth:`Addition.wanted`) to each of ``files``, in table order,
+    saying one line per file and addition."""
+    for addition in ADDITIONS.values():
+        if not addition.wanted(context):
+            continue
+        for path in files:
+            block = addition.add(Path(path), context)
+            say(f"{addition.name}: {Path(path).name}: {addition.summary(block)}")

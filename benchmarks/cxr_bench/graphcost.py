@@ -44,7 +44,7 @@ def run_graphcost(models: Sequence[str | Path], graph: str = "domain", batch: in
     """Time each file with and without ``graph`` in ``processes`` worker processes; write the report."""
     from cxr_export.domain import PREFIX as DOMAIN_PREFIX
     from cxr_export.heatmap import PREFIX as HEATMAP_PREFIX
-    from cxr_export.modelio import read_spec, write_without_graphs
+    from cxr_export.modelio import read_spec, write_without
 
     if graph not in GRAPHS:
         raise BenchError(f"--graph {graph!r}: choose {' or '.join(GRAPHS)}")
@@ -58,10 +58,8 @@ def run_graphcost(models: Sequence[str | Path], graph: str = "domain", batch: in
         if not has[graph]:
             raise BenchError(f"{path}: has no {graph} graph to measure")
         other = "heatmap" if graph == "domain" else "domain"
-        on = write_without_graphs(path, Path(variants.name) / f"on{i}.onnx", domain=other == "domain",
-                                  heatmap=other == "heatmap") if has[other] else Path(path)
-        off = write_without_graphs(path, Path(variants.name) / f"off{i}.onnx", domain=has["domain"],
-                                   heatmap=has["heatmap"])
+        on = write_without(path, Path(variants.name) / f"on{i}.onnx", [other]) if has[other] else Path(path)
+        off = write_without(path, Path(variants.name) / f"off{i}.onnx", [g for g in GRAPHS if has[g]])
         subjects.append({"name": Path(path).stem, "path": str(path), "on": str(on), "off": str(off),
                          "nodes": _graph_nodes(path, DOMAIN_PREFIX if graph == "domain" else HEATMAP_PREFIX),
                          "processes": []})

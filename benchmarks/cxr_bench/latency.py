@@ -200,7 +200,7 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
     for d, why in missing.items():
         warnings.append(f"device {d} not measured: {why}")
         say(f"warning: device {d} not measured: {why}", quiet)
-    from cxr_export.modelio import write_without_graphs
+    from cxr_export.modelio import write_without
 
     variants = tempfile.TemporaryDirectory(prefix="cxr-latency-")
     made: Dict[Tuple[str, bool, bool], str] = {}
@@ -212,8 +212,8 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
         if strip_domain or strip_map:
             key = (c["path"], strip_domain, strip_map)
             if key not in made:
-                made[key] = str(write_without_graphs(c["path"], Path(variants.name) / f"v{len(made)}.onnx",
-                                                     domain=strip_domain, heatmap=strip_map))
+                names = [g for g, strip in (("domain", strip_domain), ("heatmap", strip_map)) if strip]
+                made[key] = str(write_without(c["path"], Path(variants.name) / f"v{len(made)}.onnx", names))
             c["run_path"] = made[key]
             c["run_file_bytes"] = Path(made[key]).stat().st_size
             c["removed"] = [g for g, on in (("domain graph", strip_domain), ("heatmap graph", strip_map)) if on]

@@ -63,5 +63,6 @@ def image_set(ckpt_dir: str | Path, data_dir: str | Path, part: str, count: Opti
     if missing:
         raise FileNotFoundError(f"{data_dir}: {len(missing)} images of the split are missing (first: {missing[0]});"
                                 " pass the training folder the checkpoint was trained on")
-    pixels = np.stack([load_image(data_dir / e[0], size) for e in chosen]) if chosen else np.zeros((0, size[1], size[0], 3), np.uint8)
+    pixels = np.stack([load_image(data_dir / e[0], size) for e in chosen]) if chosen else \
+        np.zeros((0, size[1], size[0], 3), np.uint8)
     return pixels, np.array([e[1] for e in chosen]), [e[0] for e in chosen]

@@ -5,7 +5,7 @@ writes it into existing files (``python -m cxr_export.intended MODEL.onnx ...``)
 1 to 5 years, CHEST, PA/AP, CR/DX/DR; see :mod:`cxr_infer.intended_use`); the ``--intended-*``
 options describe other data, ``--no-intended-use`` leaves it out (DICOM header checks are then off).
 
-Example:
+Examples:
     >>> parser = argparse.ArgumentParser(); add_arguments(parser)
     >>> block_from_args(parser.parse_args(["--intended-ages", "18", "90"]))["age_years"]
     [18.0, 90.0]

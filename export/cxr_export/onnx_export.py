@@ -70,7 +70,8 @@ def spec_from_checkpoint(meta: Dict, precision: str = "fp32", features: bool = T
     }
     return ModelSpec.new(
         backbone=meta["backbone"], precision=precision, threshold=float(meta.get("threshold", 0.5)),
-        image_size=int(meta.get("image_size", 224)), labels=meta.get("labels"), mean=meta.get("mean", (0.485, 0.456, 0.406)),
+        image_size=int(meta.get("image_size", 224)), labels=meta.get("labels"),
+        mean=meta.get("mean", (0.485, 0.456, 0.406)),
         std=meta.get("std", (0.229, 0.224, 0.225)), features_output="features" if features else None,
         provenance=provenance, threshold_rule=meta.get("threshold_rule", "0.5 (no rule recorded)"),
         **({"intended_use": dict(intended_use)} if intended_use else {}),

@@ -4,7 +4,7 @@ Every entry says how to convert the FP32 file, how to verify the result against 
 the spec records; :func:`write_precision` runs any entry the same way (convert, verify, write
 the spec block, refuse when the verification says so). A new precision is one entry here.
 
-Example:
+Examples:
     >>> sorted(PRECISIONS)
     ['fp16', 'int8']
 """

@@ -28,7 +28,8 @@ def _io_block(kind: str, items) -> str:
     for v in items:
         dims = _dims(v)[1:]  # batch dimension is Triton's (max_batch_size > 0)
         dtype = _TYPES.get(v.type.tensor_type.elem_type, "TYPE_FP32")
-        parts.append(f'  {{\n    name: "{v.name}"\n    data_type: {dtype}\n    dims: [ {", ".join(str(d) for d in dims)} ]\n  }}')
+        shape = ", ".join(str(d) for d in dims)
+        parts.append(f'  {{\n    name: "{v.name}"\n    data_type: {dtype}\n    dims: [ {shape} ]\n  }}')
     return f"{kind} [\n" + ",\n".join(parts) + "\n]\n"
 
 
@@ -51,7 +52,8 @@ def write_triton_repo(model_path: str | Path, repo: str | Path, name: str = "", 
     text = (
         f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch_size}\n'
         + _io_block("input", inputs) + _io_block("output", m.graph.output)
-        + f"dynamic_batching {{\n  preferred_batch_size: [ {pref} ]\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n"
+        + f"dynamic_batching {{\n  preferred_batch_size: [ {pref} ]\n"
+        + f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n"
         + "instance_group [\n"
         + (f"  {{\n    kind: KIND_GPU\n    count: {gpu_instances}\n  }},\n" if gpu_instances else "")
         + f"  {{\n    kind: KIND_CPU\n    count: {cpu_instances}\n  }}\n]\n"

@@ -181,7 +181,8 @@ def test_stage_branch_flags_what_pooled_features_and_thumbnails_cannot(plain_mod
     np.testing.assert_allclose(stages[0], np.c_[x.mean(axis=(2, 3)), x.std(axis=(2, 3))], rtol=1e-3, atol=1e-3)
     plain_spec = read_spec(plain_model)
     feats = domain.run_outputs(plain_model, plain_spec, twin, ["features"])[0]
-    fit_in, val_in = [domain.branch_inputs(spec, imgs, domain.run_outputs(plain_model, plain_spec, imgs, ["features"])[0],
+    fit_in, val_in = [domain.branch_inputs(spec, imgs,
+                                           domain.run_outputs(plain_model, plain_spec, imgs, ["features"])[0],
                                            domain.stage_features(plain_model, plain_spec, imgs, ["input"]))
                       for imgs in (train, val)]
     branches, keys, _ = domain.fit_branches(spec, "features", fit_in, labels, val_in, taps=["input"],

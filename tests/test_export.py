@@ -67,7 +67,8 @@ def test_fp32_spec_round_trip_and_parity(exported, run_dir):
     assert [str(p.relative_to(TRAIN)) for p in validation_files(TRAIN, spec)] == [v[0] for v in split["val"]]
     assert spec.image_size == (64, 64) and spec.features_output == "features"
     # the training data's intended use, by default the Kermany children, in every file written
-    assert spec.to_dict()["intended_use"]["age_years"] == [1, 5] and spec.to_dict()["intended_use"]["views"] == ["PA", "AP"]
+    intended = spec.to_dict()["intended_use"]
+    assert intended["age_years"] == [1, 5] and intended["views"] == ["PA", "AP"]
     assert read_spec(exported.with_name("tiny_int8.onnx")).to_dict()["intended_use"] == spec.to_dict()["intended_use"]
     # every file carries the Grad-CAM output, named in its spec
     for name in ("tiny.onnx", "tiny_int8.onnx", "tiny_fp16.onnx"):

@@ -20,8 +20,8 @@ def tiny_model(path: Path, image_size: int = 32, precision: str = "fp32", thresh
                weight: float = 4.0, backbone: str = "resnet50", spec_overrides: Optional[dict] = None) -> Path:
     """Write a cxr model: GlobalAveragePool -> Gemm -> Softmax, with a valid ``cxr.spec``.
 
-    P(positive) falls with the mean of the normalised red channel (darker lungs, hazier image), so it is a (poor but real)
-    classifier with spread-out probabilities. ``precision="fp16"`` makes a float16 input.
+    P(positive) falls with the mean of the normalised red channel (darker lungs, hazier image), so it is a (poor but
+    real) classifier with spread-out probabilities. ``precision="fp16"`` makes a float16 input.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper

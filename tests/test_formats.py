@@ -193,7 +193,8 @@ def test_formats_two_runs_of_one_backbone(files, tmp_path):
     assert rows["other_int8.onnx"]["trained"] == "2026-11-28T01:36:16+00:00"
     md = (tmp_path / "formats.md").read_text()
     assert "| tiny | cpu | fp32 | ok |" in md
-    assert "| tiny (`tiny_int8.onnx`) | cpu | int8 | ok |" in md and "| tiny (`other_int8.onnx`) | cpu | int8 | ok |" in md
+    assert "| tiny (`tiny_int8.onnx`) | cpu | int8 | ok |" in md
+    assert "| tiny (`other_int8.onnx`) | cpu | int8 | ok |" in md
 
 
 def test_formats_compares_in_domain_decisions_on_domain_data(tmp_path):

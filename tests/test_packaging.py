@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import json
 import os
 import re
 import shutil
@@ -67,9 +68,9 @@ OPTIONAL: Dict[str, str] = {
     # compressed pixel data (JPEG Lossless, JPEG-LS, JPEG 2000) cannot be decoded; pydicom does the
     # decoding through it.
     "gdcm": "dicom",
-    # cxr_bench.domain: scikit-image's sample photos are one optional source of out-of-domain
+    # cxr_bench.domain_kinds: scikit-image's sample images are one optional source of out-of-domain
     # images for `cxr-bench domain`; skipped when scikit-image is absent (matplotlib's sample
-    # photo, which the bench extra brings, is the other).
+    # photo and MRI slice, which the bench extra brings, are the other).
     "skimage": "",
     # cxr_infer.ov_session.openvino_runtime(): --device openvino (and auto, where it can) only; without
     # the runtime, --device openvino says "pip install 'cxr[openvino]'" (exit 2) and auto takes the CPU.
@@ -94,12 +95,12 @@ MAY_IMPORT: Dict[str, Set[str]] = {
 #: target) -> (the other extra, the modules allowed to make that import).
 CROSS_EXTRA: Dict[Tuple[str, str], Tuple[str, Set[str]]] = {
     # `cxr-bench latency --checkpoint RUN` times the PyTorch eager baseline in cxr_bench.worker:
-    # it needs pip install '.[bench,train]'. cxr_bench.latency.checkpoint_info reads the run
-    # folder with the torch-free cxr_train.checkpoint.checkpoint_summary (cxr_train ships in
-    # every install) and says which extras to install when torch is missing. `cxr-bench domain
-    # --validation` rebuilds a model's split with the torch-free cxr_train.data (numpy, cxr_infer).
+    # it needs pip install '.[bench,train]'. cxr_bench reaches cxr_train (which ships in every
+    # install) only through cxr_bench.upstream: the torch-free checkpoint_summary (which run
+    # folder, and which extras to install when torch is missing), load_checkpoint (the baseline,
+    # torch) and `cxr-bench domain --validation`'s split (the torch-free cxr_train.data).
     ("cxr_bench", "torch"): ("train", {"cxr_bench.worker"}),
-    ("cxr_bench", "cxr_train"): ("train", {"cxr_bench.worker", "cxr_bench.latency", "cxr_bench.domain"}),
+    ("cxr_bench", "cxr_train"): ("train", {"cxr_bench.upstream"}),
 }
 
 #: Import name -> the distributions that provide it (default: the same name).
@@ -580,7 +581,15 @@ def check_bench(venv: Venv, tmp: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert (out / "accuracy.md").is_file() and (out / "accuracy.json").is_file()
     assert not venv.missing("onnx", "matplotlib")
-    assert set(venv.missing("torch", "pydicom")) == {"torch", "pydicom"}
+    assert set(venv.missing("torch", "pydicom", "skimage")) == {"torch", "pydicom", "skimage"}
+    # domain with its default kinds, the extra alone (no scikit-image); no --out: a new folder here
+    r = venv.run("cxr-bench", "domain", "--model", str(DEFAULT_MODEL), "--data", str(data), "--count", "3",
+                 "--threads", "2", "-q", cwd=tmp)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (folder,) = tmp.glob("cxr-bench-domain-*")
+    kinds = json.loads((folder / "domain.json").read_text())["models"][0]["kinds"]
+    assert len(kinds) == 10 and kinds["medical_other"]["sources"] == ["matplotlib:s1045.ima (MRI)"], kinds
+    assert r.stdout.startswith("cxr-bench domain: ") and str(folder / "domain.md") in r.stdout
 
 
 def check_dicom(venv: Venv, tmp: Path) -> None:

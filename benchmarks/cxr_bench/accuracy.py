@@ -238,7 +238,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
                    "lllrrrrrrrr"), ""]
     files = report.get("files", {})
     if files.get("roc_png"):
-        L += ["## Plots", "", f"![ROC curves]({files['roc_png']})", f"![Reliability diagram]({files['calibration_png']})", ""]
+        L += ["## Plots", "", f"![ROC curves]({files['roc_png']})",
+              f"![Reliability diagram]({files['calibration_png']})", ""]
     elif report.get("plots_skipped"):
         L += [f"Plots skipped: {report['plots_skipped']}.", ""]
     L += ["## Per model", ""]

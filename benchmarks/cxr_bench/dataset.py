@@ -6,7 +6,7 @@ Layout expected by ``--data DIR``::
     DIR/PNEUMONIA/*.jpeg
 
 Example:
-    >>> ds = list_dataset("../shared/data/chest_xray_224/test")       # doctest: +SKIP
+    >>> ds = list_dataset("chest_xray/test")                            # doctest: +SKIP
     >>> len(ds.files), ds.counts()                                      # doctest: +SKIP
     (624, {'NORMAL': 234, 'PNEUMONIA': 390})
 """
@@ -102,3 +102,19 @@ class PixelCache:
             prog.done(f"({len(self.failed)} unreadable)" if self.failed else "")
             self._pixels[key] = out
         return self._pixels[key]
+
+
+#: What a folder of unlabelled images (``--foreign``, ``--originals``, ``--domain-data``) is searched for.
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+
+
+def image_files(root: Path, needs: str) -> List[Path]:
+    """Every image under the folder ``root`` (recursively, sorted); :class:`BenchError` naming what
+    the folder is for (``needs``, e.g. "--originals needs a folder of ...") when it is not a folder
+    or holds no image."""
+    if not root.is_dir():
+        raise BenchError(f"{root}: {needs}")
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise BenchError(f"{root}: no images under it (looked for {', '.join(IMAGE_EXTS)})")
+    return files

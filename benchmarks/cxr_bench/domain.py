@@ -1,79 +1,61 @@
 """``cxr-bench domain``: how well each model's out-of-domain check separates X-rays from the rest.
 
 In-domain: every image of ``--data`` (the 624-image test split; never used for fitting or
-calibration). Out-of-domain kinds, built here deterministically (seed 0), ``--count`` each:
-
-    photos        crops of natural photographs (scikit-image's sample images, matplotlib's
-                  grace_hopper.jpg)
-    documents     text pages rendered with Pillow (lines of words, headings, rules; a scanner's
-                  gray background, noise and slight rotation)
-    noise         uniform colour noise, gray Gaussian noise, smooth (blurred) noise
-    inverted      test-split X-rays with inverted gray levels
-    upside_down   test-split X-rays rotated 180 degrees
-    rotated_90    test-split X-rays rotated 90 degrees
-    cropped       test-split X-rays cropped to a random 30% x 30% window (9% of the area)
-    medical_other other medical and scientific images (scikit-image's retina fundus photo,
-                  microaneurysms, immunohistochemistry and cell micrographs, Shepp-Logan CT phantom)
-    flipped_vertical  test-split X-rays flipped top to bottom (not rotated)
-    mirrored      test-split X-rays flipped left to right: a *control*, not an out-of-domain kind
-                  (the anatomy is mirrored but it is still a readable chest X-ray); its flag rate
-                  shows whether the check flags any transformation or only implausible ones
-
-The last three were added after the current method was chosen on the first seven, as a check
-that it generalises beyond the kinds it was tuned on.
+calibration). Out-of-domain: the kinds built here (:mod:`cxr_bench.domain_kinds`: photos,
+documents, noise, transformed X-rays, other medical images), ``--count`` each.
 
 Per model and kind: the flag rate at the model's own domain threshold, and the AUROC of the
 domain score between the in-domain images and that kind (1.0: every image of the kind scores
-above every test X-ray). Every kind goes through the runtime's one preprocessing.
+above every test X-ray). Every kind goes through the runtime's one preprocessing. The report is
+written by :mod:`cxr_bench.domain_report`.
 
-``--foreign DIR`` adds real images from other sources (e.g. ``../shared/data/foreign_cxr``):
-every sub-folder of ``DIR`` is a kind (adult_frontal, lateral, ct), measured like the built
-kinds, with the branch that decided for each flagged image (``domain_terms``). When ``DIR``
-has a ``files.csv`` (columns ``file``, ``finding``, ``view``, ``modality``), the classifier
-itself is also scored on its frontal X-rays whose finding is known ("No finding" is NORMAL,
-"inconclusive" or empty is left out, any other finding is PNEUMONIA): AUC and confusion
-counts at the model's threshold. That is a pediatric model outside its population (adults,
-other hospitals, other diseases), reported to show what an unflagged adult image would get,
-not as an accuracy claim. These images are for measuring only: nothing here is fitted on them.
+``--foreign DIR`` adds real images from other sources (adults, lateral views, CT): every
+sub-folder of ``DIR`` is a kind, measured like the built kinds, with the branch that decided for
+each flagged image (``domain_terms``). When ``DIR`` has a ``files.csv`` (columns ``file``,
+``finding``, ``view``, ``modality``), the classifier itself is also scored on its frontal X-rays
+whose finding is known ("No finding" is NORMAL, "inconclusive" or empty is left out, any other
+finding is PNEUMONIA): AUC and confusion counts at the model's threshold. That is a pediatric
+model outside its population (adults, other hospitals, other diseases), reported to show what an
+unflagged adult image would get, not as an accuracy claim. These images are for measuring only:
+nothing here is fitted on them.
 
 ``--originals DIR`` is the opposite control: in-domain images at their *original* size (e.g.
-``../shared/data/kermany_fullres``, full-size Kermany train X-rays), read through the runtime's
-own decoding and resize as any user's file is. The test split was resized offline and saved
-again as 224 x 224 JPEGs, so a test that reacts to that pipeline (JPEG noise, the finest scale)
-looks excellent on foreign images, which take the runtime's path, while flagging real Kermany
-X-rays handed over at full size. Their flag rate should be close to the test split's.
+full-size Kermany train X-rays), read through the runtime's own decoding and resize as any
+user's file is. A test split resized offline and saved again as small JPEGs lets a test that
+reacts to that pipeline (JPEG noise, the finest scale) look excellent on foreign images, which
+take the runtime's path, while flagging real X-rays handed over at full size. Their flag rate
+should be close to the test split's.
+
+``--validation TRAIN_DIR`` rebuilds each file's validation images from its training folder
+(:func:`validation_files`) to set the operating-point table's thresholds for files that carry no
+``domain.operating_points`` of their own (:func:`operating_table`).
 
 Example:
-    >>> rep = run_domain(["m_int8.onnx"], "../shared/data/chest_xray_224/test", "/tmp/b")  # doctest: +SKIP
-    >>> rep["models"][0]["in_domain"]["flag_rate"]                                        # doctest: +SKIP
+    >>> rep = run_domain(["m_int8.onnx"], "chest_xray/test", "/tmp/b")  # doctest: +SKIP
+    >>> rep["models"][0]["in_domain"]["flag_rate"]                      # doctest: +SKIP
     0.0433
 """
 from __future__ import annotations
 
-import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from cxr_infer.metrics import roc_auc
 from cxr_infer.preprocess import load_image
 
-from .dataset import PixelCache, list_dataset
-from .models import open_model
-from .util import BenchError, fmt_num, fmt_pct, md_table, new_report, say, write_report
+from .dataset import IMAGE_EXTS, PixelCache, image_files, list_dataset
+from .domain_kinds import KINDS, build_kinds
+from .domain_report import render_markdown
+from .models import OnnxModel, open_model
+from .upstream import ADD_DOMAIN_HINT, domain_operating_points, validation_split
+from .util import BenchError, fmt_pct, new_report, say, write_report
 
 KIND = "cxr-bench/domain"
-KINDS = ("photos", "documents", "noise", "inverted", "upside_down", "rotated_90", "cropped", "medical_other",
-         "flipped_vertical", "mirrored")
-CONTROLS = ("mirrored",)  # transformed X-rays that are still in the domain: reported, no target
-MEDICAL = ("retina", "microaneurysms", "immunohistochemistry", "cell", "shepp_logan_phantom")
-PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "hubble_deep_field", "brick",
-          "grass", "gravel", "clock")
-WORDS = ("patient report the of and radiology chest findings impression lungs clear no acute history date "
-         "signed page insurance claim total amount invoice hospital department examination result normal "
-         "follow up recommended technique comparison dear sincerely meeting agenda minutes").split()
+__all__ = ["KIND", "KINDS", "auroc", "run_domain", "render_markdown", "validation_files", "operating_table"]
 
 
 def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
@@ -81,167 +63,6 @@ def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
     ``pos`` against ``neg`` (:func:`cxr_infer.metrics.roc_auc`)."""
     neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
     return roc_auc(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos])
-
-
-def _skimage_images(names: Sequence[str]) -> List[Tuple[str, Any]]:
-    from PIL import Image
-
-    out: List[Tuple[str, Any]] = []
-    try:
-        import skimage.data as skd
-
-        for name in names:
-            try:
-                a = np.asarray(getattr(skd, name)())
-                if a.dtype != np.uint8:  # the phantom is float in [0, 1]
-                    a = (np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
-                out.append((f"skimage:{name}", Image.fromarray(a)))
-            except Exception:  # a sample missing from this scikit-image (or needing a download)
-                pass
-    except ImportError:
-        pass
-    return out
-
-
-def _photo_sources() -> List[Tuple[str, Any]]:
-    from PIL import Image
-
-    out = _skimage_images(PHOTOS)
-    try:
-        import matplotlib
-
-        p = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-        if p.is_file():
-            out.append(("matplotlib:grace_hopper.jpg", Image.open(p).convert("RGB")))
-    except ImportError:
-        pass
-    return out
-
-
-def make_photos(count: int, size: Tuple[int, int], rng: random.Random,
-                srcs: Optional[List[Tuple[str, Any]]] = None) -> Tuple[np.ndarray, List[str]]:
-    srcs = _photo_sources() if srcs is None else srcs
-    if not srcs:
-        raise BenchError("no sample images found: pip install scikit-image (or matplotlib)")
-    imgs, names = [], []
-    for i in range(count):
-        name, im = srcs[i % len(srcs)]
-        w, h = im.size
-        if i < len(srcs):
-            box = (0, 0, w, h)  # each photo once whole
-        else:
-            f = rng.uniform(0.5, 0.9)
-            cw, ch = int(w * f), int(h * f)
-            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            box = (x, y, x + cw, y + ch)
-        imgs.append(load_image(im.crop(box), size))
-        names.append(name)
-    return np.stack(imgs), sorted(set(names))
-
-
-def make_documents(count: int, size: Tuple[int, int], rng: random.Random) -> Tuple[np.ndarray, List[str]]:
-    from PIL import Image, ImageDraw, ImageFont
-
-    imgs = []
-    for _ in range(count):
-        w, h = 850, 1100
-        bg = rng.randint(215, 255)
-        page = Image.new("L", (w, h), bg)
-        d = ImageDraw.Draw(page)
-        y = rng.randint(40, 120)
-        while y < h - 60:
-            big = rng.random() < 0.12
-            fs = rng.randint(30, 44) if big else rng.randint(14, 26)
-            try:
-                font = ImageFont.load_default(size=fs)
-            except TypeError:  # Pillow < 10.1
-                font = ImageFont.load_default()
-            if rng.random() < 0.08:
-                d.line([(60, y), (w - 60, y)], fill=rng.randint(0, 80), width=rng.randint(1, 3))
-                y += 20
-                continue
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14)))
-            d.text((60 + (0 if not big else rng.randint(0, 200)), y), words.title() if big else words,
-                   fill=rng.randint(0, 70), font=font)
-            y += int(fs * rng.uniform(1.3, 2.0))
-        arr = np.asarray(page, np.float32) + np.random.default_rng(rng.randint(0, 1 << 30)).normal(0, 4, (h, w))
-        page = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).rotate(rng.uniform(-2, 2), fillcolor=bg)
-        imgs.append(load_image(page, size))
-    return np.stack(imgs), ["Pillow-rendered text pages"]
-
-
-def make_noise(count: int, size: Tuple[int, int], rng: random.Random) -> Tuple[np.ndarray, List[str]]:
-    from PIL import Image, ImageFilter
-
-    g = np.random.default_rng(rng.randint(0, 1 << 30))
-    w, h = size
-    imgs = []
-    for i in range(count):
-        k = i % 3
-        if k == 0:
-            a = g.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        elif k == 1:
-            a = np.repeat(np.clip(g.normal(g.uniform(60, 190), g.uniform(20, 70), (h, w, 1)), 0, 255), 3, axis=2)
-        else:
-            a = g.integers(0, 256, (h, w), dtype=np.uint8)
-            a = np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(g.uniform(2, 8))))
-            a = (a - a.min()) * (255.0 / max(float(np.ptp(a)), 1.0))
-            a = np.repeat(a[..., None], 3, axis=2)
-        imgs.append(load_image(a.astype(np.uint8), size))
-    return np.stack(imgs), ["uniform colour", "Gaussian gray", "blurred gray"]
-
-
-def _xray_kind(xrays: np.ndarray, fn: Callable[[np.ndarray, int], np.ndarray], size) -> np.ndarray:
-    return np.stack([load_image(fn(x, i), size) for i, x in enumerate(xrays)])
-
-
-def build_kinds(test_pixels: np.ndarray, count: int, size: Tuple[int, int], kinds: Sequence[str] = KINDS,
-                seed: int = 0) -> Dict[str, Tuple[np.ndarray, List[str]]]:
-    """Pixels (uint8 NHWC) and a description of the sources, per out-of-domain kind."""
-    rng = random.Random(seed)
-    idx = sorted(random.Random(seed).sample(range(len(test_pixels)), min(count, len(test_pixels))))
-    xr = test_pixels[idx]
-    crop_rng = random.Random(seed + 1)
-    w, h = size
-
-    def crop(x: np.ndarray, _i: int) -> np.ndarray:
-        cw, ch = int(0.3 * w), int(0.3 * h)
-        x0, y0 = crop_rng.randint(0, w - cw), crop_rng.randint(0, h - ch)
-        return x[y0:y0 + ch, x0:x0 + cw]
-
-    makers: Dict[str, Callable[[], Tuple[np.ndarray, List[str]]]] = {
-        "photos": lambda: make_photos(count, size, rng),
-        "documents": lambda: make_documents(count, size, rng),
-        "noise": lambda: make_noise(count, size, rng),
-        "inverted": lambda: (_xray_kind(xr, lambda x, i: 255 - x, size), ["test-split X-rays, 255 - pixel"]),
-        "upside_down": lambda: (_xray_kind(xr, lambda x, i: x[::-1, ::-1], size), ["test-split X-rays, 180 deg"]),
-        "rotated_90": lambda: (_xray_kind(xr, lambda x, i: np.rot90(x).copy(), size), ["test-split X-rays, 90 deg"]),
-        "cropped": lambda: (_xray_kind(xr, crop, size), ["test-split X-rays, random 30% x 30% window"]),
-        "medical_other": lambda: make_photos(count, size, rng, _skimage_images(MEDICAL)),
-        "flipped_vertical": lambda: (_xray_kind(xr, lambda x, i: x[::-1].copy(), size),
-                                     ["test-split X-rays, top to bottom"]),
-        "mirrored": lambda: (_xray_kind(xr, lambda x, i: x[:, ::-1].copy(), size),
-                             ["test-split X-rays, left to right (control: still a chest X-ray)"]),
-    }
-    unknown = [k for k in kinds if k not in makers]
-    if unknown:
-        raise BenchError(f"unknown kind(s) {unknown}: choose from {', '.join(KINDS)}")
-    return {k: makers[k]() for k in kinds}
-
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
-
-
-def image_files(root: Path, needs: str) -> List[Path]:
-    """Every image under the folder ``root`` (recursively, sorted); :class:`BenchError` naming what
-    the folder is for (``needs``, e.g. "--originals needs a folder of ...") when it is not a folder
-    or holds no image."""
-    if not root.is_dir():
-        raise BenchError(f"{root}: {needs}")
-    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise BenchError(f"{root}: no images under it (looked for {', '.join(IMAGE_EXTS)})")
-    return files
 
 
 def load_foreign(root: str | Path, size: Tuple[int, int], method: str = "bicubic"
@@ -290,6 +111,7 @@ def finding_label(row: Dict[str, str]) -> Optional[int]:
     return 0 if finding in ("no finding", "normal") else 1
 
 
+
 def _deciding(model, pixels: np.ndarray, batch: int, thr: float) -> Dict[str, int]:
     """How many of ``pixels`` are flagged with each branch deciding (from ``domain_terms``)."""
     spec = model.spec
@@ -300,6 +122,7 @@ def _deciding(model, pixels: np.ndarray, batch: int, thr: float) -> Dict[str, in
     flagged = np.asarray(score).reshape(-1) > thr
     top = np.argmax(np.asarray(terms), axis=1)
     return {n: int(np.sum(flagged & (top == j))) for j, n in enumerate(names) if np.any(flagged & (top == j))}
+
 
 
 def classifier_on_foreign(model, kinds: Dict[str, Tuple[np.ndarray, List[str]]], rows: Dict[str, Dict[str, str]],
@@ -343,21 +166,20 @@ def flag_rate_by_source(files: List[str], scores: np.ndarray, thr: float, rows: 
         groups.setdefault((rows.get(f, {}).get("source") or "").strip() or "(no source)", []).append(float(v))
     if len(groups) < 2:
         return {}
-    return {src: {"images": len(v), "flag_rate": float(np.mean(np.asarray(v) > thr))} for src, v in sorted(groups.items())}
+    return {src: {"images": len(v), "flag_rate": float(np.mean(np.asarray(v) > thr))}
+            for src, v in sorted(groups.items())}
 
 
 def validation_files(train_dir: str | Path, spec: Any) -> List[Path]:
     """The validation images of the file's training split, rebuilt from its training folder the way
     ``cxr-train`` made it (patient-wise; the seed, validation fraction and image cap the file's
-    ``provenance.split`` records, or cxr-train's defaults for files made before it did) and checked
+    ``provenance.split`` records, or cxr-train's defaults where it records none) and checked
     against the split hash the file records: in-population images the domain check was calibrated on
     and never fitted on.
 
     Raises:
         BenchError: the file records no split hash, or the rebuilt split is not the file's.
     """
-    from cxr_train import data as D  # torch-free
-
     how = spec.provenance.split
     seed, val_fraction, max_images = how.get("seed", 0), how.get("val_fraction", 0.1), how.get("max_images")
     want = str(spec.provenance.split_hash or "")
@@ -367,14 +189,13 @@ def validation_files(train_dir: str | Path, spec: Any) -> List[Path]:
     root = Path(train_dir)
     if not root.is_dir():
         raise BenchError(f"--validation {train_dir}: no such folder (give the training folder the models were "
-                         "trained on, e.g. ../shared/data/chest_xray_224/train)")
-    train, val = D.make_split(root, seed, val_fraction, max_images)
-    got = D.manifest(train, val, root, seed, val_fraction)["hash"]
+                         "trained on, e.g. chest_xray/train)")
+    val, got = validation_split(root, seed, val_fraction, max_images)
     if got != want:
         raise BenchError(f"--validation {train_dir}: the split rebuilt from it (seed {seed}, validation fraction "
                          f"{val_fraction}, {max_images or 'all'} images) is {got[:8]}, not the model's {want[:8]}: "
                          "was the model trained on another folder?")
-    return [Path(v.path) for v in val]
+    return val
 
 
 def operating_table(spec: Any, val_scores: Optional[np.ndarray], scores: Dict[str, np.ndarray]
@@ -383,14 +204,12 @@ def operating_table(spec: Any, val_scores: Optional[np.ndarray], scores: Dict[st
     them, else thresholds set on ``val_scores`` (the validation images, :func:`validation_files`) at the
     same rates cxr-export writes. ``scores``: name -> the domain scores of each measured set. None when
     neither is available."""
-    from cxr_export.domain import OPERATING_RATES, calibrate
-
     points = list(spec.domain_operating_points)
     source = "the file's domain.operating_points"
     if not points:
         if val_scores is None or not len(val_scores):
             return None
-        points = [(r, calibrate(val_scores, r)) for r in OPERATING_RATES]
+        points = domain_operating_points(val_scores)
         source = f"quantiles of the domain scores of the file's {len(val_scores)} validation images"
     rows = []
     for rate, thr in points:
@@ -402,11 +221,120 @@ def operating_table(spec: Any, val_scores: Optional[np.ndarray], scores: Dict[st
     return {"source": source, "points": rows}
 
 
-def _scores(model, pixels: np.ndarray, batch: int) -> np.ndarray:
+def _scores(model: OnnxModel, pixels: np.ndarray, batch: int) -> np.ndarray:
     if not len(pixels):
         return np.zeros(0)
     (scores,) = model.model.run(pixels, [model.spec.domain_output], batch)
     return np.asarray(scores, np.float64).reshape(-1)
+
+
+def _flagged(s_in: np.ndarray, s: np.ndarray, thr: float) -> Dict[str, Any]:
+    """Images, flag rate, AUROC against the in-domain scores ``s_in`` and median score of a set."""
+    return {"images": int(len(s)), "flag_rate": float(np.mean(s > thr)), "auroc": auroc(s_in, s),
+            "score_median": float(np.median(s))}
+
+
+@dataclass
+class ImageSets:
+    """Every image set a run measures, each decoded once per input size and resize rule and shared
+    by the models that need it: the in-domain folder, the built kinds and the optional folders."""
+
+    data: str | Path
+    count: int
+    kinds: Sequence[str]
+    foreign: Optional[str | Path] = None
+    originals: Optional[str | Path] = None
+    validation: Optional[str | Path] = None
+    quiet: bool = False
+    _cache: Dict[Any, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ds = list_dataset(self.data)
+        self.pixels = PixelCache(self.ds.files, quiet=self.quiet)
+
+    def _once(self, key: Any, make: Any) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def in_domain(self, spec: Any) -> Tuple[np.ndarray, np.ndarray]:
+        """The readable in-domain images at the model's input, and their folder labels."""
+        keep = np.ones(len(self.ds.files), bool)
+        test_px = self.pixels.pixels(spec.image_size, spec.resize_method)
+        keep[list(self.pixels.failed)] = False
+        return test_px[keep], np.array([lab for lab, k in zip(self.ds.folder_labels, keep) if k])
+
+    def built(self, spec: Any, test_px: np.ndarray) -> Dict[str, Tuple[np.ndarray, List[str]]]:
+        size = spec.image_size
+        return self._once(("built", size), lambda: build_kinds(test_px, self.count, size, self.kinds))
+
+    def foreign_kinds(self, spec: Any) -> Any:
+        key = ("foreign", spec.image_size[0], spec.image_size[1], spec.resize_method)
+        return self._once(key, lambda: load_foreign(self.foreign, spec.image_size, spec.resize_method))
+
+    def original_images(self, spec: Any) -> Any:
+        key = ("originals", spec.image_size[0], spec.image_size[1], spec.resize_method)
+        return self._once(key, lambda: load_originals(self.originals, spec.image_size, spec.resize_method))
+
+    def validation_images(self, spec: Any) -> np.ndarray:
+        files = validation_files(self.validation, spec)
+        key = ("validation", str(self.validation), spec.image_size, spec.resize_method)
+        return self._once(key, lambda: PixelCache(files, quiet=self.quiet).pixels(spec.image_size, spec.resize_method))
+
+
+def _measure_foreign(model: OnnxModel, sets: ImageSets, s_in: np.ndarray, thr: float, batch: int,
+                     measured: Dict[str, np.ndarray], entry: Dict[str, Any]) -> None:
+    fkinds, rows = sets.foreign_kinds(model.spec)
+    entry["foreign"], fscores = {}, {}
+    for kind, (px, files) in fkinds.items():
+        s = fscores[kind] = measured[kind] = _scores(model, px, batch)
+        entry["foreign"][kind] = {**_flagged(s_in, s, thr), "flagged_by_branch": _deciding(model, px, batch, thr),
+                                  "by_source": flag_rate_by_source(files, s, thr, rows)}
+    entry["foreign_classifier"] = classifier_on_foreign(model, fkinds, rows, fscores, thr, batch)
+    say(f"{model.name}: foreign " + ", ".join(f"{k} {fmt_pct(v['flag_rate'], 1)} (AUROC {v['auroc']:.3f})"
+                                              for k, v in entry["foreign"].items()), sets.quiet)
+
+
+def _measure_originals(model: OnnxModel, sets: ImageSets, s_in: np.ndarray, thr: float, batch: int,
+                       measured: Dict[str, np.ndarray], entry: Dict[str, Any]) -> None:
+    px, files = sets.original_images(model.spec)
+    s = measured["originals"] = _scores(model, px, batch)
+    entry["originals"] = {**_flagged(s_in, s, thr), "flagged_by_branch": _deciding(model, px, batch, thr),
+                          "flagged": [f for f, v in zip(files, s) if v > thr]}
+    say(f"{model.name}: full-size originals {fmt_pct(entry['originals']['flag_rate'], 1)} flagged "
+        f"(test split {fmt_pct(entry['in_domain']['flag_rate'], 1)})", sets.quiet)
+
+
+def measure_model(model: OnnxModel, sets: ImageSets, batch: int) -> Dict[str, Any]:
+    """One model's report entry: flag rates and AUROCs on every set of ``sets``, and its operating points."""
+    spec = model.spec
+    test_px, labels = sets.in_domain(spec)
+    built = sets.built(spec, test_px)
+    t0 = time.perf_counter()
+    thr = float(spec.domain_threshold)
+    s_in = _scores(model, test_px, batch)
+    measured: Dict[str, np.ndarray] = {"test split": s_in}
+    per_label = {lab: float(np.mean(s_in[labels == lab] > thr)) for lab in sorted(set(labels))}
+    entry: Dict[str, Any] = {**model.describe(), "domain": spec.to_dict().get("domain"),
+                             "in_domain": {"images": int(len(s_in)), "flag_rate": float(np.mean(s_in > thr)),
+                                           "flag_rate_per_label": per_label,
+                                           "score_median": float(np.median(s_in))},
+                             "kinds": {}}
+    for kind, (px, sources) in built.items():
+        s = measured[kind] = _scores(model, px, batch)
+        entry["kinds"][kind] = {**_flagged(s_in, s, thr), "sources": sources}
+    if sets.foreign is not None:
+        _measure_foreign(model, sets, s_in, thr, batch, measured, entry)
+    if sets.originals is not None:
+        _measure_originals(model, sets, s_in, thr, batch, measured, entry)
+    val_scores = None
+    if sets.validation is not None and not spec.domain_operating_points:
+        val_scores = _scores(model, sets.validation_images(spec), batch)
+    entry["operating_points"] = operating_table(spec, val_scores, measured)
+    entry["seconds"] = time.perf_counter() - t0
+    say(f"{model.name}: test flag rate {fmt_pct(entry['in_domain']['flag_rate'])}; " + ", ".join(
+        f"{k} {fmt_pct(v['flag_rate'], 1)} (AUROC {v['auroc']:.3f})" for k, v in entry["kinds"].items()), sets.quiet)
+    return entry
 
 
 def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, count: int = 150,
@@ -419,201 +347,20 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
     of in-domain images at their original size (see the module docstring); ``validation``: the
     models' training folder, whose validation part (:func:`validation_files`) sets the thresholds
     of the operating-point table for files that carry none (:func:`operating_table`)."""
-    out = Path(out)
-    ds = list_dataset(data)
-    cache = PixelCache(ds.files, quiet=quiet)
+    sets = ImageSets(data, count, kinds, foreign=foreign, originals=originals, validation=validation, quiet=quiet)
     results: List[Dict[str, Any]] = []
-    built: Dict[Tuple[int, int], Dict[str, Tuple[np.ndarray, List[str]]]] = {}
-    real: Dict[Tuple[int, int, str], Any] = {}
-    full: Dict[Tuple[int, int, str], Any] = {}
-    val_cache: Dict[Any, np.ndarray] = {}
     for path in models:
         model = open_model(path, threads=threads)
-        spec = model.spec
-        if not spec.domain_output:
-            say(f"{model.name}: no domain statistics (add them: python -m cxr_export.domain RUN MODEL --data TRAIN)",
-                quiet)
+        if not model.spec.domain_output:
+            say(f"{model.name}: no domain statistics (add them: {ADD_DOMAIN_HINT})", quiet)
             results.append({**model.describe(), "domain": None})
             continue
-        size = spec.image_size
-        test_px = cache.pixels(size, spec.resize_method)
-        keep = np.ones(len(ds.files), bool)
-        keep[list(cache.failed)] = False
-        test_px = test_px[keep]
-        if size not in built:
-            built[size] = build_kinds(test_px, count, size, kinds)
-        t0 = time.perf_counter()
-        thr = float(spec.domain_threshold)
-        s_in = _scores(model, test_px, batch)
-        measured: Dict[str, np.ndarray] = {"test split": s_in}
-        labels = np.array([lab for lab, k in zip(ds.folder_labels, keep) if k])
-        per_label = {lab: float(np.mean(s_in[labels == lab] > thr)) for lab in sorted(set(labels))}
-        entry: Dict[str, Any] = {**model.describe(), "domain": spec.to_dict().get("domain"),
-                                 "in_domain": {"images": int(len(s_in)), "flag_rate": float(np.mean(s_in > thr)),
-                                               "flag_rate_per_label": per_label,
-                                               "score_median": float(np.median(s_in))},
-                                 "kinds": {}}
-        for kind, (px, sources) in built[size].items():
-            s = measured[kind] = _scores(model, px, batch)
-            entry["kinds"][kind] = {"images": int(len(s)), "flag_rate": float(np.mean(s > thr)),
-                                    "auroc": auroc(s_in, s), "score_median": float(np.median(s)),
-                                    "sources": sources}
-        if foreign is not None:
-            key = (size[0], size[1], spec.resize_method)
-            if key not in real:
-                real[key] = load_foreign(foreign, size, spec.resize_method)
-            fkinds, rows = real[key]
-            entry["foreign"], fscores = {}, {}
-            for kind, (px, files) in fkinds.items():
-                s = fscores[kind] = measured[kind] = _scores(model, px, batch)
-                entry["foreign"][kind] = {"images": int(len(s)), "flag_rate": float(np.mean(s > thr)),
-                                          "auroc": auroc(s_in, s), "score_median": float(np.median(s)),
-                                          "flagged_by_branch": _deciding(model, px, batch, thr),
-                                          "by_source": flag_rate_by_source(files, s, thr, rows)}
-            entry["foreign_classifier"] = classifier_on_foreign(model, fkinds, rows, fscores, thr, batch)
-            say(f"{model.name}: foreign " + ", ".join(f"{k} {fmt_pct(v['flag_rate'], 1)} (AUROC {v['auroc']:.3f})"
-                                                      for k, v in entry["foreign"].items()), quiet)
-        if originals is not None:
-            key = (size[0], size[1], spec.resize_method)
-            if key not in full:
-                full[key] = load_originals(originals, size, spec.resize_method)
-            px, files = full[key]
-            s = measured["originals"] = _scores(model, px, batch)
-            entry["originals"] = {"images": int(len(s)), "flag_rate": float(np.mean(s > thr)),
-                                  "auroc": auroc(s_in, s), "score_median": float(np.median(s)),
-                                  "flagged_by_branch": _deciding(model, px, batch, thr),
-                                  "flagged": [f for f, v in zip(files, s) if v > thr]}
-            say(f"{model.name}: full-size originals {fmt_pct(entry['originals']['flag_rate'], 1)} flagged "
-                f"(test split {fmt_pct(entry['in_domain']['flag_rate'], 1)})", quiet)
-        val_scores = None
-        if validation is not None and not spec.domain_operating_points:
-            files_v = validation_files(validation, spec)
-            key_v = (str(validation), size, spec.resize_method)
-            if key_v not in val_cache:
-                val_cache[key_v] = PixelCache(files_v, quiet=quiet).pixels(size, spec.resize_method)
-            val_scores = _scores(model, val_cache[key_v], batch)
-        entry["operating_points"] = operating_table(spec, val_scores, measured)
-        entry["seconds"] = time.perf_counter() - t0
-        results.append(entry)
-        say(f"{model.name}: test flag rate {fmt_pct(entry['in_domain']['flag_rate'])}; " + ", ".join(
-            f"{k} {fmt_pct(v['flag_rate'], 1)} (AUROC {v['auroc']:.3f})" for k, v in entry["kinds"].items()), quiet)
+        results.append(measure_model(model, sets, batch))
+    ds = sets.ds
     report = new_report(KIND, data={"root": str(ds.root), "n_images": len(ds.files), "counts": ds.counts()},
                         count_per_kind=count, seed=0, models=results,
                         foreign=str(foreign) if foreign is not None else None,
                         originals=str(originals) if originals is not None else None,
                         validation=str(validation) if validation is not None else None)
-    write_report(out, "domain", name, report, render_markdown, quiet)
+    write_report(Path(out), "domain", name, report, render_markdown, quiet)
     return report
-
-
-def render_markdown(report: Dict[str, Any]) -> str:
-    """The report for people: one table of flag rates and one of AUROCs, models as rows."""
-    models = [m for m in report["models"] if m.get("domain")]
-    kinds = list(models[0]["kinds"]) if models else []
-    lines = ["# Out-of-domain check", "",
-             f"Created {report['created']} by cxr-bench {report['cxr_bench_version']}: `{report['command']}`", "",
-             f"In-domain: the {report['data']['n_images']} images of `{report['data']['root']}` (never used to fit or "
-             f"calibrate). Out-of-domain: {report['count_per_kind']} images per kind, built deterministically "
-             "(see `cxr_bench/domain.py`). Flag rate: share of images whose domain score exceeds the model's "
-             "threshold (calibrated to flag 5% of the validation part of the training split). AUROC: test X-rays "
-             "against that kind.", ""]
-    if not models:
-        return "\n".join(lines + ["No model had domain statistics.", ""])
-    heads = [k + (" (control)" if k in CONTROLS else "") for k in kinds]
-    lines += ["## Flag rate", "",
-              md_table(["Model", "test split (lower is better)"] + heads,
-                       [[m["name"], fmt_pct(m["in_domain"]["flag_rate"], 1)] +
-                        [fmt_pct(m["kinds"][k]["flag_rate"], 1) for k in kinds] for m in models]), "",
-              "## AUROC (test X-rays vs kind)", "",
-              md_table(["Model"] + heads, [[m["name"]] + [fmt_num(m["kinds"][k]["auroc"], 3) for k in kinds]
-                                          for m in models]), "",
-              "## Settings", "",
-              md_table(["Model", "threshold", "val flag rate", "fit images", "val images", "rank", "shrinkage",
-                        "test flag rate per label"],
-                       [[m["name"], fmt_num(m["domain"]["threshold"]), fmt_pct(m["domain"]["flag_rate_validation"], 1),
-                         m["domain"]["fit"]["images"], m["domain"]["calibration"]["images"], m["domain"]["rank"],
-                         fmt_num(m["domain"]["shrinkage"], 3),
-                         ", ".join(f"{k} {fmt_pct(v, 1)}" for k, v in m["in_domain"]["flag_rate_per_label"].items())]
-                        for m in models]), ""]
-    withf = [m for m in models if m.get("foreign")]
-    if withf:
-        fk = list(withf[0]["foreign"])
-        lines += [f"## Real images from other sources (`{report.get('foreign')}`, evaluation only)", "",
-                  "Each sub-folder is a kind. Flag rate at the model's threshold; AUROC: test X-rays against "
-                  "that kind; the branch deciding for the flagged images (count).", "",
-                  md_table(["Model"] + [f"{k} ({withf[0]['foreign'][k]['images']})" for k in fk],
-                           [[m["name"]] + [f"{fmt_pct(m['foreign'][k]['flag_rate'], 1)} (AUROC "
-                                           f"{fmt_num(m['foreign'][k]['auroc'], 3)})" for k in fk] for m in withf]), "",
-                  md_table(["Model"] + fk, [[m["name"]] + [", ".join(f"{b} {n}" for b, n in sorted(
-                      m["foreign"][k]["flagged_by_branch"].items(), key=lambda t: -t[1])) or "-" for k in fk]
-                      for m in withf]), ""]
-        split = [(k, src) for k in fk for src in withf[0]["foreign"][k].get("by_source", {})]
-        if split:
-            lines += ["Flag rate by source (`files.csv`), for kinds drawn from several: a check that "
-                      "generalises flags each source alike, one that learned a source does not.", "",
-                      md_table(["Model"] + [f"{k}: {src} ({withf[0]['foreign'][k]['by_source'][src]['images']})"
-                                            for k, src in split],
-                               [[m["name"]] + [fmt_pct(m["foreign"][k].get("by_source", {}).get(src, {}).get(
-                                   "flag_rate"), 1) for k, src in split] for m in withf]), ""]
-        clf = [m for m in withf if m.get("foreign_classifier")]
-        if clf:
-            c0 = clf[0]["foreign_classifier"]
-            rows_md = []
-            for m in clf:
-                for part in ("all", "not_flagged"):
-                    c = m["foreign_classifier"][part]
-                    rows_md.append([m["name"], "all" if part == "all" else "not flagged by the domain check",
-                                    c["images"], c["positives"], fmt_num(c["auc"], 3) if c["auc"] is not None else "-",
-                                    c["tp"], c["fp"], c["tn"], c["fn"]])
-            lines += ["### The classifier on adult frontal X-rays (outside its population)", "",
-                      f"{c0['caveat'].capitalize()}: these figures say what an adult image that slipped through "
-                      f"would get, not how well the model reads adults. Labels: {c0['rule']}.", "",
-                      md_table(["Model", "subset", "n", "positive", "AUC", "TP", "FP", "TN", "FN"], rows_md), ""]
-    witho = [m for m in models if m.get("originals")]
-    if witho:
-        lines += [f"## In-domain originals through the runtime (`{report.get('originals')}`)", "",
-                  "Kermany X-rays at their original size, decoded and resized by the runtime as a user's file is "
-                  "(the test split was resized offline and saved again as JPEG). A check that reacts to that "
-                  "pipeline rather than to the image flags these; their rate should be close to the test "
-                  "split's.", "",
-                  md_table(["Model", "images", "flagged", "test split", "AUROC vs test", "deciding branch"],
-                           [[m["name"], m["originals"]["images"], fmt_pct(m["originals"]["flag_rate"], 1),
-                             fmt_pct(m["in_domain"]["flag_rate"], 1), fmt_num(m["originals"]["auroc"], 3),
-                             ", ".join(f"{b} {n}" for b, n in sorted(m["originals"]["flagged_by_branch"].items(),
-                                                                      key=lambda t: -t[1])) or "-"]
-                            for m in witho]), ""]
-    with_op = [m for m in models if m.get("operating_points")]
-    if with_op:
-        lines += ["## Operating points: a stricter or looser check", "",
-                  "The same scores at other thresholds, each set to flag a share of the model's validation "
-                  "images (in-population X-rays it was calibrated on, never fitted on): a hospital that receives "
-                  "adults or other views can flag more of them in exchange for flagging more children's X-rays. "
-                  "`cxr-infer --domain-flag-rate R` picks a row in files that carry these points, "
-                  "`--domain-threshold S` in any file. The rows are set on validation images only; the other "
-                  "columns are measured.", ""]
-        for m in with_op:
-            op = m["operating_points"]
-            built = [k for k in m["kinds"] if k not in CONTROLS]
-            cols = [k for k in op["points"][0]["flagged"] if k not in built and k not in CONTROLS]
-
-            def lowest(p: Dict[str, Any], built: List[str] = built) -> str:
-                k = min(built, key=lambda b: p["flagged"][b])
-                return f"{fmt_pct(p['flagged'][k], 1)} ({k})" if p["flagged"][k] < 1.0 else "100%"
-
-            lines += [f"**{m['name']}** (thresholds: {op['source']})", "",
-                      md_table(["validation flagged", "threshold S"] + cols + (["built kinds (lowest)"] if built else []),
-                               [[fmt_pct(p.get("validation", p["flag_rate"]), 1), fmt_num(p["threshold"], 4)]
-                                + [fmt_pct(p["flagged"][k], 1) for k in cols] + ([lowest(p)] if built else [])
-                                for p in op["points"]]), ""]
-    branched = [m for m in models if m["domain"].get("flagged_validation_by_branch")]
-    if branched:
-        names = [b["name"] for b in branched[0]["domain"]["branches"]]
-        lines += ["## Branches", "",
-                  "Each branch's value is mapped to (value - centre) / scale (centre: its validation median; "
-                  "centre + scale: its validation 95th percentile); the score is the largest. Cells: centre / "
-                  "scale, and the share of validation images flagged with that branch deciding.", "",
-                  md_table(["Model"] + names,
-                           [[m["name"]] + [f"{fmt_num(b['centre'], 3)} / {fmt_num(b['scale'], 3)}, "
-                                           f"{fmt_pct(m['domain']['flagged_validation_by_branch'][b['name']], 1)}"
-                                           for b in m["domain"]["branches"]] for m in branched]), ""]
-    return "\n".join(lines)

@@ -11,8 +11,8 @@ Two parts:
    inference at batch 1, so decode+preprocess can be set against inference time.
 
 Example:
-    >>> rep = run_e2e("m.onnx", "../shared/data/kermany_fullres/train", count=8)  # doctest: +SKIP
-    >>> rep["per_image"]["median_ms"]["inference"]                                # doctest: +SKIP
+    >>> rep = run_e2e("m.onnx", "scans/", count=8)      # doctest: +SKIP
+    >>> rep["per_image"]["median_ms"]["inference"]      # doctest: +SKIP
     41.2
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def pick_images(source: str | Path | Sequence[str | Path], count: int) -> List[P
         if root.is_file():
             return [root]
         if not root.is_dir():
-            raise BenchError(f"--images {root}: no such folder or file (e.g. ../shared/data/kermany_fullres/train)")
+            raise BenchError(f"--images {root}: no such folder or file (give a folder of full-size images, or one)")
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     else:
         files = [Path(p) for p in source]
@@ -136,7 +136,7 @@ def per_image(model: Path, images: List[Path], threads: int, device: str = "cpu"
                 "inference": (t4 - t3) * 1e3, "width": full[0], "height": full[1], "decoded_width": img.size[0],
                 "decoded_height": img.size[1], "mode": img.mode, "file_bytes": path.stat().st_size}
 
-    stages(images[0])  # warm-up: first session run, Pillow codec init
+    stages(images[0])  # warm-up: the session's first run, Pillow's codec set-up
     rows = []
     for p in images:
         row = {"file": str(p), **stages(p)}
@@ -201,7 +201,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
     total = med["decode_preprocess"] + med["inference"]
     L += [f"## Per image, in process (median of {len(pi['images'])} images, after one warm-up image)", "",
           md_table(["Stage", "ms", "Share"],
-                   [["read + decode (open_image)", fmt_ms(med["read_decode"]), f"{100 * med['read_decode'] / total:.0f}%"],
+                   [["read + decode (open_image)", fmt_ms(med["read_decode"]),
+                     f"{100 * med['read_decode'] / total:.0f}%"],
                     ["RGB + bicubic resize", fmt_ms(med["resize"]), f"{100 * med['resize'] / total:.0f}%"],
                     ["normalise (to_input)", fmt_ms(med["normalise"]), f"{100 * med['normalise'] / total:.0f}%"],
                     ["**decode + preprocess**", f"**{fmt_ms(med['decode_preprocess'])}**",

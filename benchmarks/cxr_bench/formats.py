@@ -45,31 +45,40 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cxr_infer.devices import DEVICES, SessionRequest, tensorrt_cache_dir
+from cxr_infer.devices import CPU_PROVIDER, DEVICES, SessionRequest, tensorrt_cache_dir
 from cxr_infer.errors import CXRError
 from cxr_infer.metrics import binary_metrics
 from cxr_infer.model import ModelFile
 from cxr_infer.ov_session import OPENVINO_ENGINE
 
-from .dataset import PixelCache, list_dataset
-from .domain import image_files
+from .dataset import PixelCache, image_files, list_dataset
 from .machine import describe_machine, machine_markdown
 from .models import inspect_model
 from .util import BenchError, fmt_num, fmt_pct, md_table, new_report, say, write_report
 
 KIND = "cxr-bench/formats"
-PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino")
-#: the rows of the default plan: (provider, precision)
+#: the rows of the default plan: (device, precision); a device of the registry not named here runs every file
 DEFAULT_ROWS: Tuple[Tuple[str, str], ...] = (("cpu", "fp32"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16"),
                                              ("cuda", "int8"), ("tensorrt", "fp16"), ("tensorrt", "int8"),
                                              ("openvino", "fp32"), ("openvino", "int8"))
 PRECISION_ORDER = ("fp32", "fp16", "int8")
-#: what a row's session must report it runs on
-ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
-             "openvino": OPENVINO_ENGINE}
-#: the goals of the GPU round (issue #16), checked in the report
+#: the GPU goals the report checks
 GOAL_IMAGES_PER_S = 5000.0   # ResNet50 FP16 at batch 64 on an H100/H200 class GPU
 GOAL_ACCURACY_POINTS = 0.5   # every GPU row within this of CPU FP32 accuracy
+
+
+def engines_of(device: str) -> Tuple[str, ...]:
+    """What a session of ``device`` must report it runs on (one of them at least), from the registry."""
+    entry = DEVICES[device]
+    if entry.engine == "openvino":
+        return (OPENVINO_ENGINE,)
+    return entry.started or (CPU_PROVIDER,)
+
+
+def in_plan(device: str, precision: str, rows: str) -> bool:
+    """Whether the row plan ``rows`` (``default`` or ``all``) runs a file of ``precision`` on ``device``."""
+    named = {d for d, _ in DEFAULT_ROWS}
+    return rows == "all" or (device, precision) in DEFAULT_ROWS or device not in named
 
 
 class Unavailable(Exception):
@@ -114,8 +123,9 @@ def measure_row(path: Path, spec: Any, provider: str, pixels: np.ndarray, y: np.
         model = ModelFile(path, threads=threads, providers=providers, device=provider)
         row["providers"] = model.providers
         row["session_s"] = model.load_s
-        if ORT_NAMES[provider] not in model.providers:
-            return dict(row, status=f"failed: onnxruntime did not start {ORT_NAMES[provider]} for this file "
+        wanted = engines_of(provider)
+        if not set(wanted) & set(model.providers):
+            return dict(row, status=f"failed: onnxruntime did not start {' or '.join(wanted)} for this file "
                                     f"(it runs on {', '.join(model.providers)})")
         out = [model.spec.prob_output]
         x1 = model.graph_input(pixels[:1])
@@ -180,9 +190,9 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
     if time_limit is not None and not time_limit > 0:
         raise BenchError(f"time limit {time_limit}: expected a number of seconds above 0")
 
-    unknown = [p for p in providers if p not in PROVIDERS]
+    unknown = [p for p in providers if p not in DEVICES]
     if unknown:
-        raise BenchError(f"unknown provider(s) {unknown}: choose from {', '.join(PROVIDERS)}")
+        raise BenchError(f"unknown provider(s) {unknown}: choose from {', '.join(DEVICES)}")
     if rows not in ("default", "all"):
         raise BenchError(f"--rows {rows!r}: expected default or all")
     paths = [Path(m) for m in models]
@@ -202,9 +212,8 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
         extra_files += image_files(folder, "--domain-data needs a folder of images")
     extra = PixelCache(extra_files, quiet=quiet)
     available = ort.get_available_providers()
-    plan = [(p, b, prec, prov) for prov in providers for p, b, prec in files
-            if rows == "all" or (prov, prec) in DEFAULT_ROWS]
-    plan.sort(key=lambda t: ([f[1] for f in files].index(t[1]), PROVIDERS.index(t[3]),
+    plan = [(p, b, prec, prov) for prov in providers for p, b, prec in files if in_plan(prov, prec, rows)]
+    plan.sort(key=lambda t: ([f[1] for f in files].index(t[1]), list(DEVICES).index(t[3]),
                              PRECISION_ORDER.index(t[2]) if t[2] in PRECISION_ORDER else 9))
     results: List[Dict[str, Any]] = []
     envelope = dict(data={"root": str(ds.root), "n_images": int(len(ds.files)), "counts": ds.counts(),
@@ -280,7 +289,7 @@ def _report(results: List[Dict[str, Any]], envelope: Dict[str, Any], complete: b
 
 
 def _goals(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The GPU round's goals, as measured: ResNet50 FP16 throughput and GPU accuracy vs CPU FP32."""
+    """The GPU goals, as measured: ResNet50 FP16 throughput and GPU accuracy vs CPU FP32."""
     gpu = [r for r in rows if r["provider"] in ("cuda", "tensorrt") and r["status"] == "ok"]
     fast = [r for r in gpu if r["backbone"] == "resnet50" and r["precision"] == "fp16"]
     best = max((r["images_per_s_b64"] for r in fast), default=None)

@@ -31,20 +31,19 @@ KIND = "graphcost"
 GRAPHS = ("domain", "heatmap")
 
 
-def _graph_nodes(path: str | Path, prefix: str) -> int:
+def _node_count(path: str | Path) -> int:
     import onnx
 
-    return sum(1 for n in onnx.load(str(path), load_external_data=False).graph.node if n.name.startswith(prefix))
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def run_graphcost(models: Sequence[str | Path], graph: str = "domain", batch: int = 1, threads: int = 1,
-                  device: str = "cpu", processes: int = 3, blocks: int = 20, warmup: int = 5, calls: int = 10,
-                  timeout: float = 600.0, out: str | Path = "benchmarks/results", name: Optional[str] = None,
+def run_graphcost(models: Sequence[str | Path], out: str | Path, graph: str = "domain", batch: int = 1,
+                  threads: int = 1, device: str = "cpu", processes: int = 3, blocks: int = 20, warmup: int = 5,
+                  calls: int = 10, timeout: float = 600.0, name: Optional[str] = None,
                   quiet: bool = False) -> Dict[str, Any]:
-    """Time each file with and without ``graph`` in ``processes`` worker processes; write the report."""
-    from cxr_export.domain import PREFIX as DOMAIN_PREFIX
-    from cxr_export.heatmap import PREFIX as HEATMAP_PREFIX
-    from cxr_export.modelio import read_spec, write_without
+    """Time each file with and without ``graph`` in ``processes`` worker processes; write the report
+    into ``out``. A file's graph nodes: those the copy without ``graph`` lacks."""
+    from .upstream import read_spec, write_without
 
     if graph not in GRAPHS:
         raise BenchError(f"--graph {graph!r}: choose {' or '.join(GRAPHS)}")
@@ -61,8 +60,7 @@ def run_graphcost(models: Sequence[str | Path], graph: str = "domain", batch: in
         on = write_without(path, Path(variants.name) / f"on{i}.onnx", [other]) if has[other] else Path(path)
         off = write_without(path, Path(variants.name) / f"off{i}.onnx", [g for g in GRAPHS if has[g]])
         subjects.append({"name": Path(path).stem, "path": str(path), "on": str(on), "off": str(off),
-                         "nodes": _graph_nodes(path, DOMAIN_PREFIX if graph == "domain" else HEATMAP_PREFIX),
-                         "processes": []})
+                         "nodes": _node_count(on) - _node_count(off), "processes": []})
     env = child_env(threads)
     flag = "domain_check" if graph == "domain" else "heatmap"
     for r in range(processes):

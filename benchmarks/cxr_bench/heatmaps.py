@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .dataset import PixelCache, list_dataset
+from .upstream import ADD_HEATMAP_HINT
 from .util import BenchError, fmt_num, md_table, new_report, say, write_report
 
 KIND = "cxr-bench/heatmaps"
@@ -76,7 +77,8 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> Optional[float]:
 def run_heatmaps(models: Sequence[str | Path], data: str | Path, out: str | Path, per_kind: int = 4,
                  threads: int = 1, batch: int = 16, name: Optional[str] = None, quiet: bool = False
                  ) -> Dict[str, Any]:
-    """Overlay grids and INT8 agreement for each model on ``data``; writes heatmaps.json / .md and a grid .jpg per model."""
+    """Overlay grids and INT8 agreement for each model on ``data``; writes heatmaps.json / .md and a grid
+    .jpg per model into ``out``."""
     from cxr_infer.classifier import Classifier
     from cxr_infer.model import ModelFile
     from cxr_infer.overlay import render_overlay
@@ -91,7 +93,7 @@ def run_heatmaps(models: Sequence[str | Path], data: str | Path, out: str | Path
         model = ModelFile(path, threads=threads)
         spec = model.spec
         if not spec.heatmap_output:
-            raise BenchError(f"{path}: has no heatmap output (add it: python -m cxr_export.heatmap {path})")
+            raise BenchError(f"{path}: has no heatmap output (add it: {ADD_HEATMAP_HINT})")
         keep = np.ones(len(ds.files), bool)
         keep[list(cache.failed)] = False
         pixels = cache.pixels(spec.image_size, spec.resize_method)[keep]

@@ -38,16 +38,11 @@ def child_env(threads: int) -> Dict[str, str]:
     import cxr_bench
     import cxr_infer
 
+    from .upstream import source_roots
+
     env = dict(os.environ)
     roots = [str(Path(cxr_bench.__file__).resolve().parents[1]), str(Path(cxr_infer.__file__).resolve().parents[1])]
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("cxr_train")
-        if spec and spec.origin:
-            roots.append(str(Path(spec.origin).resolve().parents[1]))
-    except (ImportError, ValueError):
-        pass
+    roots += source_roots()
     old = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + ([old] if old else [])))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -57,12 +52,12 @@ def child_env(threads: int) -> Dict[str, str]:
 
 def checkpoint_info(folder: str | Path) -> Dict[str, Any]:
     """Backbone, weights file and size of a cxr-train run folder (read without importing torch)."""
-    from cxr_train.checkpoint import checkpoint_summary  # torch-free
+    from .upstream import checkpoint_summary
 
     try:
         summary = checkpoint_summary(folder)
     except (FileNotFoundError, ValueError) as exc:
-        raise BenchError(f"--checkpoint {folder}: {exc} (pass a cxr-train run folder, e.g. runs/gpu2/resnet50)"
+        raise BenchError(f"--checkpoint {folder}: {exc} (pass a cxr-train run folder, e.g. runs/resnet50)"
                          ) from None
     if package_version("torch") is None:
         raise BenchError("--checkpoint needs PyTorch for the eager baseline: pip install '.[bench,train]' "
@@ -80,8 +75,8 @@ def model_info(path: str | Path) -> Dict[str, Any]:
     p = Path(path)
     spec, facts, warnings = inspect_model(p)
     return {"engine": "onnx", "path": str(p), "name": p.stem, "backbone": spec.backbone, "precision": spec.precision,
-            "domain_output": spec.domain_output, "heatmap_output": spec.heatmap_output, "file_bytes": p.stat().st_size, "sha256": sha256_file(p),
-            "graph": facts, "warnings": warnings}
+            "domain_output": spec.domain_output, "heatmap_output": spec.heatmap_output,
+            "file_bytes": p.stat().st_size, "sha256": sha256_file(p), "graph": facts, "warnings": warnings}
 
 
 def run_worker(cfg: Dict[str, Any], env: Dict[str, str], timeout: float) -> Dict[str, Any]:
@@ -134,11 +129,106 @@ def _median_or_none(values: List[Optional[float]]) -> Optional[float]:
     return float(np.median(vals)) if vals else None
 
 
-def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | Path] = (), batches: Sequence[int] = (1,),
-                threads: int = 1, device: str | Sequence[str] = "cpu", repeats: int = 3, warmup: int = 3, iterations: int = 20,
-                max_seconds: float = 10.0, timeout: float = 600.0, out: Optional[str | Path] = None,
-                name: Optional[str] = None, seed: int = 0, quiet: bool = False,
-                domain_check: str = "off", heatmap: str = "off") -> Dict[str, Any]:
+ONOFF = {"off": [False], "on": [True], "both": [False, True]}
+#: how each engine is set up, as the report states it
+SESSION_NOTE = ("cxr_infer.devices.session_options: ORT_ENABLE_ALL, sequential, intra_op_num_threads = threads, "
+                "inter_op_num_threads = 1, no spinning workers (as the Classifier)")
+OPENVINO_NOTE = ("; OpenVINO: the OpenVINO runtime on the CPU (cxr_infer.ov_session), INFERENCE_NUM_THREADS = "
+                 "threads, PERFORMANCE_HINT LATENCY, one stream, model cache as cxr_infer.devices.openvino_cache_dir "
+                 "(Load s with a warm cache after the first process)")
+INPUT_NOTE = ("ONNX: the graph input (cxr_infer.model.graph_input) of seeded random uint8 pixels, built once; "
+              "PyTorch: a seeded standard-normal tensor of the input shape")
+TORCH_NOTE = "fp32 eager, torch.inference_mode, set_num_threads(threads), interop threads 1"
+
+
+def missing_devices(devices: Sequence[str]) -> Dict[str, str]:
+    """Why each of ``devices`` cannot run here (the registry's line), for those that cannot; a
+    :class:`~cxr_infer.errors.DeviceError` when the only device asked for cannot."""
+    from cxr_infer.devices import get_device
+    from cxr_infer.errors import DeviceError
+
+    missing: Dict[str, str] = {}
+    for d in devices:
+        reason = get_device(d).missing()
+        if reason and len(devices) == 1:
+            raise DeviceError(reason)
+        if reason:
+            missing[d] = reason
+    return missing
+
+
+def plan_configs(subjects: List[Dict[str, Any]], devices: Sequence[str], batches: Sequence[int], domain_check: str,
+                 heatmap: str, torch_device: str) -> List[Dict[str, Any]]:
+    """Every configuration to measure: each model file on each device, each way of its added graphs
+    (``domain_check``, ``heatmap``: off, on or both), each batch; a checkpoint on ``torch_device``."""
+    configs: List[Dict[str, Any]] = []
+    multi = len(devices) > 1
+    for s in subjects:
+        onnx = s["engine"] == "onnx"
+        modes = ONOFF[domain_check] if onnx and s.get("domain_output") else [False]
+        maps = ONOFF[heatmap] if onnx and s.get("heatmap_output") else [False]
+        for dev in (devices if onnx else [torch_device]):
+            for dc in modes:
+                for hm in maps:
+                    subject = {**s, "domain_check": dc, "heatmap": hm, "device": dev,
+                               "name": s["name"] + (f" [{dev}]" if multi and onnx else "")
+                               + (" +domain check" if dc else "") + (" +heatmap" if hm else "")}
+                    configs += [{**subject, "batch": int(b)} for b in batches]
+    return configs
+
+
+def strip_unasked_graphs(configs: List[Dict[str, Any]], folder: Path) -> None:
+    """Point each ONNX configuration that leaves an added graph off at a copy of its file without
+    that graph (``run_path``, ``run_file_bytes``, ``removed``), one copy per file and choice."""
+    from .upstream import write_without
+
+    made: Dict[Tuple[str, bool, bool], str] = {}
+    for c in configs:
+        if c["engine"] != "onnx":
+            continue
+        strip_domain = bool(c.get("domain_output")) and not c.get("domain_check")
+        strip_map = bool(c.get("heatmap_output")) and not c.get("heatmap")
+        if strip_domain or strip_map:
+            key = (c["path"], strip_domain, strip_map)
+            if key not in made:
+                names = [g for g, strip in (("domain", strip_domain), ("heatmap", strip_map)) if strip]
+                made[key] = str(write_without(c["path"], folder / f"v{len(made)}.onnx", names))
+            c["run_path"] = made[key]
+            c["run_file_bytes"] = Path(made[key]).stat().st_size
+            c["removed"] = [g for g, on in (("domain graph", strip_domain), ("heatmap graph", strip_map)) if on]
+
+
+def measure_rounds(configs: List[Dict[str, Any]], settings: Dict[str, Any], env: Dict[str, str], timeout: float,
+                   quiet: bool = False) -> Tuple[List[List[Dict[str, Any]]], List[List[int]]]:
+    """Each configuration once per round in a fresh worker process, ``settings["repeats"]`` rounds, the
+    order rotated every round; the per-process results of each configuration, and the orders."""
+    repeats = settings["repeats"]
+    raw: List[List[Dict[str, Any]]] = [[] for _ in configs]
+    order_log: List[List[int]] = []
+    for r in range(repeats):
+        order = [(i + r) % len(configs) for i in range(len(configs))]
+        order_log.append(order)
+        for k, i in enumerate(order):
+            c = configs[i]
+            cfg = {"engine": c["engine"], "path": c.get("run_path", c["path"]), "device": c["device"],
+                   "batch": c["batch"], "domain_check": c.get("domain_check", False),
+                   "heatmap": c.get("heatmap", False),
+                   **{key: settings[key] for key in ("threads", "warmup", "iterations", "max_seconds", "seed")}}
+            res = run_worker(cfg, env, timeout)
+            res["round"] = r + 1
+            raw[i].append(res)
+            what = f"{res['error']}" if "error" in res else (
+                f"median {np.median(res['times_ms']):.2f} ms over {len(res['times_ms'])} calls, "
+                f"load {res['load_s']:.2f} s")
+            say(f"round {r + 1}/{repeats} [{k + 1}/{len(configs)}] {c['name']} batch {c['batch']}: {what}", quiet)
+    return raw, order_log
+
+
+def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | Path] = (),
+                batches: Sequence[int] = (1,), threads: int = 1, device: str | Sequence[str] = "cpu",
+                repeats: int = 3, warmup: int = 3, iterations: int = 20, max_seconds: float = 10.0,
+                timeout: float = 600.0, out: Optional[str | Path] = None, name: Optional[str] = None, seed: int = 0,
+                quiet: bool = False, domain_check: str = "off", heatmap: str = "off") -> Dict[str, Any]:
     """Measure every (model or checkpoint) x batch, ``repeats`` fresh processes each, interleaved.
 
     ``device``: one device or several (``["cpu", "openvino"]``): every model file runs on each, in
@@ -153,120 +243,47 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
     every node of a graph whatever outputs are asked for, so a graph that is in the file is paid
     for on every call.
     """
-    if domain_check not in ("off", "on", "both"):
+    if domain_check not in ONOFF:
         raise BenchError(f"--domain-check {domain_check!r}: choose off, on or both")
-    if heatmap not in ("off", "on", "both"):
+    if heatmap not in ONOFF:
         raise BenchError(f"--heatmap {heatmap!r}: choose off, on or both")
     if not models and not checkpoints:
         raise BenchError("nothing to measure: pass --model FILE.onnx and/or --checkpoint RUN_FOLDER")
     if repeats < 1 or iterations < 1 or threads < 1 or any(b < 1 for b in batches):
         raise BenchError("--repeats, --iterations, --threads and every --batch must be at least 1")
-    from cxr_infer.devices import get_device
-    from cxr_infer.errors import DeviceError
-
     devices = [device] if isinstance(device, str) else list(dict.fromkeys(device))
-    missing: Dict[str, str] = {}
-    for d in devices:  # fail (or note) before any process starts if a device is missing
-        reason = get_device(d).missing()
-        if reason and len(devices) == 1:
-            raise DeviceError(reason)
-        if reason:
-            missing[d] = reason
-    multi = len(devices) > 1
+    missing = missing_devices(devices)  # fail (or note) before any process starts if a device is missing
     torch_device = "cuda" if "cuda" in devices else "cpu"
     subjects = [model_info(m) for m in models] + [checkpoint_info(c) for c in checkpoints]
     warnings = [w for s in subjects for w in s.pop("warnings", [])]
     for w in warnings:
         say(f"warning: {w}", quiet)
-    configs: List[Dict[str, Any]] = []
-    for s in subjects:
-        modes = [False]
-        if s["engine"] == "onnx" and s.get("domain_output"):
-            modes = {"off": [False], "on": [True], "both": [False, True]}[domain_check]
-        maps = [False]
-        if s["engine"] == "onnx" and s.get("heatmap_output"):
-            maps = {"off": [False], "on": [True], "both": [False, True]}[heatmap]
-        on = devices if s["engine"] == "onnx" else [torch_device]
-        for dev in on:
-            for dc in modes:
-                for hm in maps:
-                    subject = {**s, "domain_check": dc, "heatmap": hm, "device": dev,
-                               "name": s["name"] + (f" [{dev}]" if multi and s["engine"] == "onnx" else "")
-                               + (" +domain check" if dc else "") + (" +heatmap" if hm else "")}
-                    for b in batches:
-                        configs.append({**subject, "batch": int(b)})
+    configs = plan_configs(subjects, devices, batches, domain_check, heatmap, torch_device)
     unavailable = [c for c in configs if c["engine"] == "onnx" and c["device"] in missing]
     configs = [c for c in configs if not (c["engine"] == "onnx" and c["device"] in missing)]
     for d, why in missing.items():
         warnings.append(f"device {d} not measured: {why}")
         say(f"warning: device {d} not measured: {why}", quiet)
-    from cxr_export.modelio import write_without
-
-    variants = tempfile.TemporaryDirectory(prefix="cxr-latency-")
-    made: Dict[Tuple[str, bool, bool], str] = {}
-    for c in configs:
-        if c["engine"] != "onnx":
-            continue
-        strip_domain = bool(c.get("domain_output")) and not c.get("domain_check")
-        strip_map = bool(c.get("heatmap_output")) and not c.get("heatmap")
-        if strip_domain or strip_map:
-            key = (c["path"], strip_domain, strip_map)
-            if key not in made:
-                names = [g for g, strip in (("domain", strip_domain), ("heatmap", strip_map)) if strip]
-                made[key] = str(write_without(c["path"], Path(variants.name) / f"v{len(made)}.onnx", names))
-            c["run_path"] = made[key]
-            c["run_file_bytes"] = Path(made[key]).stat().st_size
-            c["removed"] = [g for g, on in (("domain graph", strip_domain), ("heatmap graph", strip_map)) if on]
-    env = child_env(threads)
-    raw: List[List[Dict[str, Any]]] = [[] for _ in configs]
-    order_log: List[List[int]] = []
+    settings: Dict[str, Any] = {
+        "device": ",".join(devices), "devices": devices, "torch_device": torch_device, "threads": threads,
+        "batches": list(batches), "repeats": repeats, "domain_check": domain_check, "heatmap": heatmap,
+        "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed}
     machine = describe_machine(torch_used=bool(checkpoints))
-    for r in range(repeats):
-        order = [(i + r) % len(configs) for i in range(len(configs))]
-        order_log.append(order)
-        for k, i in enumerate(order):
-            c = configs[i]
-            cfg = {"engine": c["engine"], "path": c.get("run_path", c["path"]), "device": c["device"],
-                   "batch": c["batch"], "threads": threads,
-                   "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed,
-                   "domain_check": c.get("domain_check", False), "heatmap": c.get("heatmap", False)}
-            res = run_worker(cfg, env, timeout)
-            res["round"] = r + 1
-            raw[i].append(res)
-            what = f"{res['error']}" if "error" in res else \
-                f"median {np.median(res['times_ms']):.2f} ms over {len(res['times_ms'])} calls, load {res['load_s']:.2f} s"
-            say(f"round {r + 1}/{repeats} [{k + 1}/{len(configs)}] {c['name']} batch {c['batch']}: {what}", quiet)
-    variants.cleanup()
+    with tempfile.TemporaryDirectory(prefix="cxr-latency-") as variants:
+        strip_unasked_graphs(configs, Path(variants))
+        raw, settings["order"] = measure_rounds(configs, settings, child_env(threads), timeout, quiet)
     try:
         machine["load_average_end_1_5_15"] = list(os.getloadavg())
     except OSError:
         pass
-    results = []
-    for c, procs in zip(configs, raw):
-        results.append({**c, "threads": threads, **aggregate(procs, c["batch"]), "processes": procs})
-    for c in unavailable:
-        results.append({**c, "threads": threads, "error": missing[c["device"]], "unavailable": True, "processes": []})
-    report: Dict[str, Any] = {
-        **new_report(KIND), "machine": machine,
-        "settings": {"device": ",".join(devices), "devices": devices, "torch_device": torch_device, "threads": threads, "batches": list(batches), "repeats": repeats,
-                     "domain_check": domain_check, "heatmap": heatmap,
-                     "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "seed": seed,
-                     "order": order_log,
-                     "input": "ONNX: the graph input (cxr_infer.model.graph_input) of seeded random uint8 pixels, "
-                              "built once; PyTorch: a seeded standard-normal tensor of the input shape",
-                     "onnxruntime_session": "cxr_infer.model.session_options: ORT_ENABLE_ALL, sequential, "
-                                            "intra_op_num_threads = threads, inter_op_num_threads = 1, "
-                                            "no spinning workers (as the Classifier)"
-                                            + ("; OpenVINO: the OpenVINO runtime on the CPU (cxr_infer.ov_session), "
-                                               "INFERENCE_NUM_THREADS = threads, PERFORMANCE_HINT LATENCY, "
-                                               "one stream, model cache as cxr_infer.model.openvino_cache_dir "
-                                               "(Load s with a warm cache after the first process)"
-                                               if "openvino" in devices else ""),
-                     "torch": "fp32 eager, torch.inference_mode, set_num_threads(threads), interop threads 1"},
-        "results": results,
-        "warnings": warnings,
-        "comparisons": comparisons(results),
-    }
+    results = [{**c, "threads": threads, **aggregate(procs, c["batch"]), "processes": procs}
+               for c, procs in zip(configs, raw)]
+    results += [{**c, "threads": threads, "error": missing[c["device"]], "unavailable": True, "processes": []}
+                for c in unavailable]
+    settings.update(input=INPUT_NOTE, onnxruntime_session=SESSION_NOTE + (OPENVINO_NOTE if "openvino" in devices
+                                                                          else ""), torch=TORCH_NOTE)
+    report: Dict[str, Any] = {**new_report(KIND), "machine": machine, "settings": settings, "results": results,
+                              "warnings": warnings, "comparisons": comparisons(results)}
     if out is not None:
         write_latency(report, Path(out), name=name, quiet=quiet)
     return report
@@ -319,49 +336,80 @@ def comparisons(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
+OUTPUTS_NOTE = {
+    "domain_check": {"off": "the probabilities alone, from a copy of each file without its domain graph "
+                            "(domain check off, as PyTorch computes them)",
+                     "on": "probabilities and domain_score for models that have it (the file as it is, as "
+                           "Classifier runs it; rows marked +domain check)",
+                     "both": "models with domain statistics measured as they are, with the domain_score "
+                             "output (rows marked +domain check), and from a copy without the domain graph"},
+    "heatmap": {"off": "; the Grad-CAM graph removed from the copy too",
+                "on": "; plus the heatmap output (rows marked +heatmap)",
+                "both": "; models with a heatmap output measured with it (rows marked +heatmap) and from a copy "
+                        "without the Grad-CAM graph"}}
+
+
 def render_markdown(report: Dict[str, Any]) -> str:
     """The Markdown latency report: machine, settings, results table, speed-ups, method."""
-    s = report["settings"]
     L = ["# cxr-bench latency report", "", f"Created {report['created']} by cxr-bench {report['cxr_bench_version']}.",
          ""] + [f"**Warning:** {w}." for w in report.get("warnings", [])] + ([""] if report.get("warnings") else []) + [
-         "## Machine", "", machine_markdown(report["machine"]), "",
-         "## Settings", "",
-         f"- Device {s['device']}{' (PyTorch on ' + s['torch_device'] + ')' if s.get('devices') and len(s['devices']) > 1 else ''}, {s['threads']} thread(s) fixed; batch sizes {', '.join(map(str, s['batches']))}.",
-         f"- Each configuration measured in {s['repeats']} fresh process(es), interleaved in rotated order; "
-         f"per process {s['warmup']} warm-up call(s), then up to {s['iterations']} timed calls "
-         f"(fewer, at least 3, once {s['max_seconds']:g} s of timing is spent).",
-         f"- ONNX Runtime: {s['onnxruntime_session']}. PyTorch: {s['torch']}.",
-         f"- Input: {s['input']}.",
-         "- Outputs: " + {"off": "the probabilities alone, from a copy of each file without its domain graph "
-                                 "(domain check off, as PyTorch computes them)",
-                          "on": "probabilities and domain_score for models that have it (the file as it is, as "
-                                "Classifier runs it; rows marked +domain check)",
-                          "both": "models with domain statistics measured as they are, with the domain_score "
-                                  "output (rows marked +domain check), and from a copy without the domain graph"}[
-             s.get("domain_check", "off")]
-         + {"off": "; the Grad-CAM graph removed from the copy too",
-            "on": "; plus the heatmap output (rows marked +heatmap)",
-            "both": "; models with a heatmap output measured with it (rows marked +heatmap) and from a copy "
-                    "without the Grad-CAM graph"}[s.get("heatmap", "off")]
-         + ". A graph in the file costs time even when its output is not asked for: onnxruntime runs every "
-           "node, so 'off' means removed, not merely not fetched.",
-         "", "## Results", "",
-         "Median: median of the per-process medians. p90/p99: over all timed calls of all processes. "
-         "Load: session/model load time (median). Peak RSS: largest peak resident memory of any process "
-         "(interpreter and libraries included). CPU/wall: CPU seconds the process used per second of timing "
-         "(about the thread count when it had its cores; lower means other work on the machine took them, "
-         "and its times are pessimistic).", ""]
+         "## Machine", "", machine_markdown(report["machine"]), "", "## Settings", ""]
+    L += _settings_lines(report["settings"])
+    L += ["", "## Results", "",
+          "Median: median of the per-process medians. p90/p99: over all timed calls of all processes. "
+          "Load: session/model load time (median). Peak RSS: largest peak resident memory of any process "
+          "(interpreter and libraries included). CPU/wall: CPU seconds the process used per second of timing "
+          "(about the thread count when it had its cores; lower means other work on the machine took them, "
+          "and its times are pessimistic).", "", _results_table(report["results"]), ""]
+    failures = [(r, p) for r in report["results"] for p in r.get("processes", []) if p.get("error")]
+    if failures:
+        L += ["## Failed processes", "", "Left out of the figures above:", ""]
+        L += [f"- {r['name']} batch {r['batch']}, round {p.get('round', '?')}: {p['error']}" for r, p in failures]
+        L += [""]
+    if report["comparisons"]:
+        L += _speedups(report)
+    notes = [r for r in report["results"] if r.get("weights_note")]
+    if notes:
+        L += [f"- {r['name']}: file size is `{r['weights_file']}` ({r['weights_note']})." for r in notes[:1]] + [""]
+    L += ["Reproduce:", "", "```", report["command"], "```", ""]
+    return "\n".join(L)
+
+
+def _settings_lines(s: Dict[str, Any]) -> List[str]:
+    torch_on = f" (PyTorch on {s['torch_device']})" if s.get("devices") and len(s["devices"]) > 1 else ""
+    return [f"- Device {s['device']}{torch_on}, {s['threads']} thread(s) fixed; batch sizes "
+            f"{', '.join(map(str, s['batches']))}.",
+            f"- Each configuration measured in {s['repeats']} fresh process(es), interleaved in rotated order; "
+            f"per process {s['warmup']} warm-up call(s), then up to {s['iterations']} timed calls "
+            f"(fewer, at least 3, once {s['max_seconds']:g} s of timing is spent).",
+            f"- ONNX Runtime: {s['onnxruntime_session']}. PyTorch: {s['torch']}.",
+            f"- Input: {s['input']}.",
+            "- Outputs: " + OUTPUTS_NOTE["domain_check"][s.get("domain_check", "off")]
+            + OUTPUTS_NOTE["heatmap"][s.get("heatmap", "off")]
+            + ". A graph in the file costs time even when its output is not asked for: onnxruntime runs every "
+              "node, so 'off' means removed, not merely not fetched."]
+
+
+def _engine(r: Dict[str, Any]) -> str:
+    """How the results table names what ran a row: PyTorch, onnxruntime (on a device), OpenVINO."""
+    from cxr_infer.devices import DEVICES
+
+    if r["engine"] != "onnx":
+        return "PyTorch eager"
+    device = r.get("device", "cpu")
+    if device == "cpu":
+        return "onnxruntime"
+    entry = DEVICES.get(device)
+    return "OpenVINO" if entry is not None and entry.engine == "openvino" else f"onnxruntime ({device})"
+
+
+def _results_table(results: List[Dict[str, Any]]) -> str:
     rows = []
-    for r in report["results"]:
-        engine = "PyTorch eager" if r["engine"] != "onnx" else {"cpu": "onnxruntime", "openvino": "OpenVINO",
-                                                                "cuda": "onnxruntime (cuda)"}.get(r.get("device", "cpu"))
-        if r.get("unavailable"):
-            rows.append([r["name"], engine, r["precision"], r["batch"], "not available here", "", "", "", "", "",
-                         "", "", mb(r["file_bytes"])])
-            continue
-        if not r.get("median_ms"):
-            rows.append([r["name"], engine, r["precision"], r["batch"], "failed: " + str(r.get("error")), "", "", "", "", "",
-                         "", "", mb(r["file_bytes"])])
+    for r in results:
+        engine = _engine(r)
+        if r.get("unavailable") or not r.get("median_ms"):
+            status = "not available here" if r.get("unavailable") else "failed: " + str(r.get("error"))
+            rows.append([r["name"], engine, r["precision"], r["batch"], status] + [""] * 7 + [mb(r["file_bytes"])])
             continue
         pm = r["process_medians_ms"]
         rows.append([r["name"], engine, r["precision"], r["batch"], fmt_ms(r["median_ms"]), fmt_ms(r["p90_ms"]),
@@ -369,36 +417,34 @@ def render_markdown(report: Dict[str, Any]) -> str:
                      f"{fmt_ms(min(pm))} – {fmt_ms(max(pm))} ({len(pm)} × {r['timed_calls'] // max(len(pm), 1)})",
                      fmt_num(r.get("cpu_per_wall"), 2), fmt_num(r["load_s"], 2), mb(r["peak_rss_bytes"]),
                      mb(r["file_bytes"])])
-    L += [md_table(["Model", "Engine", "Precision", "Batch", "Median ms", "p90 ms", "p99 ms", "Images/s",
-                    "Process medians ms (processes × calls)", "CPU/wall", "Load s", "Peak RSS MiB", "File MiB"], rows,
-                   "lllrrrrrrrrrr"), ""]
-    failures = [(r, p) for r in report["results"] for p in r.get("processes", []) if p.get("error")]
-    if failures:
-        L += ["## Failed processes", "", "Left out of the figures above:", ""]
-        L += [f"- {r['name']} batch {r['batch']}, round {p.get('round', '?')}: {p['error']}" for r, p in failures]
-        L += [""]
-    if report["comparisons"]:
-        L += ["## Speed-ups (ratio of medians)", "",
-              md_table(["Backbone", "Batch", "Model", "Compared with", "Speed-up"],
-                       [[c["backbone"], c["batch"], c["model"],
-                         c["baseline"] if "PyTorch" in c["baseline"] else
-                         f"{c['baseline']} ({c['kind'][3:] if c['kind'].startswith('vs ') else c['kind'].split(' on vs ')[0] + ' off'})",
-                         f"{c['speedup']:.2f}x"] for c in report["comparisons"]], "lrllr"),
-              ""] + (["Session cost against per-image gain (provider vs the CPU provider, same file): the "
-                      "extra session load time divided by the gain per call is the number of calls from which the "
-                      "faster provider wins.", "",
-                      md_table(["Model", "Batch", "Extra load s", "Gain ms/call", "Crossover (calls)"],
-                               [[c["model"], c["batch"], f"{c['load_s_extra']:.3f}",
-                                 fmt_ms(_gain_ms(report, c)),
-                                 _crossover(c, _gain_ms(report, c))] for c in report["comparisons"]
-                                if "load_s_extra" in c], "lrrrr"), ""] if any("load_s_extra" in c for c in report["comparisons"]) else []) + [
-              "Speed-up = baseline median / model median (above 1: the model is faster; for the domain "
-                  "check, below 1 is its cost).", ""]
-    notes = [r for r in report["results"] if r.get("weights_note")]
-    if notes:
-        L += [f"- {r['name']}: file size is `{r['weights_file']}` ({r['weights_note']})." for r in notes[:1]] + [""]
-    L += ["Reproduce:", "", "```", report["command"], "```", ""]
-    return "\n".join(L)
+    return md_table(["Model", "Engine", "Precision", "Batch", "Median ms", "p90 ms", "p99 ms", "Images/s",
+                     "Process medians ms (processes × calls)", "CPU/wall", "Load s", "Peak RSS MiB", "File MiB"], rows,
+                    "lllrrrrrrrrrr")
+
+
+def _compared_with(c: Dict[str, Any]) -> str:
+    if "PyTorch" in c["baseline"]:
+        return c["baseline"]
+    what = c["kind"][3:] if c["kind"].startswith("vs ") else c["kind"].split(" on vs ")[0] + " off"
+    return f"{c['baseline']} ({what})"
+
+
+def _speedups(report: Dict[str, Any]) -> List[str]:
+    comps = report["comparisons"]
+    L = ["## Speed-ups (ratio of medians)", "",
+         md_table(["Backbone", "Batch", "Model", "Compared with", "Speed-up"],
+                  [[c["backbone"], c["batch"], c["model"], _compared_with(c), f"{c['speedup']:.2f}x"] for c in comps],
+                  "lrllr"), ""]
+    loads = [c for c in comps if "load_s_extra" in c]
+    if loads:
+        L += ["Session cost against per-image gain (provider vs the CPU provider, same file): the "
+              "extra session load time divided by the gain per call is the number of calls from which the "
+              "faster provider wins.", "",
+              md_table(["Model", "Batch", "Extra load s", "Gain ms/call", "Crossover (calls)"],
+                       [[c["model"], c["batch"], f"{c['load_s_extra']:.3f}", fmt_ms(_gain_ms(report, c)),
+                         _crossover(c, _gain_ms(report, c))] for c in loads], "lrrrr"), ""]
+    return L + ["Speed-up = baseline median / model median (above 1: the model is faster; for the domain "
+                "check, below 1 is its cost).", ""]
 
 
 def _gain_ms(report: Dict[str, Any], c: Dict[str, Any]) -> float:

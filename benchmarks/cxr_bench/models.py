@@ -93,11 +93,10 @@ def inspect_model(path: Path) -> Tuple[ModelSpec, Dict[str, Any], List[str]]:
     """
     from onnx import TensorProto
 
-    from cxr_export.modelio import load_onnx, spec_of
+    from .upstream import read_graph
 
     path = Path(path)
-    m = load_onnx(path)
-    spec = spec_of(m, str(path))
+    m, spec = read_graph(path)
     ops: Dict[str, int] = {}
     for node in m.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
@@ -105,9 +104,9 @@ def inspect_model(path: Path) -> Tuple[ModelSpec, Dict[str, Any], List[str]]:
     f16 = sum(1 for t in m.graph.initializer if t.data_type == TensorProto.FLOAT16)
     f32 = sum(1 for t in m.graph.initializer if t.data_type == TensorProto.FLOAT)
     implied = "int8" if quant else ("fp16" if f16 > f32 else "fp32")
+    opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
     facts = {"nodes": sum(ops.values()), "quant_ops": quant, "fp16_initializers": f16, "fp32_initializers": f32,
-             "implied_precision": implied, "opset": max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
-                                                        default=None)}
+             "implied_precision": implied, "opset": opset}
     warnings = []
     if implied != spec.precision:
         warnings.append(f"{path}: its spec says precision {spec.precision!r} but the graph looks {implied} "

@@ -89,7 +89,7 @@ def _torch_runner(cfg: Dict[str, Any]) -> Tuple[Callable[[], Any], Dict[str, Any
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    from cxr_train.checkpoint import load_checkpoint
+    from .upstream import load_checkpoint
 
     info: Dict[str, Any] = {"import_s": time.perf_counter() - t0, "torch": torch.__version__,
                             "torch_threads": torch.get_num_threads()}
@@ -168,7 +168,8 @@ def main(argv: List[str] | None = None) -> int:
     try:
         result = measure_paired(cfg) if cfg.get("mode") == "paired" else measure(cfg)
     except Exception as exc:  # reported to the parent as one line, not a traceback
-        print(MARKER + json.dumps({"error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}))
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(MARKER + json.dumps({"error": f"{exc.__class__.__name__}: {first}"}))
         return 1
     print(MARKER + json.dumps(result))
     return 0

@@ -1,6 +1,6 @@
-"""``cxr-bench summary``: merge accuracy and latency reports into ``summary.json`` + ``summary.md``.
+"""``cxr-bench summary``: every report of a folder in brief, ``summary.json`` + ``summary.md``.
 
-The contract (read by the README and by the shipping issue): ``summary.json`` is a list of
+The contract (read by the README and by anyone comparing runs): ``summary.json`` is a list of
 rows, one per (backbone, precision) model file, each with exactly these keys::
 
     backbone, precision, accuracy, auc, loss, precision_score, recall, f1, tp, fp, tn, fn,
@@ -12,21 +12,25 @@ ONNX Runtime median at batch 1 on the CPU; ``torch_latency_ms_b1`` the PyTorch e
 of the same backbone at batch 1 with the same thread count. Missing figures are ``null``.
 Accuracy and latency are joined per model file (its SHA-256); where several reports hold the
 same file, the newest (by ``created``) wins. Two files claiming the same backbone and precision
-give two rows and a warning.
+give two rows and a warning. A folder without accuracy or latency reports gives an empty list.
+
+``summary.md`` shows those rows as a table, then every report found (of any command in
+:data:`cxr_bench.commands.COMMANDS`, found by its ``kind``) in brief, as its command's
+``summary`` puts it.
 
 Example:
-    >>> rows = build_summary("benchmarks/results")     # doctest: +SKIP
+    >>> rows = write_summary("bench")                   # doctest: +SKIP
     >>> rows[0]["backbone"], rows[0]["latency_ms_b1"]  # doctest: +SKIP
     ('inception_v3', 31.2)
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .accuracy import KIND as ACCURACY_KIND
-from .latency import KIND as LATENCY_KIND
+from .commands import Command, command_for_kind
 from .util import BenchError, fmt_ms, fmt_num, fmt_pct, md_table, now_iso, say, write_json, write_text
 
 ROW_KEYS = ("backbone", "precision", "accuracy", "auc", "loss", "precision_score", "recall", "f1",
@@ -34,22 +38,38 @@ ROW_KEYS = ("backbone", "precision", "accuracy", "auc", "loss", "precision_score
 _PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
 
 
-def load_reports(results: str | Path) -> Tuple[List[Tuple[Path, Dict]], List[Tuple[Path, Dict]]]:
-    """The accuracy and latency reports (JSON, by their ``kind``) found directly in ``results``."""
-    root = Path(results)
-    if not root.is_dir():
-        raise BenchError(f"--results {root}: no such folder (run cxr-bench accuracy/latency with --out {root} first)")
-    acc, lat = [], []
-    for p in sorted(root.glob("*.json")):
-        try:
-            d = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(d, dict) and d.get("kind") == ACCURACY_KIND:
-            acc.append((p, d))
-        elif isinstance(d, dict) and d.get("kind") == LATENCY_KIND:
-            lat.append((p, d))
-    return acc, lat
+@dataclass(frozen=True)
+class Found:
+    """One report found in a results folder: how the summary names it, its path, its JSON and its command."""
+
+    label: str
+    path: Path
+    report: Dict[str, Any]
+    command: Command
+
+
+def _folders(results: str | Path | Sequence[str | Path]) -> List[Path]:
+    return [Path(results)] if isinstance(results, (str, Path)) else [Path(r) for r in results]
+
+
+def find_reports(results: str | Path | Sequence[str | Path]) -> List[Found]:
+    """Every cxr-bench report (JSON with a ``kind`` a command writes) directly in the folder(s) ``results``,
+    in folder and name order. A report is named by its file name, or ``FOLDER/FILE`` for several folders."""
+    folders = _folders(results)
+    found: List[Found] = []
+    for root in folders:
+        if not root.is_dir():
+            raise BenchError(f"--results {root}: no such folder (run a cxr-bench command with --out {root} first)")
+        for p in sorted(root.glob("*.json")):
+            try:
+                d = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            command = command_for_kind(d.get("kind")) if isinstance(d, dict) else None
+            if command is not None:
+                label = p.name if len(folders) == 1 else (Path(root.name) / p.name).as_posix()
+                found.append(Found(label, p, d, command))
+    return found
 
 
 def _identity(entry: Dict[str, Any]) -> str:
@@ -57,24 +77,26 @@ def _identity(entry: Dict[str, Any]) -> str:
     return entry.get("sha256") or str(Path(entry["path"]).resolve())
 
 
-def build_summary(results: str | Path, threads: Optional[int] = None, device: str = "cpu"
+def build_summary(results: str | Path | Sequence[str | Path], threads: Optional[int] = None, device: str = "cpu"
                   ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """Rows of the summary contract and a ``sources`` dict saying which report gave what.
 
     Accuracy and ONNX latency are joined per model file (same SHA-256), so figures of two
     different files are never merged into one row; PyTorch latency is joined by backbone.
     """
-    acc_reports, lat_reports = load_reports(results)
-    if not acc_reports and not lat_reports:
-        raise BenchError(f"{results}: no accuracy or latency reports (*.json) to summarise; run "
-                         f"`cxr-bench accuracy ... --out {results}` and `cxr-bench latency ... --out {results}` first")
+    return _rows(find_reports(results), threads, device)
+
+
+def _rows(found: List[Found], threads: Optional[int], device: str) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    acc_reports = [(f.label, f.report) for f in found if f.command.name == "accuracy"]
+    lat_reports = [(f.label, f.report) for f in found if f.command.name == "latency"]
     acc: Dict[str, Tuple[str, Dict, str]] = {}
-    for path, rep in acc_reports:
+    for label, rep in acc_reports:
         for m in rep.get("models", []):
             key = _identity(m)
             if key not in acc or rep["created"] >= acc[key][2]:
-                acc[key] = (path.name, m, rep["created"])
-    lat_rows = [(path.name, rep["created"], r) for path, rep in lat_reports for r in rep.get("results", [])
+                acc[key] = (label, m, rep["created"])
+    lat_rows = [(label, rep["created"], r) for label, rep in lat_reports for r in rep.get("results", [])
                 if r.get("batch") == 1 and r.get("device", "cpu") == device and r.get("median_ms")]
     measured_threads = sorted({r["threads"] for _, _, r in lat_rows})
     use_threads = threads if threads is not None else (max(measured_threads) if measured_threads else None)
@@ -129,18 +151,20 @@ def build_summary(results: str | Path, threads: Optional[int] = None, device: st
             sources["warnings"].append(f"{len(paths)} different model files are {b} {prec} ({', '.join(paths)}): "
                                        "accuracy and latency were measured on different files, or a report is "
                                        "stale; rerun both on the same file or remove the old report")
-    for path, rep in acc_reports:
-        sources.setdefault("data", {})[path.name] = rep["data"]["root"]
+    for label, rep in acc_reports:
+        sources.setdefault("data", {})[label] = rep["data"]["root"]
         sources["warnings"] += rep.get("warnings", [])
-    for _path, rep in lat_reports:
+    for _label, rep in lat_reports:
         sources["warnings"] += rep.get("warnings", [])
     sources["warnings"] = list(dict.fromkeys(sources["warnings"]))
-    sources["machines"] = {path.name: rep["machine"].get("cpu_model") for path, rep in lat_reports}
+    sources["machines"] = {label: rep["machine"].get("cpu_model") for label, rep in lat_reports}
     return rows, sources
 
 
-def render_markdown(rows: List[Dict[str, Any]], sources: Dict[str, Any]) -> str:
-    """``summary.md``: the rows as a table, plus where each figure came from."""
+def _table(rows: List[Dict[str, Any]], sources: Dict[str, Any]) -> List[str]:
+    """The accuracy and latency rows as a table, with where each figure came from."""
+    if not rows:
+        return ["No accuracy or latency reports: `summary.json` is an empty list.", ""]
     table = []
     for r in rows:
         speed = (r["torch_latency_ms_b1"] / r["latency_ms_b1"]
@@ -150,11 +174,10 @@ def render_markdown(rows: List[Dict[str, Any]], sources: Dict[str, Any]) -> str:
                       fmt_pct(r["precision_score"]), fmt_pct(r["recall"]), fmt_pct(r["f1"]), counts,
                       fmt_ms(r["latency_ms_b1"]), fmt_ms(r["torch_latency_ms_b1"]),
                       f"{speed:.1f}x" if speed else "n/a"])
-    L = ["# cxr-bench summary", "", f"Generated {now_iso()} from the reports in this folder (`summary.json` holds "
-         "the same rows). Metrics at each model's own decision threshold; latency: median ms per call at batch 1 "
-         f"on {sources['device']}, {sources['threads']} thread(s), each in fresh processes.", "",
-         md_table(["Backbone", "Precision", "Accuracy", "AUC", "Loss", "Precision (PPV)", "Recall", "F1",
-                   "TP/FP/TN/FN", "ORT ms (b1)", "PyTorch ms (b1)", "ORT speed-up"], table, "llrrrrrrrrrr"),
+    L = ["Metrics at each model's own decision threshold (`summary.json` holds the same rows); latency: median "
+         f"ms per call at batch 1 on {sources['device']}, {sources['threads']} thread(s), each in fresh processes.",
+         "", md_table(["Backbone", "Precision", "Accuracy", "AUC", "Loss", "Precision (PPV)", "Recall", "F1",
+                       "TP/FP/TN/FN", "ORT ms (b1)", "PyTorch ms (b1)", "ORT speed-up"], table, "llrrrrrrrrrr"),
          ""] + [f"**Warning:** {w}." for w in sources.get("warnings", [])] + (
         [""] if sources.get("warnings") else []) + ["## Sources", ""]
     for s in sources["rows"]:
@@ -166,17 +189,46 @@ def render_markdown(rows: List[Dict[str, Any]], sources: Dict[str, Any]) -> str:
         L.append(f"- data of `{name}`: `{root}`")
     for name, cpu in sources.get("machines", {}).items():
         L.append(f"- machine of `{name}`: {cpu} (details in that report)")
-    return "\n".join(L) + "\n"
+    return L + [""]
 
 
-def write_summary(results: str | Path, out: Optional[str | Path] = None, threads: Optional[int] = None,
-                  device: str = "cpu", quiet: bool = False) -> List[Dict[str, Any]]:
-    """Build the summary from ``results`` and write ``summary.json`` and ``summary.md`` to ``out``."""
-    out = Path(out) if out is not None else Path(results)
-    rows, sources = build_summary(results, threads=threads, device=device)
+def render_markdown(rows: List[Dict[str, Any]], sources: Dict[str, Any], found: Sequence[Found] = (),
+                    where: str = "this folder") -> str:
+    """``summary.md``: the rows as a table with their sources, then every report of ``found`` in brief."""
+    L = ["# cxr-bench summary", "", f"Generated {now_iso()} from the reports in {where}.", ""] + _table(rows, sources)
+    if found:
+        L += ["## Reports", ""]
+    for f in found:
+        try:
+            brief = f.command.summary(f.report)
+            text = brief.markdown or brief.line
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a report missing what its command writes
+            text = f"(not summarised: the report lacks {exc})"
+        L += [f"### `{f.label}`: cxr-bench {f.command.name}", "",
+              f"Created {f.report.get('created', '?')}: `{f.report.get('command', '?')}`.", "", text, ""]
+    return "\n".join(L)
+
+
+def write_summary(results: str | Path | Sequence[str | Path], out: Optional[str | Path] = None,
+                  threads: Optional[int] = None, device: str = "cpu", quiet: bool = False) -> List[Dict[str, Any]]:
+    """Summarise every report in the folder(s) ``results``: ``summary.json`` (the rows) and ``summary.md``
+    (the rows, then each report in brief) in ``out`` (default: the one ``results`` folder)."""
+    folders = _folders(results)
+    if out is None:
+        if len(folders) != 1:
+            raise BenchError("several results folders: say where the summary goes (--out DIR)")
+        out = folders[0]
+    out = Path(out)
+    found = find_reports(folders)
+    if not found:
+        shown = ", ".join(str(f) for f in folders) or "(no folder)"
+        raise BenchError(f"{shown}: no cxr-bench reports (*.json) to summarise; run e.g. "
+                         f"`cxr-bench accuracy ... --out {folders[0] if folders else 'DIR'}` first")
+    rows, sources = _rows(found, threads, device)
     for w in sources["warnings"]:
         say(f"warning: {w}", quiet)
+    where = f"`{folders[0]}`" if len(folders) == 1 else ", ".join(f"`{f}`" for f in folders)
     write_json(out / "summary.json", rows)
-    write_text(out / "summary.md", render_markdown(rows, sources))
-    say(f"wrote {out / 'summary.json'} ({len(rows)} rows) and summary.md", quiet)
+    write_text(out / "summary.md", render_markdown(rows, sources, found, where))
+    say(f"wrote {out / 'summary.json'} ({len(rows)} rows) and summary.md ({len(found)} reports)", quiet)
     return rows

@@ -1,0 +1,145 @@
+"""What a ``cxr-bench`` command is (:class:`Command`), and the argument types and defaults they share.
+
+Nothing here imports more than the standard library and the runtime's device registry, so that
+``cxr-bench --help`` and ``cxr-bench COMMAND --help`` start at once; a command's ``run`` imports its
+measuring module when it runs.
+
+Example:
+    >>> positive("3")
+    3
+    >>> batch_list("1,8")
+    [1, 8]
+    >>> new_out_folder("accuracy", stamp="20300101-120000").name
+    'cxr-bench-accuracy-20300101-120000'
+"""
+from __future__ import annotations
+
+import argparse
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from cxr_infer.devices import DEVICES, available_threads
+
+Report = Dict[str, Any]
+#: where every command's reports go unless --out names a folder: a new one under the current directory
+OUT_HELP = "report folder (default: a new folder ./cxr-bench-{name}-YYYYmmdd-HHMMSS, made when the report is written)"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a report says in brief: ``line``, printed when its command ends, and ``markdown``, its
+    part of ``summary.md`` (a few lines; empty when the summary table already holds it)."""
+
+    line: str
+    markdown: str = ""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``cxr-bench`` command: the entry ``cxr-bench`` builds its parser from and dispatches to.
+
+    Attributes:
+        name: the sub-command (``cxr-bench NAME``); its reports are ``NAME[-RUN].json`` / ``.md``.
+        help: one line for ``cxr-bench --help``.
+        description: the first paragraph of ``cxr-bench NAME --help``.
+        arguments: adds the command's own arguments to its sub-parser (``--out``, ``--name``,
+            ``--quiet`` and ``--summary`` are added to every command that writes a report).
+        run: ``run(args) -> (report, exit status)``; writes the report into ``args.out``.
+        summary: ``summary(report) -> Summary``, for the end of a run and for ``summary.md``.
+        epilog: the end of ``cxr-bench NAME --help``: examples, what it writes.
+        example: one typical command line, for ``cxr-bench --help``.
+        kind: the ``kind`` of the reports it writes, by which ``cxr-bench summary`` finds them;
+            None for a command that writes no such report.
+    """
+
+    name: str
+    help: str
+    description: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Tuple[Report, int]]
+    summary: Callable[[Report], Summary]
+    epilog: str = ""
+    example: str = ""
+    kind: Optional[str] = None
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; option help wrapped at spaces only, so a name such as
+    ``./cxr-bench-accuracy-YYYYmmdd-HHMMSS`` or ``--domain-check`` is never split at a hyphen."""
+
+    def _split_lines(self, text: str, width: int) -> List[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def positive(text: str) -> int:
+    """A whole number of at least 1 (argparse type)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return v
+
+
+def batch_list(text: str) -> List[int]:
+    """Comma-separated batch sizes, each at least 1 (argparse type)."""
+    try:
+        vals = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers, e.g. 1,8,32") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be at least 1, e.g. 1,8,32")
+    return vals
+
+
+def device_names() -> Tuple[str, ...]:
+    """Every device of the runtime's registry (:data:`cxr_infer.devices.DEVICES`), read when a parser is built."""
+    return tuple(DEVICES)
+
+
+def device_list(text: str) -> List[str]:
+    """Comma-separated registered devices, duplicates dropped (argparse type)."""
+    vals = [x for x in text.replace(" ", "").split(",") if x]
+    bad = [v for v in vals if v not in DEVICES]
+    if not vals or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {', '.join(DEVICES)} or several, e.g. cpu,openvino")
+    return list(dict.fromkeys(vals))
+
+
+def add_device(parser: argparse.ArgumentParser, what: str = "where to run the model files") -> None:
+    """``--device``, one of the registered devices (default cpu)."""
+    parser.add_argument("--device", choices=device_names(), default="cpu",
+                        help=f"{what}: {', '.join(device_names())} (default cpu; a device that cannot run here "
+                             "says what to install)")
+
+
+def add_threads(parser: argparse.ArgumentParser, what: str = "onnxruntime threads") -> None:
+    """``--threads N``, by default the CPUs this process may use."""
+    parser.add_argument("--threads", type=positive, default=available_threads(), metavar="N",
+                        help=f"{what} (default: the CPUs this process may use)")
+
+
+def add_report_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--out``, ``--name``, ``--quiet`` and ``--summary``: every command that writes a report has them."""
+    parser.add_argument("--out", metavar="DIR", help=OUT_HELP.format(name=name))
+    parser.add_argument("--name", metavar="NAME",
+                        help="append -NAME to the report file names (keeps several runs apart)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--summary", action="store_true",
+                        help="then refresh summary.json and summary.md in --out from every report there")
+
+
+def new_out_folder(name: str, stamp: Optional[str] = None, parent: Optional[Path] = None) -> Path:
+    """``./cxr-bench-NAME-YYYYmmdd-HHMMSS``, a folder that does not exist yet (``-2``, ``-3`` ...
+    appended when one of that name does); not made here, so a run that fails leaves nothing."""
+    parent = Path.cwd() if parent is None else parent
+    base = parent / f"cxr-bench-{name}-{stamp or time.strftime('%Y%m%d-%H%M%S')}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder

@@ -246,7 +246,8 @@ def test_a_model_without_the_output_says_how_to_add_it(tiny_model, tmp_path):
     with pytest.raises(ModelError, match="python -m cxr_export.heatmap"):
         clf.predict(np.zeros((224, 224, 3), np.uint8), heatmap=True)
     r = run_cli("--model", str(tiny_model), "--heatmap", str(tmp_path / "maps"), str(tmp_path / "x.png"))
-    assert r.returncode == 2 and "has no heatmap output" in r.stderr.decode() and r.stdout == b""  # nothing half-written
+    # nothing half-written
+    assert r.returncode == 2 and "has no heatmap output" in r.stderr.decode() and r.stdout == b""
 
 
 def test_cli_writes_one_overlay_per_input(square_model, tmp_path):

@@ -2,7 +2,7 @@
 
 Output formats (``cxr_infer.formats``), devices (``cxr_infer.devices``) and the graph additions
 the spec knows (``cxr_infer.spec.GRAPH_ADDITIONS``). The export side of the graph additions and
-the bench commands have their own registry tests (test_export.py, test_bench_reports.py).
+the bench commands have their own registry tests (test_additions.py, test_bench_registry.py).
 """
 from __future__ import annotations
 

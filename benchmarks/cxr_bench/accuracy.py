@@ -12,7 +12,7 @@ Files written to ``out`` (``-NAME`` appended to each stem when ``name`` is given
     predictions.csv    per-image probabilities of every model (anyone can recompute)
     roc.png, calibration.png   (when matplotlib is installed)
 
-Example:
+Examples:
     >>> rep = run_accuracy(["m.onnx"], "data/test", "/tmp/bench", bootstrap=200)  # doctest: +SKIP
     >>> rep["models"][0]["at_threshold"]["accuracy"]                             # doctest: +SKIP
     0.9375

@@ -5,7 +5,7 @@ that table and each run goes to its entry. Heavy imports (onnxruntime, matplotli
 inside the commands, so ``--help`` is instant. Run ``cxr-bench --help`` or ``cxr-bench COMMAND
 --help`` for examples.
 
-Example:
+Examples:
     $ cxr-bench accuracy --model models/resnet50_int8.onnx --data chest_xray/test --out bench
 """
 from __future__ import annotations

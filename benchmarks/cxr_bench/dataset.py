@@ -5,7 +5,7 @@ Layout expected by ``--data DIR``::
     DIR/NORMAL/*.jpeg
     DIR/PNEUMONIA/*.jpeg
 
-Example:
+Examples:
     >>> ds = list_dataset("chest_xray/test")                            # doctest: +SKIP
     >>> len(ds.files), ds.counts()                                      # doctest: +SKIP
     (624, {'NORMAL': 234, 'PNEUMONIA': 390})

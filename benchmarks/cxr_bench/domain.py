@@ -30,7 +30,7 @@ should be close to the test split's.
 (:func:`validation_files`) to set the operating-point table's thresholds for files that carry no
 ``domain.operating_points`` of their own (:func:`operating_table`).
 
-Example:
+Examples:
     >>> rep = run_domain(["m_int8.onnx"], "chest_xray/test", "/tmp/b")  # doctest: +SKIP
     >>> rep["models"][0]["in_domain"]["flag_rate"]                      # doctest: +SKIP
     0.0433

@@ -21,7 +21,7 @@ Every kind runs with the bench extra alone (matplotlib brings the sample photo a
 slice); scikit-image, where installed, adds its samples. Each kind's report entry names the
 images it was made from (``sources``), so runs with and without scikit-image can be told apart.
 
-Example:
+Examples:
     >>> import random
     >>> px, sources = make_noise(3, (32, 32), random.Random(0))
     >>> px.shape, sources[0]

@@ -1,6 +1,6 @@
 """``domain.md``: the out-of-domain report for people, one function per section.
 
-Example:
+Examples:
     >>> md = render_markdown(json.load(open("out/domain.json")))   # doctest: +SKIP
 """
 from __future__ import annotations

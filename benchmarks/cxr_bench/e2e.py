@@ -10,7 +10,7 @@ Two parts:
    (``open_image``), decode + RGB + resize (``load_image``), normalisation (``to_input``) and
    inference at batch 1, so decode+preprocess can be set against inference time.
 
-Example:
+Examples:
     >>> rep = run_e2e("m.onnx", "scans/", count=8)      # doctest: +SKIP
     >>> rep["per_image"]["median_ms"]["inference"]      # doctest: +SKIP
     41.2

@@ -29,7 +29,7 @@ of the input from host memory, as an embedding application pays it. TensorRT get
 optimisation profile for batches 1 to ``--throughput-batch`` so that one engine serves every
 shape here.
 
-Example:
+Examples:
     >>> rep = run_formats(["r50.onnx", "r50_int8.onnx", "r50_fp16.onnx"], "data/test", "/tmp/b",
     ...                   providers=["cpu", "cuda", "tensorrt"])               # doctest: +SKIP
     >>> [(r["provider"], r["precision"], r["status"]) for r in rep["rows"]]   # doctest: +SKIP

@@ -10,7 +10,7 @@ with the map of the same graph with every activation's quantize/dequantize pair 
 weights stay as quantized): that isolates what activation quantization does to the map. The
 figure is the Spearman rank correlation per image (median and quartiles) over the folder.
 
-Example:
+Examples:
     >>> rep = run_heatmaps(["default.onnx"], "data/test", "/tmp/hm", per_kind=3)   # doctest: +SKIP
     >>> rep["models"][0]["int8_vs_fp32_activations"]["median"]                    # doctest: +SKIP
     0.97

@@ -8,7 +8,7 @@ report gives the median of the per-process medians (the headline), p90/p99 over 
 calls pooled, the spread of the process medians, images/s, session load time, peak RSS
 and file size.
 
-Example:
+Examples:
     >>> rep = run_latency(["m_int8.onnx"], batches=[1, 8], threads=2, repeats=3)  # doctest: +SKIP
     >>> rep["results"][0]["median_ms"]                                             # doctest: +SKIP
     12.3

@@ -1,6 +1,6 @@
 """Describe the machine a benchmark ran on, from what it reports about itself (never assumed).
 
-Example:
+Examples:
     >>> info = describe_machine()
     >>> sorted(k for k in info if k.startswith("cpu_"))[:2]
     ['cpu_flags', 'cpu_isa']

@@ -1,7 +1,7 @@
 """Open a cxr model file for a benchmark: the runtime's :class:`~cxr_infer.model.ModelFile` plus
 the facts a report must show (file size, SHA-256), and what the graph itself says it is.
 
-Example:
+Examples:
     >>> m = open_model("runs/export/resnet50_int8.onnx", threads=2)   # doctest: +SKIP
     >>> m.spec.backbone, m.spec.precision, m.name                     # doctest: +SKIP
     ('resnet50', 'int8', 'resnet50_int8')
@@ -86,7 +86,7 @@ def inspect_model(path: Path) -> Tuple[ModelSpec, Dict[str, Any], List[str]]:
     float weights are float16, else ``fp32``. A spec that claims otherwise is reported (a
     report must never file an INT8 model's figures under FP32).
 
-    Example:
+    Examples:
         >>> spec, facts, warnings = inspect_model(Path("m_int8.onnx"))  # doctest: +SKIP
         >>> facts["implied_precision"], warnings                        # doctest: +SKIP
         ('int8', [])

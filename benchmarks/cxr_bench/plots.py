@@ -3,7 +3,7 @@
 matplotlib is the optional extra ``bench`` (``pip install '.[bench]'``); without it the
 reports are still written and say that the plots were skipped.
 
-Example:
+Examples:
     >>> roc_png([{"name": "m", "fpr": [0, 1], "tpr": [0, 1], "auc": 0.5}], "/tmp/roc.png")  # doctest: +SKIP
 """
 from __future__ import annotations

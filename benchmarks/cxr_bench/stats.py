@@ -5,7 +5,7 @@ replacement ``rounds`` times from a seeded generator, each metric is recomputed 
 draw, and the 2.5th and 97.5th percentiles form the 95% interval. All draws are evaluated
 at once as a weight matrix (draw x image), so 1000 rounds on 624 images take milliseconds.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> y = np.array([0, 0, 1, 1]); p = np.array([0.1, 0.6, 0.4, 0.9])
     >>> ci = bootstrap_metrics(y, p, 0.5, rounds=200, seed=0)

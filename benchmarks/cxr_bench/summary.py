@@ -18,7 +18,7 @@ give two rows and a warning. A folder without accuracy or latency reports gives 
 :data:`cxr_bench.commands.COMMANDS`, found by its ``kind``) in brief, as its command's
 ``summary`` puts it.
 
-Example:
+Examples:
     >>> rows = write_summary("bench")                   # doctest: +SKIP
     >>> rows[0]["backbone"], rows[0]["latency_ms_b1"]  # doctest: +SKIP
     ('inception_v3', 31.2)

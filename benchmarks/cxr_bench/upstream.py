@@ -11,7 +11,7 @@ module of this package imports them (``tests/test_bench_registry.py`` holds that
 except :func:`load_checkpoint` (``cxr-bench latency --checkpoint``: ``pip install 'cxr[bench,train]'``).
 Where a package is missing the error says what to install, in one line.
 
-Example:
+Examples:
     >>> from cxr_bench import upstream
     >>> graph, spec = upstream.read_graph("models/resnet50_int8.onnx")     # doctest: +SKIP
     >>> upstream.write_without("m.onnx", "/tmp/bare.onnx", ["domain"])     # doctest: +SKIP

@@ -1,6 +1,6 @@
 """Small helpers shared by the cxr-bench modules: errors, JSON, progress, formatting.
 
-Example:
+Examples:
     >>> fmt_pct(0.93751)
     '93.75%'
     >>> clean_json({"a": float("nan")})
@@ -67,7 +67,7 @@ def write_text(path: Path, text: str) -> Path:
 def new_report(kind: str, **fields: Any) -> Dict[str, Any]:
     """A report's envelope (kind, format version, time, tool version, the command) and ``fields``.
 
-    Example:
+    Examples:
         >>> new_report("cxr-bench/example", models=[])["kind"]
         'cxr-bench/example'
     """
@@ -103,7 +103,7 @@ def write_report(out: Path, base: str, name: Optional[str], report: Dict[str, An
 class Progress:
     """Progress lines on stderr: rewritten in place on a terminal, every ~10% otherwise.
 
-    Example:
+    Examples:
         >>> p = Progress("decoding", 3, enabled=False)
         >>> for _ in range(3): p.step()
         >>> p.done()

@@ -7,7 +7,7 @@ The last stdout line is ``CXR_BENCH_RESULT {json}``.
 Config keys: engine (``onnx`` or ``torch``), path, device, batch, threads, warmup,
 iterations, max_seconds, seed.
 
-Example:
+Examples:
     $ python -m cxr_bench.worker '{"engine": "onnx", "path": "m.onnx", "batch": 1, "threads": 1}'
 """
 from __future__ import annotations

@@ -32,7 +32,7 @@ from .errors import DeviceError, ModelError
 #: cores the host application needs; on a shared 2-core CPU, turning spinning off made an INT8
 #: ResNet50 run faster (about 55 vs 95 ms) as well. ``session_config`` overrides these.
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
-#: Where OpenVINO keeps compiled models (a later session of the same file skips most of the
+#: Where OpenVINO keeps compiled models (another session of the same file skips most of the
 #: compilation); ``$CXR_OPENVINO_CACHE`` overrides it, and an empty value or ``0`` turns it off.
 OPENVINO_CACHE = Path.home() / ".cache" / "cxr" / "openvino"
 #: ``auto`` on a CPU takes OpenVINO (where ``pip install 'cxr[openvino]'`` put it) for an embedded

@@ -5,7 +5,7 @@ and ``--summary`` find reports by the ``kind`` of the entry that wrote them and 
 brief as its ``summary`` says. A new command is a module here (its arguments, ``run`` and
 ``summary``; the measuring in a module of :mod:`cxr_bench`) and one entry below, plus its tests.
 
-Example:
+Examples:
     >>> list(COMMANDS)[:3]
     ['accuracy', 'latency', 'e2e']
     >>> command_for_kind("cxr-bench/accuracy").name

@@ -4,7 +4,7 @@ Nothing here imports more than the standard library and the runtime's device reg
 ``cxr-bench --help`` and ``cxr-bench COMMAND --help`` start at once; a command's ``run`` imports its
 measuring module when it runs.
 
-Example:
+Examples:
     >>> positive("3")
     3
     >>> batch_list("1,8")

@@ -259,3 +259,31 @@ def test_triton_repository_layout(exported):
     assert 'name: "features"' in cfg and "dims: [ 32 ]" in cfg
     assert "dynamic_batching" in cfg and "KIND_GPU" in cfg and "KIND_CPU" in cfg
     assert 'key: "cxr_spec"' in cfg
+
+
+def test_a_new_precision_is_one_registry_entry(run_dir, tmp_path, monkeypatch):
+    """A fake precision (a copy of the FP32 graph) gets its cxr-export flag, its file, its spec block
+    and its verdict from the table alone; the runtime then opens the file."""
+    import shutil
+
+    from cxr_export import precisions
+    from cxr_export.cli import build_parser, main
+    from cxr_infer import Classifier
+    from cxr_infer import spec as spec_module
+
+    def make_copy(job, out):
+        shutil.copy(job.fp32, out)
+        return {"copied_from": job.fp32.name}, "a byte-for-byte copy", None
+
+    monkeypatch.setitem(precisions.PRECISIONS, "fp32copy",
+                        precisions.Precision("fp32copy", "_copy", "a copy of the FP32 graph", make_copy))
+    monkeypatch.setattr(spec_module, "PRECISIONS", spec_module.PRECISIONS + ("fp32copy",))
+    assert build_parser().parse_args([str(run_dir), "--out", "m.onnx", "--fp32copy"]).fp32copy is True
+    out = tmp_path / "tiny.onnx"
+    assert main([str(run_dir), "--out", str(out), "--fp32copy", "--no-domain-stats", "--no-heatmap",
+                 "--parity-count", "0", "--threads", "1"]) == 0
+    copy = tmp_path / "tiny_copy.onnx"
+    clf = Classifier(copy, threads=1)
+    assert clf.spec.precision == "fp32copy" and clf.spec.export["fp32copy"] == {"copied_from": "tiny.onnx"}
+    assert clf.predict(np.zeros((64, 64), np.uint8)).probability == pytest.approx(
+        Classifier(out, threads=1).predict(np.zeros((64, 64), np.uint8)).probability, abs=1e-7)

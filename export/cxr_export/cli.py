@@ -11,7 +11,7 @@ from .intended import add_arguments, block_from_args
 
 EXAMPLES = """examples:
   cxr-export runs/resnet50 --out models/resnet50.onnx
-  cxr-export runs/resnet50 --out models/resnet50.onnx --int8 --calibration ../shared/data/chest_xray_224/train
+  cxr-export runs/resnet50 --out models/resnet50.onnx --int8 --calibration chest_xray/train
   cxr-export runs/resnet50 --out m.onnx --int8 --calibration DATA --calibration-method percentile \\
       --exclude-nodes /m/head/head.3/Gemm --max-drop 0.5
   cxr-export runs/resnet50 --out m.onnx --fp16 --triton triton_repo
@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="cxr-train run folder (checkpoint.json + model weights) or its weights file")
     p.add_argument("--out", required=True, help="FP32 model file to write (e.g. models/resnet50.onnx)")
-    p.add_argument("--int8", action="store_true", help="also write a static INT8 (QDQ) model, calibrated")
-    p.add_argument("--fp16", action="store_true", help="also write an FP16 model for GPUs (FP32 inputs/outputs)")
+    from .precisions import PRECISIONS
+
+    for precision in PRECISIONS.values():  # --int8, --fp16, ...: one flag per registered precision
+        p.add_argument(f"--{precision.name}", action="store_true", help=f"also write {precision.description}")
     p.add_argument("--calibration", help="training data folder (NORMAL/, PNEUMONIA/); required by --int8")
     p.add_argument("--calibration-count", type=int, default=300,
                    help="calibration images, class-balanced (default 300)")

@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional
 
 EXAMPLES = """examples:
-  cxr-train --backbone resnet50 --data ../shared/data/chest_xray_224/train --out runs/resnet50
+  cxr-train --backbone resnet50 --data chest_xray/train --out runs/resnet50
   cxr-train --backbone vgg16 --recipe reference --weights imagenet --data DATA --out runs/vgg16-ref
   cxr-train --backbone tiny --data DATA --out runs/smoke --epochs 1 --max-images 64     # smoke run
   torchrun --nproc_per_node 4 -m cxr_train.cli --backbone resnet50 --data DATA --out runs/ddp

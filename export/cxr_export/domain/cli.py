@@ -6,7 +6,7 @@ itself (:func:`cxr_export.domain.fit.add_domain_stats`); the files are updated i
 
 For example::
 
-    python -m cxr_export.domain runs/gpu2/vgg16 runs/export/vgg16_int8.onnx --data .data/train
+    python -m cxr_export.domain runs/vgg16 models/vgg16_int8.onnx --data chest_xray/train
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's options."""
     p = argparse.ArgumentParser(prog="python -m cxr_export.domain",
                                 description="Add (or refresh) out-of-domain statistics in existing cxr model files.",
-                                epilog="example: python -m cxr_export.domain runs/gpu2/vgg16 "
-                                       "runs/export/vgg16_int8.onnx --data .data/train")
+                                epilog="example: python -m cxr_export.domain runs/vgg16 "
+                                       "models/vgg16_int8.onnx --data chest_xray/train")
     p.add_argument("checkpoint", help="the cxr-train run folder of the model (its split.json says train / val)")
     p.add_argument("models", nargs="+", help="model file(s) of that run, updated in place unless --out")
     p.add_argument("--data", required=True, help="the training folder the checkpoint was trained on")

@@ -1,20 +1,10 @@
-"""FHIR R4 view of :class:`~cxr_infer.classifier.Prediction` records (``cxr-infer --format fhir``).
+"""FHIR R4 view of :class:`~cxr_infer.prediction.Prediction` records (``cxr-infer --format fhir``).
 
-Plain JSON built here (no FHIR library at run time; the tests validate it with
-``fhir.resources``): one Bundle of type ``collection`` holding
-
-* one ``Device`` for the model (names, version, SHA-256 as identifier, manufacturer cxr);
-* one ``Observation`` per classified input: ``status`` preliminary, ``category`` imaging,
-  ``code`` SNOMED CT 233604007 "Pneumonia", ``valueCodeableConcept`` Present / Absent (text:
-  the label), components for the probability and the threshold (``valueQuantity``, UCUM
-  ``1``), whether the image is within the intended use (``valueBoolean``) and each reason it
-  is not (``valueString``), ``subject`` from the DICOM PatientID where there is one,
-  ``derivedFrom`` the DICOM study and instance (``urn:oid:`` identifiers), ``device`` the model,
-  the AI-asserted security label (v3 ObservationValue ``AIAST``) and a note that it is not a
-  diagnosis;
-* an image outside the intended use that was not classified (``--reject-out-of-domain``)
-  gets an Observation with ``dataAbsentReason`` not-performed and the reasons; an input that
-  could not be read gets an ``OperationOutcome`` naming it, so the bundle loses nothing.
+Plain JSON, no FHIR library at run time: one Bundle of type ``collection`` with a ``Device`` for
+the model, an ``Observation`` per classified input (preliminary, AI-asserted, SNOMED CT coded,
+with the probability, threshold and intended-use status as components), a not-performed
+Observation for an image left unclassified outside the intended use, and an ``OperationOutcome``
+per input that failed, so the bundle loses nothing (field by field: docs/hospital.md).
 
 Examples:
     >>> from cxr_infer.prediction import Prediction

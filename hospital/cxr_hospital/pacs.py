@@ -1,32 +1,16 @@
 """``cxr-pacs``: classify the chest X-rays in an Orthanc PACS and store each result back as a DICOM SR.
 
-Talks to Orthanc over its REST API (stdlib HTTP; ``pip install 'cxr[pacs]'`` brings pydicom
-and highdicom for reading images and writing SRs; torch is never imported).
-
-* ``cxr-pacs --url URL --once``: every CR/DX/DR image instance without an SR of this model
-  is downloaded, classified, and its Comprehensive SR (:mod:`cxr_hospital.sr`) stored into the
-  same study; then it exits.
-* without ``--once``: the same pass, then it follows Orthanc's change feed (``/changes``) and
-  handles each study when Orthanc reports it stable (``StableStudy``), until SIGINT/SIGTERM.
-
-Idempotent: an SR's SOP Instance UID depends only on the source image, the model file and the
-thresholds (the decision threshold, and ``--domain-threshold`` or ``--domain-flag-rate`` where given:
-:meth:`cxr_hospital.report.ModelIdentity.sr_uid`), so an image whose SR is already in
-its study is skipped (after a restart too) and storing it twice is "already stored", never a
-duplicate. Requests that fail for a connection reason or a 5xx answer are retried with
-exponential backoff; when Orthanc stays away the pass stops with exit status 1 (``--once``)
-or waits and resumes (following), and the images left are done by the next pass. Images
-outside the model's intended use get an SR saying they were not classified and why; non-image
-instances are skipped; an image that cannot be read is one error line and the rest go on.
-
-Exit status: 0 done, 1 some images failed or Orthanc went away mid-run, 2 usage, model or
-connection error at start (Orthanc down, credentials refused).
+Talks to Orthanc's REST API over the standard library's HTTP (``pip install 'cxr[pacs]'``). With
+``--once`` every CR/DX/DR image without an SR of this model is classified and its SR stored into
+its study; without, it then follows Orthanc's change feed and handles each study when it is stable.
+Idempotent (an SR's UID is fixed by image, model and thresholds), retried with backoff when
+Orthanc does not answer; images outside the intended use get an SR saying they were not
+classified and why. Exit status: 0 done, 1 some images failed or Orthanc went away mid-run,
+2 usage, model or connection error at start. Set-up and behaviour: docs/hospital.md.
 
 Examples:
     $ cxr-pacs --url http://orthanc:8042 --username cxr --password-file /run/secrets/orthanc --once
     cxr-pacs: [1/2] instance 1.2.3.4: PNEUMONIA 0.873 -> SR 2.25.1234... stored
-    cxr-pacs: [2/2] instance 1.2.3.5: not classified (patient age 67Y is outside the intended 1-5 years) -> SR ...
-    cxr-pacs: 2 images: 1 classified, 1 not classified (outside the intended use), 0 failed; 2 SRs stored; ...
 """
 from __future__ import annotations
 

@@ -1,31 +1,15 @@
-"""DICOM Structured Report view of a :class:`~cxr_infer.classifier.Prediction` (``cxr-infer --format dicom-sr``).
+"""DICOM Structured Report view of a :class:`~cxr_infer.prediction.Prediction` (``--format dicom-sr``).
 
-One Comprehensive SR (SOP class 1.2.840.10008.5.1.4.1.1.88.33) per DICOM source image, built
-with highdicom (``pip install 'cxr[dicom]'``) as a TID 1500 *Imaging Measurement Report*:
-
-* the source's Patient and General Study modules copied, a new series (one per study and
-  model, ``Series Number`` :data:`SERIES_NUMBER`), ``Modality`` SR, ``Manufacturer`` cxr;
-  the source image listed in the Current Requested Procedure Evidence Sequence;
-* observer device (TID 1004): the model (UID from its SHA-256, name ``cxr VERSION BACKBONE
-  PRECISION``, model name = file name, serial number = SHA-256);
-* procedure reported: SNOMED CT 399208008 "Plain chest X-ray";
-* one measurement group (TID 1501): tracking identifier, the finding (SNOMED CT 233604007
-  "Pneumonia" or 17621005 "Normal"), algorithm identification (TID 4019: name, version,
-  parameters: file, backbone, precision, SHA-256, threshold), the probability of the positive
-  label and the decision threshold (NUM, UCUM "1"), "within the model's intended use"
-  (Yes/No), and the source image (IMAGE item with its SOP class and instance UIDs);
-* qualitative evaluations (TEXT): the result in words, each reason it is outside the intended
-  use, and that it is not a diagnosis.
-
-An image outside the intended use that was not classified (``--reject-out-of-domain``,
-``cxr-pacs``) gets an SR without finding or probability: "classified: No", the reasons, and
-"Not classified: ...". The SOP Instance UID depends only on the source image, the model file
-and the thresholds (the decision threshold, and the image check's where the caller set one:
-:meth:`cxr_hospital.report.ModelIdentity.sr_uid`), so writing or storing it
-twice never makes two.
+One Comprehensive SR per DICOM source image, built with highdicom (``pip install 'cxr[dicom]'``)
+as a TID 1500 Imaging Measurement Report: the source's patient and study, the model as observer
+device and algorithm, the finding coded in SNOMED CT, the probability and threshold, whether the
+image is within the intended use and why not, and that it is not a diagnosis (the content, item
+by item: docs/hospital.md). An image outside the intended use that was not classified gets an SR
+saying so, without finding or probability. The SOP Instance UID depends only on the source image,
+the model file and the thresholds (:meth:`cxr_hospital.report.ModelIdentity.sr_uid`), so writing
+or storing it twice never makes two.
 
 Examples:
-    >>> from cxr_infer import Classifier                                      # doctest: +SKIP
     >>> clf = Classifier()                                                    # doctest: +SKIP
     >>> header = read_header("chest.dcm")                                     # doctest: +SKIP
     >>> sr = build_sr(clf.predict("chest.dcm"), header, model_identity(clf))  # doctest: +SKIP

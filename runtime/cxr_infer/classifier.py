@@ -49,6 +49,11 @@ from .spec import ModelSpec, threshold_at
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.onnx"
 DEFAULT_BATCH_SIZE = 8
 
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _chunks(items: Iterable[Any], size: int) -> Iterator[List[Any]]:
     """``items`` in lists of ``size`` (the last one shorter), read lazily."""
     it = iter(items)
@@ -72,11 +77,8 @@ class Classifier:
     Args:
         model: path to a ``.onnx`` file with a ``cxr.spec`` (or its bytes); ``None`` loads the
             embedded default model.
-        device: a device of :data:`cxr_infer.devices.DEVICES` (``"cpu"``, ``"cuda"``: TensorRT, then
-            CUDA when present; ``"tensorrt"``; ``"openvino"``: the OpenVINO runtime on the CPU,
-            ``pip install 'cxr[openvino]'``) or ``"auto"``: CUDA where present, else OpenVINO where it
-            is installed (an embedded classifier pays OpenVINO's longer session start once and gains
-            on every image), else the CPU provider.
+        device: a device of :data:`cxr_infer.devices.DEVICES` (``cpu``, ``cuda``, ``tensorrt``,
+            ``openvino``) or ``auto``: CUDA where present, else OpenVINO where installed, else the CPU.
         threads: intra-op threads; default: the cores this process may use.
         threshold: overrides the spec's decision threshold.
         warmup: run one dummy batch on load so the first real call is not slow.
@@ -86,22 +88,14 @@ class Classifier:
             ``{"session.intra_op.allow_spinning": "1"}`` on a machine dedicated to inference.
         domain_check: compute the out-of-domain score when the model has domain statistics
             (default); ``False`` skips it.
-        domain_threshold: overrides the file's domain threshold (scores above it are out of domain):
-            lower flags more images, those outside the intended use and in-population ones alike.
+        domain_threshold: overrides the file's domain threshold (scores above it are out of domain).
         domain_flag_rate: the domain threshold that flags this share of the file's validation
-            images (e.g. ``0.10``), interpolated between the operating points the file carries
-            (``cxr-infer --info`` lists them). Not both ``domain_threshold`` and this.
-        header_check: check DICOM headers against the model's ``intended_use`` (default);
-            ``False`` skips it. Files without an ``intended_use`` block have no header checks.
-        images: how many images this classifier will see, when known (``cxr-infer`` passes its
-            count): with ``device="auto"``, fewer than ``cxr_infer.model.AUTO_OPENVINO_MIN_IMAGES``
-            take the CPU provider, whose session starts faster than OpenVINO's.
-        prefetch: for lists and folders, decode the next batch in one worker thread while a batch
-            runs (default; ``CXR_PREFETCH=0`` turns it off process-wide). Results keep the input
-            order. Measured on the 160 full-size Kermany originals, 2 cores, whole ``cxr-infer``
-            runs: 9% (VGG16) and 16% (ResNet50) faster on the CPU provider, 3% and 15% on
-            OpenVINO, for 7 MiB more peak memory; no change on 224 px images, whose decoding is
-            about 2% of a run.
+            images (e.g. ``0.10``), from its operating points. Not both this and ``domain_threshold``.
+        header_check: check DICOM headers against the model's ``intended_use`` (default).
+        images: how many images this classifier will see, when known: ``auto`` takes the CPU
+            provider for fewer than :data:`cxr_infer.devices.AUTO_OPENVINO_MIN_IMAGES`.
+        prefetch: for lists and folders, decode the next batch in a worker thread while one runs
+            (default; ``CXR_PREFETCH=0`` turns it off process-wide); results keep the input order.
 
     Raises:
         ModelError: the file is missing, not ONNX, or has no valid spec or the wrong graph.
@@ -126,16 +120,13 @@ class Classifier:
             model = DEFAULT_MODEL
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
+        if threshold is not None and not (_number(threshold) and 0.0 <= threshold <= 1.0):
             raise ValueError(f"threshold {threshold!r} must be a number in [0, 1]")
         if domain_threshold is not None and domain_flag_rate is not None:
             raise ValueError("give a domain threshold or a domain flag rate, not both")
-        if domain_threshold is not None and not (isinstance(domain_threshold, (int, float))
-                                                 and not isinstance(domain_threshold, bool)
-                                                 and math.isfinite(domain_threshold)):
+        if domain_threshold is not None and not _number(domain_threshold):
             raise ValueError(f"domain threshold {domain_threshold!r} must be a finite number")
-        if domain_flag_rate is not None and not (isinstance(domain_flag_rate, (int, float))
-                                                 and 0.0 < float(domain_flag_rate) < 1.0):
+        if domain_flag_rate is not None and not (_number(domain_flag_rate) and 0.0 < domain_flag_rate < 1.0):
             raise ValueError(f"domain flag rate {domain_flag_rate!r} must be a number in (0, 1), e.g. 0.10")
         #: the opened model file (session, spec, graph input): see :class:`cxr_infer.model.ModelFile`
         self.model = ModelFile(model, device=device, threads=threads, providers=providers,
@@ -152,34 +143,10 @@ class Classifier:
         self.threshold: float = float(threshold) if threshold is not None else self.spec.threshold
         self._labels = self.spec.labels
         self._pos = self.spec.positive_index
-        #: the domain threshold in use (the file's calibrated one unless overridden); None when the check
-        #: is unavailable (or turned off)
-        self.domain_threshold: Optional[float] = self.spec.domain_threshold if domain_check else None
-        #: where :attr:`domain_threshold` comes from, in words
-        self.domain_threshold_source = "the model file's" if self.domain_threshold is not None else None
-        if domain_threshold is not None or domain_flag_rate is not None:
-            what = "a domain threshold" if domain_threshold is not None else "a domain flag rate"
-            if not domain_check:
-                raise ValueError(f"{what} needs the image check (domain_check=True)")
-            if self.domain_threshold is None:
-                raise ModelError(f"{self.name}: has no domain statistics, so {what} cannot apply (add them "
-                                 "with python -m cxr_export.domain)")
-            if domain_threshold is not None:
-                self.domain_threshold = float(domain_threshold)
-                self.domain_threshold_source = "set by the caller"
-            else:
-                points = self.spec.domain_operating_points
-                if not points:
-                    raise ModelError(f"{self.name}: has no domain operating points (exported before they were "
-                                     "written); pass a domain threshold instead (--domain-threshold S, "
-                                     "domain_threshold=S: the README's 'A stricter check' gives S for the shipped "
-                                     "files, cxr-bench domain --validation for any file)")
-                try:
-                    self.domain_threshold = threshold_at(points, float(domain_flag_rate))
-                except ValueError as e:
-                    raise ModelError(f"{self.name}: {e}") from None
-                self.domain_threshold_source = (f"flags {float(domain_flag_rate):.1%} of the file's validation "
-                                                "images (its operating points)")
+        #: the domain threshold in use (the file's own unless overridden); None when the check is
+        #: unavailable or turned off; :attr:`domain_threshold_source` says where it comes from
+        self.domain_threshold, self.domain_threshold_source = self._domain_threshold(
+            domain_check, domain_threshold, domain_flag_rate)
         self._outputs = [self.spec.prob_output]
         if self.domain_threshold is not None:
             self._outputs += [self.spec.domain_output] + ([self.spec.domain_terms_output]
@@ -191,6 +158,31 @@ class Classifier:
         if warmup:
             w, h = self.spec.image_size
             self._run_all(np.zeros((self.model.static_batch or 1, h, w, 3), np.uint8))
+
+    def _domain_threshold(self, check: bool, threshold: Optional[float], rate: Optional[float]
+                          ) -> Tuple[Optional[float], Optional[str]]:
+        """The image check's threshold and where it comes from, in words."""
+        own = self.spec.domain_threshold if check else None
+        if threshold is None and rate is None:
+            return own, "the model file's" if own is not None else None
+        what = "a domain threshold" if threshold is not None else "a domain flag rate"
+        if not check:
+            raise ValueError(f"{what} needs the image check (domain_check=True)")
+        if own is None:
+            raise ModelError(f"{self.name}: has no domain statistics, so {what} cannot apply (add them "
+                             "with python -m cxr_export.domain)")
+        if threshold is not None:
+            return float(threshold), "set by the caller"
+        points = self.spec.domain_operating_points
+        if not points:
+            raise ModelError(f"{self.name}: has no domain operating points (exported before they were written); "
+                             "pass a domain threshold instead (--domain-threshold S, domain_threshold=S: "
+                             "cxr-bench domain --validation gives S for any file)")
+        try:
+            value = threshold_at(points, float(rate))
+        except ValueError as e:
+            raise ModelError(f"{self.name}: {e}") from None
+        return value, f"flags {float(rate):.1%} of the file's validation images (its operating points)"
 
     @property
     def domain_threshold_overridden(self) -> bool:

@@ -58,14 +58,11 @@ output (--format):
 {formats}
   Bad inputs are also reported on stderr, one line each; the rest are still classified.
 
-intended use and the out-of-domain check:
-  A model's intended use (for the shipped models: chest radiographs, PA/AP, of children aged
-  1-5 years) is checked against each DICOM header before inference: an adult, a lateral view,
-  a CT or a localizer is outside, with the reason in words ("patient age 67Y is outside the
-  intended 1-5 years"); a missing tag is never a reason. Models with domain statistics also
-  score how far each image lies from the X-rays they were trained on. domain "ok": inside;
-  "OUTSIDE (!): reasons": outside, so its label must not be trusted; "n/a": no check was
-  possible (the model file has no domain statistics; --info says which checks it has).
+intended use:
+  Images outside the model's intended use (for the shipped models: frontal chest radiographs of
+  children aged 1-5), by their DICOM header or by the image itself, are marked "OUTSIDE (!)"
+  with the reasons: their labels must not be trusted. "n/a": no check was possible (--info says
+  which checks the model has).
 
 exit status:
   0 all inputs classified, 1 some inputs failed, 2 usage, model or device error

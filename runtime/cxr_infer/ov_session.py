@@ -4,14 +4,9 @@
 :class:`~cxr_infer.model.ModelFile` uses (inputs, outputs, the file's metadata, ``run``), so
 everything above it (the spec checks, batching, the Classifier, the CLI and the benches) is the
 same on both engines. OpenVINO reads the ``.onnx`` file itself (its ONNX front end keeps the
-``cxr.spec`` metadata) and compiles every node of it, the domain check and the Grad-CAM graph
-included, for this CPU: any x86-64 CPU, Intel or AMD (the onnxruntime-ep-openvino plugin, the
-other way to reach OpenVINO, offers no device on AMD CPUs in its 1.8 release).
-
-Needs ``pip install 'cxr[openvino]'`` (the ``openvino`` package). Threads: OpenVINO's
-``INFERENCE_NUM_THREADS``, latency hint, one stream. Compiled models are cached in
-:func:`~cxr_infer.model.openvino_cache_dir`; the caller holds a lock on the folder while
-compiling, so two processes sharing it never read a half-written blob.
+``cxr.spec`` metadata) and compiles every node of it for this CPU, Intel or AMD (the
+onnxruntime-ep-openvino plugin offers no device on AMD CPUs). Needs ``pip install 'cxr[openvino]'``;
+the device registry (:mod:`cxr_infer.devices`) opens it with its model cache and lock.
 
 Examples:
     >>> s = OpenVINOSession("models/resnet50_int8.onnx", threads=2)    # doctest: +SKIP

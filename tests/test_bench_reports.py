@@ -9,9 +9,12 @@ import pytest
 from bench_fixtures import TEST_224, small_dataset, tiny_model
 
 from cxr_bench import cli
-from cxr_bench.summary import ROW_KEYS, build_summary
+from cxr_bench.summary import build_summary, find_reports
 
 pytestmark = pytest.mark.skipif(not TEST_224.is_dir(), reason=f"shared data not found at {TEST_224}")
+#: the keys of every row of summary.json, in order (the contract of cxr_bench.summary)
+ROW_KEYS = ("backbone", "precision", "accuracy", "auc", "loss", "precision_score", "recall", "f1",
+            "tp", "fp", "tn", "fn", "latency_ms_b1", "torch_latency_ms_b1")
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +156,7 @@ def test_summary_merges_accuracy_and_latency(bench, tmp_path):
     assert by[("vgg16", "fp32")]["latency_ms_b1"] is None
     md = (out / "summary.md").read_text()
     assert "| Backbone | Precision | Accuracy |" in md and "3.0x" in md
-    rows1, src = build_summary(out, threads=1)
+    rows1, src = build_summary(find_reports(out), threads=1)
     assert {(x["backbone"], x["precision"]): x for x in rows1}[("resnet50", "fp32")]["latency_ms_b1"] == 70.0
 
 
@@ -164,7 +167,7 @@ def test_summary_never_merges_two_different_files(bench, tmp_path):
     _latency_report(out / "latency.json", "2030-01-01T00:00:00Z", [
         {"device": "cpu", "threads": 1, "batch": 1, "engine": "onnx", "backbone": "vgg16", "precision": "fp32",
          "median_ms": 5.0, "path": str(tmp_path / "another_vgg16.onnx"), "sha256": "0" * 64}])
-    rows, src = build_summary(out)
+    rows, src = build_summary(find_reports(out))
     vgg = [r for r in rows if r["backbone"] == "vgg16"]
     assert len(vgg) == 2 and sorted(str(r["latency_ms_b1"]) for r in vgg) == ["5.0", "None"]
     assert any("different model files" in w for w in src["warnings"])

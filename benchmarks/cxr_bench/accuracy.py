@@ -1,16 +1,5 @@
-"""``cxr-bench accuracy``: every metric of one or more model files on a labelled folder.
-
-Each image is decoded once per input size (the runtime's own :func:`load_image`) and the
-pixels are shared by every model of that size. Per model: accuracy, cross-entropy loss,
-precision, recall (sensitivity), specificity, F1, ROC AUC and TP/FP/TN/FN at the model's
-threshold and at 0.5, each with a seeded 95% bootstrap interval; ROC and calibration data.
-
-Files written to ``out`` (``-NAME`` appended to each stem when ``name`` is given)::
-
-    accuracy.json      everything, machine-readable (kind "cxr-bench/accuracy")
-    accuracy.md        the report for people
-    predictions.csv    per-image probabilities of every model (anyone can recompute)
-    roc.png, calibration.png   (when matplotlib is installed)
+"""``cxr-bench accuracy``: every metric of one or more model files on a labelled folder, with
+seeded bootstrap intervals, ROC and calibration data and a per-image CSV (see docs/benchmarks.md).
 
 Examples:
     >>> rep = run_accuracy(["m.onnx"], "data/test", "/tmp/bench", bootstrap=200)  # doctest: +SKIP
@@ -30,20 +19,8 @@ from cxr_infer.metrics import binary_metrics, roc_curve
 
 from .dataset import PixelCache, list_dataset
 from .models import OnnxModel, inspect_model, open_model
-from .stats import CI_METRICS, bootstrap_metrics, calibration_bins
-from .util import (
-    BenchError,
-    Progress,
-    fmt_ci,
-    fmt_num,
-    fmt_pct,
-    mb,
-    md_table,
-    new_report,
-    report_stem,
-    say,
-    write_report,
-)
+from .stats import bootstrap_metrics, calibration_bins
+from .util import BenchError, Progress, fmt_ci, fmt_num, fmt_pct, mb, md_table, new_report, say, write_report
 
 KIND = "cxr-bench/accuracy"
 
@@ -83,11 +60,8 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
     paths = [Path(m) for m in models]
     if not paths:
         raise BenchError("no model given: pass --model FILE.onnx [FILE.onnx ...]")
-    facts: Dict[Path, Dict[str, Any]] = {}
-    warnings: List[str] = []
-    for p in paths:  # every file checked before any image is decoded
-        _, facts[p], warn = inspect_model(p)
-        warnings += warn
+    inspected = {p: inspect_model(p) for p in paths}  # every file checked before any image is decoded
+    warnings = [w for _, _, warn in inspected.values() for w in warn]
     for w in warnings:
         say(f"warning: {w}", quiet)
     ds = list_dataset(data, limit=limit)
@@ -111,20 +85,12 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
         eval_s = time.perf_counter() - t0
         y, p = y_all[keep], p_all[keep]
         fpr, tpr, thr = roc_curve(y, p)
-        entry = model.describe()
-        entry["name"] = label
-        entry["graph"] = facts[path]
         at_t = evaluate(y, p, model.spec.threshold, bootstrap, seed)
-        entry.update(
-            n_evaluated=int(keep.sum()),
-            eval_s=eval_s,
-            at_threshold=at_t,
-            at_0_5=evaluate(y, p, 0.5, bootstrap, seed),
-            roc={"fpr": fpr, "tpr": tpr, "thresholds": thr,
-                 "point": [at_t["fp"] / max(at_t["fp"] + at_t["tn"], 1), at_t["tp"] / max(at_t["tp"] + at_t["fn"], 1)]},
-            calibration=calibration_bins(y, p, bins=calibration_bins_n),
-        )
-        results.append(entry)
+        point = [at_t["fp"] / max(at_t["fp"] + at_t["tn"], 1), at_t["tp"] / max(at_t["tp"] + at_t["fn"], 1)]
+        results.append({**model.describe(), "name": label, "graph": inspected[path][1], "n_evaluated": int(keep.sum()),
+                        "eval_s": eval_s, "at_threshold": at_t, "at_0_5": evaluate(y, p, 0.5, bootstrap, seed),
+                        "roc": {"fpr": fpr, "tpr": tpr, "thresholds": thr, "point": point},
+                        "calibration": calibration_bins(y, p, bins=calibration_bins_n)})
         prob_columns[label] = p_all
         say(f"{label}: accuracy {fmt_pct(at_t['accuracy'])}, AUC {fmt_num(at_t['auc'])}, "
             f"TP {at_t['tp']} FP {at_t['fp']} TN {at_t['tn']} FN {at_t['fn']}", quiet)
@@ -149,21 +115,20 @@ def write_reports(report: Dict[str, Any], ds, prob_columns: Dict[str, np.ndarray
     from .plots import calibration_png, have_matplotlib, roc_png
 
     out.mkdir(parents=True, exist_ok=True)
-    files: Dict[str, str] = {}
-    pred_path = out / f"{report_stem('predictions', name)}.csv"
-    with open(pred_path, "w", newline="") as f:
+    suffix = f"-{name}" if name else ""
+    files = {"predictions": f"predictions{suffix}.csv"}
+    with open(out / files["predictions"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "label", "target"] + [f"p_positive:{k}" for k in prob_columns])
         for i, (fp, lab) in enumerate(zip(ds.files, ds.folder_labels)):
             w.writerow([str(fp.relative_to(ds.root)), lab, int(targets[i]) if targets is not None else ""]
                        + ["" if np.isnan(v[i]) else f"{v[i]:.6f}" for v in prob_columns.values()])
-    files["predictions"] = pred_path.name
     if plots and have_matplotlib():
         rocs = [{"name": m["name"], "fpr": m["roc"]["fpr"], "tpr": m["roc"]["tpr"], "auc": m["at_threshold"]["auc"],
                  "point": m["roc"]["point"]} for m in report["models"]]
-        files["roc_png"] = roc_png(rocs, out / f"{report_stem('roc', name)}.png").name
+        files["roc_png"] = roc_png(rocs, out / f"roc{suffix}.png").name
         cals = [{"name": m["name"], **m["calibration"]} for m in report["models"]]
-        files["calibration_png"] = calibration_png(cals, out / f"{report_stem('calibration', name)}.png").name
+        files["calibration_png"] = calibration_png(cals, out / f"calibration{suffix}.png").name
     elif plots:
         report["plots_skipped"] = "matplotlib is not installed (pip install '.[bench]')"
     report["files"] = files
@@ -190,9 +155,7 @@ def _detail_table(m: Dict[str, Any]) -> str:
     rows = []
     for title, k, pct in _ROWS:
         f = fmt_pct if pct else fmt_num
-        ct, ch = t["ci"].get(k, {}), h["ci"].get(k, {})
-        rows.append([title, f(t[k]), fmt_ci(ct.get("lo"), ct.get("hi"), pct), f(h[k]),
-                     fmt_ci(ch.get("lo"), ch.get("hi"), pct)])
+        rows.append([title, f(t[k]), fmt_ci(t["ci"].get(k), pct), f(h[k]), fmt_ci(h["ci"].get(k), pct)])
     rows.append(["TP / FP / TN / FN", f"{t['tp']} / {t['fp']} / {t['tn']} / {t['fn']}", "",
                  f"{h['tp']} / {h['fp']} / {h['tn']} / {h['fn']}", ""])
     head = ["Metric", f"at threshold {t['threshold']:.4g}", "95% CI", "at 0.5", "95% CI"]
@@ -209,7 +172,7 @@ def _confusion(m: Dict[str, Any]) -> str:
 
 
 def render_markdown(report: Dict[str, Any]) -> str:
-    """The Markdown report of an accuracy run (see the module docstring for the layout)."""
+    """The Markdown report of an accuracy run."""
     d, b, models = report["data"], report["bootstrap"], report["models"]
     counts = ", ".join(f"{v} {k}" for k, v in d["counts"].items())
     L: List[str] = ["# cxr-bench accuracy report", "",
@@ -230,10 +193,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
                     "Accuracy 95% CI", "ECE", "Brier"],
                    [[m["name"], m["backbone"], m["precision"], mb(m["file_bytes"]), f"{m['threshold']:.4g}",
                      m["n_evaluated"], fmt_num(m["at_threshold"]["auc"]),
-                     fmt_ci(m["at_threshold"]["ci"].get("auc", {}).get("lo"),
-                            m["at_threshold"]["ci"].get("auc", {}).get("hi"), pct=False),
-                     fmt_ci(m["at_threshold"]["ci"].get("accuracy", {}).get("lo"),
-                            m["at_threshold"]["ci"].get("accuracy", {}).get("hi")),
+                     fmt_ci(m["at_threshold"]["ci"].get("auc"), pct=False),
+                     fmt_ci(m["at_threshold"]["ci"].get("accuracy")),
                      fmt_num(m["calibration"]["ece"], 3), fmt_num(m["calibration"]["brier"], 3)] for m in models],
                    "lllrrrrrrrr"), ""]
     files = report.get("files", {})
@@ -269,5 +230,3 @@ def render_markdown(report: Dict[str, Any]) -> str:
         L += ["## Unreadable inputs", ""] + [f"- `{u['file']}`: {u['reason']}" for u in d["unreadable"]] + [""]
     return "\n".join(L)
 
-
-__all__ = ["run_accuracy", "render_markdown", "evaluate", "predict_all", "CI_METRICS", "KIND"]

@@ -1,34 +1,10 @@
 """``cxr-bench domain``: how well each model's out-of-domain check separates X-rays from the rest.
 
-In-domain: every image of ``--data`` (the 624-image test split; never used for fitting or
-calibration). Out-of-domain: the kinds built here (:mod:`cxr_bench.domain_kinds`: photos,
-documents, noise, transformed X-rays, other medical images), ``--count`` each.
-
-Per model and kind: the flag rate at the model's own domain threshold, and the AUROC of the
-domain score between the in-domain images and that kind (1.0: every image of the kind scores
-above every test X-ray). Every kind goes through the runtime's one preprocessing. The report is
-written by :mod:`cxr_bench.domain_report`.
-
-``--foreign DIR`` adds real images from other sources (adults, lateral views, CT): every
-sub-folder of ``DIR`` is a kind, measured like the built kinds, with the branch that decided for
-each flagged image (``domain_terms``). When ``DIR`` has a ``files.csv`` (columns ``file``,
-``finding``, ``view``, ``modality``), the classifier itself is also scored on its frontal X-rays
-whose finding is known ("No finding" is NORMAL, "inconclusive" or empty is left out, any other
-finding is PNEUMONIA): AUC and confusion counts at the model's threshold. That is a pediatric
-model outside its population (adults, other hospitals, other diseases), reported to show what an
-unflagged adult image would get, not as an accuracy claim. These images are for measuring only:
-nothing here is fitted on them.
-
-``--originals DIR`` is the opposite control: in-domain images at their *original* size (e.g.
-full-size Kermany train X-rays), read through the runtime's own decoding and resize as any
-user's file is. A test split resized offline and saved again as small JPEGs lets a test that
-reacts to that pipeline (JPEG noise, the finest scale) look excellent on foreign images, which
-take the runtime's path, while flagging real X-rays handed over at full size. Their flag rate
-should be close to the test split's.
-
-``--validation TRAIN_DIR`` rebuilds each file's validation images from its training folder
-(:func:`validation_files`) to set the operating-point table's thresholds for files that carry no
-``domain.operating_points`` of their own (:func:`operating_table`).
+Per model: the flag rate at its own domain threshold on the in-domain ``--data`` and on each
+out-of-domain kind (:mod:`cxr_bench.domain_kinds`, and ``--foreign`` sub-folders), with the
+AUROC between them; ``--originals`` is the in-domain control read the runtime's way, and
+``--validation`` sets an operating-point table (see docs/benchmarks.md). The Markdown is
+:mod:`cxr_bench.domain_report`.
 
 Examples:
     >>> rep = run_domain(["m_int8.onnx"], "chest_xray/test", "/tmp/b")  # doctest: +SKIP
@@ -55,20 +31,17 @@ from .upstream import ADD_DOMAIN_HINT, domain_operating_points, validation_split
 from .util import BenchError, fmt_pct, new_report, say, write_report
 
 KIND = "cxr-bench/domain"
-__all__ = ["KIND", "KINDS", "auroc", "run_domain", "render_markdown", "validation_files", "operating_table"]
 
 
 def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
-    """P(score of a ``pos`` item > score of a ``neg`` item), ties counted half: the ROC AUC of
-    ``pos`` against ``neg`` (:func:`cxr_infer.metrics.roc_auc`)."""
+    """The ROC AUC of ``pos`` against ``neg``: P(a ``pos`` score > a ``neg`` score), ties counted half."""
     neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
     return roc_auc(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos])
 
 
 def load_foreign(root: str | Path, size: Tuple[int, int], method: str = "bicubic"
                  ) -> Tuple[Dict[str, Tuple[np.ndarray, List[str]]], Dict[str, Dict[str, str]]]:
-    """Pixels and file names (relative to ``root``) per sub-folder of ``root``, and the rows of
-    ``root/files.csv`` by file name (empty without one)."""
+    """Pixels and file names (relative to ``root``) per sub-folder, and ``root/files.csv``'s rows by file."""
     import csv
 
     root = Path(root)
@@ -91,16 +64,14 @@ def load_foreign(root: str | Path, size: Tuple[int, int], method: str = "bicubic
 
 def load_originals(root: str | Path, size: Tuple[int, int], method: str = "bicubic"
                    ) -> Tuple[np.ndarray, List[str]]:
-    """Pixels of every image under ``root`` (recursively, sorted), read as the runtime reads a
-    user's file (its decoding, JPEG draft scaling and resize), and their names relative to ``root``."""
+    """Pixels of every image under ``root``, read as the runtime reads a user's file, and their names."""
     root = Path(root)
     files = image_files(root, "--originals needs a folder of in-domain images at their original size")
     return np.stack([load_image(f, size, method=method) for f in files]), [str(f.relative_to(root)) for f in files]
 
 
 def finding_label(row: Dict[str, str]) -> Optional[int]:
-    """1 (PNEUMONIA-like), 0 (no finding) or None (unknown) for a frontal X-ray row of files.csv;
-    None for lateral views and other modalities."""
+    """1 (a finding), 0 (no finding) or None (unknown, not a frontal X-ray) for a row of files.csv."""
     view = (row.get("view") or "").strip().upper()
     if (row.get("modality") or "X-ray").strip().lower() not in ("x-ray", "xray", "cr", "dx") or not (
             view.startswith("PA") or view.startswith("AP")):
@@ -109,7 +80,6 @@ def finding_label(row: Dict[str, str]) -> Optional[int]:
     if finding in ("", "inconclusive", "unknown"):
         return None
     return 0 if finding in ("no finding", "normal") else 1
-
 
 
 def _deciding(model, pixels: np.ndarray, batch: int, thr: float) -> Dict[str, int]:
@@ -122,7 +92,6 @@ def _deciding(model, pixels: np.ndarray, batch: int, thr: float) -> Dict[str, in
     flagged = np.asarray(score).reshape(-1) > thr
     top = np.argmax(np.asarray(terms), axis=1)
     return {n: int(np.sum(flagged & (top == j))) for j, n in enumerate(names) if np.any(flagged & (top == j))}
-
 
 
 def classifier_on_foreign(model, kinds: Dict[str, Tuple[np.ndarray, List[str]]], rows: Dict[str, Dict[str, str]],
@@ -159,8 +128,7 @@ def classifier_on_foreign(model, kinds: Dict[str, Tuple[np.ndarray, List[str]]],
 
 def flag_rate_by_source(files: List[str], scores: np.ndarray, thr: float, rows: Dict[str, Dict[str, str]]
                         ) -> Dict[str, Dict[str, Any]]:
-    """Flag rate per ``source`` (files.csv) of one kind's images, when they come from more than one:
-    a check that generalises flags each source alike, one that learned a source does not."""
+    """Flag rate per ``source`` (files.csv) of one kind's images, when they come from more than one."""
     groups: Dict[str, List[float]] = {}
     for f, v in zip(files, scores):
         groups.setdefault((rows.get(f, {}).get("source") or "").strip() or "(no source)", []).append(float(v))
@@ -171,15 +139,8 @@ def flag_rate_by_source(files: List[str], scores: np.ndarray, thr: float, rows: 
 
 
 def validation_files(train_dir: str | Path, spec: Any) -> List[Path]:
-    """The validation images of the file's training split, rebuilt from its training folder the way
-    ``cxr-train`` made it (patient-wise; the seed, validation fraction and image cap the file's
-    ``provenance.split`` records, or cxr-train's defaults where it records none) and checked
-    against the split hash the file records: in-population images the domain check was calibrated on
-    and never fitted on.
-
-    Raises:
-        BenchError: the file records no split hash, or the rebuilt split is not the file's.
-    """
+    """The validation images of the file's training split, rebuilt as ``cxr-train`` made it (from the
+    file's ``provenance.split``) and checked against its split hash; :class:`BenchError` when they differ."""
     how = spec.provenance.split
     seed, val_fraction, max_images = how.get("seed", 0), how.get("val_fraction", 0.1), how.get("max_images")
     want = str(spec.provenance.split_hash or "")
@@ -200,10 +161,8 @@ def validation_files(train_dir: str | Path, spec: Any) -> List[Path]:
 
 def operating_table(spec: Any, val_scores: Optional[np.ndarray], scores: Dict[str, np.ndarray]
                     ) -> Optional[Dict[str, Any]]:
-    """Flag rates at other thresholds than the file's own: its ``domain.operating_points`` where it has
-    them, else thresholds set on ``val_scores`` (the validation images, :func:`validation_files`) at the
-    same rates cxr-export writes. ``scores``: name -> the domain scores of each measured set. None when
-    neither is available."""
+    """Flag rates of each set of ``scores`` at the file's ``domain.operating_points``, else at thresholds
+    set on ``val_scores`` as cxr-export sets them; None when neither is available."""
     points = list(spec.domain_operating_points)
     source = "the file's domain.operating_points"
     if not points:
@@ -236,8 +195,7 @@ def _flagged(s_in: np.ndarray, s: np.ndarray, thr: float) -> Dict[str, Any]:
 
 @dataclass
 class ImageSets:
-    """Every image set a run measures, each decoded once per input size and resize rule and shared
-    by the models that need it: the in-domain folder, the built kinds and the optional folders."""
+    """Every image set a run measures, each decoded once per input size and shared by the models."""
 
     data: str | Path
     count: int
@@ -341,12 +299,7 @@ def run_domain(models: Sequence[str | Path], data: str | Path, out: str | Path, 
                kinds: Sequence[str] = KINDS, batch: int = 16, threads: int = 1, name: Optional[str] = None,
                quiet: bool = False, foreign: Optional[str | Path] = None,
                originals: Optional[str | Path] = None, validation: Optional[str | Path] = None) -> Dict[str, Any]:
-    """Measure each model's out-of-domain check; write domain.json / domain.md into ``out``.
-
-    ``foreign``: a folder whose sub-folders are real out-of-domain kinds; ``originals``: a folder
-    of in-domain images at their original size (see the module docstring); ``validation``: the
-    models' training folder, whose validation part (:func:`validation_files`) sets the thresholds
-    of the operating-point table for files that carry none (:func:`operating_table`)."""
+    """Measure each model's out-of-domain check; write domain.json / domain.md into ``out``."""
     sets = ImageSets(data, count, kinds, foreign=foreign, originals=originals, validation=validation, quiet=quiet)
     results: List[Dict[str, Any]] = []
     for path in models:

@@ -1,25 +1,7 @@
-"""The out-of-domain kinds ``cxr-bench domain`` builds, deterministically (seed 0), ``count`` each.
-
-    photos        crops of natural photographs (scikit-image's sample images where it is
-                  installed, and matplotlib's grace_hopper.jpg)
-    documents     text pages rendered with Pillow (lines of words, headings, rules; a scanner's
-                  gray background, noise and slight rotation)
-    noise         uniform colour noise, gray Gaussian noise, smooth (blurred) noise
-    inverted      test-split X-rays with inverted gray levels
-    upside_down   test-split X-rays rotated 180 degrees
-    rotated_90    test-split X-rays rotated 90 degrees
-    cropped       test-split X-rays cropped to a random 30% x 30% window (9% of the area)
-    medical_other other medical and scientific images: scikit-image's retina fundus photo,
-                  microaneurysms, immunohistochemistry and cell micrographs and Shepp-Logan CT
-                  phantom where it is installed, else matplotlib's MRI slice of a head (s1045.ima)
-    flipped_vertical  test-split X-rays flipped top to bottom (not rotated)
-    mirrored      test-split X-rays flipped left to right: a *control*, not an out-of-domain kind
-                  (the anatomy is mirrored but it is still a readable chest X-ray); its flag rate
-                  shows whether the check flags any transformation or only implausible ones
-
-Every kind runs with the bench extra alone (matplotlib brings the sample photo and the MRI
-slice); scikit-image, where installed, adds its samples. Each kind's report entry names the
-images it was made from (``sources``), so runs with and without scikit-image can be told apart.
+"""The out-of-domain kinds ``cxr-bench domain`` builds, deterministically, ``count`` each: sample
+photos, rendered documents, noise, transformed test-split X-rays and other medical images
+(:data:`KINDS`; ``cxr-bench domain --help`` describes each). matplotlib's samples suffice;
+scikit-image's are used where installed, and each kind names its ``sources``.
 
 Examples:
     >>> import random
@@ -128,7 +110,7 @@ def make_photos(count: int, size: Tuple[int, int], rng: random.Random,
 
 
 def make_documents(count: int, size: Tuple[int, int], rng: random.Random) -> Tuple[np.ndarray, List[str]]:
-    """``count`` rendered text pages (see the module doc)."""
+    """``count`` rendered text pages: words, headings and rules on a scanner's gray, noisy, tilted page."""
     from PIL import Image, ImageDraw, ImageFont
 
     imgs = []

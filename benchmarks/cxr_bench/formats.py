@@ -1,33 +1,9 @@
-"""``cxr-bench formats``: one table of every provider x precision, in the spirit of ``yolo benchmark``.
+"""``cxr-bench formats``: one table of every device x precision, in the spirit of ``yolo benchmark``.
 
-For each backbone, the files given (FP32, INT8, FP16 as ``cxr-export`` writes them; the spec
-says which is which) run on each execution provider of a row plan:
-
-    cpu       FP32, INT8          onnxruntime's CPU provider
-    cuda      FP32, FP16, INT8    onnxruntime-gpu's CUDA provider (the INT8 file as ``--device cuda``
-                                  runs the shipped models)
-    tensorrt  FP16, INT8          onnxruntime-gpu's TensorRT provider (FP16 file with FP16 kernels
-                                  allowed; the INT8 file's Q/DQ nodes as explicit quantization)
-    openvino  FP32, INT8          the OpenVINO runtime on the CPU (``pip install 'cxr[openvino]'``)
-
-``--rows all`` runs every file on every provider asked for (CPU FP16, CUDA INT8, ...).
-
-Columns per row: status (``ok``, or why not: ``skipped: ...`` where the provider or the file is
-missing, ``failed: ...`` with the error's first line), file size, accuracy and AUC on ``--data``
-at the file's own threshold with the confusion counts, median ms per call at batch 1, images/s at
-batch 64 (``--throughput-batch``), session and first-call time (a TensorRT engine is built on the
-first call; its cache folder is stated), and agreement with the CPU FP32 row of the same
-backbone (or the first CPU row where there is no FP32 file): labels agreeing and max |dp|; for
-a file with a domain check, its in-domain decisions agreeing and the largest change of the
-domain score in units of the file's domain threshold, on ``--data`` and on the unlabelled images
-of each ``--domain-data`` folder (adults, lateral views, originals: where the decisions matter),
-read as the runtime reads a user's file.
-
-Timing runs the graph on a ready input (the same array every call, probabilities only), so it
-measures the provider, not decoding or preprocessing; a GPU provider's figure includes the copy
-of the input from host memory, as an embedding application pays it. TensorRT gets one
-optimisation profile for batches 1 to ``--throughput-batch`` so that one engine serves every
-shape here.
+Each file given (FP32, INT8, FP16; the spec says which) runs on each device of a row plan
+(:data:`DEFAULT_ROWS`, or every file on every device with ``rows="all"``): status, size, accuracy
+and AUC at its own threshold, ms at batch 1, images/s, and agreement with the backbone's CPU row,
+labels and in-domain decisions (see docs/benchmarks.md). Timing runs the graph on a ready input.
 
 Examples:
     >>> rep = run_formats(["r50.onnx", "r50_int8.onnx", "r50_fp16.onnx"], "data/test", "/tmp/b",
@@ -236,9 +212,8 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
         if not keep.any():
             raise BenchError(f"{ds.root}: none of its {len(keep)} images could be read")
         say(f"{backbone} {precision} on {provider}: measuring {path.name}", quiet)
-        extra_px = extra.pixels(spec.image_size, spec.resize_method) if extra_files else None
-        if extra_px is not None and extra.failed:
-            extra_px = extra_px[[i for i in range(len(extra_files)) if i not in extra.failed]]
+        extra_px = np.delete(extra.pixels(spec.image_size, spec.resize_method), list(extra.failed), axis=0) \
+            if extra_files else None
         row = measure_row(path, spec, provider, pixels[keep], y, threads, iterations, batch, available, extra_px)
         row.update(backbone=backbone, precision=precision, trained=_trained(spec))
         say(f"{backbone} {precision} on {provider}: {row['status']}"
@@ -274,10 +249,7 @@ def _compared(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             row["domain_decisions_differ"] = int(differ.sum())
             row["domain_max_abs_dscore_rel"] = float(np.max(np.abs(a - b)) / abs(ref["domain_threshold"])) \
                 if len(a) else 0.0
-    for row in rows:
-        row.pop("probabilities", None)
-        row.pop("domain_scores", None)
-    return rows
+    return [{k: v for k, v in row.items() if k not in ("probabilities", "domain_scores")} for row in rows]
 
 
 def _report(results: List[Dict[str, Any]], envelope: Dict[str, Any], complete: bool,
@@ -307,6 +279,18 @@ def _short(status: str) -> str:
     return status[:min(cut)] if cut else status
 
 
+def _cells(r: Dict[str, Any]) -> List[str]:
+    """A row's measured cells ("-" for a row that did not run), then its agreement with the CPU row."""
+    measured = [fmt_pct(r.get("accuracy")), fmt_num(r.get("auc"), 4), f"{r['tp']} / {r['fp']} / {r['tn']} / {r['fn']}",
+                f"{r['ms_b1']:.2f}", f"{r['images_per_s_b64']:.0f}", f"{r['session_s']:.2f} + {r['first_call_s']:.2f}"
+                ] if r["status"] == "ok" else ["-"] * 6
+    labels = "reference" if r.get("is_reference") else (
+        f"{fmt_pct(r['label_agreement'], 1)}, {r['max_abs_dp']:.4f} ({r['reference']})" if r.get("reference") else "-")
+    domain = "-" if "domain_images" not in r else "reference" if r.get("is_reference") else (
+        f"{r['domain_decisions_differ']} of {r['domain_images']}, {r['domain_max_abs_dscore_rel']:.3f} x threshold")
+    return measured + [labels, domain]
+
+
 def render_markdown(report: Dict[str, Any]) -> str:
     """The table for people: one row per backbone x provider x precision."""
     m = report["machine"]
@@ -333,20 +317,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
              md_table(["Backbone", "Provider", "Precision", "Status", "Size (MB)", "Accuracy", "AUC",
                        "TP / FP / TN / FN", "ms (b1)", f"images/s (b{b})", "session + first call (s)",
                        "vs CPU: labels agree, max abs Δp", "vs CPU: in-domain decisions differ, max abs Δscore"],
-                      [[backbone(r), r["provider"], r["precision"], _short(r["status"]), f"{r['size_mb']:.1f}",
-                        fmt_pct(r.get("accuracy")) if r["status"] == "ok" else "-",
-                        fmt_num(r.get("auc"), 4) if r["status"] == "ok" else "-",
-                        f"{r['tp']} / {r['fp']} / {r['tn']} / {r['fn']}" if r["status"] == "ok" else "-",
-                        f"{r['ms_b1']:.2f}" if r["status"] == "ok" else "-",
-                        f"{r['images_per_s_b64']:.0f}" if r["status"] == "ok" else "-",
-                        f"{r['session_s']:.2f} + {r['first_call_s']:.2f}" if r["status"] == "ok" else "-",
-                        ("reference" if r.get("is_reference") else
-                         f"{fmt_pct(r['label_agreement'], 1)}, {r['max_abs_dp']:.4f} ({r['reference']})"
-                         if r.get("reference") else "-"),
-                        ("reference" if r.get("is_reference") and "domain_images" in r else
-                         f"{r['domain_decisions_differ']} of {r['domain_images']}, "
-                         f"{r['domain_max_abs_dscore_rel']:.3f} x threshold" if "domain_images" in r else "-")]
-                       for r in rows]), ""]
+                      [[backbone(r), r["provider"], r["precision"], _short(r["status"]), f"{r['size_mb']:.1f}"]
+                       + _cells(r) for r in rows]), ""]
     if not report.get("complete", True):
         lines += [f"**Partial:** {len(rows)} of the {report.get('rows_planned', '?')} planned rows; the run had not "
                   "finished when this was written (it is rewritten after every row).", ""]

@@ -1,12 +1,6 @@
-"""``cxr-bench latency``: per-call latency of model files (and PyTorch eager), fresh process each.
-
-Every configuration (model x batch size) is measured in its own new Python process
-(:mod:`cxr_bench.worker`), with fixed threads, warm-up calls first. Configurations are
-interleaved: round 1 runs every configuration once, round 2 again (in rotated order), and
-so on, so a slow spell on a shared machine hits all of them alike. Per configuration the
-report gives the median of the per-process medians (the headline), p90/p99 over all timed
-calls pooled, the spread of the process medians, images/s, session load time, peak RSS
-and file size.
+"""``cxr-bench latency``: per-call latency of model files (and PyTorch eager), each configuration
+(model x batch) in fresh worker processes (:mod:`cxr_bench.worker`), interleaved in rotated rounds so
+that a slow spell on a shared machine hits all alike (see docs/benchmarks.md).
 
 Examples:
     >>> rep = run_latency(["m_int8.onnx"], batches=[1, 8], threads=2, repeats=3)  # doctest: +SKIP
@@ -231,22 +225,13 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
                 quiet: bool = False, domain_check: str = "off", heatmap: str = "off") -> Dict[str, Any]:
     """Measure every (model or checkpoint) x batch, ``repeats`` fresh processes each, interleaved.
 
-    ``device``: one device or several (``["cpu", "openvino"]``): every model file runs on each, in
-    the same interleaved rounds; a device that is not available here is reported (rows with
-    ``unavailable``), not measured, unless it is the only one. PyTorch runs on ``cuda`` when
-    that is among them, else on the CPU.
-
-    ``domain_check``: "off" times the file *without* its domain graph (the probabilities alone, as
-    PyTorch computes them), "on" the file as it is, asking for ``domain_score`` too (what
-    ``Classifier`` runs), "both" measures such models both ways. ``heatmap`` likewise for the
-    Grad-CAM graph. "Off" removes the graph from a temporary copy of the file: onnxruntime runs
-    every node of a graph whatever outputs are asked for, so a graph that is in the file is paid
-    for on every call.
+    ``device``: one or several; a device not available here is reported, not measured, unless it
+    is the only one. ``domain_check`` and ``heatmap`` (off, on, both): "off" times a copy of the
+    file without that graph, "on" the file fetching its output too (see ``cxr-bench latency --help``).
     """
-    if domain_check not in ONOFF:
-        raise BenchError(f"--domain-check {domain_check!r}: choose off, on or both")
-    if heatmap not in ONOFF:
-        raise BenchError(f"--heatmap {heatmap!r}: choose off, on or both")
+    for option, value in (("--domain-check", domain_check), ("--heatmap", heatmap)):
+        if value not in ONOFF:
+            raise BenchError(f"{option} {value!r}: choose off, on or both")
     if not models and not checkpoints:
         raise BenchError("nothing to measure: pass --model FILE.onnx and/or --checkpoint RUN_FOLDER")
     if repeats < 1 or iterations < 1 or threads < 1 or any(b < 1 for b in batches):
@@ -285,8 +270,20 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
     report: Dict[str, Any] = {**new_report(KIND), "machine": machine, "settings": settings, "results": results,
                               "warnings": warnings, "comparisons": comparisons(results)}
     if out is not None:
-        write_latency(report, Path(out), name=name, quiet=quiet)
+        write_report(Path(out), "latency", name, report, render_markdown, quiet)
     return report
+
+
+def _same_file_kind(r: Dict[str, Any], base: Dict[str, Any]) -> Optional[str]:
+    """How ``r`` compares with ``base``, a row of the same file: another device, or an added graph on."""
+    same_dc, same_hm = r.get("domain_check") == base.get("domain_check"), r.get("heatmap") == base.get("heatmap")
+    if base.get("device", "cpu") != r.get("device", "cpu"):
+        return "vs onnxruntime CPU provider" if base.get("device", "cpu") == "cpu" and same_dc and same_hm else None
+    if r.get("heatmap") and not base.get("heatmap") and same_dc:
+        return "heatmap on vs off"
+    if r.get("domain_check") and not base.get("domain_check") and same_hm:
+        return "domain check on vs off"
+    return None
 
 
 def comparisons(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -295,44 +292,25 @@ def comparisons(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     plain = {r["path"] for r in ok if r["engine"] == "onnx" and not r.get("domain_check")}
     unmapped = {r["path"] for r in ok if r["engine"] == "onnx" and not r.get("heatmap")}
     out = []
-    for r in ok:
-        if r["engine"] != "onnx":
-            continue
+    for r in [x for x in ok if x["engine"] == "onnx"]:
         for base in ok:
-            same = base["backbone"] == r["backbone"] and base["batch"] == r["batch"] and base is not r
-            if not same:
+            if base["backbone"] != r["backbone"] or base["batch"] != r["batch"] or base is r:
                 continue
             if base["engine"] == "onnx" and base["path"] == r["path"]:
-                if base.get("device", "cpu") != r.get("device", "cpu"):
-                    if (base.get("device", "cpu") == "cpu" and r.get("domain_check") == base.get("domain_check")
-                            and r.get("heatmap") == base.get("heatmap")):
-                        out.append({"backbone": r["backbone"], "batch": r["batch"], "model": r["name"],
-                                    "baseline": base["name"], "kind": "vs onnxruntime CPU provider",
-                                    "speedup": base["median_ms"] / r["median_ms"],
-                                    "load_s_extra": r["load_s"] - base["load_s"]})
-                    continue
-                if r.get("heatmap") and not base.get("heatmap") and r.get("domain_check") == base.get("domain_check"):
-                    out.append({"backbone": r["backbone"], "batch": r["batch"], "model": r["name"],
-                                "baseline": base["name"], "kind": "heatmap on vs off",
-                                "speedup": base["median_ms"] / r["median_ms"]})
-                    continue
-                if r.get("domain_check") and not base.get("domain_check") and r.get("heatmap") == base.get("heatmap"):
-                    out.append({"backbone": r["backbone"], "batch": r["batch"], "model": r["name"],
-                                "baseline": base["name"], "kind": "domain check on vs off",
-                                "speedup": base["median_ms"] / r["median_ms"]})
-                continue
-            if any(x.get("domain_check") and x["path"] in plain for x in (r, base)):
+                kind = _same_file_kind(r, base)
+            elif any(x.get("domain_check") and x["path"] in plain for x in (r, base)):
                 continue  # like with like: the check-off row of that file stands for it
-            if any(x.get("heatmap") and x["path"] in unmapped for x in (r, base)):
+            elif any(x.get("heatmap") and x["path"] in unmapped for x in (r, base)):
                 continue  # and the heatmap-off row
-            if base["engine"] == "torch":
+            elif base["engine"] == "torch":
                 kind = "vs PyTorch eager fp32"
-            elif base["engine"] == "onnx" and base["precision"] == "fp32" and r["precision"] != "fp32":
-                kind = "vs ONNX fp32"
             else:
-                continue
-            out.append({"backbone": r["backbone"], "batch": r["batch"], "model": r["name"], "baseline": base["name"],
-                        "kind": kind, "speedup": base["median_ms"] / r["median_ms"]})
+                kind = "vs ONNX fp32" if base["precision"] == "fp32" and r["precision"] != "fp32" else None
+            if kind is not None:
+                out.append({"backbone": r["backbone"], "batch": r["batch"], "model": r["name"],
+                            "baseline": base["name"], "kind": kind, "speedup": base["median_ms"] / r["median_ms"]})
+                if kind == "vs onnxruntime CPU provider":
+                    out[-1]["load_s_extra"] = r["load_s"] - base["load_s"]
     return out
 
 
@@ -459,7 +437,3 @@ def _crossover(c: Dict[str, Any], gain_ms: float) -> str:
         return "never"
     return f"{c['load_s_extra'] * 1000.0 / gain_ms:.0f}"
 
-
-def write_latency(report: Dict[str, Any], out: Path, name: Optional[str] = None, quiet: bool = False) -> None:
-    """Write ``latency[-NAME].json`` and ``.md`` into ``out``."""
-    write_report(out, "latency", name, report, render_markdown, quiet)

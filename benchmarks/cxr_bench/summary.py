@@ -1,22 +1,14 @@
 """``cxr-bench summary``: every report of a folder in brief, ``summary.json`` + ``summary.md``.
 
-The contract (read by the README and by anyone comparing runs): ``summary.json`` is a list of
-rows, one per (backbone, precision) model file, each with exactly these keys::
+``summary.json`` is a list of rows, one per model file, each with exactly these keys::
 
     backbone, precision, accuracy, auc, loss, precision_score, recall, f1, tp, fp, tn, fn,
     latency_ms_b1, torch_latency_ms_b1
 
-``precision`` is the numeric format (fp32, int8, fp16); ``precision_score`` is the positive
-predictive value. Metrics are at the model's own decision threshold. ``latency_ms_b1`` is the
-ONNX Runtime median at batch 1 on the CPU; ``torch_latency_ms_b1`` the PyTorch eager median
-of the same backbone at batch 1 with the same thread count. Missing figures are ``null``.
-Accuracy and latency are joined per model file (its SHA-256); where several reports hold the
-same file, the newest (by ``created``) wins. Two files claiming the same backbone and precision
-give two rows and a warning. A folder without accuracy or latency reports gives an empty list.
-
-``summary.md`` shows those rows as a table, then every report found (of any command in
-:data:`cxr_bench.commands.COMMANDS`, found by its ``kind``) in brief, as its command's
-``summary`` puts it.
+``precision`` is the numeric format, ``precision_score`` the positive predictive value; metrics
+are at the model's threshold, latencies CPU medians at batch 1 (``null`` where missing). Figures
+are joined per model file (SHA-256), the newest report winning. ``summary.md`` shows the rows,
+then every report of a command in :data:`cxr_bench.commands.COMMANDS` as its ``summary`` puts it.
 
 Examples:
     >>> rows = write_summary("bench")                   # doctest: +SKIP
@@ -33,8 +25,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .commands import Command, command_for_kind
 from .util import BenchError, fmt_ms, fmt_num, fmt_pct, md_table, now_iso, say, write_json, write_text
 
-ROW_KEYS = ("backbone", "precision", "accuracy", "auc", "loss", "precision_score", "recall", "f1",
-            "tp", "fp", "tn", "fn", "latency_ms_b1", "torch_latency_ms_b1")
 _PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
 
 
@@ -77,25 +67,23 @@ def _identity(entry: Dict[str, Any]) -> str:
     return entry.get("sha256") or str(Path(entry["path"]).resolve())
 
 
-def build_summary(results: str | Path | Sequence[str | Path], threads: Optional[int] = None, device: str = "cpu"
+def _newest(table: Dict[str, Tuple[str, Dict, str]], key: str, label: str, entry: Dict, created: str) -> None:
+    if key not in table or created >= table[key][2]:
+        table[key] = (label, entry, created)
+
+
+def build_summary(found: Sequence[Found], threads: Optional[int] = None, device: str = "cpu"
                   ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-    """Rows of the summary contract and a ``sources`` dict saying which report gave what.
+    """The summary rows of the reports ``found`` and a ``sources`` dict saying which report gave what.
 
-    Accuracy and ONNX latency are joined per model file (same SHA-256), so figures of two
-    different files are never merged into one row; PyTorch latency is joined by backbone.
+    Accuracy and ONNX latency are joined per model file (same SHA-256), PyTorch latency by backbone.
     """
-    return _rows(find_reports(results), threads, device)
-
-
-def _rows(found: List[Found], threads: Optional[int], device: str) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     acc_reports = [(f.label, f.report) for f in found if f.command.name == "accuracy"]
     lat_reports = [(f.label, f.report) for f in found if f.command.name == "latency"]
     acc: Dict[str, Tuple[str, Dict, str]] = {}
     for label, rep in acc_reports:
         for m in rep.get("models", []):
-            key = _identity(m)
-            if key not in acc or rep["created"] >= acc[key][2]:
-                acc[key] = (label, m, rep["created"])
+            _newest(acc, _identity(m), label, m, rep["created"])
     lat_rows = [(label, rep["created"], r) for label, rep in lat_reports for r in rep.get("results", [])
                 if r.get("batch") == 1 and r.get("device", "cpu") == device and r.get("median_ms")]
     measured_threads = sorted({r["threads"] for _, _, r in lat_rows})
@@ -106,14 +94,10 @@ def _rows(found: List[Found], threads: Optional[int], device: str) -> Tuple[List
         if r["threads"] != use_threads:
             continue
         if r["engine"] == "onnx":
-            if r.get("domain_check"):
-                continue  # the summary compares the classification call alone (as PyTorch computes it)
-            key = _identity(r)
-            if key not in ort or created >= ort[key][2]:
-                ort[key] = (name, r, created)
+            if not r.get("domain_check"):  # the classification call alone, as PyTorch computes it
+                _newest(ort, _identity(r), name, r, created)
         elif r["engine"] == "torch":
-            if r["backbone"] not in torch or created >= torch[r["backbone"]][2]:
-                torch[r["backbone"]] = (name, r, created)
+            _newest(torch, r["backbone"], name, r, created)
 
     def sort_key(ident: str) -> Tuple:
         e = (acc.get(ident) or ort.get(ident))[1]
@@ -224,7 +208,7 @@ def write_summary(results: str | Path | Sequence[str | Path], out: Optional[str 
         shown = ", ".join(str(f) for f in folders) or "(no folder)"
         raise BenchError(f"{shown}: no cxr-bench reports (*.json) to summarise; run e.g. "
                          f"`cxr-bench accuracy ... --out {folders[0] if folders else 'DIR'}` first")
-    rows, sources = _rows(found, threads, device)
+    rows, sources = build_summary(found, threads, device)
     for w in sources["warnings"]:
         say(f"warning: {w}", quiet)
     where = f"`{folders[0]}`" if len(folders) == 1 else ", ".join(f"`{f}`" for f in folders)

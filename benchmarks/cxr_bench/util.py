@@ -44,16 +44,6 @@ def clean_json(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: Path, obj: Any) -> Path:
-    """Write ``obj`` as indented, strictly valid JSON (no NaN) atomically; return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(clean_json(obj), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def write_text(path: Path, text: str) -> Path:
     """Write ``text`` atomically, creating parent folders; return the path."""
     path = Path(path)
@@ -62,6 +52,11 @@ def write_text(path: Path, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented, strictly valid JSON (no NaN) atomically; return the path."""
+    return write_text(path, json.dumps(clean_json(obj), indent=1, allow_nan=False) + "\n")
 
 
 def new_report(kind: str, **fields: Any) -> Dict[str, Any]:
@@ -77,19 +72,11 @@ def new_report(kind: str, **fields: Any) -> Dict[str, Any]:
             "command": command_line(), **fields}
 
 
-def report_stem(base: str, name: Optional[str] = None) -> str:
-    """``base``, or ``base-NAME`` for a named run (``accuracy-test``)."""
-    return f"{base}-{name}" if name else base
-
-
 def write_report(out: Path, base: str, name: Optional[str], report: Dict[str, Any],
                  render: Callable[[Dict[str, Any]], str], quiet: bool = False) -> Dict[str, str]:
-    """Write ``report`` as ``out/STEM.json`` and its Markdown (``render(report)``) as ``out/STEM.md``.
-
-    The file names are recorded in ``report["files"]`` (kept where a command added more, such
-    as plots) before either file is written; returns that dict.
-    """
-    stem = report_stem(base, name)
+    """Write ``report`` as ``out/STEM.json`` and ``render(report)`` as ``out/STEM.md``; returns
+    ``report["files"]``, where their names are added to any the command recorded (plots, grids)."""
+    stem = f"{base}-{name}" if name else base
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = dict(report.get("files") or {}, json=f"{stem}.json", markdown=f"{stem}.md")
@@ -176,13 +163,11 @@ def fmt_ms(x: Optional[float]) -> str:
     return f"{x:.3g}"
 
 
-def fmt_ci(lo: Optional[float], hi: Optional[float], pct: bool = True, digits: Optional[int] = None) -> str:
-    """A confidence interval ``[lo, hi]`` in the same format as its point value."""
+def fmt_ci(ci: Optional[Dict[str, Any]], pct: bool = True) -> str:
+    """A confidence interval ``{"lo", "hi"}`` as ``lo – hi``, formatted like its point value."""
+    lo, hi = (ci or {}).get("lo"), (ci or {}).get("hi")
     f = fmt_pct if pct else fmt_num
-    digits = digits if digits is not None else (2 if pct else 4)
-    if _bad(lo) or _bad(hi):
-        return "n/a"
-    return f"{f(lo, digits)} – {f(hi, digits)}"
+    return "n/a" if _bad(lo) or _bad(hi) else f"{f(lo)} – {f(hi)}"
 
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: Optional[str] = None) -> str:

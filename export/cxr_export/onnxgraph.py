@@ -1,19 +1,19 @@
-"""Small helpers for editing ONNX graphs, shared by the graphs cxr adds after export.
+"""Small helpers for editing ONNX graphs, shared by the graphs cxr appends after export.
 
-The domain check and the Grad-CAM heatmap both append nodes to an exported graph: they look up
-who produces and who reads a tensor, which opset the graph uses, a tensor's element type and
-shape, and they remove what they added before adding it again (:func:`strip_prefixed`). Every
-function takes an ``onnx.ModelProto`` (or its graph) and imports ``onnx`` only when it must.
+Looking tensors up (who writes and reads them, their type and shape), writing nodes under a name
+prefix (:class:`NodeWriter`) and removing them again (:func:`strip_prefixed`). Every function
+takes an ``onnx.ModelProto`` (or its graph) and imports ``onnx`` only when it must.
 
 Examples:
-    >>> import onnx                                                           # doctest: +SKIP
     >>> model = onnx.load("m.onnx")                                           # doctest: +SKIP
     >>> producers(model.graph)["features"].op_type, opset(model)              # doctest: +SKIP
     ('Flatten', 18)
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
 
 
 def opset(model: Any) -> int:
@@ -35,19 +35,13 @@ def consumers(graph: Any) -> Dict[str, List[Any]]:
     return found
 
 
-def node_outputs(graph: Any) -> Set[str]:
-    """The names of every tensor a node of ``graph`` writes."""
-    return {o for n in graph.node for o in n.output}
-
-
 def int_attribute(node: Any, name: str, default: int) -> int:
     """The integer attribute ``name`` of ``node``, or ``default`` when it has none."""
     return next((int(a.i) for a in node.attribute if a.name == name), default)
 
 
 def inferred_values(model: Any) -> List[Any]:
-    """The value infos ONNX shape inference gives (value_info, inputs and outputs); raises when the
-    graph cannot be inferred."""
+    """The value infos ONNX shape inference gives (value_info, inputs and outputs); raises when it fails."""
     from onnx import shape_inference
 
     inferred = shape_inference.infer_shapes(model)
@@ -55,16 +49,12 @@ def inferred_values(model: Any) -> List[Any]:
 
 
 def inferred_type(model: Any, tensor: str) -> Any:
-    """``tensor``'s type (an ONNX ``TypeProto.Tensor``) by shape inference; None when unknown or when
-    the graph cannot be inferred."""
+    """``tensor``'s ``TypeProto.Tensor`` by shape inference; None when unknown or inference fails."""
     try:
         values = inferred_values(model)
     except Exception:  # onnx raises several types for a graph it cannot infer
         return None
-    for v in values:
-        if v.name == tensor and v.type.tensor_type.elem_type:
-            return v.type.tensor_type
-    return None
+    return next((v.type.tensor_type for v in values if v.name == tensor and v.type.tensor_type.elem_type), None)
 
 
 def tensor_elem_type(model: Any, tensor: str) -> int:
@@ -91,16 +81,68 @@ def channels(model: Any, tensor: str) -> Optional[int]:
     return dims[1] if len(dims) == 4 and dims[1] > 0 else None
 
 
+def keep_only(field: Any, keep: Callable[[Any], bool]) -> None:
+    """Drop the items of a repeated protobuf ``field`` (nodes, outputs, ...) for which ``keep`` is false."""
+    kept = [item for item in field if keep(item)]
+    del field[:]
+    field.extend(kept)
+
+
 def strip_prefixed(model: Any, prefix: str, outputs: Sequence[str]) -> None:
-    """Remove the nodes and initializers whose names start with ``prefix`` and the graph ``outputs``
-    (in place): how a graph added after export is taken out again, or replaced."""
+    """Remove the nodes and initializers named ``prefix...`` and the graph ``outputs`` (in place)."""
     graph = model.graph
-    keep = [n for n in graph.node if not n.name.startswith(prefix)]
-    del graph.node[:]
-    graph.node.extend(keep)
-    inits = [t for t in graph.initializer if not t.name.startswith(prefix)]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    kept_outputs = [o for o in graph.output if o.name not in outputs]
-    del graph.output[:]
-    graph.output.extend(kept_outputs)
+    keep_only(graph.node, lambda n: not n.name.startswith(prefix))
+    keep_only(graph.initializer, lambda t: not t.name.startswith(prefix))
+    keep_only(graph.output, lambda o: o.name not in outputs)
+
+
+class NodeWriter:
+    """Nodes and initializers to append to ``model``, each named ``prefix + name``.
+
+    Examples:
+        >>> w = NodeWriter(model, "cxr_x/", one=np.array(1.0, np.float32))   # doctest: +SKIP
+        >>> w.node("Mul", ["t", "cxr_x/one"], "t1")                            # doctest: +SKIP
+        'cxr_x/t1'
+    """
+
+    def __init__(self, model: Any, prefix: str, **constants: np.ndarray) -> None:
+        self.model, self.prefix, self.opset = model, prefix, opset(model)
+        self.nodes: List[Any] = []
+        self.inits: Dict[str, np.ndarray] = {prefix + key: value for key, value in constants.items()}
+
+    def node(self, op: str, inputs: List[str], name: str, outputs: Optional[List[str]] = None, **attrs: Any) -> str:
+        """Append a node writing ``prefix + name`` (or ``outputs``); returns its first output."""
+        from onnx import helper
+
+        outputs = outputs or [self.prefix + name]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=self.prefix + name, **attrs))
+        return outputs[0]
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        """An initializer ``prefix + name``; returns its name."""
+        self.inits[self.prefix + name] = value
+        return self.prefix + name
+
+    def along(self, op: str, x: str, axes: str, name: str, values: Sequence[int] = (), **attrs: Any) -> str:
+        """``op`` (a reduction, Unsqueeze) over the axes of the int64 initializer ``axes`` (made from
+        ``values`` when missing): an input where the opset takes one, else an attribute."""
+        key = self.prefix + axes
+        values = self.inits[key].tolist() if key in self.inits else list(values)
+        if self.opset < (13 if op in ("ReduceSum", "Unsqueeze") else 18):
+            return self.node(op, [x], name, axes=values, **attrs)
+        if key not in self.inits:
+            self.const(axes, np.array(values, np.int64))
+        return self.node(op, [x, key], name, **attrs)
+
+    def write_inits(self) -> None:
+        """Append the initializers to the graph (once)."""
+        from onnx import numpy_helper
+
+        self.model.graph.initializer.extend(numpy_helper.from_array(value, key) for key, value in self.inits.items())
+        self.inits = {}
+
+    def write(self) -> None:
+        """Append the initializers and the nodes to the graph (once)."""
+        self.write_inits()
+        self.model.graph.node.extend(self.nodes)
+        self.nodes = []

@@ -1,11 +1,9 @@
 """The image check as graph nodes: ``domain_score`` and ``domain_terms`` appended after the classifier.
 
-The statistics of every branch (:mod:`cxr_export.domain.stats`) become FP32 initializers of a
-few nodes appended to the graph, named under :data:`PREFIX`. The runtime then needs nothing
-but the output names and the threshold from the spec, no linear algebra of its own, and the
-classification path (``probabilities``) is untouched: same nodes, same weights, same numbers.
-One chain of nodes serves every branch (at batch 1 the check's cost is tensor reads and
-per-node dispatch more than arithmetic). The graph and its cost: ``docs/design/domain-check.md``.
+Every branch's statistics (:mod:`cxr_export.domain.stats`) become FP32 initializers of one chain
+of nodes named under :data:`PREFIX`, so the runtime reads only outputs and a threshold, and the
+classifier's nodes and probabilities are untouched. The graph and its cost:
+``docs/design/domain-check.md``.
 
 Examples:
     >>> add_domain_graph("m.onnx", branches, "m_domain.onnx")   # doctest: +SKIP
@@ -18,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..onnxgraph import opset, strip_prefixed
+from ..onnxgraph import NodeWriter, strip_prefixed
 from .stages import stage_nodes
 from .stats import LOG_EPS, STD_EPS, Branch, DomainStats, rotate180
 
@@ -34,37 +32,20 @@ def strip_domain_graph(model: Any) -> None:
     strip_prefixed(model, PREFIX, (DOMAIN_OUTPUT, TERMS_OUTPUT))
 
 
-class _Builder:
-    """The nodes and initializers being appended, and the inputs already made (each made once)."""
+class _Builder(NodeWriter):
+    """The nodes being appended, and the inputs already made (each made once)."""
 
     def __init__(self, model: Any, kernels: Optional[Dict[int, Tuple[int, int]]]) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.opset = opset(model)
+        super().__init__(model, PREFIX, axis1=np.array([1], np.int64), axis2=np.array([2], np.int64),
+                         axes123=np.array([1, 2, 3], np.int64), std_eps=np.array(STD_EPS, np.float32),
+                         log_eps=np.array(LOG_EPS, np.float32))
         self.kernels = kernels or {}
-        self.nodes: List[Any] = []
-        self.inits: Dict[str, np.ndarray] = {PREFIX + "axis1": np.array([1], np.int64),
-                                             PREFIX + "axis2": np.array([2], np.int64),
-                                             PREFIX + "axes123": np.array([1, 2, 3], np.int64),
-                                             PREFIX + "std_eps": np.array(STD_EPS, np.float32),
-                                             PREFIX + "log_eps": np.array(LOG_EPS, np.float32)}
         self.x32: Optional[str] = None  # the graph input as FP32, made once if a thumbnail needs it
         self.pooled: Dict[int, str] = {}  # grid -> raw [N, 3, grid, grid] average
         self.thumbs: Dict[int, str] = {}  # grid -> standardised, flattened [N, 3 grid grid]
         self.stages: Dict[str, str] = {}  # tensor -> its [N, 2C] channel means and standard deviations
         self.units: Dict[str, Tuple[float, np.ndarray]] = {}  # such an input in quantized units -> (scale, offset)
         self.pairs: List[Tuple[str, DomainStats]] = []  # every distinct (input, statistics) a branch needs
-
-    def node(self, op: str, ins: List[str], out: str, **kw: Any) -> str:
-        from onnx import helper
-
-        self.nodes.append(helper.make_node(op, ins, [out], name=out, **kw))
-        return out
-
-    def reduce(self, op: str, x: str, axes: str, out: str, keepdims: int) -> str:
-        if self.opset >= 18:
-            return self.node(op, [x, PREFIX + axes], out, keepdims=keepdims)
-        return self.node(op, [x], out, axes=self.inits[PREFIX + axes].tolist(), keepdims=keepdims)
 
     def kernel(self, grid: int) -> Tuple[int, int]:
         return tuple(self.kernels.get(grid, (224 // grid, 224 // grid)))
@@ -77,44 +58,40 @@ class _Builder:
             return self.pooled[grid]
         fine = next((g for g in sorted(self.pooled) if g > grid and g % grid == 0 and
                      self.kernel(grid) == tuple(k * (g // grid) for k in self.kernel(g))), None)
-        names = f"{PREFIX}thumb{grid}/"
-        if fine is not None:  # nested blocks: the coarse thumbnail is an average of the fine one (no input read)
-            k = [fine // grid] * 2
-            self.pooled[grid] = self.node("AveragePool", [self.pooled[fine]], names + "pooled", kernel_shape=k,
-                                          strides=k)
-            return self.pooled[grid]
-        source = self.graph.input[0]
-        if self.x32 is None:
-            fp32 = source.type.tensor_type.elem_type == TensorProto.FLOAT
-            self.x32 = source.name if fp32 else self.node("Cast", [source.name], PREFIX + "x32", to=TensorProto.FLOAT)
-        k = list(self.kernel(grid))
+        name, k = f"thumb{grid}/", list(self.kernel(grid))
+        source = self.model.graph.input[0]
         dims = [d.dim_value for d in source.type.tensor_type.shape.dim]
-        if len(dims) == 4 and dims[2] >= k[0] and dims[3] >= k[1]:
-            # the block averages as two MatMuls, rows then columns ([oh, H] x (x [N, C, H, W] x [W, ow])):
-            # the same sums as AveragePool, which onnxruntime ran slower on the input (profiled on
-            # InceptionV3: 65 us against 47 us for the two MatMuls)
+        if fine is not None:  # nested blocks: the coarse thumbnail averages the fine one
+            x, k = self.pooled[fine], [fine // grid] * 2
+        else:
+            if self.x32 is None:
+                fp32 = source.type.tensor_type.elem_type == TensorProto.FLOAT
+                self.x32 = source.name if fp32 else self.node("Cast", [source.name], "x32", to=TensorProto.FLOAT)
+            x = self.x32
+        if fine is None and len(dims) == 4 and dims[2] >= k[0] and dims[3] >= k[1]:
+            # two MatMuls, rows then columns: [oh, H] x (x [N, C, H, W] x [W, ow])
             rows = np.kron(np.eye(dims[2] // k[0]), np.full((1, k[0]), 1.0 / k[0]))
             cols = np.kron(np.eye(dims[3] // k[1]), np.full((k[1], 1), 1.0 / k[1]))
-            self.inits[names + "rows"] = np.pad(rows, ((0, 0), (0, dims[2] - rows.shape[1]))).astype(np.float32)
-            self.inits[names + "cols"] = np.pad(cols, ((0, dims[3] - cols.shape[0]), (0, 0))).astype(np.float32)
-            by_columns = self.node("MatMul", [self.x32, names + "cols"], names + "pooled_w")
-            self.pooled[grid] = self.node("MatMul", [names + "rows", by_columns], names + "pooled")
+            rows = self.const(name + "rows", np.pad(rows, ((0, 0), (0, dims[2] - rows.shape[1]))).astype(np.float32))
+            cols = self.const(name + "cols", np.pad(cols, ((0, dims[3] - cols.shape[0]), (0, 0))).astype(np.float32))
+            self.pooled[grid] = self.node("MatMul", [rows, self.node("MatMul", [x, cols], name + "pooled_w")],
+                                          name + "pooled")
         else:
-            self.pooled[grid] = self.node("AveragePool", [self.x32], names + "pooled", kernel_shape=k, strides=k)
+            self.pooled[grid] = self.node("AveragePool", [x], name + "pooled", kernel_shape=k, strides=k)
         return self.pooled[grid]
 
     def thumbnail(self, grid: int) -> str:
         """The standardised, flattened [N, 3 grid grid] thumbnail of the graph input."""
         if grid not in self.thumbs:
-            names = f"{PREFIX}thumb{grid}/"
+            name = f"thumb{grid}/"
             x = self.pool(grid)
-            centred = self.node("Sub", [x, self.reduce("ReduceMean", x, "axes123", names + "mean", 1)],
-                                names + "centred")
-            var = self.reduce("ReduceMean", self.node("Mul", [centred, centred], names + "sq"), "axes123",
-                              names + "var", 1)
-            sd = self.node("Sqrt", [self.node("Add", [var, PREFIX + "std_eps"], names + "var_eps")], names + "sd")
-            self.thumbs[grid] = self.node("Flatten", [self.node("Div", [centred, sd], names + "std")],
-                                          names + "flat", axis=1)
+            centred = self.node("Sub", [x, self.along("ReduceMean", x, "axes123", name + "mean", keepdims=1)],
+                                name + "centred")
+            var = self.along("ReduceMean", self.node("Mul", [centred, centred], name + "sq"), "axes123",
+                             name + "var", keepdims=1)
+            sd = self.node("Sqrt", [self.node("Add", [var, PREFIX + "std_eps"], name + "var_eps")], name + "sd")
+            self.thumbs[grid] = self.node("Flatten", [self.node("Div", [centred, sd], name + "std")], name + "flat",
+                                          axis=1)
         return self.thumbs[grid]
 
     def stage(self, tensor: str, row_step: int) -> str:
@@ -140,7 +117,7 @@ class _Builder:
 def _read_branches(b: _Builder, branches: List[Branch], model_path: str | Path) -> List[Tuple[str, List[int]]]:
     """Make every branch's input; per branch, its kind and the pairs it reads (distance: one,
     orientation: the upright and the rotated thumbnail)."""
-    outputs = [o.name for o in b.graph.output]
+    outputs = [o.name for o in b.model.graph.output]
     for grid in sorted({br.grid for br in branches if br.source == "thumbnail"}, reverse=True):
         b.pool(grid)  # finest first, so coarser ones can average it
     uses: List[Tuple[str, List[int]]] = []
@@ -159,8 +136,7 @@ def _read_branches(b: _Builder, branches: List[Branch], model_path: str | Path) 
             if br.source != "thumbnail":
                 raise ValueError("the orientation branch works on a thumbnail")
             perm = rotate180(np.arange(br.stats.means.shape[1], dtype=np.int64)[None], br.grid)[0]
-            b.inits[f"{PREFIX}b{index}/rot_index"] = perm
-            rot = b.node("Gather", [x, f"{PREFIX}b{index}/rot_index"], f"{PREFIX}b{index}/rot", axis=1)
+            rot = b.node("Gather", [x, b.const(f"b{index}/rot_index", perm)], f"b{index}/rot", axis=1)
             uses.append((br.kind, [b.pair(x, br.stats), b.pair(rot, br.stats)]))
         else:
             raise ValueError(f"unknown branch kind {br.kind!r}")
@@ -190,36 +166,33 @@ def _pair_weights(b: _Builder, k_max: int) -> Tuple[np.ndarray, np.ndarray, np.n
         q = delta @ vec                                               # [K, r]
         lin = -2.0 * (delta * inv_tail + (q * w) @ vec.T)             # [K, C]
         const = (delta * delta).sum(1) * inv_tail + (q * q) @ w       # [K]
-        key = f"{PREFIX}p{j}/"
         # an input in quantized units: its statistics are a (input - offset), so u = a (input - offset -
         # centre / a); the offset and 1 / a go into the centre, a into the weights
         a, offset = b.units.get(x, (1.0, 0.0))
-        b.inits[key + "W"] = (a * np.concatenate([vec, lin.T], 1)).astype(np.float32)
-        b.inits[key + "b"] = np.concatenate([np.zeros(ranks[j]), const]).astype(np.float32)
+        b.const(f"p{j}/W", (a * np.concatenate([vec, lin.T], 1)).astype(np.float32))
+        b.const(f"p{j}/b", np.concatenate([np.zeros(ranks[j]), const]).astype(np.float32))
         centres.append(offset + centre / a)
         cols = slice(j * k_max, (j + 1) * k_max)
         iso[row:row + dims[j], cols] = a * a * inv_tail
         quad[col:col + ranks[j], cols] = w[:, None]
         pick[col + ranks[j]:col + ranks[j] + k_max, cols] = np.eye(k_max)
         row, col = row + dims[j], col + ranks[j] + k_max
-    b.inits[PREFIX + "centres"] = np.concatenate(centres).astype(np.float32)
+    b.const("centres", np.concatenate(centres).astype(np.float32))
     return iso, quad, pick
 
 
 def _centred(b: _Builder) -> Tuple[str, List[str]]:
     """``u = x - m`` for every pair at once (``[N, sum of dims]``), and each pair's part of it."""
-    from onnx import helper
-
     pairs = b.pairs
-    inputs = b.node("Concat", [x for x, _ in pairs], PREFIX + "inputs", axis=1) if len(pairs) > 1 else pairs[0][0]
-    u_all = b.node("Sub", [inputs, PREFIX + "centres"], PREFIX + "u")
+    inputs = b.node("Concat", [x for x, _ in pairs], "inputs", axis=1) if len(pairs) > 1 else pairs[0][0]
+    u_all = b.node("Sub", [inputs, PREFIX + "centres"], "u")
     if len(pairs) == 1:
         return u_all, [u_all]
     dims = [st.means.shape[1] for _, st in pairs]
-    b.inits[PREFIX + "split"] = np.array(dims, np.int64)
+    split = b.const("split", np.array(dims, np.int64))
     parts = [f"{PREFIX}p{j}/u" for j in range(len(pairs))]
-    b.nodes.append(helper.make_node("Split", [u_all, PREFIX + "split"] if b.opset >= 13 else [u_all], parts,
-                                    name=PREFIX + "split", axis=1, **({} if b.opset >= 13 else {"split": dims})))
+    b.node("Split", [u_all, split] if b.opset >= 13 else [u_all], "split", outputs=parts, axis=1,
+           split=None if b.opset >= 13 else dims)
     return u_all, parts
 
 
@@ -227,8 +200,6 @@ def _projections(b: _Builder, parts: List[str]) -> str:
     """``y = [p, u . a_c + k_c]`` of every pair, one Gemm each. A pair that shares its statistics with
     an earlier one (the orientation branch's rotated thumbnail) shares its Gemm too: both rows in one
     call, the weights read once."""
-    from onnx import helper
-
     twin: Dict[int, int] = {}
     for j, (x, st) in enumerate(b.pairs):
         first = next(i for i, (_, other) in enumerate(b.pairs) if other is st)
@@ -236,22 +207,22 @@ def _projections(b: _Builder, parts: List[str]) -> str:
             twin[first] = j
     gemm_out = [""] * len(b.pairs)
     for j, u in enumerate(parts):
-        key = f"{PREFIX}p{j}/"
+        key = f"p{j}/"
+        weights = [PREFIX + key + "W", PREFIX + key + "b"]
         if j in twin.values():
             continue
         if j in twin:
             k = twin[j]
-            both = b.node("Gemm", [b.node("Concat", [u, parts[k]], key + "u_twin", axis=0), key + "W", key + "b"],
-                          key + "y_twin")
-            halves = [key + "y", f"{PREFIX}p{k}/y"]
-            b.nodes.append(helper.make_node("Split", [both], halves, name=key + "split_twin", axis=0,
-                                            **({"num_outputs": 2} if b.opset >= 18 else {})))
+            both = b.node("Gemm", [b.node("Concat", [u, parts[k]], key + "u_twin", axis=0)] + weights, key + "y_twin")
+            halves = [PREFIX + key + "y", f"{PREFIX}p{k}/y"]
+            b.node("Split", [both], key + "split_twin", outputs=halves, axis=0,
+                   num_outputs=2 if b.opset >= 18 else None)
             gemm_out[j], gemm_out[k] = halves
             for name in ("W", "b"):
                 del b.inits[f"{PREFIX}p{k}/{name}"]
         else:
-            gemm_out[j] = b.node("Gemm", [u, key + "W", key + "b"], key + "y")
-    return b.node("Concat", gemm_out, PREFIX + "y", axis=1) if len(gemm_out) > 1 else gemm_out[0]
+            gemm_out[j] = b.node("Gemm", [u] + weights, key + "y")
+    return b.node("Concat", gemm_out, "y", axis=1) if len(gemm_out) > 1 else gemm_out[0]
 
 
 def _nearest_d2(b: _Builder, u_all: str, y: str, k_max: int, iso: np.ndarray, quad: np.ndarray,
@@ -259,23 +230,22 @@ def _nearest_d2(b: _Builder, u_all: str, y: str, k_max: int, iso: np.ndarray, qu
     """Every pair's squared distance to its nearest class mean, ``[N, pairs]``: three MatMuls give
     every pair's and class's ``d2``, one ReduceMin the nearest class."""
     node = b.node
-    b.inits.update({PREFIX + "iso": iso, PREFIX + "quad": quad, PREFIX + "pick": pick})
+    iso, quad, pick = b.const("iso", iso), b.const("quad", quad), b.const("pick", pick)
     d2_all = node("Add", [node("Add", [
-        node("MatMul", [node("Mul", [u_all, u_all], PREFIX + "u2"), PREFIX + "iso"], PREFIX + "d2_iso"),
-        node("MatMul", [node("Mul", [y, y], PREFIX + "y2"), PREFIX + "quad"], PREFIX + "d2_quad")], PREFIX + "d2_sum"),
-        node("MatMul", [y, PREFIX + "pick"], PREFIX + "d2_lin")], PREFIX + "d2_classes")      # [N, pairs * K]
-    b.inits[PREFIX + "shape"] = np.array([-1, len(b.pairs), k_max], np.int64)
-    d2 = b.reduce("ReduceMin", node("Reshape", [d2_all, PREFIX + "shape"], PREFIX + "d2_3d"), "axis2",
-                  PREFIX + "d2_min", 0)
-    return node("Relu", [d2], PREFIX + "d2")
+        node("MatMul", [node("Mul", [u_all, u_all], "u2"), iso], "d2_iso"),
+        node("MatMul", [node("Mul", [y, y], "y2"), quad], "d2_quad")], "d2_sum"),
+        node("MatMul", [y, pick], "d2_lin")], "d2_classes")      # [N, pairs * K]
+    shape = b.const("shape", np.array([-1, len(b.pairs), k_max], np.int64))
+    d2 = b.along("ReduceMin", node("Reshape", [d2_all, shape], "d2_3d"), "axis2", "d2_min", keepdims=0)
+    return node("Relu", [d2], "d2")
 
 
 def _score(b: _Builder, branches: List[Branch], uses: List[Tuple[str, List[int]]], d2: str) -> None:
     """The standardised terms (``domain_terms``: ``sqrt`` for a distance branch, the log-ratio for
     orientation, by two MatMuls) and their largest (``domain_score``)."""
     node = b.node
-    root = node("Sqrt", [d2], PREFIX + "distance")
-    log = node("Log", [node("Add", [d2, PREFIX + "log_eps"], PREFIX + "d2_eps")], PREFIX + "log_d2")
+    root = node("Sqrt", [d2], "distance")
+    log = node("Log", [node("Add", [d2, PREFIX + "log_eps"], "d2_eps")], "log_d2")
     to_terms = np.zeros((len(b.pairs), len(branches)), np.float32)
     log_terms = np.zeros((len(b.pairs), len(branches)), np.float32)
     bias = np.zeros(len(branches), np.float32)
@@ -286,37 +256,23 @@ def _score(b: _Builder, branches: List[Branch], uses: List[Tuple[str, List[int]]
             log_terms[js[0], i] += 1.0 / br.scale
             log_terms[js[1], i] -= 1.0 / br.scale
         bias[i] = -br.centre / br.scale
-    b.inits.update({PREFIX + "to_terms": to_terms, PREFIX + "log_terms": log_terms, PREFIX + "bias": bias})
-    terms = node("Add", [node("MatMul", [root, PREFIX + "to_terms"], PREFIX + "t_distance"),
-                         node("MatMul", [log, PREFIX + "log_terms"], PREFIX + "t_log")], PREFIX + "t_sum")
-    node("Add", [terms, PREFIX + "bias"], TERMS_OUTPUT)
-    b.nodes[-1].name = PREFIX + TERMS_OUTPUT
-    b.reduce("ReduceMax", TERMS_OUTPUT, "axis1", DOMAIN_OUTPUT, 0)
-    b.nodes[-1].name = PREFIX + DOMAIN_OUTPUT
+    to_terms, log_terms, bias = b.const("to_terms", to_terms), b.const("log_terms", log_terms), b.const("bias", bias)
+    terms = node("Add", [node("MatMul", [root, to_terms], "t_distance"),
+                         node("MatMul", [log, log_terms], "t_log")], "t_sum")
+    node("Add", [terms, bias], TERMS_OUTPUT, outputs=[TERMS_OUTPUT])
+    b.along("ReduceMax", TERMS_OUTPUT, "axis1", DOMAIN_OUTPUT, outputs=[DOMAIN_OUTPUT], keepdims=0)
 
 
 def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: Optional[str | Path] = None,
                      kernels: Optional[Dict[int, Tuple[int, int]]] = None) -> Path:
     """Append the FP32 nodes computing ``domain_score`` [N] = max over ``branches``; write the file.
 
-    ``kernels`` maps a thumbnail grid to its AveragePool kernel (default: 224 / grid). Any
-    earlier domain graph is replaced; nothing else changes.
-
-    Each distinct (input, statistics) pair ``j`` (the orientation branch shares its upright one
-    with the 16 x 16 distance branch) is centred on the mean ``m`` of its class means,
-    ``u = x - m``; then
-
-        d2_jc = |u|^2 / s2  +  sum_i p_i^2 w_i  +  u . a_c  +  k_c,     p = V^T u
-
-    with ``w_i = 1 / l_i - 1 / s2``, ``a_c = -2 (d_c / s2 + V (w * V^T d_c))``, ``k_c = |d_c|^2 / s2
-    + sum_i (V^T d_c)_i^2 w_i`` and ``d_c = mu_c - m``: :meth:`DomainStats.d2` expanded around
-    ``m`` (close to every class mean, so float32 keeps the digits). One Gemm per pair gives ``[p,
-    u . a_c + k_c]``; three MatMuls give every pair's and class's ``d2``, one ReduceMin the nearest
-    class, and two MatMuls the standardised terms (``sqrt`` for a distance branch, the log-ratio
-    for orientation), whose largest is the score.
+    ``kernels`` maps a thumbnail grid to its AveragePool kernel (default: 224 / grid). Any earlier
+    domain graph is replaced; nothing else changes. The algebra (each pair's distance expanded
+    around the mean of its class means): ``docs/design/domain-check.md``, "One chain for every branch".
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     model = onnx.load(str(model_path), load_external_data=True)
     strip_domain_graph(model)
@@ -327,15 +283,11 @@ def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: O
     u_all, parts = _centred(b)
     y = _projections(b, parts)
     _score(b, branches, uses, _nearest_d2(b, u_all, y, k_max, iso, quad, pick))
-    graph = model.graph
-    graph.initializer.extend(numpy_helper.from_array(array, key) for key, array in b.inits.items())
-    graph.node.extend(b.nodes)
-    batch = None
-    dims_out = graph.output[0].type.tensor_type.shape.dim
-    if len(dims_out):
-        batch = dims_out[0].dim_param or dims_out[0].dim_value or None
-    graph.output.append(helper.make_tensor_value_info(DOMAIN_OUTPUT, TensorProto.FLOAT, [batch]))
-    graph.output.append(helper.make_tensor_value_info(TERMS_OUTPUT, TensorProto.FLOAT, [batch, len(branches)]))
+    b.write()
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    batch = (dims[0].dim_param or dims[0].dim_value or None) if len(dims) else None
+    model.graph.output.append(helper.make_tensor_value_info(DOMAIN_OUTPUT, TensorProto.FLOAT, [batch]))
+    model.graph.output.append(helper.make_tensor_value_info(TERMS_OUTPUT, TensorProto.FLOAT, [batch, len(branches)]))
     out = Path(out_path or model_path)
     onnx.save(model, str(out))
     return out

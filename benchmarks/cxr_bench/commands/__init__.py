@@ -1,9 +1,6 @@
-"""The ``cxr-bench`` commands: one :class:`Command` entry each, in :data:`COMMANDS`.
-
-``cxr-bench`` builds its parser from this table and runs what it names; ``cxr-bench summary``
-and ``--summary`` find reports by the ``kind`` of the entry that wrote them and put them in
-brief as its ``summary`` says. A new command is a module here (its arguments, ``run`` and
-``summary``; the measuring in a module of :mod:`cxr_bench`) and one entry below, plus its tests.
+"""The ``cxr-bench`` commands: one :class:`Command` entry each, in :data:`COMMANDS`, from which
+``cxr-bench`` builds its parser; ``cxr-bench summary`` finds reports by their entry's ``kind``.
+A new command is a module here, one entry below and its tests (see docs/benchmarks.md).
 
 Examples:
     >>> list(COMMANDS)[:3]

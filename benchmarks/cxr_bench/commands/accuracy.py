@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Tuple
 
 from ..util import fmt_num, fmt_pct
 from .base import Command, Report, Summary, add_device, add_threads, positive
@@ -36,13 +35,12 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
-def run(args: argparse.Namespace) -> Tuple[Report, int]:
+def run(args: argparse.Namespace) -> tuple[Report, int]:
     from ..accuracy import run_accuracy
 
-    report = run_accuracy(args.model, args.data, args.out, bootstrap=max(args.bootstrap, 0), seed=args.seed,
-                          batch=args.batch, threads=args.threads, device=args.device, limit=args.limit,
-                          name=args.name, plots=not args.no_plots, quiet=args.quiet)
-    return report, 0
+    return run_accuracy(args.model, args.data, args.out, bootstrap=max(args.bootstrap, 0), seed=args.seed,
+                        batch=args.batch, threads=args.threads, device=args.device, limit=args.limit, name=args.name,
+                        plots=not args.no_plots, quiet=args.quiet), 0
 
 
 def summary(report: Report) -> Summary:

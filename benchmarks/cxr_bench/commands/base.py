@@ -1,12 +1,9 @@
-"""What a ``cxr-bench`` command is (:class:`Command`), and the argument types and defaults they share.
+"""What a ``cxr-bench`` command is (:class:`Command`), and the argument types and helpers they share.
 
-Nothing here imports more than the standard library and the runtime's device registry, so that
-``cxr-bench --help`` and ``cxr-bench COMMAND --help`` start at once; a command's ``run`` imports its
-measuring module when it runs.
+Only the standard library and the runtime's device registry are imported here, so that ``--help``
+starts at once; a command's ``run`` imports its measuring module when it runs.
 
 Examples:
-    >>> positive("3")
-    3
     >>> batch_list("1,8")
     [1, 8]
     >>> new_out_folder("accuracy", stamp="20300101-120000").name
@@ -15,23 +12,21 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from cxr_infer.devices import DEVICES, available_threads
 
 Report = Dict[str, Any]
-#: where every command's reports go unless --out names a folder: a new one under the current directory
-OUT_HELP = "report folder (default: a new folder ./cxr-bench-{name}-YYYYmmdd-HHMMSS, made when the report is written)"
 
 
 @dataclass(frozen=True)
 class Summary:
-    """What a report says in brief: ``line``, printed when its command ends, and ``markdown``, its
-    part of ``summary.md`` (a few lines; empty when the summary table already holds it)."""
+    """A report in brief: ``line``, printed when its command ends, and ``markdown``, its part of ``summary.md``."""
 
     line: str
     markdown: str = ""
@@ -43,16 +38,13 @@ class Command:
 
     Attributes:
         name: the sub-command (``cxr-bench NAME``); its reports are ``NAME[-RUN].json`` / ``.md``.
-        help: one line for ``cxr-bench --help``.
-        description: the first paragraph of ``cxr-bench NAME --help``.
-        arguments: adds the command's own arguments to its sub-parser (``--out``, ``--name``,
-            ``--quiet`` and ``--summary`` are added to every command that writes a report).
+        help: one line for ``cxr-bench --help``; description: the first paragraph of its own help.
+        arguments: adds the command's own arguments to its sub-parser (the report arguments,
+            :func:`add_report_arguments`, are added to every command with a ``kind``).
         run: ``run(args) -> (report, exit status)``; writes the report into ``args.out``.
         summary: ``summary(report) -> Summary``, for the end of a run and for ``summary.md``.
-        epilog: the end of ``cxr-bench NAME --help``: examples, what it writes.
-        example: one typical command line, for ``cxr-bench --help``.
-        kind: the ``kind`` of the reports it writes, by which ``cxr-bench summary`` finds them;
-            None for a command that writes no such report.
+        epilog: the end of its help (examples, what it writes); example: one line for ``cxr-bench --help``.
+        kind: the ``kind`` of its reports, by which ``cxr-bench summary`` finds them (None: no report).
     """
 
     name: str
@@ -125,7 +117,8 @@ def add_threads(parser: argparse.ArgumentParser, what: str = "onnxruntime thread
 
 def add_report_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """``--out``, ``--name``, ``--quiet`` and ``--summary``: every command that writes a report has them."""
-    parser.add_argument("--out", metavar="DIR", help=OUT_HELP.format(name=name))
+    parser.add_argument("--out", metavar="DIR", help=f"report folder (default: a new folder "
+                        f"./cxr-bench-{name}-YYYYmmdd-HHMMSS, made when the report is written)")
     parser.add_argument("--name", metavar="NAME",
                         help="append -NAME to the report file names (keeps several runs apart)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -134,8 +127,7 @@ def add_report_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def new_out_folder(name: str, stamp: Optional[str] = None, parent: Optional[Path] = None) -> Path:
-    """``./cxr-bench-NAME-YYYYmmdd-HHMMSS``, a folder that does not exist yet (``-2``, ``-3`` ...
-    appended when one of that name does); not made here, so a run that fails leaves nothing."""
+    """``./cxr-bench-NAME-YYYYmmdd-HHMMSS`` (``-2``, ``-3`` ... appended where it exists), not made yet."""
     parent = Path.cwd() if parent is None else parent
     base = parent / f"cxr-bench-{name}-{stamp or time.strftime('%Y%m%d-%H%M%S')}"
     folder, n = base, 1
@@ -143,3 +135,10 @@ def new_out_folder(name: str, stamp: Optional[str] = None, parent: Optional[Path
         n += 1
         folder = base.with_name(f"{base.name}-{n}")
     return folder
+
+
+def complain(messages: Sequence[str]) -> int:
+    """Each message as a ``cxr-bench: MESSAGE`` line on stderr; the exit status, 1 when there was any."""
+    for message in messages:
+        print(f"cxr-bench: {message}", file=sys.stderr)
+    return 1 if messages else 0

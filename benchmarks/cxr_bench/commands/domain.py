@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Tuple
 
 from ..upstream import ADD_DOMAIN_HINT
 from ..util import fmt_num, fmt_pct
@@ -56,7 +55,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     add_threads(p)
 
 
-def run(args: argparse.Namespace) -> Tuple[Report, int]:
+def run(args: argparse.Namespace) -> tuple[Report, int]:
     from ..domain import run_domain
     from ..domain_kinds import KINDS
 

@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Tuple
 
 from ..util import fmt_ms
-from .base import Command, Report, Summary, add_device, add_threads, positive
+from .base import Command, Report, Summary, add_device, add_threads, complain, positive
 
 EPILOG = """\
 examples:
   cxr-bench e2e --model m_int8.onnx --images scans/
-      8 full-size images from scans/ (searched recursively): cold `python -m cxr_infer.cli`
-      processes (1 image and 8 images) and per-image decode / resize / normalise / inference times
+      8 full-size images from scans/ (searched recursively), cold processes on 1 and on 8
   cxr-bench e2e --model m_int8.onnx --images scans/ --count 16 --repeats 5 --threads 2
 
 writes e2e.json and e2e.md into --out.
@@ -32,16 +29,13 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cold", action="store_true", help="skip the cold-process part")
 
 
-def run(args: argparse.Namespace) -> Tuple[Report, int]:
+def run(args: argparse.Namespace) -> tuple[Report, int]:
     from ..e2e import run_e2e
 
     rep = run_e2e(args.model, args.images, count=args.count, repeats=args.repeats, threads=args.threads,
                   device=args.device, infer_args=args.infer_arg, cold=not args.no_cold, out=args.out,
                   name=args.name, quiet=args.quiet)
-    errors = (rep.get("cold") or {}).get("errors", {})
-    for k, msg in errors.items():
-        print(f"cxr-bench: {k}: {msg}", file=sys.stderr)
-    return rep, 1 if errors else 0
+    return rep, complain([f"{k}: {msg}" for k, msg in (rep.get("cold") or {}).get("errors", {}).items()])
 
 
 def summary(report: Report) -> Summary:

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
-from typing import Tuple
 
 from ..util import fmt_pct
-from .base import Command, Report, Summary, add_threads, device_names, positive
+from .base import Command, Report, Summary, add_threads, complain, device_names, positive
 
 EPILOG = """\
 examples:
@@ -49,17 +47,15 @@ def arguments(p: argparse.ArgumentParser) -> None:
                         "rewritten after every row anyway, so a run that is killed keeps what it measured")
 
 
-def run(args: argparse.Namespace) -> Tuple[Report, int]:
+def run(args: argparse.Namespace) -> tuple[Report, int]:
     from ..formats import run_formats
 
     providers = [p for p in args.providers.replace(" ", "").split(",") if p]
     rep = run_formats(args.model, args.data, args.out, providers=providers, rows=args.rows, count=args.limit,
                       iterations=args.iterations, batch=args.throughput_batch, threads=args.threads,
                       name=args.name, quiet=args.quiet, domain_data=args.domain_data, time_limit=args.time_limit)
-    failed = [r for r in rep["rows"] if r["status"].startswith("failed")]
-    for r in failed:
-        print(f"cxr-bench: {r['backbone']} {r['precision']} on {r['provider']}: {r['status']}", file=sys.stderr)
-    return rep, 1 if failed else 0
+    return rep, complain([f"{r['backbone']} {r['precision']} on {r['provider']}: {r['status']}"
+                          for r in rep["rows"] if r["status"].startswith("failed")])
 
 
 def summary(report: Report) -> Summary:

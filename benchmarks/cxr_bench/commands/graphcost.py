@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Tuple
 
 from ..util import fmt_ms
 from .base import Command, Report, Summary, add_device, add_threads, positive
@@ -35,13 +34,12 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calls", type=positive, default=10, metavar="C", help="timed calls per block (default 10)")
 
 
-def run(args: argparse.Namespace) -> Tuple[Report, int]:
+def run(args: argparse.Namespace) -> tuple[Report, int]:
     from ..graphcost import run_graphcost
 
-    report = run_graphcost(args.model, args.out, graph=args.graph, batch=args.batch, threads=args.threads,
-                           device=args.device, processes=args.processes, blocks=args.blocks, warmup=args.warmup,
-                           calls=args.calls, name=args.name, quiet=args.quiet)
-    return report, 0
+    return run_graphcost(args.model, args.out, graph=args.graph, batch=args.batch, threads=args.threads,
+                         device=args.device, processes=args.processes, blocks=args.blocks, warmup=args.warmup,
+                         calls=args.calls, name=args.name, quiet=args.quiet), 0
 
 
 def summary(report: Report) -> Summary:

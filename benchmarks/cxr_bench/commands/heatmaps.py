@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Tuple
 
 from ..util import fmt_num
 from .base import Command, Report, Summary, add_threads, positive
@@ -11,9 +10,8 @@ EPILOG = """\
 example:
   cxr-bench heatmaps --model runtime/cxr_infer/models/default.onnx --data chest_xray/test --per-kind 4
 
-writes heatmaps.json, heatmaps.md and one grid JPEG per model into --out: rows of true positives,
-false positives, false negatives and true negatives, the first of each by file name (never picked
-by eye). The map is model attention, not a localisation.
+writes heatmaps.json, heatmaps.md and one grid JPEG per model into --out, a row per kind (never
+picked by eye). The map is model attention, not a localisation.
 """
 
 
@@ -25,12 +23,11 @@ def arguments(p: argparse.ArgumentParser) -> None:
     add_threads(p)
 
 
-def run(args: argparse.Namespace) -> Tuple[Report, int]:
+def run(args: argparse.Namespace) -> tuple[Report, int]:
     from ..heatmaps import run_heatmaps
 
-    report = run_heatmaps(args.model, args.data, args.out, per_kind=args.per_kind, threads=args.threads,
-                          batch=args.batch, name=args.name, quiet=args.quiet)
-    return report, 0
+    return run_heatmaps(args.model, args.data, args.out, per_kind=args.per_kind, threads=args.threads,
+                        batch=args.batch, name=args.name, quiet=args.quiet), 0
 
 
 def summary(report: Report) -> Summary:

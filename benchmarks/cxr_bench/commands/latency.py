@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Tuple
 
 from ..util import fmt_ms
-from .base import Command, Report, Summary, add_threads, batch_list, device_list, device_names, positive
+from .base import Command, Report, Summary, add_threads, batch_list, complain, device_list, device_names, positive
 
 EPILOG = """\
-Each configuration (model x batch) runs in its own fresh Python process; configurations are
-interleaved and the whole set repeated --repeats times (process-to-process medians can move by
-up to 30% on a shared machine, so use --repeats 3 or more for figures you publish).
+Configurations are interleaved and repeated --repeats times; process-to-process medians can move
+by up to 30% on a shared machine, so use --repeats 3 or more for figures you publish.
 
 examples:
   cxr-bench latency --model m_fp32.onnx m_int8.onnx --batch 1,8,32 --threads 2
@@ -56,21 +53,18 @@ def arguments(p: argparse.ArgumentParser) -> None:
                         "graph: onnxruntime runs every node of a file, whatever outputs are fetched")
 
 
-def run(args: argparse.Namespace) -> Tuple[Report, int]:
+def run(args: argparse.Namespace) -> tuple[Report, int]:
     from ..latency import run_latency
 
     rep = run_latency(args.model, args.checkpoint, batches=args.batch, threads=args.threads, device=args.device,
                       repeats=args.repeats, warmup=max(args.warmup, 1), iterations=args.iterations,
                       max_seconds=args.max_seconds, timeout=args.timeout, out=args.out, name=args.name,
                       quiet=args.quiet, domain_check=args.domain_check, heatmap=args.heatmap)
-    for r in rep["results"]:
-        if r.get("unavailable"):
-            print(f"cxr-bench: {r['name']} batch {r['batch']}: not measured: {r['error']}", file=sys.stderr)
-    failed = [r for r in rep["results"] if not r.get("unavailable") and (r.get("error") or r.get("processes_failed"))]
-    for r in failed:
-        print(f"cxr-bench: {r['name']} batch {r['batch']}: "
-              f"{r.get('error') or str(r['processes_failed']) + ' process(es) failed'}", file=sys.stderr)
-    return rep, 1 if failed else 0
+    results = rep["results"]
+    complain([f"{r['name']} batch {r['batch']}: not measured: {r['error']}" for r in results if r.get("unavailable")])
+    failed = [r for r in results if not r.get("unavailable") and (r.get("error") or r.get("processes_failed"))]
+    return rep, complain([f"{r['name']} batch {r['batch']}: "
+                          f"{r.get('error') or str(r['processes_failed']) + ' process(es) failed'}" for r in failed])
 
 
 def _name(r: dict) -> str:

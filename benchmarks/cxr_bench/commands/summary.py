@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import List, Tuple
+from typing import List
 
 from .base import Command, Report, Summary, device_names, new_out_folder, positive
 
 EPILOG = """\
-Reads every cxr-bench report (*.json) in the --results folders and writes summary.json (a list
-of rows: backbone, precision, accuracy, auc, loss, precision_score, recall, f1, tp, fp, tn, fn,
-latency_ms_b1, torch_latency_ms_b1, from the accuracy and latency reports; the newest report wins
-for a model file) and summary.md (those rows, then every report in brief).
+summary.json is a list of rows (backbone, precision, accuracy, auc, loss, precision_score, recall,
+f1, tp, fp, tn, fn, latency_ms_b1, torch_latency_ms_b1; the newest report wins for a model file).
 
 examples:
   cxr-bench summary
@@ -41,7 +39,7 @@ def default_results() -> List[Path]:
         "cxr-bench-summary-"))
 
 
-def run(args: argparse.Namespace) -> Tuple[Report, int]:
+def run(args: argparse.Namespace) -> tuple[Report, int]:
     from ..summary import write_summary
 
     results = [Path(r) for r in args.results] if args.results else default_results()

@@ -1,9 +1,5 @@
-"""``cxr-bench``: accuracy, latency and end-to-end reports for cxr model files.
-
-The commands are the entries of :data:`cxr_bench.commands.COMMANDS`: the parser is built from
-that table and each run goes to its entry. Heavy imports (onnxruntime, matplotlib, torch) happen
-inside the commands, so ``--help`` is instant. Run ``cxr-bench --help`` or ``cxr-bench COMMAND
---help`` for examples.
+"""``cxr-bench``: the parser is built from :data:`cxr_bench.commands.COMMANDS` and each run goes to
+its entry; heavy imports happen inside the commands, so ``--help`` is instant.
 
 Examples:
     $ cxr-bench accuracy --model models/resnet50_int8.onnx --data chest_xray/test --out bench

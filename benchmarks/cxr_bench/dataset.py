@@ -1,17 +1,12 @@
-"""A labelled image folder (one sub-folder per label) and a decode-once pixel cache.
-
-Layout expected by ``--data DIR``::
-
-    DIR/NORMAL/*.jpeg
-    DIR/PNEUMONIA/*.jpeg
+"""A labelled image folder (``DIR/NORMAL/*.jpeg``, ``DIR/PNEUMONIA/*.jpeg``) and a decode-once pixel cache.
 
 Examples:
-    >>> ds = list_dataset("chest_xray/test")                            # doctest: +SKIP
-    >>> len(ds.files), ds.counts()                                      # doctest: +SKIP
-    (624, {'NORMAL': 234, 'PNEUMONIA': 390})
+    >>> list_dataset("chest_xray/test").counts()   # doctest: +SKIP
+    {'NORMAL': 234, 'PNEUMONIA': 390}
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -34,10 +29,7 @@ class Dataset:
     folder_labels: List[str]
 
     def counts(self) -> Dict[str, int]:
-        out: Dict[str, int] = {}
-        for lab in self.folder_labels:
-            out[lab] = out.get(lab, 0) + 1
-        return out
+        return dict(Counter(self.folder_labels))
 
     def targets(self, positive_label: str, labels: Sequence[str]) -> np.ndarray:
         """0/1 targets for a model (1 = ``positive_label``); every folder must be one of ``labels``."""
@@ -59,9 +51,7 @@ def list_dataset(root: str | Path, limit: Optional[int] = None) -> Dataset:
     labels: List[str] = []
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     for sub in subdirs:
-        imgs = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if limit is not None:
-            imgs = imgs[: int(limit)]
+        imgs = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
         files += imgs
         labels += [sub.name] * len(imgs)
     if not files:
@@ -73,10 +63,7 @@ def list_dataset(root: str | Path, limit: Optional[int] = None) -> Dataset:
 
 @dataclass
 class PixelCache:
-    """Decoded pixels per input size, so each image is decoded once per size, not per model.
-
-    ``failed`` maps the index of an image that could not be read to its one-line reason.
-    """
+    """Decoded pixels per input size, each image decoded once per size; ``failed``: index -> reason."""
 
     files: List[Path]
     quiet: bool = False
@@ -109,9 +96,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 
 
 def image_files(root: Path, needs: str) -> List[Path]:
-    """Every image under the folder ``root`` (recursively, sorted); :class:`BenchError` naming what
-    the folder is for (``needs``, e.g. "--originals needs a folder of ...") when it is not a folder
-    or holds no image."""
+    """Every image under the folder ``root`` (recursively, sorted); :class:`BenchError` saying what it
+    ``needs`` when it is not a folder, or when it holds no image."""
     if not root.is_dir():
         raise BenchError(f"{root}: {needs}")
     files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)

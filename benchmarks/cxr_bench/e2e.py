@@ -1,18 +1,9 @@
-"""``cxr-bench e2e``: what a user waits for, from a cold ``cxr-infer`` process to the answer.
-
-Two parts:
-
-1. **Cold process**: ``python -m cxr_infer.cli --model M FILE...`` timed from the outside in
-   fresh processes, with 1 image and with N images, next to a bare ``python -c pass`` (the
-   interpreter's own start); one extra run with ``-X importtime`` records whether torch was
-   imported (the runtime must never load it).
-2. **Per image, in process**: for each full-size image, file read + decode
-   (``open_image``), decode + RGB + resize (``load_image``), normalisation (``to_input``) and
-   inference at batch 1, so decode+preprocess can be set against inference time.
+"""``cxr-bench e2e``: what a user waits for, from a cold ``cxr-infer`` process to the answer:
+cold processes timed from outside (and whether they import torch), and per image in process,
+decode and preprocessing against inference (see docs/benchmarks.md).
 
 Examples:
-    >>> rep = run_e2e("m.onnx", "scans/", count=8)      # doctest: +SKIP
-    >>> rep["per_image"]["median_ms"]["inference"]      # doctest: +SKIP
+    >>> run_e2e("m.onnx", "scans/", count=8)["per_image"]["median_ms"]["inference"]  # doctest: +SKIP
     41.2
 """
 from __future__ import annotations
@@ -137,16 +128,13 @@ def per_image(model: Path, images: List[Path], threads: int, device: str = "cpu"
                 "decoded_height": img.size[1], "mode": img.mode, "file_bytes": path.stat().st_size}
 
     stages(images[0])  # warm-up: the session's first run, Pillow's codec set-up
-    rows = []
-    for p in images:
-        row = {"file": str(p), **stages(p)}
-        rows.append(row)
+    rows = [{"file": str(p), **stages(p)} for p in images]
     med = {k: float(np.median([r[k] for r in rows])) for k in STAGES}
     med["decode_preprocess"] = med["read_decode"] + med["resize"] + med["normalise"]
     say(f"per image (median of {len(rows)}): decode+preprocess {med['decode_preprocess']:.1f} ms, "
         f"inference {med['inference']:.1f} ms", quiet)
     return {"model": str(model), "backbone": spec.backbone, "precision": spec.precision, "threads": threads,
-            "load_s": m.load_s, "images": rows, "median_ms": med}
+            "load_s": m.model.load_s, "images": rows, "median_ms": med}
 
 
 def run_e2e(model: str | Path, images: str | Path | Sequence[str | Path], count: int = 8, repeats: int = 3,
@@ -194,21 +182,16 @@ def render_markdown(report: Dict[str, Any]) -> str:
         it = cold.get("imports_torch")
         L += [f"torch imported by cxr-infer: {'**yes**' if it else 'no' if it is False else 'unknown (run failed)'}"
               " (checked with `python -X importtime`).", ""]
-        for k, e in cold.get("errors", {}).items():
-            L += [f"- {k} failed: `{e}`"]
-        if cold.get("errors"):
-            L += [""]
+        errors = cold.get("errors", {})
+        L += [f"- {k} failed: `{e}`" for k, e in errors.items()] + ([""] if errors else [])
     total = med["decode_preprocess"] + med["inference"]
+    stages = [[title, fmt_ms(med[k]), f"{100 * med[k] / total:.0f}%"] for title, k in (
+        ("read + decode (open_image)", "read_decode"), ("RGB + bicubic resize", "resize"),
+        ("normalise (to_input)", "normalise"), ("decode + preprocess", "decode_preprocess"),
+        ("inference (batch 1)", "inference"))]
+    stages[3:] = [[f"**{cell}**" for cell in row] for row in stages[3:]]  # the two totals
     L += [f"## Per image, in process (median of {len(pi['images'])} images, after one warm-up image)", "",
-          md_table(["Stage", "ms", "Share"],
-                   [["read + decode (open_image)", fmt_ms(med["read_decode"]),
-                     f"{100 * med['read_decode'] / total:.0f}%"],
-                    ["RGB + bicubic resize", fmt_ms(med["resize"]), f"{100 * med['resize'] / total:.0f}%"],
-                    ["normalise (to_input)", fmt_ms(med["normalise"]), f"{100 * med['normalise'] / total:.0f}%"],
-                    ["**decode + preprocess**", f"**{fmt_ms(med['decode_preprocess'])}**",
-                     f"**{100 * med['decode_preprocess'] / total:.0f}%**"],
-                    ["**inference (batch 1)**", f"**{fmt_ms(med['inference'])}**",
-                     f"**{100 * med['inference'] / total:.0f}%**"]], "lrr"), "",
+          md_table(["Stage", "ms", "Share"], stages, "lrr"), "",
           md_table(["Image", "Size px", "File KiB", "Decode+preprocess ms", "Inference ms"],
                    [[Path(r["file"]).name, f"{r['width']}x{r['height']} {r['mode']} "
                      f"(decoded {r['decoded_width']}x{r['decoded_height']})", f"{r['file_bytes'] / 1024:.0f}",

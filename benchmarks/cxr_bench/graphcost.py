@@ -1,15 +1,6 @@
-"""What a graph added to a model file costs: the file against a copy without it, paired in one process.
-
-``cxr-bench latency --domain-check both`` times the two files in separate processes, whose medians
-can move by up to 30% between processes on a shared machine: too coarse for a goal of a few per
-cent. Here one worker process holds both sessions and times them in alternating blocks (warm-up
-calls after each switch, then timed calls; ``cxr_bench.worker.measure_paired``), so both see the
-same machine state; several such processes per file, interleaved across files, give the spread.
-
-The graph measured (``domain``: the out-of-domain check; ``heatmap``: Grad-CAM) is removed from the
-"off" copy; the *other* added graph is removed from both, so "off" is the classifier alone and the
-cost is the graph's own. "On" fetches the graph's output too (what ``Classifier`` runs). On the CPU
-provider every node of a file runs whatever outputs are fetched, so the cost is paid on every call.
+"""What a graph added to a model file costs: the file against a copy without it (the other added
+graph removed from both), timed in alternating blocks inside one worker process
+(:func:`cxr_bench.worker.measure_paired`), several processes per file (see docs/benchmarks.md).
 
 Example::
 

@@ -1,14 +1,6 @@
-"""``cxr-bench heatmaps``: Grad-CAM overlays of a labelled folder, chosen by a fixed rule, and how
-the INT8 maps agree with the same graph's FP32 activations.
-
-The images are never picked by eye: for each kind (true positives, false positives, false
-negatives, true negatives) at the model's threshold, the first ``per_kind`` by file name. The
-grid (``heatmaps[-NAME]-MODEL.jpg``) shows each with its map, as ``cxr-infer --heatmap`` draws it.
-
-INT8 against FP32: where only an INT8 file is at hand (the shipped models), its map is compared
-with the map of the same graph with every activation's quantize/dequantize pair removed (the
-weights stay as quantized): that isolates what activation quantization does to the map. The
-figure is the Spearman rank correlation per image (median and quartiles) over the folder.
+"""``cxr-bench heatmaps``: Grad-CAM overlays of a labelled folder, the first images of each kind
+(TP, FP, FN, TN) by file name, and how an INT8 file's maps agree with the same graph without
+activation rounding (Spearman rank correlation per image; see docs/benchmarks.md).
 
 Examples:
     >>> rep = run_heatmaps(["default.onnx"], "data/test", "/tmp/hm", per_kind=3)   # doctest: +SKIP

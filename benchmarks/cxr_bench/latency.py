@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .machine import describe_machine, machine_markdown, package_version
+from .machine import describe_machine, load_average, machine_markdown, package_version
 from .models import inspect_model
 from .util import BenchError, fmt_ms, fmt_num, mb, md_table, new_report, say, write_report
 from .worker import MARKER
@@ -95,32 +95,21 @@ def aggregate(processes: List[Dict[str, Any]], batch: int) -> Dict[str, Any]:
     medians = [float(np.median(p["times_ms"])) for p in ok]
     pooled = np.concatenate([p["times_ms"] for p in ok])
     med = float(np.median(medians))
-    return {
-        "median_ms": med,
-        "p90_ms": float(np.percentile(pooled, 90)),
-        "p99_ms": float(np.percentile(pooled, 99)),
-        "mean_ms": float(pooled.mean()),
-        "min_ms": float(pooled.min()),
-        "images_per_s": batch * 1000.0 / med if med > 0 else None,
-        "ms_per_image": med / batch,
-        "process_medians_ms": medians,
-        "process_spread": (max(medians) / min(medians) - 1.0) if min(medians) > 0 else None,
-        "timed_calls": int(pooled.size),
-        "processes_ok": len(ok),
-        "processes_failed": len(processes) - len(ok),
-        "load_s": float(np.median([p["load_s"] for p in ok])),
-        "first_run_ms": float(np.median([p["first_run_ms"] for p in ok])),
-        "import_s": float(np.median([p["import_s"] for p in ok])),
-        "peak_rss_bytes": int(max(p["peak_rss_bytes"] for p in ok)),
-        "rss_before_load_bytes": int(np.median([p["rss_before_load_bytes"] for p in ok])),
-        "cpu_per_wall": _median_or_none([p.get("cpu_per_wall") for p in ok]),
-        "load_average_1min": _median_or_none([p.get("load_average_end") for p in ok]),
-    }
 
+    def median_of(key: str) -> Optional[float]:  # over the processes that report it
+        values = [p[key] for p in ok if p.get(key) is not None]
+        return float(np.median(values)) if values else None
 
-def _median_or_none(values: List[Optional[float]]) -> Optional[float]:
-    vals = [v for v in values if v is not None]
-    return float(np.median(vals)) if vals else None
+    return {"median_ms": med, "p90_ms": float(np.percentile(pooled, 90)), "p99_ms": float(np.percentile(pooled, 99)),
+            "mean_ms": float(pooled.mean()), "min_ms": float(pooled.min()),
+            "images_per_s": batch * 1000.0 / med if med > 0 else None, "ms_per_image": med / batch,
+            "process_medians_ms": medians,
+            "process_spread": (max(medians) / min(medians) - 1.0) if min(medians) > 0 else None,
+            "timed_calls": int(pooled.size), "processes_ok": len(ok), "processes_failed": len(processes) - len(ok),
+            "load_s": median_of("load_s"), "first_run_ms": median_of("first_run_ms"), "import_s": median_of("import_s"),
+            "peak_rss_bytes": int(max(p["peak_rss_bytes"] for p in ok)),
+            "rss_before_load_bytes": int(median_of("rss_before_load_bytes")),
+            "cpu_per_wall": median_of("cpu_per_wall"), "load_average_1min": median_of("load_average_end")}
 
 
 ONOFF = {"off": [False], "on": [True], "both": [False, True]}
@@ -257,10 +246,8 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
     with tempfile.TemporaryDirectory(prefix="cxr-latency-") as variants:
         strip_unasked_graphs(configs, Path(variants))
         raw, settings["order"] = measure_rounds(configs, settings, child_env(threads), timeout, quiet)
-    try:
-        machine["load_average_end_1_5_15"] = list(os.getloadavg())
-    except OSError:
-        pass
+    if (end := load_average()) is not None:
+        machine["load_average_end_1_5_15"] = end
     results = [{**c, "threads": threads, **aggregate(procs, c["batch"]), "processes": procs}
                for c, procs in zip(configs, raw)]
     results += [{**c, "threads": threads, "error": missing[c["device"]], "unavailable": True, "processes": []}

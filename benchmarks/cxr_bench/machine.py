@@ -21,46 +21,34 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx
              "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 
-def _cpuinfo() -> Dict[str, str]:
-    out: Dict[str, str] = {}
+def _processors() -> List[Dict[str, str]]:
+    """The blocks of /proc/cpuinfo, one per logical CPU (none where it cannot be read)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if ":" in line:
-                k, v = (s.strip() for s in line.split(":", 1))
-                out.setdefault(k, v)  # first processor only
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return out
+        return []
+    return [{k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())}
+            for block in text.split("\n\n") if block.strip()]
 
 
 def _physical_cores() -> Optional[int]:
-    try:
-        pairs = set()
-        phys = core = None
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("physical id"):
-                phys = line.split(":")[1].strip()
-            elif line.startswith("core id"):
-                core = line.split(":")[1].strip()
-            elif not line.strip():
-                if core is not None:
-                    pairs.add((phys, core))
-                phys = core = None
-        if core is not None:
-            pairs.add((phys, core))
-        return len(pairs) or None
-    except OSError:
-        return None
+    return len({(p.get("physical id"), p["core id"]) for p in _processors() if "core id" in p}) or None
 
 
 def _mem_total_bytes() -> Optional[int]:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
+        line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def load_average() -> Optional[List[float]]:
+    """The 1, 5 and 15 minute load averages, None where the OS does not say."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
 
 
 def package_version(name: str) -> Optional[str]:
@@ -86,34 +74,21 @@ def describe_machine(torch_used: bool = False) -> Dict[str, Any]:
     """CPU model and flags, cores, memory, load, OS and the versions that matter for speed."""
     import onnxruntime as ort
 
-    info = _cpuinfo()
+    info = {k: v for block in reversed(_processors()) for k, v in block.items()}  # the first CPU's values first
     flags = info.get("flags", info.get("Features", "")).split()
     isa = {f: (f in flags) for f in ISA_FLAGS}
     try:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = os.cpu_count()
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = None
     d: Dict[str, Any] = {
-        "cpu_model": info.get("model name") or platform.processor() or "unknown",
-        "cpu_mhz": info.get("cpu MHz"),
+        "cpu_model": info.get("model name") or platform.processor() or "unknown", "cpu_mhz": info.get("cpu MHz"),
         "cpu_isa": isa,
         "cpu_isa_summary": " ".join(f for f in ISA_FLAGS if isa[f]) or "none of " + ", ".join(ISA_FLAGS[:3]),
-        "cpu_flags": flags,
-        "logical_cpus": os.cpu_count(),
-        "physical_cores": _physical_cores(),
-        "usable_cpus": affinity,
-        "memory_bytes": _mem_total_bytes(),
-        "load_average_1_5_15": load,
-        "os": platform.platform(),
-        "python": sys.version.split()[0],
-        "numpy": package_version("numpy"),
-        "onnxruntime": ort.__version__,
-        "onnxruntime_providers": ort.get_available_providers(),
-        "gpus": _gpus(),
+        "cpu_flags": flags, "logical_cpus": os.cpu_count(), "physical_cores": _physical_cores(),
+        "usable_cpus": affinity, "memory_bytes": _mem_total_bytes(), "load_average_1_5_15": load_average(),
+        "os": platform.platform(), "python": sys.version.split()[0], "numpy": package_version("numpy"),
+        "onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(), "gpus": _gpus(),
     }
     if torch_used:
         d["torch"] = package_version("torch")

@@ -1,7 +1,4 @@
-"""ROC and reliability (calibration) plots as PNG; matplotlib is imported only here.
-
-matplotlib is the optional extra ``bench`` (``pip install '.[bench]'``); without it the
-reports are still written and say that the plots were skipped.
+"""ROC and reliability (calibration) PNGs; matplotlib (the ``bench`` extra) is imported only here.
 
 Examples:
     >>> roc_png([{"name": "m", "fpr": [0, 1], "tpr": [0, 1], "auc": 0.5}], "/tmp/roc.png")  # doctest: +SKIP

@@ -1,19 +1,15 @@
-"""``cxr-bench summary``: every report of a folder in brief, ``summary.json`` + ``summary.md``.
-
-``summary.json`` is a list of rows, one per model file, each with exactly these keys::
+"""``cxr-bench summary``: every report of a folder in brief. ``summary.json`` is a list of rows, one
+per model file, with exactly these keys (metrics at the model's threshold, latencies CPU medians at
+batch 1, ``null`` where missing; ``precision_score`` is the positive predictive value)::
 
     backbone, precision, accuracy, auc, loss, precision_score, recall, f1, tp, fp, tn, fn,
     latency_ms_b1, torch_latency_ms_b1
 
-``precision`` is the numeric format, ``precision_score`` the positive predictive value; metrics
-are at the model's threshold, latencies CPU medians at batch 1 (``null`` where missing). Figures
-are joined per model file (SHA-256), the newest report winning. ``summary.md`` shows the rows,
-then every report of a command in :data:`cxr_bench.commands.COMMANDS` as its ``summary`` puts it.
+``summary.md`` shows the rows, then every report as its command's ``summary`` puts it.
 
 Examples:
-    >>> rows = write_summary("bench")                   # doctest: +SKIP
-    >>> rows[0]["backbone"], rows[0]["latency_ms_b1"]  # doctest: +SKIP
-    ('inception_v3', 31.2)
+    >>> write_summary("bench")[0]["latency_ms_b1"]  # doctest: +SKIP
+    31.2
 """
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""One latency measurement in a fresh process: ``python -m cxr_bench.worker '<json config>'``.
-
-The parent (:mod:`cxr_bench.latency`) starts one of these per configuration and repeat, so
-no measurement inherits a warm cache, an allocator state or a thread pool from another.
-The last stdout line is ``CXR_BENCH_RESULT {json}``.
-
-Config keys: engine (``onnx`` or ``torch``), path, device, batch, threads, warmup,
-iterations, max_seconds, seed.
+"""One latency measurement in a fresh process, started by :mod:`cxr_bench.latency`; the last stdout
+line is ``CXR_BENCH_RESULT {json}``.
 
 Examples:
     $ python -m cxr_bench.worker '{"engine": "onnx", "path": "m.onnx", "batch": 1, "threads": 1}'
@@ -58,11 +52,10 @@ def _onnx_runner(cfg: Dict[str, Any]) -> Tuple[Callable[[], Any], Dict[str, Any]
 
     from cxr_infer.model import ModelFile
 
-    info: Dict[str, Any] = {"import_s": time.perf_counter() - t0, "onnxruntime": ort.__version__}
-    info["rss_before_load_bytes"] = _rss_bytes()
+    info: Dict[str, Any] = {"import_s": time.perf_counter() - t0, "onnxruntime": ort.__version__,
+                            "rss_before_load_bytes": _rss_bytes()}
     model = ModelFile(cfg["path"], device=cfg.get("device", "cpu"), threads=cfg["threads"])
-    info["load_s"] = model.load_s
-    info["providers"] = model.providers
+    info.update(load_s=model.load_s, providers=model.providers)
     spec = model.spec
     width, height = spec.image_size
     pixels = np.random.default_rng(cfg.get("seed", 0)).integers(0, 256, (cfg["batch"], height, width, 3), np.uint8)
@@ -92,8 +85,7 @@ def _torch_runner(cfg: Dict[str, Any]) -> Tuple[Callable[[], Any], Dict[str, Any
     from .upstream import load_checkpoint
 
     info: Dict[str, Any] = {"import_s": time.perf_counter() - t0, "torch": torch.__version__,
-                            "torch_threads": torch.get_num_threads()}
-    info["rss_before_load_bytes"] = _rss_bytes()
+                            "torch_threads": torch.get_num_threads(), "rss_before_load_bytes": _rss_bytes()}
     device = "cuda" if cfg.get("device") == "cuda" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: this PyTorch has no CUDA device; use --device cpu")
@@ -143,13 +135,10 @@ def measure(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def measure_paired(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Two files in this one process ("off" and "on", ``path_off`` / ``path_on``), timed in alternating
-    blocks: ``warmup`` untimed calls after each switch (the caches hold the other model's weights), then
-    ``calls`` timed ones, ``blocks`` times, the order flipped every block. Both see the same machine
-    state, so their ratio is far steadier than that of two processes."""
-    runs = {}
-    for side in ("off", "on"):
-        runs[side], _ = _onnx_runner({**cfg, "path": cfg["path_" + side], **cfg.get("flags_" + side, {})})
+    """Two files (``path_off``, ``path_on``) in this process, timed in ``blocks`` alternating blocks of
+    ``warmup`` untimed and ``calls`` timed calls: both see the same machine state."""
+    runs = {side: _onnx_runner({**cfg, "path": cfg["path_" + side], **cfg.get("flags_" + side, {})})[0]
+            for side in ("off", "on")}
     times: Dict[str, List[float]] = {"off": [], "on": []}
     for block in range(int(cfg.get("blocks", 20))):
         for side in (("off", "on") if block % 2 == 0 else ("on", "off")):

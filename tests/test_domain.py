@@ -14,7 +14,9 @@ from conftest import build_model, run_cli
 
 from cxr_export import domain
 from cxr_export.modelio import read_spec
+from cxr_export.onnxgraph import tensor_elem_type
 from cxr_infer import Classifier, ModelError
+from cxr_infer.model import graph_input
 
 SIZE = 32
 
@@ -177,7 +179,7 @@ def test_stage_branch_flags_what_pooled_features_and_thumbnails_cannot(plain_mod
     np.testing.assert_allclose(terms_c[:, :5], terms_p[:, :5], rtol=1e-3, atol=1e-3)  # the others saw no change
     # graph == numpy reference, stage branch included
     stages = domain.stage_features(out, spec, twin, ["input"])
-    x = domain.graph_input(spec, twin).astype(np.float64)
+    x = graph_input(spec, twin).astype(np.float64)
     np.testing.assert_allclose(stages[0], np.c_[x.mean(axis=(2, 3)), x.std(axis=(2, 3))], rtol=1e-3, atol=1e-3)
     plain_spec = read_spec(plain_model)
     feats = domain.run_outputs(plain_model, plain_spec, twin, ["features"])[0]
@@ -219,7 +221,7 @@ def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
         """The stage statistics are the dequantized tensor's, and the file's score its reference's."""
         spec = read_spec(out)
         stages = domain.stage_features(qdq, qdq_spec, imgs, ["input"], row_step=rows)
-        x = domain.graph_input(spec, imgs).astype(np.float64)[:, :, ::rows, :]
+        x = graph_input(spec, imgs).astype(np.float64)[:, :, ::rows, :]
         xq = (np.clip(np.round(x / scale) + 128, 0, 255) - 128) * scale  # what the DequantizeLinear gives
         np.testing.assert_allclose(stages[0], np.c_[xq.mean(axis=(2, 3)), xq.std(axis=(2, 3))], rtol=1e-4, atol=1e-4)
         fit_in, val_in = [domain.branch_inputs(spec, i, domain.run_outputs(qdq, qdq_spec, i, ["features"])[0],
@@ -513,7 +515,7 @@ def test_stage_branch_on_an_fp16_file(plain_model, tmp_path):
     fp16 = tmp_path / "tiny_fp16.onnx"
     convert_fp16(plain_model, fp16)
     write_spec(fp16, read_spec(plain_model).updated({"precision": "fp16"}))
-    assert domain.tensor_elem_type(onnx.load(str(fp16)), "pooled") == onnx.TensorProto.FLOAT16
+    assert tensor_elem_type(onnx.load(str(fp16)), "pooled") == onnx.TensorProto.FLOAT16
     train = gray_images(200, 0)
     labels = (train.mean(axis=(1, 2, 3)) > 120).astype(int)
     out = tmp_path / "tiny_fp16_domain.onnx"
@@ -524,7 +526,7 @@ def test_stage_branch_on_an_fp16_file(plain_model, tmp_path):
     assert clf.predict(gray_images(1, 5)[0]).in_domain is True and clf.predict(red()).in_domain is False
     # every second row of a tall float16 tensor (the 32-row image): sliced, then cast; still the numpy reference
     (half,) = [n.output[0] for n in onnx.load(str(fp16)).graph.node if n.op_type == "Cast"
-               and domain.tensor_elem_type(onnx.load(str(fp16)), n.output[0]) == onnx.TensorProto.FLOAT16][:1]
+               and tensor_elem_type(onnx.load(str(fp16)), n.output[0]) == onnx.TensorProto.FLOAT16][:1]
     rows = domain.add_domain_stats(fp16, train, labels, gray_images(100, 1), out_path=out, threads=1,
                                    taps=[half], stage_tall_rows=16)
     assert rows["graph_vs_numpy_max_diff"] < 0.05 and rows["stage_row_steps"] == [2]

@@ -1,31 +1,10 @@
 """Grad-CAM computed by the model file itself: a ``heatmap`` output beside the probabilities.
 
-Why it needs no autograd: the head is ``p -> Linear(W1, b1) -> ReLU -> Linear(W2, b2)`` on the
-pooled features ``p = mean_ij A[:, i, j]`` of the last feature map ``A`` (C x h x w). The
-gradient of the positive-class logit ``z_c`` with respect to ``p`` is a forward expression,
-
-    dz_c / dp = (W2[c] * 1[W1 p + b1 > 0]) @ W1                       ([C])
-
-and since ``dp_k / dA_kij = 1 / (h w)``, Grad-CAM's channel weights (the spatial mean of the
-gradient) are ``alpha_k = (dz_c / dp)_k / (h w)`` and the map is ``ReLU(sum_k alpha_k A_k)``
-([h, w]): exactly what ``pytorch-grad-cam`` computes with autograd for this head, with no
-backward pass. The nodes appended here compute it in FP32 from the graph's own tensors: the
-feature map feeding the global pooling, the head's activation after the ReLU (for the ReLU
-mask: ``relu(x) > 0`` exactly where ``x > 0``), and the head weights as the graph uses them
-(the dequantized weights in an INT8 file), so the map explains the very computation that gave
-the probability.
-
-The output ``heatmap`` is [N, h, w] (7 x 7 for ResNet50 and VGG16 at 224, 5 x 5 for
-InceptionV3 at 224), non-negative and not normalised; the runtime scales each map to 0..1 and
-fetches it only when asked (``predict(..., heatmap=True)``). The nodes still run on every call
-(onnxruntime runs every node of a graph, whatever outputs are asked for). In an INT8 file the
-first head weight is multiplied as int8 integers (:func:`_int8_rows`) rather than dequantized
-for this second reader, which was most of the cost: the maps then cost 0.6 / 1.1 / 2.0% of the
-batch-1 time of the VGG16 / ResNet50 / InceptionV3 INT8 files (against 1.2 / 11.6 / 9.2% with
-the dequantized weight; ``cxr-bench graphcost``), and differ from the dequantized weight's by a
-median of 0.12 / 0.15 / 0.04% of their maximum, at most 1.2 / 3.3 / 1.4%, over 977 test, foreign
-and full-size images. Nothing on the probabilities path changes (checked bit for bit when the
-nodes are added).
+The head is ``Linear -> ReLU -> Linear`` on the pooled last feature map ``A``, so the gradient
+Grad-CAM needs is a forward expression of the head's own weights, ``alpha = ((W2[c] * 1[W1 p + b1
+> 0]) @ W1) / (h w)``, and the map ``ReLU(sum_k alpha_k A_k)`` ([N, h, w], not normalised) is a few
+FP32 nodes appended to the graph, reading its own tensors; the probabilities are checked to stay
+bit for bit the same. The derivation and what it costs: ``docs/heatmaps.md``.
 
 Add it to an existing file (in place unless ``--out``)::
 
@@ -39,17 +18,16 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .onnxgraph import consumers, inferred_values, int_attribute, opset, producers, strip_prefixed
+from .onnxgraph import NodeWriter, consumers, inferred_values, int_attribute, producers, strip_prefixed
 
 HEATMAP_OUTPUT = "heatmap"
-#: the largest change of an FP16 file's probabilities accepted when the nodes are added (see add_heatmap)
+#: the largest change of an FP16 file's probabilities accepted when the nodes are added (on a CPU)
 FP16_TOLERANCE = 1e-4
 #: the name prefix of every node and initializer the heatmap adds
 PREFIX = "cxr_heatmap/"
@@ -75,19 +53,16 @@ def find_head(model, features: str) -> Dict[str, Any]:
     graph = model.graph
     written_by, read_by = producers(graph), consumers(graph)
     added = tuple(addition.prefix for addition in ADDITIONS.values())  # nodes cxr added are not the head's
-    # back from the features to the global pooling: its input is the last feature map
-    node = written_by.get(features)
+    node = written_by.get(features)  # back from the features to the global pooling of the last feature map
     while node is not None and node.op_type in _PASS_THROUGH:
         node = written_by.get(node.input[0])
     if node is None or node.op_type not in _POOLS:
         raise HeadNotFound(f"no global average pooling before the {features!r} output")
-    feature_map = node.input[0]
 
     def next_linear(tensor: str) -> Any:
         queue, seen = [tensor], set()
         while queue:
-            name = queue.pop(0)
-            for user in read_by.get(name, []):
+            for user in read_by.get(queue.pop(0), []):
                 if id(user) in seen or user.name.startswith(added):
                     continue
                 seen.add(id(user))
@@ -97,18 +72,16 @@ def find_head(model, features: str) -> Dict[str, Any]:
                     queue.extend(user.output)
         return None
 
-    # forward from the pooling (not from the features output: an FP16 file casts that output
-    # for its callers while the head reads the FP16 tensor before the cast)
+    # forward from the pooling, not from the features output (an FP16 file casts that output)
     first = next_linear(node.output[0])
     if first is None:
         raise HeadNotFound(f"no linear layer after the {features!r} output")
     second = next_linear(first.output[0])
     if second is None:
         raise HeadNotFound("no second linear layer in the head")
-    # the ReLU mask is read where the second layer reads its input (relu(x) > 0 exactly when x > 0): a new
-    # consumer of the first layer's own output would stop onnxruntime fusing Gemm + ReLU, and the FP16
-    # probabilities would then round differently; in an INT8 file it is the dequantized activation
-    return {"feature_map": feature_map, "activation": second.input[0], "w1": first.input[1],
+    # the ReLU mask is read where the second layer reads its input: a new reader of the first layer's own
+    # output would stop onnxruntime fusing Gemm + ReLU and change the FP16 probabilities' rounding
+    return {"feature_map": node.input[0], "activation": second.input[0], "w1": first.input[1],
             "w1_transposed": first.op_type != "MatMul" and int_attribute(first, "transB", 0) == 1,
             "w2": second.input[1],
             "w2_transposed": second.op_type != "MatMul" and int_attribute(second, "transB", 0) == 1}
@@ -121,10 +94,9 @@ def _inferred(model, feature_map: str) -> Tuple[Dict[str, int], Tuple[Optional[i
     grid: Tuple[Optional[int], Optional[int]] = (None, None)
     for value in inferred_values(model):
         types[value.name] = value.type.tensor_type.elem_type
-        if value.name == feature_map:
-            dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
-            if len(dims) == 4:
-                grid = (dims[2], dims[3])
+        dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
+        if value.name == feature_map and len(dims) == 4:
+            grid = (dims[2], dims[3])
     return types, grid
 
 
@@ -153,73 +125,53 @@ def _int8_rows(model, weight: str) -> Optional[Tuple[str, str]]:
 def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, Any]:
     """Append the Grad-CAM nodes and the ``heatmap`` output to ``model`` (an ``onnx.ModelProto``,
     in place); returns the spec block that describes it."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     strip_heatmap_graph(model)
     head = find_head(model, features)
     types, (height, width) = _inferred(model, head["feature_map"])
-    version = opset(model)
-    nodes: List[Any] = []
-
-    def node(op: str, inputs: List[str], name: str, **attrs: Any) -> str:
-        out = PREFIX + name
-        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
+    w = NodeWriter(model, PREFIX, **{"zero": np.array(0.0, np.float32), "class": np.array([positive_index], np.int64),
+                                     "axes23": np.array([2, 3], np.int64), "axis1": np.array([1], np.int64)})
 
     def as_float(tensor: str, name: str) -> str:
         return tensor if types.get(tensor, TensorProto.FLOAT) == TensorProto.FLOAT else \
-            node("Cast", [tensor], name, to=TensorProto.FLOAT)
+            w.node("Cast", [tensor], name, to=TensorProto.FLOAT)
 
-    inits = {PREFIX + "zero": np.array(0.0, np.float32), PREFIX + "class": np.array([positive_index], np.int64),
-             PREFIX + "axes23": np.array([2, 3], np.int64), PREFIX + "axis1": np.array([1], np.int64)}
     feature_map = as_float(head["feature_map"], "feature_map")                    # [N, C, h, w]
     activation = as_float(head["activation"], "activation")                       # [N, H], after the ReLU
     w1 = as_float(head["w1"], "w1")                                               # [H, C] (or [C, H])
     w2 = as_float(head["w2"], "w2")                                               # [K, H] (or [H, K])
-    mask = node("Cast", [node("Greater", [activation, PREFIX + "zero"], "active")], "mask", to=TensorProto.FLOAT)
-    w2_row = node("Gather", [w2, PREFIX + "class"], "w2_class", axis=0 if head["w2_transposed"] else 1)
-    w2_row = node("Flatten", [w2_row], "w2_row", axis=0) if head["w2_transposed"] else \
-        node("Transpose", [w2_row], "w2_row", perm=[1, 0])                        # [1, H]
-    gated = node("Mul", [mask, w2_row], "gated")                                  # [N, H]
+    mask = w.node("Cast", [w.node("Greater", [activation, PREFIX + "zero"], "active")], "mask", to=TensorProto.FLOAT)
+    w2_row = w.node("Gather", [w2, PREFIX + "class"], "w2_class", axis=0 if head["w2_transposed"] else 1)
+    w2_row = w.node("Flatten", [w2_row], "w2_row", axis=0) if head["w2_transposed"] else \
+        w.node("Transpose", [w2_row], "w2_row", perm=[1, 0])                      # [1, H]
+    gated = w.node("Mul", [mask, w2_row], "gated")                                # [N, H]
     quantized = _int8_rows(model, head["w1"]) if head["w1_transposed"] else None
     if quantized is not None:
-        # an INT8 file's W1 = scale[h] * Q[h, c] (per-row scales, zero offsets): fold the scales into the
-        # gated vector and multiply by Q as integers, so the [H, C] weight is never dequantized per call
-        # (that dequantization, kept for this second reader, was most of the graph's cost). The gated
-        # vector is quantized to 8 bits on the fly: a relative error of ~1/256 in the map's weights.
+        # W1 = scale[h] * Q[h, c]: the scales go into the gated vector, quantized to 8 bits on the fly, and
+        # Q multiplies it as integers, so the [H, C] weight is never dequantized per call
         q_weight, q_scale = quantized
-        scaled = node("Mul", [gated, q_scale], "gated_scaled")                    # [N, H]
+        scaled = w.node("Mul", [gated, q_scale], "gated_scaled")                  # [N, H]
         dyn = [PREFIX + "gated_q", PREFIX + "gated_q_scale", PREFIX + "gated_q_zero"]
-        nodes.append(helper.make_node("DynamicQuantizeLinear", [scaled], dyn, name=PREFIX + "gated_q"))
-        product = node("MatMulInteger", [dyn[0], q_weight, dyn[2]], "gradient_int")  # [N, C] int32
-        gradient = node("Mul", [node("Cast", [product], "gradient_f", to=TensorProto.FLOAT), dyn[1]], "gradient")
+        w.node("DynamicQuantizeLinear", [scaled], "gated_q", outputs=dyn)
+        product = w.node("MatMulInteger", [dyn[0], q_weight, dyn[2]], "gradient_int")  # [N, C] int32
+        gradient = w.node("Mul", [w.node("Cast", [product], "gradient_f", to=TensorProto.FLOAT), dyn[1]], "gradient")
     else:
-        gradient = node("MatMul", [gated, w1 if head["w1_transposed"] else
-                                   node("Transpose", [w1], "w1_t", perm=[1, 0])], "gradient")  # [N, C] = dz / dp
-    # Grad-CAM's weights: the spatial mean of dz / dA = gradient / (h w). A cxr graph's input size is
-    # fixed, so h w is a constant. Computed from the tensor's shape (Shape -> Slice -> ReduceProd ->
-    # Cast) it stops OpenVINO 2026.4's CPU plugin with SIGFPE at the first inference of the whole
-    # graph, although the same nodes alone run; that form serves only a grid shape inference cannot tell.
+        gradient = w.node("MatMul", [gated, w1 if head["w1_transposed"] else
+                                     w.node("Transpose", [w1], "w1_t", perm=[1, 0])], "gradient")  # [N, C] = dz / dp
+    # the area h w as a constant: computed from the tensor's shape it stops OpenVINO's CPU plugin (SIGFPE),
+    # so that form serves only a grid shape inference cannot tell
     if height and width:
-        area = PREFIX + "area_f"
-        inits[area] = np.array(float(height * width), np.float32)
+        area = w.const("area_f", np.array(float(height * width), np.float32))
     else:
-        size = node("ReduceProd", [node("Slice", [node("Shape", [feature_map], "shape"), PREFIX + "start2",
-                                                  PREFIX + "end4"], "hw")], "area", keepdims=1)
-        inits[PREFIX + "start2"], inits[PREFIX + "end4"] = np.array([2], np.int64), np.array([4], np.int64)
-        area = node("Cast", [size], "area_f", to=TensorProto.FLOAT)
-    alpha = node("Div", [gradient, area], "alpha")
-    if version >= 13:
-        alpha4 = node("Unsqueeze", [alpha, PREFIX + "axes23"], "alpha4")         # [N, C, 1, 1]
-        weighted = node("Mul", [feature_map, alpha4], "weighted")
-        summed = node("ReduceSum", [weighted, PREFIX + "axis1"], "summed", keepdims=0)
-    else:  # pragma: no cover - cxr exports opset 18
-        alpha4 = node("Unsqueeze", [alpha], "alpha4", axes=[2, 3])
-        weighted = node("Mul", [feature_map, alpha4], "weighted")
-        summed = node("ReduceSum", [weighted], "summed", axes=[1], keepdims=0)
-    nodes.append(helper.make_node("Relu", [summed], [HEATMAP_OUTPUT], name=PREFIX + HEATMAP_OUTPUT))
-    model.graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in inits.items())
-    model.graph.node.extend(nodes)
+        start, end = w.const("start2", np.array([2], np.int64)), w.const("end4", np.array([4], np.int64))
+        size = w.node("ReduceProd", [w.node("Slice", [w.node("Shape", [feature_map], "shape"), start, end], "hw")],
+                      "area", keepdims=1)
+        area = w.node("Cast", [size], "area_f", to=TensorProto.FLOAT)
+    alpha4 = w.along("Unsqueeze", w.node("Div", [gradient, area], "alpha"), "axes23", "alpha4")  # [N, C, 1, 1]
+    summed = w.along("ReduceSum", w.node("Mul", [feature_map, alpha4], "weighted"), "axis1", "summed", keepdims=0)
+    w.node("Relu", [summed], HEATMAP_OUTPUT, outputs=[HEATMAP_OUTPUT])
+    w.write()
     model.graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT,
                                                             ["batch", height, width]))
     return {
@@ -236,7 +188,7 @@ def add_heatmap(model_path: str | Path, out_path: Optional[str | Path] = None, t
     are checked to be bit-identical before and after. Returns the spec's ``heatmap`` block."""
     import onnx
 
-    from .modelio import open_model, read_spec, write_spec
+    from .modelio import open_model, probability_change, read_spec, staged, write_spec
 
     model_path = Path(model_path)
     out = Path(out_path or model_path)
@@ -245,31 +197,25 @@ def add_heatmap(model_path: str | Path, out_path: Optional[str | Path] = None, t
         raise ValueError(f"{model_path}: its spec names no features output, so the head cannot be found")
     model = onnx.load(str(model_path), load_external_data=True)
     block = add_heatmap_graph(model, spec.features_output, spec.positive_index)
-    rng = np.random.default_rng(0)
     width, height = spec.image_size
-    pixels = rng.integers(0, 256, (4, height, width, 3), np.uint8)
+    pixels = np.random.default_rng(0).integers(0, 256, (4, height, width, 3), np.uint8)
     before = open_model(model_path, threads, spec).run(pixels, [spec.prob_output])[0]
-    staged = out.with_name(out.name + ".tmp")
-    onnx.save(model, str(staged))
-    try:
-        after, maps = open_model(staged, threads, spec).run(pixels, [spec.prob_output, HEATMAP_OUTPUT])
-        change = float(np.max(np.abs(after.astype(np.float64) - before)))
-        # FP32 and INT8: bit for bit. FP16 on a CPU: onnxruntime runs FP16 ops through inserted casts, and a
-        # tensor with one more consumer keeps a cast pair it would otherwise remove: float32 rounding, ~1e-6.
-        if (change != 0.0 and spec.precision != "fp16") or change > FP16_TOLERANCE:
-            raise RuntimeError(f"{out}: adding the heatmap changed the probabilities by {change:.3g} (a bug)")
+    with staged(out) as path:
+        onnx.save(model, str(path))
+        after, maps = open_model(path, threads, spec).run(pixels, [spec.prob_output, HEATMAP_OUTPUT])
+        change = probability_change(before, after, spec, out, "heatmap", FP16_TOLERANCE)
         if maps.ndim != 3 or not np.all(np.isfinite(maps)) or np.any(maps < 0):
             raise RuntimeError(f"{out}: the heatmap output is not a finite non-negative [N, h, w] map (a bug)")
-        os.replace(staged, out)
-    finally:
-        staged.unlink(missing_ok=True)
-    block["grid"] = [int(maps.shape[1]), int(maps.shape[2])]
-    block["probabilities_unchanged"] = "bit for bit" if change == 0.0 else f"within {change:.2g} (FP16 on CPU)"
-    write_spec(out, spec.updated({"heatmap": block}, outputs={"heatmap": HEATMAP_OUTPUT}))
+        block["grid"] = [int(maps.shape[1]), int(maps.shape[2])]
+        block["probabilities_unchanged"] = "bit for bit" if change == 0.0 else f"within {change:.2g} (FP16 on CPU)"
+        write_spec(path, spec.updated({"heatmap": block}, outputs={"heatmap": HEATMAP_OUTPUT}))
     return block
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m cxr_export.heatmap``; returns the exit status (2: a file failed)."""
+    from cxr_infer.errors import CXRError
+
     parser = argparse.ArgumentParser(prog="python -m cxr_export.heatmap",
                                      description="Add (or refresh) the Grad-CAM heatmap output in cxr model files.",
                                      epilog="example: python -m cxr_export.heatmap models/resnet50_int8.onnx")
@@ -279,8 +225,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.out and len(args.models) > 1:
         parser.error("--out takes one model")
-    from cxr_infer.errors import CXRError
-
     status = 0
     for path in args.models:
         try:

@@ -1,24 +1,28 @@
 """Read and write the ``cxr.spec`` of an ONNX file with ``onnx``; open one with the runtime's model layer.
 
-Running a model file always goes through :class:`cxr_infer.model.ModelFile` (one session
-set-up, one graph input, one output runner for the Classifier, export and benchmarks);
-this module only adds what needs the ``onnx`` package: reading a spec without building a
-session, writing one into a file, and writing a copy without some of the graphs added after
-export (:func:`write_without`).
+Running a file always goes through :class:`cxr_infer.model.ModelFile`; this module adds what
+needs ``onnx`` (reading a spec without a session, writing one, writing a copy without some
+graph additions) and what every graph addition does when it writes a file (:func:`staged`,
+:func:`probability_change`).
 
 Examples:
-    >>> from cxr_export.modelio import read_spec   # doctest: +SKIP
     >>> read_spec("model.onnx").precision           # doctest: +SKIP
     'int8'
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
 
 from cxr_infer.errors import ModelError
 from cxr_infer.model import ModelFile
 from cxr_infer.spec import SPEC_KEY, ModelSpec, spec_from_metadata
+
+from .onnxgraph import keep_only
 
 
 def write_spec(model_path: str | Path, spec: ModelSpec, out_path: Optional[str | Path] = None) -> Path:
@@ -27,9 +31,7 @@ def write_spec(model_path: str | Path, spec: ModelSpec, out_path: Optional[str |
 
     spec.validate(str(model_path))
     m = onnx.load(str(model_path), load_external_data=True)
-    keep = [p for p in m.metadata_props if p.key != SPEC_KEY]
-    del m.metadata_props[:]
-    m.metadata_props.extend(keep)
+    keep_only(m.metadata_props, lambda p: p.key != SPEC_KEY)
     entry = m.metadata_props.add()
     entry.key, entry.value = SPEC_KEY, spec.to_json()
     m.producer_name = "cxr"
@@ -88,3 +90,26 @@ def write_without(path: str | Path, out: str | Path, names: Sequence[str]) -> Pa
     onnx.save(model, str(out))
     write_spec(out, read_spec(path).without_additions(names))
     return Path(out)
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A path beside ``out`` to write to, moved over ``out`` when the block succeeds and removed
+    otherwise: a failed check leaves ``out`` as it was."""
+    path = out.with_name(out.name + ".tmp")
+    try:
+        yield path
+        os.replace(path, out)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def probability_change(before: np.ndarray, after: np.ndarray, spec: ModelSpec, out: Path, what: str,
+                       fp16_tolerance: float) -> float:
+    """The largest change of a probability when ``what`` was added to ``out``. ``RuntimeError`` (a bug)
+    unless it is 0; an FP16 file on a CPU may move by up to ``fp16_tolerance`` (onnxruntime's casts
+    around a tensor with one more reader)."""
+    change = float(np.max(np.abs(np.asarray(after, np.float64) - before))) if len(after) else 0.0
+    if (change != 0.0 and spec.precision != "fp16") or change > fp16_tolerance:
+        raise RuntimeError(f"{out}: adding the {what} changed the probabilities by {change:.3g} (a bug)")
+    return change

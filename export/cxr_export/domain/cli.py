@@ -1,12 +1,7 @@
 """``python -m cxr_export.domain``: add (or refresh) the image check in existing model files.
 
 Fits on the train part of the run's split and calibrates on its val part, through each file
-itself (:func:`cxr_export.domain.fit.add_domain_stats`); the files are updated in place unless
-``--out``.
-
-For example::
-
-    python -m cxr_export.domain runs/vgg16 models/vgg16_int8.onnx --data chest_xray/train
+(:func:`cxr_export.domain.fit.add_domain_stats`); files are updated in place unless ``--out``.
 """
 from __future__ import annotations
 
@@ -38,16 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flag-rate", type=float, default=DEFAULT_FLAG_RATE,
                    help="share of in-domain (val) images flagged (default 0.05)")
     p.add_argument("--taps", default=None, metavar="T1,T2|none",
-                   help="graph tensors that get a stage branch (channel means and standard deviations), comma-"
-                        "separated; 'none' for no stage branches (default: the domain_taps of the spec's backbone "
-                        "in cxr_train.backbones)")
+                   help="graph tensors that get a stage branch, comma-separated; 'none' for no stage branches "
+                        "(default: the domain_taps of the spec's backbone in cxr_train.backbones)")
     p.add_argument("--features-branch", action=argparse.BooleanOptionalAction, default=None,
-                   help="a branch on the pooled features too (default: only when the file gets no stage "
-                        "branches, so VGG16, ResNet50 and InceptionV3 files get none: it is the branch INT8 "
-                        "rounding moves most between engines; see add_domain_stats)")
+                   help="a branch on the pooled features too (default: only when the file gets no stage branches)")
     p.add_argument("--stage-tall-rows", type=int, default=DEFAULT_STAGE_TALL_ROWS, metavar="R",
-                   help="read a stage tensor taller than R rows on every second row, every column: cheaper, "
-                        f"and flags as much (default {DEFAULT_STAGE_TALL_ROWS}; 0 = every row of every tensor)")
+                   help="read a stage tensor taller than R rows on every second row "
+                        f"(default {DEFAULT_STAGE_TALL_ROWS}; 0 = every row of every tensor)")
     p.add_argument("--threads", type=int, default=0)
     return p
 

@@ -1,13 +1,9 @@
 """Fitting and calibrating the image check on a model file's own outputs, and writing it in.
 
-Statistics are fitted on up to ``fit_count`` class-balanced images of the *train* part of the
-run's split, through the model file itself (so an INT8 file gets statistics of its own,
-quantized features and stage tensors). Each branch value ``v`` is mapped to
-``(v - centre) / scale`` with ``centre`` its median and ``centre + scale`` its 95th percentile
-on the *val* part (out of sample, so a branch that overfits its fitting images gets no unfair
-weight); the score is the largest term, and the threshold is the (1 - ``flag_rate``) quantile
-of the graph's scores on the val part, so about ``flag_rate`` of in-domain images are flagged.
-The test split is never read. Why these choices: ``docs/design/domain-check.md``.
+Statistics are fitted on class-balanced images of the *train* part of the run's split, through
+the file itself (an INT8 file gets statistics of its own quantized tensors); each branch is
+standardised, and the threshold set, on the *val* part. The test split is never read. Why these
+choices: ``docs/design/domain-check.md``.
 
 Examples:
     >>> block = add_domain_stats("m.onnx", train_px, train_y, val_px, "m_dom.onnx")   # doctest: +SKIP
@@ -16,7 +12,6 @@ Examples:
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -25,20 +20,10 @@ import numpy as np
 
 from cxr_infer.spec import ModelSpec
 
-from ..modelio import open_model, read_spec, write_spec
+from ..modelio import open_model, probability_change, read_spec, staged, write_spec
 from .graph import DOMAIN_OUTPUT, PREFIX, TERMS_OUTPUT, add_domain_graph, strip_domain_graph
 from .stages import DEFAULT_STAGE_TALL_ROWS, default_taps, per_tap, stage_feature_nodes, stage_row_steps
-from .stats import (
-    DEFAULT_RANK,
-    THUMB,
-    THUMB_COARSE,
-    THUMB_COARSEST,
-    THUMB_GRIDS,
-    Branch,
-    fit_stats,
-    pool_kernel,
-    thumbnails,
-)
+from .stats import DEFAULT_RANK, THUMB, THUMB_GRIDS, Branch, fit_stats, pool_kernel, thumbnails
 
 METHOD = ("max of branches, each standardised on validation (median 0, 95th percentile 1): Mahalanobis "
           "distance on a per-image standardised 16x16, 8x8 and 4x4 input thumbnail, an upright-vs-180-degrees "
@@ -49,16 +34,13 @@ METHOD = ("max of branches, each standardised on validation (median 0, 95th perc
 SCORE = ("max over branches of (value - centre) / scale; a branch's value is sqrt(min over classes of the squared "
          "Mahalanobis distance), or for orientation log(d2 upright) - log(d2 rotated 180 degrees)")
 DEFAULT_FIT_COUNT = 1500
-#: the rank of a stage branch: its 2 C channel statistics need fewer exact eigenvectors than the
-#: thumbnails (rank 128 flags the same share of every foreign kind and of the test split as 256), and
-#: its [2 C, rank] projection is read on every call
+#: the rank of a stage branch (``rank``: of the others; see the design page, "Rank")
 DEFAULT_STAGE_RANK = 128
 DEFAULT_FLAG_RATE = 0.05
 CENTRE_Q, SCALE_Q = 0.5, 0.95
 #: the validation flag rates whose thresholds a file carries (``domain.operating_points``), besides its own
 OPERATING_RATES = (0.01, 0.02, 0.03, 0.05, 0.075, 0.10, 0.15, 0.20, 0.25, 0.30)
-#: the largest change of an FP16 file's probabilities accepted when the graph is added (on a CPU; see
-#: add_domain_stats): the bound FP16 files are held to against FP32 (tests/test_export.py)
+#: the largest change of an FP16 file's probabilities accepted when the graph is added (on a CPU)
 FP16_TOLERANCE = 5e-3
 #: the largest relative difference accepted between the graph's score and the numpy reference
 GRAPH_TOLERANCE = 0.05
@@ -141,31 +123,27 @@ def branch_inputs(spec: ModelSpec, pixels: np.ndarray, feats: np.ndarray,
 
 def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], labels: np.ndarray,
                  val: Dict[str, np.ndarray], rank: int = DEFAULT_RANK, taps: Optional[List[str]] = None,
-                 features_branch: bool = False,
-                 stage_rank: int = DEFAULT_STAGE_RANK,
+                 features_branch: bool = False, stage_rank: int = DEFAULT_STAGE_RANK,
                  stage_row_step: int | Sequence[int] = 1) -> Tuple[List[Branch], List[str], np.ndarray]:
-    """The branches fitted on ``train`` and standardised on ``val``, which input each reads, and
-    their standardised validation terms ``[branches, N]``. ``taps``: the tensors of the stage
-    branches (``train`` and ``val`` hold their statistics as ``stage1``, ``stage2``, ...).
-    ``features_branch=True`` adds a branch on the pooled features (see :func:`add_domain_stats`).
-    ``stage_rank``: the rank of the stage branches (``rank``: of the others); ``stage_row_step``: every
-    how many rows they were read, one for all or one per tap."""
-    s16 = fit_stats(train[f"thumb{THUMB}"], labels, rank)
-    s8 = fit_stats(train[f"thumb{THUMB_COARSE}"], labels, rank)
-    s4 = fit_stats(train[f"thumb{THUMB_COARSEST}"], labels, rank)
-    branches = [Branch(f"thumb{THUMB}", "distance", "thumbnail", s16, THUMB),
-                Branch(f"thumb{THUMB_COARSE}", "distance", "thumbnail", s8, THUMB_COARSE),
-                Branch(f"thumb{THUMB_COARSEST}", "distance", "thumbnail", s4, THUMB_COARSEST),
-                Branch("orientation", "orientation", "thumbnail", s16, THUMB)]
-    keys = [f"thumb{THUMB}", f"thumb{THUMB_COARSE}", f"thumb{THUMB_COARSEST}", f"thumb{THUMB}"]
+    """The branches fitted on ``train`` and standardised on ``val``, the input key each reads, and
+    their standardised validation terms ``[branches, N]``.
+
+    ``taps``: the tensors of the stage branches (``train`` and ``val`` hold their statistics as
+    ``stage1``, ``stage2``, ...), fitted at ``stage_rank`` and read on every ``stage_row_step``-th
+    row (one for all or one per tap); ``features_branch``: a branch on the pooled features too.
+    """
+    grids = {f"thumb{grid}": grid for grid in THUMB_GRIDS}
+    stats = {key: fit_stats(train[key], labels, rank) for key in grids}
+    branches = [Branch(key, "distance", "thumbnail", stats[key], grid) for key, grid in grids.items()]
+    branches.append(Branch("orientation", "orientation", "thumbnail", stats[f"thumb{THUMB}"], THUMB))
+    keys = list(grids) + [f"thumb{THUMB}"]
     if features_branch:
         branches.insert(0, Branch("features", "distance", feat_name, fit_stats(train["features"], labels, rank)))
         keys.insert(0, "features")
-    steps = per_tap(stage_row_step, len(taps or []))
-    for i, tensor in enumerate(taps or []):
+    for i, (tensor, step) in enumerate(zip(taps or [], per_tap(stage_row_step, len(taps or [])))):
         key = f"stage{i + 1}"
         branches.append(Branch(key, "distance", "stage", fit_stats(train[key], labels, stage_rank),
-                               tensor=tensor, row_step=steps[i]))
+                               tensor=tensor, row_step=step))
         keys.append(key)
     terms = []
     for br, k in zip(branches, keys):
@@ -178,9 +156,9 @@ def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], 
 def _check_staged(model_path: Path, staged: Path, out: Path, spec: ModelSpec, branches: List[Branch],
                   keys: List[str], train: Dict[str, np.ndarray], train_pixels: np.ndarray, probs_before: np.ndarray,
                   val_pixels: np.ndarray, threads: int) -> Tuple[np.ndarray, float, float]:
-    """Check the file written with the check: finite scores, probabilities unchanged (an FP16 file on a
-    CPU: within :data:`FP16_TOLERANCE`), graph equal to the numpy reference. Returns the validation
-    scores, the largest change of a probability, and the largest graph-vs-numpy difference."""
+    """Check the file written with the check: finite scores, probabilities unchanged, graph equal to
+    the numpy reference. Returns the validation scores, the largest change of a probability and the
+    largest graph-vs-numpy difference."""
     (val_scores,) = run_outputs(staged, spec, val_pixels, [DOMAIN_OUTPUT], threads=threads)
     bad = int(np.sum(~np.isfinite(val_scores)))
     if bad:
@@ -192,12 +170,7 @@ def _check_staged(model_path: Path, staged: Path, out: Path, spec: ModelSpec, br
                                             threads=threads)
     ref = reference_scores(branches, [train[key][:k] for key in keys])
     graph_vs_numpy = float(np.max(np.abs(train_scores - ref) / np.maximum(np.abs(ref), 1.0))) if len(ref) else 0.0
-    change = float(np.max(np.abs(probs_after - probs_before[:k]))) if k else 0.0
-    # FP32 and INT8: bit for bit. FP16 on a CPU: onnxruntime runs the FP16 ops in FP32 between casts it
-    # removes where it can; a stage tensor with one more reader is rounded to FP16, as the file says it is
-    # (1.0e-3 on a ResNet50). Bounded by what FP16 already differs from FP32.
-    if (change != 0.0 and spec.precision != "fp16") or change > FP16_TOLERANCE:
-        raise RuntimeError(f"{out}: adding the domain graph changed the probabilities by {change:.3g} (a bug)")
+    change = probability_change(probs_before[:k], probs_after, spec, out, "domain graph", FP16_TOLERANCE)
     if graph_vs_numpy > GRAPH_TOLERANCE:
         raise RuntimeError(f"{out}: the graph's domain score differs from the numpy reference by "
                            f"{graph_vs_numpy:.3g} (a bug)")
@@ -213,21 +186,13 @@ def _domain_block(spec: ModelSpec, branches: List[Branch], val_terms: np.ndarray
     deciding = {br.name: float(np.mean((np.argmax(val_terms, 0) == j) & (val_scores > threshold)))
                 for j, br in enumerate(branches)}
     return {
-        "method": METHOD,
-        "score": SCORE,
-        "stage_tensors": taps,
-        "stage_tall_rows": int(stage_tall_rows),
-        "stage_row_steps": [int(k) for k in stage_row_step],
-        "threshold": threshold,
-        "target_flag_rate": flag_rate,
+        "method": METHOD, "score": SCORE, "stage_tensors": taps, "stage_tall_rows": int(stage_tall_rows),
+        "stage_row_steps": [int(k) for k in stage_row_step], "threshold": threshold, "target_flag_rate": flag_rate,
         "flag_rate_validation": float(np.mean(val_scores > threshold)),
         "operating_points": operating_points(val_scores, tuple(OPERATING_RATES) + (flag_rate,)),
-        "flagged_validation_by_branch": deciding,
-        "features_output": spec.features_output,
+        "flagged_validation_by_branch": deciding, "features_output": spec.features_output,
         "branches": [br.describe(spec.input_name) for br in branches],
-        "rank": int(branches[0].stats.vectors.shape[1]),
-        "shrinkage": branches[0].stats.shrinkage,
-        "fit": fit,
+        "rank": int(branches[0].stats.vectors.shape[1]), "shrinkage": branches[0].stats.shrinkage, "fit": fit,
         "calibration": {"images": int(calibration_images), "part": "val part of the split",
                         "val_score_median": float(np.median(val_scores))},
         "graph_vs_numpy_max_diff": graph_vs_numpy,
@@ -242,25 +207,14 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
                      taps: Optional[List[str]] = None, features_branch: Optional[bool] = None,
                      stage_rank: int = DEFAULT_STAGE_RANK,
                      stage_tall_rows: int = DEFAULT_STAGE_TALL_ROWS) -> Dict[str, Any]:
-    """Fit on ``train_pixels`` through this file's own features, standardise and calibrate on ``val_pixels``.
+    """Fit on ``train_pixels`` through this file's own outputs, standardise and calibrate on ``val_pixels``,
+    write ``out_path`` (default: in place) and return the spec's new ``domain`` block.
 
-    ``taps``: the graph tensors that get a stage branch each (default :func:`default_taps`, by the
-    spec's backbone; ``[]`` for none).
-
-    ``features_branch``: a branch on the pooled features too; default (None): only when there are
-    no stage branches, so that the check always reads the model's own representation somewhere. It is
-    the branch INT8 rounding moves most between engines, and files without it flag as much or more.
-
-    ``stage_rank``: the eigenvectors kept exactly for a stage branch (``rank``: for the others;
-    :data:`DEFAULT_STAGE_RANK`).
-
-    ``stage_tall_rows``: a stage tensor taller than this is read on every second row, every column
-    (:data:`~cxr_export.domain.stages.DEFAULT_STAGE_TALL_ROWS`; 0: every row): a Slice of whole rows,
-    which onnxruntime runs fast; the spec records each tensor's step (``stage_row_steps``).
-
-    Writes ``out_path`` (default: in place) and returns the spec's new ``domain`` block. The
-    probabilities output is checked to be bit-identical before and after (an FP16 file on a CPU:
-    within :data:`FP16_TOLERANCE`); the file is replaced only once every check passed.
+    ``taps``: the tensors that get a stage branch (default :func:`default_taps`; ``[]`` for none);
+    ``features_branch``: a branch on the pooled features too (default: only without stage branches);
+    ``stage_rank``: the rank of a stage branch; ``stage_tall_rows``: a stage tensor taller than this is
+    read on every second row (0: every row). The probabilities are checked to stay bit for bit the same
+    (an FP16 file on a CPU: within :data:`FP16_TOLERANCE`); the file is replaced only once every check passed.
     """
     model_path = Path(model_path)
     out = Path(out_path or model_path)
@@ -283,22 +237,15 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
                            stage_features(model_path, spec, val_pixels, taps, threads=threads, row_step=steps))
     branches, keys, val_terms = fit_branches(spec, feat_name, train_in, train_labels, val_in, rank, taps,
                                              features_branch, stage_rank, steps)
-    kernels = {grid: pool_kernel(spec, grid) for grid in THUMB_GRIDS}
-    # written beside the target and moved over it only once every check has passed: a failed check
-    # leaves the file as it was
-    staged = out.with_name(out.name + ".tmp")
-    try:
-        add_domain_graph(model_path, branches, staged, kernels)
-        val_scores, change, graph_vs_numpy = _check_staged(model_path, staged, out, spec, branches, keys, train_in,
+    with staged(out) as path:
+        add_domain_graph(model_path, branches, path, {grid: pool_kernel(spec, grid) for grid in THUMB_GRIDS})
+        val_scores, change, graph_vs_numpy = _check_staged(model_path, path, out, spec, branches, keys, train_in,
                                                            train_pixels, probs_before, val_pixels, threads)
         fit = {"images": int(len(train_pixels)), "part": "train part of the split, class-balanced", "source": source}
         block = _domain_block(spec, branches, val_terms, val_scores, flag_rate, taps, stage_tall_rows, steps, fit,
                               len(val_pixels), graph_vs_numpy, change, time.perf_counter() - t0)
-        write_spec(staged, spec.updated({"domain": block},
-                                        outputs={"domain_score": DOMAIN_OUTPUT, "domain_terms": TERMS_OUTPUT}))
-        os.replace(staged, out)
-    finally:
-        staged.unlink(missing_ok=True)
+        write_spec(path, spec.updated({"domain": block},
+                                      outputs={"domain_score": DOMAIN_OUTPUT, "domain_terms": TERMS_OUTPUT}))
     return block
 
 

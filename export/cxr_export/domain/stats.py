@@ -1,11 +1,9 @@
 """The image check's statistics: class means and a shrunk shared covariance, per branch.
 
-A branch is one test of the check: a Mahalanobis distance (to the nearest class mean, one
-Ledoit-Wolf-shrunk covariance shared by the classes) on one input: a standardised thumbnail of
-the model's input, the channel statistics of a tensor inside the backbone, or the pooled
-features; or the orientation test, a log-ratio of two such distances. This module holds the
-numpy side: fitting the statistics, computing a branch's value, and the thumbnails the graph
-computes. Why these methods: ``docs/design/domain-check.md``.
+A branch is one test of the check: a Mahalanobis distance to the nearest class mean (one
+Ledoit-Wolf-shrunk covariance shared by the classes) on one input, or the orientation test, a
+log-ratio of two such distances. This is the numpy side: fitting, a branch's value, and the
+thumbnails the graph computes. Why these methods: ``docs/design/domain-check.md``.
 
 Examples:
     >>> rng = np.random.default_rng(0)
@@ -24,9 +22,7 @@ from cxr_infer.model import graph_input
 from cxr_infer.spec import ModelSpec
 
 DEFAULT_RANK = 256
-THUMB = 16          # thumbnail side of the layout branch
-THUMB_COARSE = 8    # and of the coarse one
-THUMB_COARSEST = 4  # and of the coarsest one (the overall shape of the chest: 48 numbers)
+THUMB, THUMB_COARSE, THUMB_COARSEST = 16, 8, 4  # thumbnail sides: the layout, coarser, the chest's overall shape
 THUMB_GRIDS = (THUMB, THUMB_COARSE, THUMB_COARSEST)
 STD_EPS = 1e-6      # added to a thumbnail's variance before dividing (a flat image stays finite)
 LOG_EPS = 1e-6      # added to squared distances before the orientation branch's logarithm

@@ -1,13 +1,9 @@
 """Where a model file runs: the device registry, read by every caller that offers a device.
 
-One :class:`Device` entry per device: its name, the engine that runs it (onnxruntime or the
-OpenVINO runtime), a one-line description, how to tell whether it can run here (and the one line
-that says what to install when it cannot), and how it opens a session. ``cxr-infer --device``,
-``cxr-pacs --device``, :class:`~cxr_infer.Classifier`, :class:`~cxr_infer.model.ModelFile` and
-``cxr-bench`` all read :data:`DEVICES`; a new device is one entry here plus its tests.
-
-``auto`` is not a device but a rule (:func:`resolve_device`): CUDA where present, else OpenVINO
-where it is installed and the session will see many images, else the CPU provider.
+One :class:`Device` entry per device: its engine (onnxruntime or OpenVINO), a one-line
+description, whether it can run here (or the one line saying what to install) and how it opens a
+session. Every command's ``--device``, the Classifier, ModelFile and ``cxr-bench`` read
+:data:`DEVICES`. ``auto`` is a rule, not a device (:func:`resolve_device`).
 
 Examples:
     >>> sorted(DEVICES)
@@ -28,19 +24,15 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 from .errors import DeviceError, ModelError
 
-#: onnxruntime session config entries set by default. Worker threads that spin while idle burn
-#: cores the host application needs; on a shared 2-core CPU, turning spinning off made an INT8
-#: ResNet50 run faster (about 55 vs 95 ms) as well. ``session_config`` overrides these.
+#: onnxruntime session config entries set by default: worker threads that spin while idle burn cores
+#: the host application needs (and on a shared 2-core CPU made an INT8 ResNet50 slower, 95 vs 55 ms).
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 #: Where OpenVINO keeps compiled models (another session of the same file skips most of the
 #: compilation); ``$CXR_OPENVINO_CACHE`` overrides it, and an empty value or ``0`` turns it off.
 OPENVINO_CACHE = Path.home() / ".cache" / "cxr" / "openvino"
-#: ``auto`` on a CPU takes OpenVINO (where ``pip install 'cxr[openvino]'`` put it) for an embedded
-#: :class:`~cxr_infer.Classifier` (one session, many images) and for a run of at least this many
-#: images; fewer take the onnxruntime CPU provider. OpenVINO costs more once per process (``import
-#: openvino`` about 0.14 s, compiling 0.05-0.2 s from a warm cache) and saves 1.4-2.7 ms per image:
-#: whole ``cxr-infer`` runs break even at about 85 (VGG16), 135 (ResNet50) and 100 (InceptionV3)
-#: images on a 2-core AMD EPYC (docs: CPU and GPU engines).
+#: ``auto`` on a CPU takes OpenVINO, where installed, for an embedded Classifier and for runs of at
+#: least this many images: it starts slower and runs faster (break-even 85-135 images measured on a
+#: 2-core AMD EPYC; docs/engines.md).
 AUTO_OPENVINO_MIN_IMAGES = 128
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"

@@ -1,11 +1,8 @@
 """Output formats of ``cxr-infer``: one writer per format, one table of formats.
 
-A format is an :class:`OutputFormat` entry: its name, one line of help, the writer that turns
-:class:`~cxr_infer.prediction.Prediction` records into that format, where it writes (a stream:
-stdout or ``--output FILE``; or a folder: ``--output DIR``), what it needs installed, and which
-inputs it can never take. The runtime brings ``table``, ``jsonl`` and ``csv``; integrations add
-theirs through the ``cxr.formats`` entry point group (``cxr_hospital`` adds ``dicom-sr`` and
-``fhir``), so the runtime never imports them. Embedding code may :func:`register_format` its own.
+The runtime brings ``table``, ``jsonl`` and ``csv``; other packages add theirs through the
+``cxr.formats`` entry point group (``cxr_hospital``: ``dicom-sr``, ``fhir``), so the runtime never
+imports them; embedding code may :func:`register_format` its own.
 
 Examples:
     >>> sorted(BUILTIN_FORMATS)
@@ -29,9 +26,8 @@ ENTRY_POINT_GROUP = "cxr.formats"
 
 @dataclass(frozen=True)
 class FormatContext:
-    """What a writer may use: the stream (stdout or ``--output FILE``; a folder format lists what
-    it wrote there), the folder of a folder format, the longest input name (for the table) and
-    the classifier that made the results (its model, thresholds and checks)."""
+    """What a writer may use: the stream (stdout or ``--output FILE``), the folder of a folder
+    format, the longest input name (for the table) and the classifier that made the results."""
 
     out: IO[str]
     folder: Optional[str] = None
@@ -40,11 +36,8 @@ class FormatContext:
 
 
 class ResultWriter:
-    """Receives every input's outcome, in input order, then :meth:`close`.
-
-    Subclasses write one format; the defaults write nothing for failures and treat an input left
-    unclassified (outside the intended use, ``--reject-out-of-domain``) as a failure.
-    """
+    """Receives every input's outcome, in input order, then :meth:`close`; by default a failure
+    writes nothing and an input left unclassified (outside the intended use) is a failure."""
 
     def __init__(self, context: FormatContext) -> None:
         self.context = context
@@ -67,19 +60,10 @@ class ResultWriter:
 
 @dataclass(frozen=True)
 class OutputFormat:
-    """One output format.
-
-    Attributes:
-        name: what ``--format`` takes.
-        description: one line for ``--help``: what a result looks like.
-        writer: ``writer(context)`` -> the :class:`ResultWriter` of one run.
-        target: ``"stream"`` (stdout, or the file ``--output FILE``) or ``"folder"`` (``--output
-            DIR`` is required; the stream lists what was written).
-        missing: ``missing()`` -> None when the format can be written here, else the one line that
-            says what to install.
-        input_problem: ``input_problem(path)`` -> why this format can never take that input (None
-            when it can), asked before anything is classified.
-    """
+    """One output format: its ``--format`` name, one line for ``--help``, ``writer(context)``
+    giving the run's :class:`ResultWriter`, ``target`` ``"stream"`` (stdout or ``--output FILE``) or
+    ``"folder"`` (``--output DIR`` required), ``missing()`` (None, or what to install) and
+    ``input_problem(path)`` (why it can never take an input, asked before classifying)."""
 
     name: str
     description: str

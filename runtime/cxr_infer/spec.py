@@ -1,14 +1,10 @@
 """The model spec: a JSON document in the ONNX file's ``metadata_props`` under ``cxr.spec``.
 
-A ``.onnx`` file is the whole model: the runtime reads everything it needs (input, resize rule,
-normalisation, labels, threshold, the graphs added at export) from this spec, validates it, and
-refuses a file whose spec it does not understand. JSON only: nothing is evaluated or unpickled.
-
-:class:`ModelSpec` is the one reader of that JSON. Everything else reads its typed views
-(:attr:`ModelSpec.outputs`, :attr:`~ModelSpec.domain`, :attr:`~ModelSpec.heatmap`,
-:attr:`~ModelSpec.intended_use`, :attr:`~ModelSpec.provenance`, :attr:`~ModelSpec.export`) and
-writes through :meth:`ModelSpec.updated`. The graphs ``cxr-export`` adds after the classifier are
-one table, :data:`GRAPH_ADDITIONS`: the spec block that describes each and the outputs it adds.
+The runtime reads everything it needs from this spec, validates it, and refuses a file whose spec
+it does not understand; JSON only, nothing is evaluated or unpickled. :class:`ModelSpec` is the one
+reader of that JSON: everything else reads its typed views and writes through
+:meth:`ModelSpec.updated`. :data:`GRAPH_ADDITIONS` names the graphs ``cxr-export`` adds after the
+classifier: the spec block that describes each and the outputs it adds.
 
 Examples:
     >>> spec = ModelSpec.new(backbone="tiny", precision="fp32", threshold=0.5)
@@ -38,17 +34,12 @@ PRECISIONS = ("fp32", "int8", "fp16")
 
 REQUIRED = ("format_version", "backbone", "precision", "input", "outputs", "resize", "normalization", "labels",
             "positive_label", "threshold", "provenance")
-#: The output roles every exported classifier may have (the added graphs' roles are in GRAPH_ADDITIONS).
-CORE_OUTPUTS = ("probabilities", "features")
 
 
 @dataclass(frozen=True)
 class GraphAddition:
-    """A graph ``cxr-export`` appends after the classifier: its spec block and the outputs it adds.
-
-    ``cxr_export.additions`` pairs each entry with how it is built and stripped; the runtime needs
-    only this half: which outputs exist, and which block describes them.
-    """
+    """A graph ``cxr-export`` appends after the classifier: its spec block and the outputs it adds
+    (``cxr_export.additions`` holds how it is built and stripped)."""
 
     name: str
     outputs: Tuple[str, ...]
@@ -169,20 +160,14 @@ class DomainBranch:
 
 @dataclass(frozen=True)
 class DomainCheck:
-    """The ``domain`` block: the image check's threshold, operating points and tests.
-
-    ``operating_points`` are ``(flag rate, threshold)`` pairs (:func:`operating_points`), empty in
-    files exported before they were written; ``flag_rate_validation`` is the share of validation
-    images the file's own threshold flags.
-    """
+    """The ``domain`` block: the image check's threshold, its ``(flag rate, threshold)`` operating
+    points (empty in files exported before them), its tests, and the share of validation images
+    the file's own threshold flags."""
 
     threshold: float
     operating_points: Tuple[Tuple[float, float], ...]
     branches: Tuple[DomainBranch, ...]
     flag_rate_validation: Optional[float]
-    fit_images: Optional[int]
-    calibration_images: Optional[int]
-    method: str
 
     @classmethod
     def from_block(cls, block: Any, source: str) -> "DomainCheck":
@@ -196,10 +181,7 @@ class DomainCheck:
         rate = block.get("flag_rate_validation")
         return cls(threshold=float(block["threshold"]),
                    operating_points=tuple(operating_points(block.get("operating_points", []), source)),
-                   branches=tuple(branches), flag_rate_validation=float(rate) if _number(rate) else None,
-                   fit_images=(block.get("fit") or {}).get("images"),
-                   calibration_images=(block.get("calibration") or {}).get("images"),
-                   method=str(block.get("method", "")))
+                   branches=tuple(branches), flag_rate_validation=float(rate) if _number(rate) else None)
 
 
 @dataclass(frozen=True)
@@ -209,7 +191,6 @@ class Heatmap:
     output: str
     grid: Optional[Tuple[int, int]]
     method: str
-    feature_map: str
 
     @classmethod
     def from_block(cls, block: Any, output: str, source: str) -> "Heatmap":
@@ -217,16 +198,13 @@ class Heatmap:
         grid = block.get("grid")
         valid = isinstance(grid, (list, tuple)) and len(grid) == 2 and all(isinstance(g, int) for g in grid)
         return cls(output=output, grid=(int(grid[0]), int(grid[1])) if valid else None,
-                   method=str(block.get("method", "")), feature_map=str(block.get("feature_map", "")))
+                   method=str(block.get("method", "")))
 
 
 @dataclass(frozen=True)
 class Provenance:
-    """Where the model came from: training time, split, data hashes, metrics, threshold rule.
-
-    ``metrics`` maps a split's name (``validation``, ``validation_at_0.5``, ``test`` where
-    recorded) to its figures; ``fields`` holds every provenance field, read-only.
-    """
+    """Where the model came from. ``metrics`` maps a split's name (``validation``,
+    ``validation_at_0.5``, ``test`` where recorded) to its figures; ``fields`` holds every field."""
 
     trained: Optional[str]
     split: Mapping[str, Any]
@@ -238,11 +216,8 @@ class Provenance:
 
 
 class ModelSpec:
-    """The parsed, validated ``cxr.spec`` of a model file.
-
-    Read it through its properties and typed blocks; make a changed copy with :meth:`updated`;
-    :meth:`to_dict` and :meth:`to_json` give the whole document.
-    """
+    """The parsed, validated ``cxr.spec`` of a model file: typed views to read it, :meth:`updated` for
+    a changed copy, :meth:`to_dict` and :meth:`to_json` for the whole document."""
 
     def __init__(self, data: Mapping[str, Any]) -> None:
         self._data: Dict[str, Any] = copy.deepcopy(dict(data))
@@ -309,20 +284,12 @@ class ModelSpec:
             >>> s.updated(outputs={"features": None}).outputs.features is None
             True
         """
-        data = copy.deepcopy(self._data)
-        for key, value in (fields or {}).items():
-            if value is None:
-                data.pop(key, None)
-            else:
-                data[key] = copy.deepcopy(value)
+        fields, outputs = dict(fields or {}), dict(outputs or {})
+        data = {**copy.deepcopy(self._data), **copy.deepcopy(fields)}
+        data = {k: v for k, v in data.items() if not (k in fields and v is None)}
         if outputs:
-            named = dict(data.get("outputs") or {})
-            for role, name in outputs.items():
-                if name is None:
-                    named.pop(role, None)
-                else:
-                    named[role] = name
-            data["outputs"] = named
+            named = {**data.get("outputs", {}), **outputs}
+            data["outputs"] = {r: n for r, n in named.items() if not (r in outputs and n is None)}
         spec = ModelSpec(data)
         spec.validate()
         return spec
@@ -481,7 +448,7 @@ class ModelSpec:
 
     @property
     def resize_method(self) -> str:
-        """The Pillow resampling filter the model was trained with (``bicubic`` for every cxr model so far)."""
+        """The Pillow resampling filter the model was trained with."""
         return str(self._data["resize"].get("method", "bicubic"))
 
     @property
@@ -516,8 +483,7 @@ class ModelSpec:
 
     @property
     def domain_terms_output(self) -> Optional[str]:
-        """The graph output with each domain test's term ([N, tests], named by ``domain.branches``);
-        None in files made before it existed."""
+        """The graph output with each domain test's term ([N, tests]); None in files without it."""
         return self.outputs.domain_terms
 
     @property
@@ -528,7 +494,6 @@ class ModelSpec:
 
     @property
     def domain_operating_points(self) -> List[Tuple[float, float]]:
-        """``(flag rate, threshold)`` pairs from the file's validation images, rates increasing (see
-        :func:`operating_points`); empty when the check is unavailable or the file predates them."""
+        """The image check's ``(flag rate, threshold)`` pairs, rates increasing; empty where there are none."""
         domain = self.domain
         return [] if domain is None else list(domain.operating_points)

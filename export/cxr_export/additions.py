@@ -1,19 +1,10 @@
 """The graphs ``cxr-export`` adds after the classifier, one table entry each: :data:`ADDITIONS`.
 
-Each entry is built on the runtime's half of the table (:data:`cxr_infer.spec.GRAPH_ADDITIONS`:
-the name of the spec block and the outputs it adds) and says how the exporter handles it: the
-prefix of the node and initializer names it adds (how it is stripped again), how it is added
-to a written file (``add(path, context)`` writes the nodes and the spec block, and returns the
-block), the one line ``cxr-export`` prints for it, and when ``cxr-export`` runs it (its option,
-whether it needs the training folder and a ``features`` output). ``cxr-export`` loops over the
-table (:func:`add_all`); INT8 calibration strips every entry before quantizing
-(:func:`strip_additions`), and :func:`cxr_export.modelio.write_without` writes a copy of a file
-without some of them (what ``cxr-bench`` times against). A new addition is one entry here, one in
-``GRAPH_ADDITIONS``, its option in ``cxr-export`` and its tests.
+Each entry pairs the runtime's entry (:data:`cxr_infer.spec.GRAPH_ADDITIONS`: spec block, outputs)
+with how the exporter adds it to a written file, strips it again (:func:`strip_additions`) and
+when ``cxr-export`` runs it (:meth:`Addition.wanted`). Adding one: ``CONTRIBUTING.md``.
 
 Examples:
-    >>> sorted(ADDITIONS)
-    ['domain', 'heatmap']
     >>> ADDITIONS["domain"].outputs, ADDITIONS["heatmap"].prefix
     (('domain_score', 'domain_terms'), 'cxr_heatmap/')
 """
@@ -32,12 +23,8 @@ from .onnxgraph import strip_prefixed
 
 @dataclass
 class AddContext:
-    """What ``cxr-export`` knows when it adds the graphs to the files it has written.
-
-    ``options`` holds the command's options (argparse's ``dest`` -> value); ``cache`` is shared by
-    the files of one export, so what every file needs (the training images) is read once
-    (:meth:`once`).
-    """
+    """What ``cxr-export`` knows when it adds the graphs to the files it has written: ``options`` (its
+    options, argparse ``dest`` -> value) and a ``cache`` shared by the files of one export (:meth:`once`)."""
 
     ckpt_dir: Optional[Path] = None
     data_dir: Optional[str | Path] = None
@@ -66,13 +53,12 @@ class Addition:
     Attributes:
         graph: the runtime's entry (name of the spec block, outputs it adds, description).
         prefix: the prefix of every node and initializer name it adds.
-        add: ``add(path, context)`` appends it to the file ``path`` (replacing an earlier one), names its
-            outputs in the spec and writes its block there; returns the block.
+        add: ``add(path, context)`` adds it to the file (replacing an earlier one) with its spec block;
+            returns the block.
         summary: the block -> the line ``cxr-export`` prints after adding it.
         option: the ``cxr-export`` option (argparse ``dest``) that asks for it (True), leaves it out
             (False) or leaves the default (None: added when what it needs is there).
-        needs_data: it is fitted on the training folder (``--calibration`` or the run's data).
-        needs_features: it reads the ``features`` output.
+        needs_data: it is fitted on the training folder. needs_features: it reads ``features``.
     """
 
     graph: GraphAddition
@@ -142,10 +128,9 @@ ADDITIONS: Dict[str, Addition] = {a.name: a for a in (
 
 def get_addition(name: str) -> Addition:
     """The entry of ``name``; ``ValueError`` naming the choices when there is none."""
-    try:
-        return ADDITIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown graph addition {name!r}; choose from {', '.join(ADDITIONS)}") from None
+    if name not in ADDITIONS:
+        raise ValueError(f"unknown graph addition {name!r}; choose from {', '.join(ADDITIONS)}")
+    return ADDITIONS[name]
 
 
 def strip_additions(model: Any, names: Optional[Sequence[str]] = None) -> None:

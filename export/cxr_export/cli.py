@@ -16,31 +16,17 @@ EXAMPLES = """examples:
       --exclude-nodes /m/head/head.3/Gemm --max-drop 0.5
   cxr-export runs/resnet50 --out m.onnx --fp16 --triton triton_repo
 
-Files written: OUT (FP32), OUT's stem + _int8.onnx with --int8, + _fp16.onnx with --fp16.
-Every file carries its cxr.spec (threshold, training metrics, data hash, parity and gate figures).
+Files written: OUT (FP32), OUT's stem + _int8.onnx with --int8, + _fp16.onnx with --fp16. Each carries
+its cxr.spec (threshold, training metrics, data hash, parity and gate figures, intended use), the
+image check (domain_score; when the training folder is known) and a Grad-CAM heatmap output.
+Exit status 3: a file was refused (INT8 past --max-drop, FP16 without probabilities), unless --force.
 
---calibration is the training folder the checkpoint was trained on: the run's split.json says
-which images were training (calibration draws from those, class-balanced) and which validation
-(the parity check and the INT8 accuracy gate use those). The test split is never read.
-The gate refuses (exit 3) when INT8 accuracy on validation drops more than --max-drop points
-below FP32, unless --force.
-
-Out-of-domain statistics (on by default when a data folder is known; --no-domain-stats
-leaves them out): every written file gets a domain_score output (Mahalanobis distances on
-standardised thumbnails of its input and on statistics of activations inside its backbone, or
-its pooled features, plus an upright-vs-upside-down test, fitted on --domain-fit-count train
-images of the split) and a threshold that flags --domain-flag-rate of the validation images.
-Add them to an existing file with
+The same for an existing file:
   python -m cxr_export.domain RUN_DIR MODEL.onnx --data TRAIN_DIR
+  python -m cxr_export.heatmap MODEL.onnx
+  python -m cxr_export.intended MODEL.onnx [--intended-* ...]
 
-Heatmap: every file gets a Grad-CAM output (heatmap, [N, h, w] at the last feature map) computed
-in the graph from the head's own weights; cxr-infer --heatmap DIR draws it. Add it to an existing
-file with  python -m cxr_export.heatmap MODEL.onnx
-
-Intended use: every file's spec says who and what the model is for (default: the Kermany
-training data, children aged 1 to 5 years, CHEST, PA/AP, CR/DX/DR); cxr-infer checks DICOM
-headers against it. Set it for other data with the --intended-* options; write it into an
-existing file with  python -m cxr_export.intended MODEL.onnx [--intended-* ...]
+Details: docs/export.md
 """
 
 
@@ -60,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", default="u8", choices=["u8", "s8"], help="activation type (default u8: fastest)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weights")
     p.add_argument("--full-range", action="store_true",
-                   help="8-bit weight range instead of 7-bit. Off by default: on CPUs without VNNI (AVX2, e.g. the"
-                        " EPYC here) u8 x s8 products saturate; measured on ResNet50 validation: max |dp| 0.44 with"
-                        " the full range, 0.03 with the reduced one, at no accuracy cost")
+                   help="8-bit weight range instead of 7-bit (off: u8 x s8 products saturate on CPUs without VNNI)")
     p.add_argument("--exclude-nodes", nargs="*", default=[], help="node names kept in FP32")
     p.add_argument("--gate-count", type=int, default=0, help="validation images for the gate (default 0 = all)")
     p.add_argument("--max-drop", type=float, default=1.0, help="max INT8 accuracy drop in points (default 1.0)")

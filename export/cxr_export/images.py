@@ -1,8 +1,7 @@
 """Deterministic image sets for parity, calibration and the INT8 gate, from a run's split.
 
-The split manifest saved with every training run (``split.json``) says which images were
-training and which validation: calibration uses training images only, the gate and parity
-use validation images only. The test split is never touched here.
+The run's ``split.json`` says which images were training (calibration) and which validation (the
+gate and parity); the test split is never read.
 """
 from __future__ import annotations
 

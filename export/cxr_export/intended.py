@@ -1,9 +1,6 @@
-"""The ``intended_use`` block of a model's spec: the options that set it, and a command that
-writes it into existing files (``python -m cxr_export.intended MODEL.onnx ...``).
-
-``cxr-export`` writes the block of the training data by default (the Kermany set: children aged
-1 to 5 years, CHEST, PA/AP, CR/DX/DR; see :mod:`cxr_infer.intended_use`); the ``--intended-*``
-options describe other data, ``--no-intended-use`` leaves it out (DICOM header checks are then off).
+"""The ``intended_use`` block of a model's spec: the ``--intended-*`` options that set it (default:
+the Kermany training data, :mod:`cxr_infer.intended_use`), and ``python -m cxr_export.intended
+MODEL.onnx ...``, which writes it into existing files.
 
 Examples:
     >>> parser = argparse.ArgumentParser(); add_arguments(parser)

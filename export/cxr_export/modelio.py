@@ -65,7 +65,7 @@ def read_spec(model_path: str | Path) -> ModelSpec:
     return spec_of(load_onnx(model_path), str(model_path))
 
 
-def open_model(model_path: str | Path, threads: int = 0, spec: Optional[ModelSpec] = None,
+def open_model(model_path: str | Path | bytes, threads: int = 0, spec: Optional[ModelSpec] = None,
                device: str = "cpu") -> ModelFile:
     """The model file opened for checks (``threads`` 0: every core), optionally with the ``spec``
     about to be written into it (a file fresh from conversion has none of its own yet)."""

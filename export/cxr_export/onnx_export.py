@@ -1,9 +1,7 @@
 """PyTorch checkpoint -> FP32 ONNX with a full ``cxr.spec``, checked against PyTorch.
 
-The graph takes the normalised NCHW float input (normalisation lives in the spec, not the
-graph) and returns ``probabilities`` (softmax, [N, 2]) and ``features`` (the pooled
-penultimate features, [N, C]) for the out-of-domain check. BatchNorm is folded into the
-convolutions before export (eval mode).
+The graph takes the normalised NCHW input (normalisation lives in the spec) and returns
+``probabilities`` ([N, 2]) and ``features`` (the pooled features, [N, C]); BatchNorm is folded first.
 """
 from __future__ import annotations
 
@@ -18,6 +16,7 @@ from cxr_infer import __version__ as cxr_version
 from cxr_infer.spec import ModelSpec
 
 from .modelio import open_model, write_spec
+from .onnxgraph import keep_only
 
 
 def _wrapper(model):
@@ -108,16 +107,15 @@ def export_fp32(model, meta: Dict, out: str | Path, parity_pixels: Optional[np.n
     wrapped, folded = fold_batchnorm(_wrapper(model))
     size = int(meta.get("image_size", 224))
     x = torch.zeros(2, 3, size, size)
-    names = ["probabilities", "features"]
-    axes = {"input": {0: "batch"}, "probabilities": {0: "batch"}, "features": {0: "batch"}}
+    settings = dict(input_names=["input"], output_names=["probabilities", "features"], opset_version=opset,
+                    dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}, "features": {0: "batch"}},
+                    do_constant_folding=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(wrapped, (x,), str(out), input_names=["input"], output_names=names,
-                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+            torch.onnx.export(wrapped, (x,), str(out), dynamo=False, **settings)
         except TypeError:  # a torch without the dynamo switch
-            torch.onnx.export(wrapped, (x,), str(out), input_names=["input"], output_names=names,
-                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
+            torch.onnx.export(wrapped, (x,), str(out), **settings)
     spec = spec_from_checkpoint(meta, "fp32", features=True, intended_use=intended_use)
     if not features:
         _drop_output(out, "features")
@@ -137,7 +135,5 @@ def _drop_output(path: Path, name: str) -> None:
     import onnx
 
     m = onnx.load(str(path))
-    keep = [o for o in m.graph.output if o.name != name]
-    del m.graph.output[:]
-    m.graph.output.extend(keep)
+    keep_only(m.graph.output, lambda o: o.name != name)
     onnx.save(m, str(path))

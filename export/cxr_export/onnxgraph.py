@@ -1,13 +1,8 @@
 """Small helpers for editing ONNX graphs, shared by the graphs cxr appends after export.
 
-Looking tensors up (who writes and reads them, their type and shape), writing nodes under a name
-prefix (:class:`NodeWriter`) and removing them again (:func:`strip_prefixed`). Every function
-takes an ``onnx.ModelProto`` (or its graph) and imports ``onnx`` only when it must.
-
-Examples:
-    >>> model = onnx.load("m.onnx")                                           # doctest: +SKIP
-    >>> producers(model.graph)["features"].op_type, opset(model)              # doctest: +SKIP
-    ('Flatten', 18)
+Looking tensors up (who writes and reads them, their type and shape), appending nodes under a
+name prefix (:class:`NodeWriter`) and removing them again (:func:`strip_prefixed`). ``onnx`` is
+imported only where needed.
 """
 from __future__ import annotations
 
@@ -73,12 +68,6 @@ def tensor_dims(model: Any, tensor: str) -> List[int]:
     """``tensor``'s dimensions by shape inference (0 for an unknown one; [] when the shape is unknown)."""
     inferred = inferred_type(model, tensor)
     return [d.dim_value for d in inferred.shape.dim] if inferred is not None else []
-
-
-def channels(model: Any, tensor: str) -> Optional[int]:
-    """The channel count (dimension 1) of 4-D ``tensor``, by shape inference; None when unknown."""
-    dims = tensor_dims(model, tensor)
-    return dims[1] if len(dims) == 4 and dims[1] > 0 else None
 
 
 def keep_only(field: Any, keep: Callable[[Any], bool]) -> None:

@@ -1,12 +1,7 @@
-"""The precisions ``cxr-export`` writes beside the FP32 file, one table entry each.
+"""The precisions ``cxr-export`` writes beside the FP32 file, one table entry each: :data:`PRECISIONS`.
 
-Every entry says how to convert the FP32 file, how to verify the result against it and what
-the spec records; :func:`write_precision` runs any entry the same way (convert, verify, write
-the spec block, refuse when the verification says so). A new precision is one entry here.
-
-Examples:
-    >>> sorted(PRECISIONS)
-    ['fp16', 'int8']
+An entry converts the FP32 file, verifies the result and says what the spec records;
+:func:`write_precision` runs any entry the same way. Adding one: ``CONTRIBUTING.md``.
 """
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
 """Static INT8 quantization (QDQ, calibrated) and the accuracy gate that guards it.
 
-Defaults (:class:`Int8Config`): per-channel signed 8-bit weights with reduced (7-bit) range,
-unsigned 8-bit activations (S8 activations leave the residual Adds and many convolutions
-unfused in ONNX Runtime and are much slower), MinMax calibration on class-balanced training
-images read through the runtime's preprocessing, and the final Softmax kept in FP32 so that
-probabilities keep their resolution. ``quant_pre_process`` runs first (shape inference, graph
-optimisation). The settings are written into the file's spec as they are (``asdict``).
+The defaults (:class:`Int8Config`) and why: ``docs/export.md``; the spec records them as they are.
 
 Examples:
     >>> Int8Config(calibration_method="percentile").weights
@@ -32,12 +27,7 @@ ACTIVATIONS = ("u8", "s8")
 
 @dataclass(frozen=True)
 class Int8Config:
-    """How an INT8 file is made and gated; stored in its spec under ``export.int8``.
-
-    ``reduce_range`` (7-bit weights) is on by default: on CPUs without VNNI (AVX2 only)
-    u8 x s8 products saturate; measured on ResNet50 validation, max |dp| 0.44 with the full
-    range and 0.03 with the reduced one, at no accuracy cost.
-    """
+    """How an INT8 file is made and gated; stored in its spec under ``export.int8``."""
 
     calibration_method: str = "minmax"
     calibration_count: int = 300
@@ -75,17 +65,14 @@ def _reader(pixels: np.ndarray, spec: ModelSpec, batch_size: int):
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.i = 0
+            self.rewind()
 
         def get_next(self):
-            if self.i >= len(pixels):
-                return None
-            batch = pixels[self.i:self.i + batch_size]
-            self.i += batch_size
-            return {spec.input_name: graph_input(spec, batch)}
+            return next(self.batches, None)
 
         def rewind(self):
-            self.i = 0
+            self.batches = ({spec.input_name: graph_input(spec, pixels[i:i + batch_size])}
+                            for i in range(0, len(pixels), batch_size))
 
     return Reader()
 
@@ -125,11 +112,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.
 
 
 def output_softmax_nodes(path: str | Path) -> list:
-    """Names of the Softmax nodes, kept in FP32.
-
-    Quantizing the Softmax would round every probability to a multiple of 1/255 (ties in the
-    ROC, a coarse threshold, probabilities that do not sum to one); in FP32 it costs nothing.
-    """
+    """Names of the Softmax nodes, kept in FP32 (quantized, every probability would be a multiple of 1/255)."""
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)

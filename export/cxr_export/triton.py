@@ -1,12 +1,7 @@
 """A Triton Inference Server model repository for a cxr model file (onnxruntime backend).
 
-Layout::
-
-    DIR/<name>/config.pbtxt
-    DIR/<name>/1/model.onnx
-
-Clients preprocess with ``cxr_infer.preprocess`` (or send what the spec describes) and
-read ``probabilities``; the spec travels inside model.onnx and as a config parameter.
+``DIR/<name>/config.pbtxt`` and ``DIR/<name>/1/model.onnx``; the spec travels inside the file and
+as a config parameter. Serving: ``docs/serving.md``.
 """
 from __future__ import annotations
 

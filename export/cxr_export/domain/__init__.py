@@ -1,21 +1,13 @@
 """The image check: does an image lie inside the model's training domain?
 
 Several tests ("branches"), each a shrunk Mahalanobis distance to the training images' class
-means, on standardised thumbnails of the input, an upright-versus-upside-down ratio and the
-channel statistics of activations inside the backbone (or the pooled features); each is
-standardised on validation images and the score is the largest. The check is nodes appended to
-the graph (outputs ``domain_score`` and ``domain_terms``), so the runtime only reads outputs and
-a threshold. Methods and measurements: ``docs/design/domain-check.md``.
-
-Modules: :mod:`~cxr_export.domain.stats` (the statistics), :mod:`~cxr_export.domain.stages`
-(reading tensors inside the backbone), :mod:`~cxr_export.domain.graph` (the nodes),
-:mod:`~cxr_export.domain.fit` (fitting, calibration, writing a file) and
-:mod:`~cxr_export.domain.cli` (``python -m cxr_export.domain``).
-
-Examples:
-    >>> block = add_domain_stats("m.onnx", train_px, train_y, val_px, "m_dom.onnx")   # doctest: +SKIP
-    >>> block["threshold"], block["flag_rate_validation"]                            # doctest: +SKIP
-    (1.31, 0.05)
+means: on standardised thumbnails of the input, upright against upside down, and on channel
+statistics of activations inside the backbone (or the pooled features). Each is standardised on
+validation images and the score is the largest. The check is nodes appended to the graph
+(``domain_score``, ``domain_terms``), so the runtime only reads outputs and a threshold. Modules:
+:mod:`~cxr_export.domain.stats` (statistics), :mod:`~cxr_export.domain.stages` (reading the
+backbone), :mod:`~cxr_export.domain.graph` (nodes), :mod:`~cxr_export.domain.fit` (fitting and
+writing, with an example), :mod:`~cxr_export.domain.cli`. Design: ``docs/design/domain-check.md``.
 """
 from __future__ import annotations
 

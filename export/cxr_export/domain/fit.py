@@ -1,9 +1,8 @@
 """Fitting and calibrating the image check on a model file's own outputs, and writing it in.
 
-Statistics are fitted on class-balanced images of the *train* part of the run's split, through
-the file itself (an INT8 file gets statistics of its own quantized tensors); each branch is
-standardised, and the threshold set, on the *val* part. The test split is never read. Why these
-choices: ``docs/design/domain-check.md``.
+Fitted on class-balanced images of the split's *train* part through the file itself (an INT8 file
+gets statistics of its own tensors), standardised and calibrated on its *val* part; the test
+split is never read. Why: ``docs/design/domain-check.md``.
 
 Examples:
     >>> block = add_domain_stats("m.onnx", train_px, train_y, val_px, "m_dom.onnx")   # doctest: +SKIP
@@ -46,37 +45,32 @@ FP16_TOLERANCE = 5e-3
 GRAPH_TOLERANCE = 0.05
 
 
-def run_outputs(model_path: str | Path, spec: ModelSpec, pixels: np.ndarray, names: List[str], batch_size: int = 32,
-                threads: int = 0) -> List[np.ndarray]:
+def run_outputs(model: str | Path | bytes, spec: ModelSpec, pixels: np.ndarray, names: List[str],
+                batch_size: int = 32, threads: int = 0) -> List[np.ndarray]:
     """The graph outputs ``names`` (float64) for uint8 NHWC ``pixels``, through the runtime's model layer."""
-    outs = open_model(model_path, threads, spec).run(pixels, names, batch_size)
-    return [np.asarray(v, np.float64) for v in outs]
+    return [np.asarray(v, np.float64) for v in open_model(model, threads, spec).run(pixels, names, batch_size)]
 
 
 def stage_features(model_path: str | Path, spec: ModelSpec, pixels: np.ndarray, tensors: List[str],
-                   batch_size: int = 32, threads: int = 0,
-                   row_step: int | Sequence[int] = 1) -> List[np.ndarray]:
-    """Each stage branch's input ``[N, 2 C]`` for ``pixels``, computed by the same nodes the domain
-    graph appends (run on a copy of the file with those nodes as extra outputs; ``row_step``, one for
-    all tensors or one per tensor, as in :func:`cxr_export.domain.stages.stage_feature_nodes`)."""
+                   batch_size: int = 32, threads: int = 0, row_step: int | Sequence[int] = 1) -> List[np.ndarray]:
+    """Each stage branch's input ``[N, 2 C]`` for ``pixels`` (``row_step``: one for all tensors or one
+    each), computed by the nodes the domain graph appends, run as extra outputs of a copy of the file."""
     import onnx
     from onnx import TensorProto, helper
-
-    from cxr_infer.model import ModelFile
 
     if not tensors:
         return []
     model = onnx.load(str(model_path), load_external_data=True)
     strip_domain_graph(model)
-    spec = spec.without_additions(["domain"])  # the probe has no domain outputs, whatever the spec says
     names = []
     for i, (t, step) in enumerate(zip(tensors, per_tap(row_step, len(tensors)))):
         nodes, feat = stage_feature_nodes(model, t, f"{PREFIX}probe{i + 1}/", step)
         model.graph.node.extend(nodes)
         model.graph.output.append(helper.make_tensor_value_info(feat, TensorProto.FLOAT, None))
         names.append(feat)
-    m = ModelFile(model.SerializeToString(), threads=threads or None, spec=spec)
-    return [np.asarray(v, np.float64) for v in m.run(pixels, names, batch_size)]
+    # the probe has no domain outputs, whatever the spec says
+    return run_outputs(model.SerializeToString(), spec.without_additions(["domain"]), pixels, names, batch_size,
+                       threads)
 
 
 def reference_scores(branches: List[Branch], inputs: List[np.ndarray]) -> np.ndarray:
@@ -105,9 +99,8 @@ def calibrate(val_scores: np.ndarray, flag_rate: float = DEFAULT_FLAG_RATE) -> f
 
 
 def operating_points(val_scores: np.ndarray, rates: Sequence[float] = OPERATING_RATES) -> List[Dict[str, float]]:
-    """The spec's ``domain.operating_points``: for each flag rate, the threshold that flags that share
-    of the validation scores (:func:`calibrate`), so a user can choose a stricter or looser check than
-    the file's own (``cxr-infer --domain-flag-rate``). Rates sorted, duplicates dropped."""
+    """The spec's ``domain.operating_points``: the threshold (:func:`calibrate`) of each flag rate, sorted,
+    for a stricter or looser check than the file's own (``cxr-infer --domain-flag-rate``)."""
     return [{"flag_rate": float(r), "threshold": calibrate(val_scores, float(r))} for r in sorted(set(rates))]
 
 

@@ -1,14 +1,8 @@
 """Stage branches: the nodes that read a tensor inside the backbone for the image check.
 
-A stage branch's input is the channel means and standard deviations (``[N, 2 C]``) of one
-activation, a tap of the backbone's registry entry (``domain_taps``). In an INT8 file the nodes
-read the quantized tensor through a Cast and fold its scale and zero point into the branch's
-weights, so the classifier's own nodes are untouched. Why: ``docs/design/domain-check.md``.
-
-Examples:
-    >>> nodes, feat = stage_feature_nodes(model, "/features.4/MaxPool_output_0", "cxr_domain/stage1/")  # doctest: +SKIP
-    >>> feat                                                                                           # doctest: +SKIP
-    'cxr_domain/stage1/feat'
+A stage branch reads the channel means and standard deviations (``[N, 2 C]``) of an activation
+named by the backbone's ``domain_taps``; in an INT8 file, the quantized tensor through a Cast, its
+scale and zero point folded into the branch. Why: ``docs/design/domain-check.md``.
 """
 from __future__ import annotations
 
@@ -20,7 +14,7 @@ import numpy as np
 from cxr_infer.spec import ModelSpec
 from cxr_train.backbones import BACKBONES
 
-from ..onnxgraph import NodeWriter, channels, producers, tensor_dims, tensor_elem_type
+from ..onnxgraph import NodeWriter, producers, tensor_dims, tensor_elem_type
 
 #: a stage tensor taller than this many rows is read on every second row (see the design page)
 DEFAULT_STAGE_TALL_ROWS = 32
@@ -154,8 +148,7 @@ def stage_nodes(model: Any, tensor: str, key: str, row_step: int = 1
     w.write_inits()
     if affine is None:
         return w.nodes, feat, None
-    scale, zero = affine
-    count = channels(model, tensor)
-    if count is None:
+    dims = tensor_dims(model, tensor)
+    if len(dims) != 4 or dims[1] <= 0:
         raise ValueError(f"the channel count of stage tensor {tensor!r} is not known (shape inference failed)")
-    return w.nodes, feat, (scale, np.concatenate([np.full(count, zero), np.zeros(count)]))
+    return w.nodes, feat, (affine[0], np.concatenate([np.full(dims[1], affine[1]), np.zeros(dims[1])]))

@@ -1,13 +1,11 @@
-"""The image check's statistics: class means and a shrunk shared covariance, per branch.
+"""The image check's statistics (numpy): class means and a shrunk shared covariance, per branch.
 
-A branch is one test of the check: a Mahalanobis distance to the nearest class mean (one
-Ledoit-Wolf-shrunk covariance shared by the classes) on one input, or the orientation test, a
-log-ratio of two such distances. This is the numpy side: fitting, a branch's value, and the
-thumbnails the graph computes. Why these methods: ``docs/design/domain-check.md``.
+A branch is a Mahalanobis distance to the nearest class mean, with one Ledoit-Wolf-shrunk
+covariance shared by the classes, or the orientation test, a log-ratio of two such distances.
+Why these methods: ``docs/design/domain-check.md``.
 
 Examples:
-    >>> rng = np.random.default_rng(0)
-    >>> stats = fit_stats(rng.normal(size=(200, 6)), np.arange(200) % 2, rank=3)
+    >>> stats = fit_stats(np.random.default_rng(0).normal(size=(200, 6)), np.arange(200) % 2, rank=3)
     >>> stats.means.shape, stats.vectors.shape
     ((2, 6), (6, 3))
 """

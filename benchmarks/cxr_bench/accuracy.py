@@ -1,10 +1,5 @@
 """``cxr-bench accuracy``: every metric of one or more model files on a labelled folder, with
 seeded bootstrap intervals, ROC and calibration data and a per-image CSV (see docs/benchmarks.md).
-
-Examples:
-    >>> rep = run_accuracy(["m.onnx"], "data/test", "/tmp/bench", bootstrap=200)  # doctest: +SKIP
-    >>> rep["models"][0]["at_threshold"]["accuracy"]                             # doctest: +SKIP
-    0.9375
 """
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
 """``cxr-bench``: the parser is built from :data:`cxr_bench.commands.COMMANDS` and each run goes to
 its entry; heavy imports happen inside the commands, so ``--help`` is instant.
-
-Examples:
-    $ cxr-bench accuracy --model models/resnet50_int8.onnx --data chest_xray/test --out bench
 """
 from __future__ import annotations
 

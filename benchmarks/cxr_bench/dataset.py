@@ -1,9 +1,4 @@
-"""A labelled image folder (``DIR/NORMAL/*.jpeg``, ``DIR/PNEUMONIA/*.jpeg``) and a decode-once pixel cache.
-
-Examples:
-    >>> list_dataset("chest_xray/test").counts()   # doctest: +SKIP
-    {'NORMAL': 234, 'PNEUMONIA': 390}
-"""
+"""A labelled image folder (``DIR/NORMAL/*.jpeg``, ``DIR/PNEUMONIA/*.jpeg``) and a decode-once pixel cache."""
 from __future__ import annotations
 
 from collections import Counter

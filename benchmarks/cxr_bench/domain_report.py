@@ -1,8 +1,4 @@
-"""``domain.md``: the out-of-domain report for people, one function per section.
-
-Examples:
-    >>> md = render_markdown(json.load(open("out/domain.json")))   # doctest: +SKIP
-"""
+"""``domain.md``: the out-of-domain report for people, one function per section."""
 from __future__ import annotations
 
 from typing import Any, Dict, List
@@ -101,10 +97,9 @@ def _originals(witho: List[Dict[str, Any]], folder: Any) -> List[str]:
     if not witho:
         return []
     return [f"## In-domain originals through the runtime (`{folder}`)", "",
-            "Kermany X-rays at their original size, decoded and resized by the runtime as a user's file is "
-            "(the test split was resized offline and saved again as JPEG). A check that reacts to that "
-            "pipeline rather than to the image flags these; their rate should be close to the test "
-            "split's.", "",
+            "Kermany X-rays at their original size, decoded and resized by the runtime as a user's file is (the test "
+            "split was resized offline and saved again as JPEG). A check that reacts to that pipeline rather than to "
+            "the image flags these; their rate should be close to the test split's.", "",
             md_table(["Model", "images", "flagged", "test split", "AUROC vs test", "deciding branch"],
                      [[m["name"], m["originals"]["images"], fmt_pct(m["originals"]["flag_rate"], 1),
                        fmt_pct(m["in_domain"]["flag_rate"], 1), fmt_num(m["originals"]["auroc"], 3),
@@ -115,12 +110,11 @@ def _operating_points(with_op: List[Dict[str, Any]]) -> List[str]:
     if not with_op:
         return []
     lines = ["## Operating points: a stricter or looser check", "",
-             "The same scores at other thresholds, each set to flag a share of the model's validation "
-             "images (in-population X-rays it was calibrated on, never fitted on): a hospital that receives "
-             "adults or other views can flag more of them in exchange for flagging more children's X-rays. "
-             "`cxr-infer --domain-flag-rate R` picks a row in files that carry these points, "
-             "`--domain-threshold S` in any file. The rows are set on validation images only; the other "
-             "columns are measured.", ""]
+             "The same scores at other thresholds, each set to flag a share of the model's validation images "
+             "(in-population X-rays it was calibrated on, never fitted on): a hospital that receives adults or other "
+             "views can flag more of them in exchange for flagging more children's X-rays. `cxr-infer "
+             "--domain-flag-rate R` picks a row in files that carry these points, `--domain-threshold S` in any "
+             "file. The rows are set on validation images only; the other columns are measured.", ""]
     for m in with_op:
         op = m["operating_points"]
         built = [k for k in m["kinds"] if k not in CONTROLS]

@@ -1,10 +1,6 @@
 """``cxr-bench e2e``: what a user waits for, from a cold ``cxr-infer`` process to the answer:
 cold processes timed from outside (and whether they import torch), and per image in process,
 decode and preprocessing against inference (see docs/benchmarks.md).
-
-Examples:
-    >>> run_e2e("m.onnx", "scans/", count=8)["per_image"]["median_ms"]["inference"]  # doctest: +SKIP
-    41.2
 """
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
-"""``cxr-bench formats``: one table of every device x precision, in the spirit of ``yolo benchmark``.
-
-Each file given (FP32, INT8, FP16; the spec says which) runs on each device of a row plan
-(:data:`DEFAULT_ROWS`, or every file on every device with ``rows="all"``): status, size, accuracy
-and AUC at its own threshold, ms at batch 1, images/s, and agreement with the backbone's CPU row,
-labels and in-domain decisions (see docs/benchmarks.md). Timing runs the graph on a ready input.
-
-Examples:
-    >>> rep = run_formats(["r50.onnx", "r50_int8.onnx", "r50_fp16.onnx"], "data/test", "/tmp/b",
-    ...                   providers=["cpu", "cuda", "tensorrt"])               # doctest: +SKIP
-    >>> [(r["provider"], r["precision"], r["status"]) for r in rep["rows"]]   # doctest: +SKIP
-    [('cpu', 'fp32', 'ok'), ('cpu', 'int8', 'ok'), ('cuda', 'fp32', 'ok'), ...]
+"""``cxr-bench formats``: one table of every device x precision, in the spirit of ``yolo benchmark``:
+each file (FP32, INT8, FP16) on each device of the row plan (:data:`DEFAULT_ROWS`), with status,
+size, accuracy, timings and agreement with the backbone's CPU row (see docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -63,8 +54,7 @@ class Unavailable(Exception):
 
 def provider_list(provider: str, precision: str, input_name: str, size: Tuple[int, int], max_batch: int,
                   available: Sequence[str]) -> Optional[List[Any]]:
-    """onnxruntime providers for one row (None: the device opens its own engine, OpenVINO), or
-    :class:`Unavailable` with the device registry's reason."""
+    """onnxruntime providers for one row (None: the device opens its own engine), or :class:`Unavailable`."""
     device = DEVICES[provider]
     reason = device.missing(available)
     if reason:
@@ -88,8 +78,8 @@ def _median_ms(fn, calls: int) -> float:
 def measure_row(path: Path, spec: Any, provider: str, pixels: np.ndarray, y: np.ndarray, threads: int,
                 iterations: int, batch: int, available: Sequence[str],
                 domain_pixels: Optional[np.ndarray] = None) -> Dict[str, Any]:
-    """Open ``path`` (whose spec is ``spec``) on ``provider`` and measure it: accuracy, AUC, counts,
-    timings, and domain scores of ``pixels`` then ``domain_pixels`` (see the module doc)."""
+    """Open ``path`` on ``provider`` and measure it: accuracy, AUC, counts, timings, and the domain scores
+    of ``pixels`` then ``domain_pixels``; a row that cannot run says why in its ``status``."""
     row: Dict[str, Any] = {"provider": provider, "file": str(path), "size_mb": path.stat().st_size / 1e6}
     try:
         providers = provider_list(provider, spec.precision, spec.input_name, spec.image_size, batch, available)
@@ -134,14 +124,11 @@ def measure_row(path: Path, spec: Any, provider: str, pixels: np.ndarray, y: np.
 
 def _trained(spec: Any) -> Optional[str]:
     """When the file's weights were trained (its spec's provenance), or None."""
-    value = spec.provenance.trained
-    return str(value) if value is not None else None
+    return None if spec.provenance.trained is None else str(spec.provenance.trained)
 
 
 def _reference(rows: List[Dict[str, Any]], row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The CPU row ``row`` is compared with: the same backbone and training run (``trained``: files
-    exported from one checkpoint share it; the shipped default is not compared with a new VGG16),
-    FP32 where there is one."""
+    """The CPU row ``row`` is compared with: the same backbone and training run, FP32 where there is one."""
     ok = [r for r in rows if r["backbone"] == row["backbone"] and r.get("trained") == row.get("trained")
           and r["provider"] == "cpu" and r["status"] == "ok"]
     ok.sort(key=lambda r: PRECISION_ORDER.index(r["precision"]) if r["precision"] in PRECISION_ORDER else 9)
@@ -153,19 +140,14 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
                 count: Optional[int] = None, iterations: int = 50, batch: int = 64, threads: int = 1,
                 name: Optional[str] = None, quiet: bool = False,
                 domain_data: Sequence[str | Path] = (), time_limit: Optional[float] = None) -> Dict[str, Any]:
-    """Measure every (file, provider) of the row plan; write formats.json / formats.md into ``out``.
-    ``domain_data``: folders of unlabelled images whose in-domain decisions are compared too.
-
-    The report is written again after every row (``"complete": false`` and the rows so far), so a
-    run that is killed (a device call's limit, a TensorRT build that hangs) leaves what it
-    measured. ``time_limit``: seconds from the start after which no further row is started; those
-    rows say ``skipped: time limit ...``."""
+    """Measure every (file, provider) of the row plan; write formats.json / formats.md into ``out``, again
+    after every row (``"complete": false`` until the last). ``domain_data``: folders of unlabelled images
+    whose in-domain decisions are compared too; ``time_limit``: seconds after which no row is started."""
     import onnxruntime as ort
 
     started = time.monotonic()
     if time_limit is not None and not time_limit > 0:
         raise BenchError(f"time limit {time_limit}: expected a number of seconds above 0")
-
     unknown = [p for p in providers if p not in DEVICES]
     if unknown:
         raise BenchError(f"unknown provider(s) {unknown}: choose from {', '.join(DEVICES)}")
@@ -183,9 +165,8 @@ def run_formats(models: Sequence[str | Path], data: str | Path, out: str | Path,
         files.append((p, str(specs[p].backbone), str(specs[p].precision)))
     ds = list_dataset(data, limit=count)
     cache = PixelCache(ds.files, quiet=quiet)
-    extra_files: List[Path] = []
-    for folder in map(Path, domain_data):
-        extra_files += image_files(folder, "--domain-data needs a folder of images")
+    need = "--domain-data needs a folder of images"
+    extra_files = [f for folder in domain_data for f in image_files(Path(folder), need)]
     extra = PixelCache(extra_files, quiet=quiet)
     available = ort.get_available_providers()
     plan = [(p, b, prec, prov) for prov in providers for p, b, prec in files if in_plan(prov, prec, rows)]

@@ -1,10 +1,6 @@
-"""What a graph added to a model file costs: the file against a copy without it (the other added
-graph removed from both), timed in alternating blocks inside one worker process
+"""``cxr-bench graphcost``: what a graph added to a model file costs, the file against a copy without it
+(the other added graph removed from both), timed in alternating blocks inside one worker process
 (:func:`cxr_bench.worker.measure_paired`), several processes per file (see docs/benchmarks.md).
-
-Example::
-
-    cxr-bench graphcost --model runtime/cxr_infer/models/default.onnx models/resnet50_int8.onnx --threads 2
 """
 from __future__ import annotations
 

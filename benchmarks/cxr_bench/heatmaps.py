@@ -1,11 +1,6 @@
 """``cxr-bench heatmaps``: Grad-CAM overlays of a labelled folder, the first images of each kind
 (TP, FP, FN, TN) by file name, and how an INT8 file's maps agree with the same graph without
 activation rounding (Spearman rank correlation per image; see docs/benchmarks.md).
-
-Examples:
-    >>> rep = run_heatmaps(["default.onnx"], "data/test", "/tmp/hm", per_kind=3)   # doctest: +SKIP
-    >>> rep["models"][0]["int8_vs_fp32_activations"]["median"]                    # doctest: +SKIP
-    0.97
 """
 from __future__ import annotations
 

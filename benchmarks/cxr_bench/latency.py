@@ -1,11 +1,6 @@
 """``cxr-bench latency``: per-call latency of model files (and PyTorch eager), each configuration
 (model x batch) in fresh worker processes (:mod:`cxr_bench.worker`), interleaved in rotated rounds so
 that a slow spell on a shared machine hits all alike (see docs/benchmarks.md).
-
-Examples:
-    >>> rep = run_latency(["m_int8.onnx"], batches=[1, 8], threads=2, repeats=3)  # doctest: +SKIP
-    >>> rep["results"][0]["median_ms"]                                             # doctest: +SKIP
-    12.3
 """
 from __future__ import annotations
 
@@ -130,13 +125,9 @@ def missing_devices(devices: Sequence[str]) -> Dict[str, str]:
     from cxr_infer.devices import get_device
     from cxr_infer.errors import DeviceError
 
-    missing: Dict[str, str] = {}
-    for d in devices:
-        reason = get_device(d).missing()
-        if reason and len(devices) == 1:
-            raise DeviceError(reason)
-        if reason:
-            missing[d] = reason
+    missing = {d: reason for d in devices if (reason := get_device(d).missing())}
+    if missing and len(devices) == 1:
+        raise DeviceError(missing[devices[0]])
     return missing
 
 
@@ -212,12 +203,8 @@ def run_latency(models: Sequence[str | Path] = (), checkpoints: Sequence[str | P
                 repeats: int = 3, warmup: int = 3, iterations: int = 20, max_seconds: float = 10.0,
                 timeout: float = 600.0, out: Optional[str | Path] = None, name: Optional[str] = None, seed: int = 0,
                 quiet: bool = False, domain_check: str = "off", heatmap: str = "off") -> Dict[str, Any]:
-    """Measure every (model or checkpoint) x batch, ``repeats`` fresh processes each, interleaved.
-
-    ``device``: one or several; a device not available here is reported, not measured, unless it
-    is the only one. ``domain_check`` and ``heatmap`` (off, on, both): "off" times a copy of the
-    file without that graph, "on" the file fetching its output too (see ``cxr-bench latency --help``).
-    """
+    """Measure every (model or checkpoint) x batch x device, ``repeats`` fresh processes each, interleaved;
+    ``domain_check`` and ``heatmap`` as ``cxr-bench latency --help`` says."""
     for option, value in (("--domain-check", domain_check), ("--heatmap", heatmap)):
         if value not in ONOFF:
             raise BenchError(f"{option} {value!r}: choose off, on or both")
@@ -328,14 +315,13 @@ def render_markdown(report: Dict[str, Any]) -> str:
           "and its times are pessimistic).", "", _results_table(report["results"]), ""]
     failures = [(r, p) for r in report["results"] for p in r.get("processes", []) if p.get("error")]
     if failures:
-        L += ["## Failed processes", "", "Left out of the figures above:", ""]
-        L += [f"- {r['name']} batch {r['batch']}, round {p.get('round', '?')}: {p['error']}" for r, p in failures]
-        L += [""]
+        L += ["## Failed processes", "", "Left out of the figures above:", ""] + [
+            f"- {r['name']} batch {r['batch']}, round {p.get('round', '?')}: {p['error']}" for r, p in failures] + [""]
     if report["comparisons"]:
         L += _speedups(report)
-    notes = [r for r in report["results"] if r.get("weights_note")]
-    if notes:
-        L += [f"- {r['name']}: file size is `{r['weights_file']}` ({r['weights_note']})." for r in notes[:1]] + [""]
+    r = next((r for r in report["results"] if r.get("weights_note")), None)
+    if r is not None:
+        L += [f"- {r['name']}: file size is `{r['weights_file']}` ({r['weights_note']}).", ""]
     L += ["Reproduce:", "", "```", report["command"], "```", ""]
     return "\n".join(L)
 
@@ -402,25 +388,20 @@ def _speedups(report: Dict[str, Any]) -> List[str]:
                   "lrllr"), ""]
     loads = [c for c in comps if "load_s_extra" in c]
     if loads:
-        L += ["Session cost against per-image gain (provider vs the CPU provider, same file): the "
-              "extra session load time divided by the gain per call is the number of calls from which the "
-              "faster provider wins.", "",
+        L += ["Session cost against per-image gain (provider vs the CPU provider, same file): the extra session load "
+              "time divided by the gain per call is the number of calls from which the faster provider wins.", "",
               md_table(["Model", "Batch", "Extra load s", "Gain ms/call", "Crossover (calls)"],
-                       [[c["model"], c["batch"], f"{c['load_s_extra']:.3f}", fmt_ms(_gain_ms(report, c)),
-                         _crossover(c, _gain_ms(report, c))] for c in loads], "lrrrr"), ""]
+                       [[c["model"], c["batch"], f"{c['load_s_extra']:.3f}", *_session_cost(report, c)] for c in loads],
+                       "lrrrr"), ""]
     return L + ["Speed-up = baseline median / model median (above 1: the model is faster; for the domain "
                 "check, below 1 is its cost).", ""]
 
 
-def _gain_ms(report: Dict[str, Any], c: Dict[str, Any]) -> float:
+def _session_cost(report: Dict[str, Any], c: Dict[str, Any]) -> List[str]:
+    """The gain per call of comparison ``c``, and the calls from which it pays its extra load time."""
     by_name = {r["name"]: r for r in report["results"] if r.get("median_ms")}
-    return by_name[c["baseline"]]["median_ms"] - by_name[c["model"]]["median_ms"]
-
-
-def _crossover(c: Dict[str, Any], gain_ms: float) -> str:
+    gain = by_name[c["baseline"]]["median_ms"] - by_name[c["model"]]["median_ms"]
     if c["load_s_extra"] <= 0:
-        return "from the first" if gain_ms > 0 else "n/a"
-    if gain_ms <= 0:
-        return "never"
-    return f"{c['load_s_extra'] * 1000.0 / gain_ms:.0f}"
+        return [fmt_ms(gain), "from the first" if gain > 0 else "n/a"]
+    return [fmt_ms(gain), "never" if gain <= 0 else f"{c['load_s_extra'] * 1000.0 / gain:.0f}"]
 

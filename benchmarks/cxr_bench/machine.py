@@ -1,10 +1,4 @@
-"""Describe the machine a benchmark ran on, from what it reports about itself (never assumed).
-
-Examples:
-    >>> info = describe_machine()
-    >>> sorted(k for k in info if k.startswith("cpu_"))[:2]
-    ['cpu_flags', 'cpu_isa']
-"""
+"""Describe the machine a benchmark ran on, from what it reports about itself (never assumed)."""
 from __future__ import annotations
 
 import os

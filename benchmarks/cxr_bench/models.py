@@ -1,9 +1,5 @@
 """Open a cxr model file for a benchmark: the runtime's :class:`~cxr_infer.model.ModelFile` plus
 the facts a report must show (file size, SHA-256), and what the graph itself says it is.
-
-Examples:
-    >>> open_model("runs/export/resnet50_int8.onnx", threads=2).label   # doctest: +SKIP
-    'resnet50 int8'
 """
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""ROC and reliability (calibration) PNGs; matplotlib (the ``bench`` extra) is imported only here.
-
-Examples:
-    >>> roc_png([{"name": "m", "fpr": [0, 1], "tpr": [0, 1], "auc": 0.5}], "/tmp/roc.png")  # doctest: +SKIP
-"""
+"""ROC and reliability (calibration) PNGs; matplotlib (the ``bench`` extra) is imported only here."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -28,10 +28,8 @@ def bootstrap_weights(n: int, rounds: int, seed: int = 0) -> np.ndarray:
 
 
 def weighted_auc(y_true: np.ndarray, y_score: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """ROC AUC for each row of weights ``w`` (ties count half); NaN where one class is absent.
-
-    With all weights 1 this equals :func:`cxr_infer.metrics.roc_auc`.
-    """
+    """ROC AUC for each row of weights ``w`` (ties count half, as :func:`cxr_infer.metrics.roc_auc`);
+    NaN where one class is absent."""
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(y_score, dtype=np.float64)
     w = np.atleast_2d(np.asarray(w, dtype=np.float64))
@@ -76,11 +74,8 @@ def weighted_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float, 
 
 def bootstrap_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float, rounds: int = 1000,
                       seed: int = 0, level: float = 0.95) -> Dict[str, Dict[str, float]]:
-    """Percentile-bootstrap interval ``{"lo", "hi"}`` for each metric of :data:`CI_METRICS`.
-
-    Draws where a metric is undefined (e.g. no predicted positives for precision) are left
-    out of that metric's percentiles; ``undefined`` counts them.
-    """
+    """Percentile-bootstrap interval ``{"lo", "hi", "undefined"}`` of each metric of :data:`CI_METRICS`;
+    ``undefined`` counts the draws left out because the metric is undefined in them."""
     n = len(np.asarray(y_true))
     if rounds <= 0 or n == 0:
         return {}
@@ -100,11 +95,8 @@ def bootstrap_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float,
 
 
 def calibration_bins(y_true: np.ndarray, y_score: np.ndarray, bins: int = 10) -> Dict[str, object]:
-    """Reliability table: equal-width bins of the positive probability.
-
-    Returns ``{"bins": [{"lo", "hi", "count", "mean_predicted", "fraction_positive"}], "ece",
-    "mce", "brier"}``; ECE is the count-weighted mean gap |fraction positive - mean predicted|.
-    """
+    """Reliability table over equal-width bins of the positive probability: ``bins`` (lo, hi, count,
+    mean_predicted, fraction_positive), ``ece`` (count-weighted mean gap), ``mce`` and ``brier``."""
     y = np.asarray(y_true).astype(np.float64)
     s = np.asarray(y_score, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)

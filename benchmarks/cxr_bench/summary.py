@@ -6,10 +6,6 @@ batch 1, ``null`` where missing; ``precision_score`` is the positive predictive 
     latency_ms_b1, torch_latency_ms_b1
 
 ``summary.md`` shows the rows, then every report as its command's ``summary`` puts it.
-
-Examples:
-    >>> write_summary("bench")[0]["latency_ms_b1"]  # doctest: +SKIP
-    31.2
 """
 from __future__ import annotations
 
@@ -22,6 +18,7 @@ from .commands import Command, command_for_kind
 from .util import BenchError, fmt_ms, fmt_num, fmt_pct, md_table, now_iso, say, write_json, write_text
 
 _PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+_NONE = (None, None, None)  # (report label, entry, created) where no report has the figure
 
 
 @dataclass(frozen=True)
@@ -70,10 +67,8 @@ def _newest(table: Dict[str, Tuple[str, Dict, str]], key: str, label: str, entry
 
 def build_summary(found: Sequence[Found], threads: Optional[int] = None, device: str = "cpu"
                   ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-    """The summary rows of the reports ``found`` and a ``sources`` dict saying which report gave what.
-
-    Accuracy and ONNX latency are joined per model file (same SHA-256), PyTorch latency by backbone.
-    """
+    """The summary rows of the reports ``found`` and a ``sources`` dict saying which report gave what;
+    accuracy and ONNX latency are joined per model file (SHA-256), PyTorch latency by backbone."""
     acc_reports = [(f.label, f.report) for f in found if f.command.name == "accuracy"]
     lat_reports = [(f.label, f.report) for f in found if f.command.name == "latency"]
     acc: Dict[str, Tuple[str, Dict, str]] = {}
@@ -103,25 +98,19 @@ def build_summary(found: Sequence[Found], threads: Optional[int] = None, device:
     sources: Dict[str, Any] = {"device": device, "threads": use_threads, "threads_measured": measured_threads,
                                "rows": [], "warnings": []}
     for ident in sorted(set(acc) | set(ort), key=sort_key):
-        m = acc.get(ident, (None, None, None))[1]
-        lo = ort.get(ident, (None, None, None))[1]
+        (acc_label, m, _), (lat_label, lo, _) = acc.get(ident, _NONE), ort.get(ident, _NONE)
         e = m or lo
         b, prec = e["backbone"], e["precision"]
         t = m["at_threshold"] if m else {}
-        tt = torch.get(b, (None, None, None))[1]
-        rows.append({
-            "backbone": b, "precision": prec,
-            "accuracy": t.get("accuracy"), "auc": t.get("auc"), "loss": t.get("loss"),
-            "precision_score": t.get("precision"), "recall": t.get("recall"), "f1": t.get("f1"),
-            "tp": t.get("tp"), "fp": t.get("fp"), "tn": t.get("tn"), "fn": t.get("fn"),
-            "latency_ms_b1": lo["median_ms"] if lo else None,
-            "torch_latency_ms_b1": tt["median_ms"] if tt else None,
-        })
+        torch_label, tt, _ = torch.get(b, _NONE)
+        rows.append({"backbone": b, "precision": prec, "accuracy": t.get("accuracy"), "auc": t.get("auc"),
+                     "loss": t.get("loss"), "precision_score": t.get("precision"), "recall": t.get("recall"),
+                     "f1": t.get("f1"), "tp": t.get("tp"), "fp": t.get("fp"), "tn": t.get("tn"), "fn": t.get("fn"),
+                     "latency_ms_b1": lo["median_ms"] if lo else None,
+                     "torch_latency_ms_b1": tt["median_ms"] if tt else None})
         sources["rows"].append({"backbone": b, "precision": prec, "model": e["path"], "sha256": e.get("sha256"),
                                 "threshold": m["threshold"] if m else None, "n_images": t.get("n"),
-                                "accuracy_report": acc.get(ident, (None,))[0],
-                                "latency_report": ort.get(ident, (None,))[0],
-                                "torch_report": torch.get(b, (None,))[0]})
+                                "accuracy_report": acc_label, "latency_report": lat_label, "torch_report": torch_label})
     seen: Dict[Tuple[str, str], List[str]] = {}
     for s in sources["rows"]:
         seen.setdefault((s["backbone"], s["precision"]), []).append(
@@ -133,10 +122,8 @@ def build_summary(found: Sequence[Found], threads: Optional[int] = None, device:
                                        "stale; rerun both on the same file or remove the old report")
     for label, rep in acc_reports:
         sources.setdefault("data", {})[label] = rep["data"]["root"]
-        sources["warnings"] += rep.get("warnings", [])
-    for _label, rep in lat_reports:
-        sources["warnings"] += rep.get("warnings", [])
-    sources["warnings"] = list(dict.fromkeys(sources["warnings"]))
+    more = [w for _, rep in acc_reports + lat_reports for w in rep.get("warnings", [])]
+    sources["warnings"] = list(dict.fromkeys(sources["warnings"] + more))
     sources["machines"] = {label: rep["machine"].get("cpu_model") for label, rep in lat_reports}
     return rows, sources
 
@@ -165,10 +152,8 @@ def _table(rows: List[Dict[str, Any]], sources: Dict[str, Any]) -> List[str]:
                  + (f", threshold {s['threshold']:.4g}" if s["threshold"] is not None else "")
                  + f"; accuracy from `{s['accuracy_report'] or '-'}`, latency from `{s['latency_report'] or '-'}`, "
                  f"PyTorch from `{s['torch_report'] or '-'}`")
-    for name, root in (sources.get("data") or {}).items():
-        L.append(f"- data of `{name}`: `{root}`")
-    for name, cpu in sources.get("machines", {}).items():
-        L.append(f"- machine of `{name}`: {cpu} (details in that report)")
+    L += [f"- data of `{name}`: `{root}`" for name, root in (sources.get("data") or {}).items()]
+    L += [f"- machine of `{name}`: {cpu} (details in that report)" for name, cpu in sources.get("machines", {}).items()]
     return L + [""]
 
 

@@ -1,10 +1,6 @@
 """Everything cxr-bench takes from ``cxr_export`` and ``cxr_train``, one small function each, importing
 its package inside the function: ``import cxr_bench`` loads neither, no other module of this package
 imports them, and a missing one is one line saying what to install.
-
-Examples:
-    >>> graph, spec = read_graph("models/resnet50_int8.onnx")     # doctest: +SKIP
-    >>> write_without("m.onnx", "/tmp/bare.onnx", ["domain"])     # doctest: +SKIP
 """
 from __future__ import annotations
 

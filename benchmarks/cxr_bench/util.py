@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 from cxr_infer.errors import CXRError
 
@@ -60,12 +60,7 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 def new_report(kind: str, **fields: Any) -> Dict[str, Any]:
-    """A report's envelope (kind, format version, time, tool version, the command) and ``fields``.
-
-    Examples:
-        >>> new_report("cxr-bench/example", models=[])["kind"]
-        'cxr-bench/example'
-    """
+    """A report's envelope (kind, format version, time, tool version, the command) and ``fields``."""
     from . import __version__
 
     return {"kind": kind, "format_version": 1, "created": now_iso(), "cxr_bench_version": __version__,
@@ -76,11 +71,8 @@ def write_report(out: Path, base: str, name: Optional[str], report: Dict[str, An
                  render: Callable[[Dict[str, Any]], str], quiet: bool = False) -> Dict[str, str]:
     """Write ``report`` as ``out/STEM.json`` and ``render(report)`` as ``out/STEM.md``; returns
     ``report["files"]``, where their names are added to any the command recorded (plots, grids)."""
-    stem = f"{base}-{name}" if name else base
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = dict(report.get("files") or {}, json=f"{stem}.json", markdown=f"{stem}.md")
-    report["files"] = files
+    stem, out = f"{base}-{name}" if name else base, Path(out)
+    files = report["files"] = dict(report.get("files") or {}, json=f"{stem}.json", markdown=f"{stem}.md")
     write_json(out / files["json"], report)
     write_text(out / files["markdown"], render(report))
     say(f"wrote {out / files['markdown']} and {files['json']}", quiet)
@@ -88,44 +80,31 @@ def write_report(out: Path, base: str, name: Optional[str], report: Dict[str, An
 
 
 class Progress:
-    """Progress lines on stderr: rewritten in place on a terminal, every ~10% otherwise.
-
-    Examples:
-        >>> p = Progress("decoding", 3, enabled=False)
-        >>> for _ in range(3): p.step()
-        >>> p.done()
-    """
+    """Progress lines on stderr (``step()`` per item, ``done()``): in place on a terminal, every ~10% otherwise."""
 
     def __init__(self, label: str, total: int, enabled: bool = True) -> None:
-        self.label, self.total, self.count = label, max(int(total), 0), 0
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.start = time.perf_counter()
-        self._last_decile = -1
-        self._last_print = self.start
+        self.label, self.total, self.count, self.enabled = label, max(int(total), 0), 0, enabled
+        self.tty, self.start = sys.stderr.isatty(), time.perf_counter()
+        self._last_decile, self._last_print = -1, self.start
 
     def step(self, n: int = 1) -> None:
         self.count += n
         if not self.enabled or not self.total:
             return
         if self.tty:
-            sys.stderr.write(f"\r{self.label}: {self.count}/{self.total}")
-            sys.stderr.flush()
+            print(f"\r{self.label}: {self.count}/{self.total}", end="", file=sys.stderr, flush=True)
             return
         decile = (10 * self.count) // self.total
         quiet_for = time.perf_counter() - self._last_print
         if decile != self._last_decile and (quiet_for >= 2.0 or self.count >= self.total):
-            self._last_decile = decile
-            self._last_print = time.perf_counter()
+            self._last_decile, self._last_print = decile, time.perf_counter()
             print(f"{self.label}: {self.count}/{self.total}", file=sys.stderr, flush=True)
 
     def done(self, note: str = "") -> None:
-        if not self.enabled:
-            return
-        took = time.perf_counter() - self.start
-        end = "\n" if self.tty else ""
-        sys.stderr.write(f"{end}{self.label}: done, {self.count} in {took:.1f} s{(' ' + note) if note else ''}\n")
-        sys.stderr.flush()
+        if self.enabled:
+            took = time.perf_counter() - self.start
+            print(("\n" if self.tty else "") + f"{self.label}: done, {self.count} in {took:.1f} s"
+                  + (f" {note}" if note else ""), file=sys.stderr, flush=True)
 
 
 def say(msg: str, quiet: bool = False) -> None:
@@ -172,13 +151,9 @@ def fmt_ci(ci: Optional[Dict[str, Any]], pct: bool = True) -> str:
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: Optional[str] = None) -> str:
     """A GitHub Markdown table; ``align`` is one char per column (``l``/``r``), default left."""
-    header = [str(h) for h in header]
-    align = align or "l" * len(header)
-    sep = ["---:" if a == "r" else "---" for a in align]
-    lines: List[str] = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    for row in rows:
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
-    return "\n".join(lines)
+    sep = ["---:" if a == "r" else "---" for a in (align or "l" * len(header))]
+    return "\n".join(["| " + " | ".join(map(str, header)) + " |", "| " + " | ".join(sep) + " |"]
+                     + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows])
 
 
 def mb(n_bytes: Optional[float]) -> str:

@@ -34,18 +34,10 @@ class Summary:
 
 @dataclass(frozen=True)
 class Command:
-    """One ``cxr-bench`` command: the entry ``cxr-bench`` builds its parser from and dispatches to.
-
-    Attributes:
-        name: the sub-command (``cxr-bench NAME``); its reports are ``NAME[-RUN].json`` / ``.md``.
-        help: one line for ``cxr-bench --help``; description: the first paragraph of its own help.
-        arguments: adds the command's own arguments to its sub-parser (the report arguments,
-            :func:`add_report_arguments`, are added to every command with a ``kind``).
-        run: ``run(args) -> (report, exit status)``; writes the report into ``args.out``.
-        summary: ``summary(report) -> Summary``, for the end of a run and for ``summary.md``.
-        epilog: the end of its help (examples, what it writes); example: one line for ``cxr-bench --help``.
-        kind: the ``kind`` of its reports, by which ``cxr-bench summary`` finds them (None: no report).
-    """
+    """One ``cxr-bench NAME`` command. ``arguments`` adds its own to its sub-parser (a command with a
+    ``kind``, the kind of its reports, also gets :func:`add_report_arguments`); ``run(args)`` writes the
+    report into ``args.out`` and returns it with the exit status; ``summary(report)`` puts it in brief;
+    ``help``, ``description``, ``epilog`` and ``example`` are its help texts."""
 
     name: str
     help: str

@@ -10,18 +10,14 @@ from .base import Command, Report, Summary, add_threads, positive
 EPILOG = f"""\
 examples:
   cxr-bench domain --model runtime/cxr_infer/models/default.onnx models/*_int8.onnx --data chest_xray/test
-      flag rates and AUROCs of each model's out-of-domain check on every kind below (models need
-      domain statistics: cxr-export adds them, or to an existing file:
-      {ADD_DOMAIN_HINT})
+      every kind below (a model needs domain statistics: cxr-export adds them, or to an existing
+      file: {ADD_DOMAIN_HINT})
   cxr-bench domain --model m.onnx --data chest_xray/test --count 30 --kinds photos,noise --out quick
       a quick look
   cxr-bench domain --model m.onnx --data chest_xray/test --foreign foreign/ --originals fullres/
-      also real images from other sources, one sub-folder per kind (adults, lateral views, CT;
-      evaluation only), and the in-domain control: full-size originals read the way the runtime
-      reads a user's file
+      also real images from other sources (adults, lateral views, CT) and full-size originals
   cxr-bench domain --model m.onnx --data chest_xray/test --validation chest_xray/train
-      also the operating points: flag rates at stricter and looser thresholds, each set to flag 1 to
-      30% of the model's validation images (for cxr-infer --domain-threshold S)
+      also flag rates at stricter and looser thresholds (for cxr-infer --domain-threshold S)
 
 kinds: photos (sample photographs: matplotlib's, and scikit-image's where it is installed),
 documents (text rendered with Pillow), noise, inverted, upside_down, rotated_90, cropped,
@@ -88,8 +84,7 @@ def summary(report: Report) -> Summary:
 
 COMMAND = Command(
     name="domain", kind="cxr-bench/domain", arguments=arguments, run=run, summary=summary, epilog=EPILOG,
-    help="out-of-domain check: flag rates on X-rays and on photos, documents, noise, transformed X-rays, "
-         "with AUROCs",
+    help="out-of-domain check: flag rates on X-rays and on photos, documents, noise, transformed X-rays, with AUROCs",
     description="Flag rate of each model's out-of-domain check on a labelled folder (in-domain) and on "
                 "out-of-domain kinds built here, with the AUROC between them.",
     example="cxr-bench domain --model runtime/cxr_infer/models/default.onnx --data chest_xray/test")

@@ -41,9 +41,8 @@ def predict_all(model: OnnxModel, pixels: np.ndarray, keep: np.ndarray, batch: i
 
 def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, rounds: int, seed: int) -> Dict[str, Any]:
     """Point metrics (:func:`binary_metrics`) plus a ``ci`` dict of bootstrap intervals."""
-    m: Dict[str, Any] = dict(binary_metrics(y, p, threshold))
-    m["ci"] = bootstrap_metrics(y, p, threshold, rounds=rounds, seed=seed) if rounds else {}
-    return m
+    return {**binary_metrics(y, p, threshold),
+            "ci": bootstrap_metrics(y, p, threshold, rounds=rounds, seed=seed) if rounds else {}}
 
 
 def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path, bootstrap: int = 1000,
@@ -131,26 +130,21 @@ def write_reports(report: Dict[str, Any], ds, prob_columns: Dict[str, np.ndarray
 
 
 # ---- Markdown
-_ROWS = [("Accuracy", "accuracy", True), ("Loss (cross-entropy)", "loss", False), ("Precision", "precision", True),
-         ("Recall (sensitivity)", "recall", True), ("Specificity", "specificity", True), ("F1", "f1", True),
-         ("ROC AUC", "auc", False)]
+_ROWS = [("Accuracy", "accuracy", fmt_pct), ("Loss (cross-entropy)", "loss", fmt_num),
+         ("Precision", "precision", fmt_pct), ("Recall (sensitivity)", "recall", fmt_pct),
+         ("Specificity", "specificity", fmt_pct), ("F1", "f1", fmt_pct), ("ROC AUC", "auc", fmt_num)]
 
 
 def _reference_table(models: List[Dict[str, Any]], key: str) -> str:
-    rows = []
-    for m in models:
-        r = m[key]
-        rows.append([f"{m['name']} ({m['backbone']} {m['precision']})", fmt_pct(r["accuracy"]), fmt_num(r["loss"]),
-                     fmt_pct(r["precision"]), fmt_pct(r["recall"]), fmt_pct(r["f1"])])
-    return md_table(["Model", "Accuracy", "Loss", "Precision", "Recall", "F1"], rows, "lrrrrr")
+    return md_table(["Model", "Accuracy", "Loss", "Precision", "Recall", "F1"],
+                    [[f"{m['name']} ({m['backbone']} {m['precision']})", fmt_pct(m[key]["accuracy"]),
+                      fmt_num(m[key]["loss"]), fmt_pct(m[key]["precision"]), fmt_pct(m[key]["recall"]),
+                      fmt_pct(m[key]["f1"])] for m in models], "lrrrrr")
 
 
 def _detail_table(m: Dict[str, Any]) -> str:
     t, h = m["at_threshold"], m["at_0_5"]
-    rows = []
-    for title, k, pct in _ROWS:
-        f = fmt_pct if pct else fmt_num
-        rows.append([title, f(t[k]), fmt_ci(t["ci"].get(k), pct), f(h[k]), fmt_ci(h["ci"].get(k), pct)])
+    rows = [[title, f(t[k]), fmt_ci(t["ci"].get(k), f), f(h[k]), fmt_ci(h["ci"].get(k), f)] for title, k, f in _ROWS]
     rows.append(["TP / FP / TN / FN", f"{t['tp']} / {t['fp']} / {t['tn']} / {t['fn']}", "",
                  f"{h['tp']} / {h['fp']} / {h['tn']} / {h['fn']}", ""])
     head = ["Metric", f"at threshold {t['threshold']:.4g}", "95% CI", "at 0.5", "95% CI"]
@@ -188,7 +182,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
                     "Accuracy 95% CI", "ECE", "Brier"],
                    [[m["name"], m["backbone"], m["precision"], mb(m["file_bytes"]), f"{m['threshold']:.4g}",
                      m["n_evaluated"], fmt_num(m["at_threshold"]["auc"]),
-                     fmt_ci(m["at_threshold"]["ci"].get("auc"), pct=False),
+                     fmt_ci(m["at_threshold"]["ci"].get("auc"), fmt_num),
                      fmt_ci(m["at_threshold"]["ci"].get("accuracy")),
                      fmt_num(m["calibration"]["ece"], 3), fmt_num(m["calibration"]["brier"], 3)] for m in models],
                    "lllrrrrrrrr"), ""]

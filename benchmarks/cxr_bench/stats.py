@@ -51,25 +51,13 @@ def weighted_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float, 
     s = np.asarray(y_score, dtype=np.float64)
     w = np.atleast_2d(np.asarray(w, dtype=np.float64))
     pred = s >= threshold
-    tp = w @ (pred & y)
-    fp = w @ (pred & ~y)
-    tn = w @ (~pred & ~y)
-    fn = w @ (~pred & y)
-    eps = 1e-7
-    pc = np.clip(s, eps, 1 - eps)
+    tp, fp, tn, fn = w @ (pred & y), w @ (pred & ~y), w @ (~pred & ~y), w @ (~pred & y)
+    pc = np.clip(s, 1e-7, 1 - 1e-7)
     per_image_loss = -(y * np.log(pc) + (~y) * np.log(1 - pc))
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = {
-            "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-            "accuracy": (tp + tn) / (tp + fp + tn + fn),
-            "loss": (w @ per_image_loss) / w.sum(axis=1),
-            "precision": tp / (tp + fp),
-            "recall": tp / (tp + fn),
-            "specificity": tn / (tn + fp),
-            "f1": 2 * tp / (2 * tp + fp + fn),
-        }
-    out["auc"] = weighted_auc(y, s, w)
-    return out
+        return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "accuracy": (tp + tn) / (tp + fp + tn + fn),
+                "loss": (w @ per_image_loss) / w.sum(axis=1), "precision": tp / (tp + fp), "recall": tp / (tp + fn),
+                "specificity": tn / (tn + fp), "f1": 2 * tp / (2 * tp + fp + fn), "auc": weighted_auc(y, s, w)}
 
 
 def bootstrap_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float, rounds: int = 1000,
@@ -84,12 +72,8 @@ def bootstrap_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float,
     alpha = (1.0 - level) / 2.0
     out: Dict[str, Dict[str, float]] = {}
     for k in CI_METRICS:
-        v = vals[k]
-        ok = np.isfinite(v)
-        if not ok.any():
-            out[k] = {"lo": float("nan"), "hi": float("nan"), "undefined": int((~ok).sum())}
-            continue
-        lo, hi = np.quantile(v[ok], [alpha, 1.0 - alpha])
+        ok = np.isfinite(vals[k])
+        lo, hi = np.quantile(vals[k][ok], [alpha, 1.0 - alpha]) if ok.any() else (float("nan"), float("nan"))
         out[k] = {"lo": float(lo), "hi": float(hi), "undefined": int((~ok).sum())}
     return out
 

@@ -142,11 +142,10 @@ def fmt_ms(x: Optional[float]) -> str:
     return f"{x:.3g}"
 
 
-def fmt_ci(ci: Optional[Dict[str, Any]], pct: bool = True) -> str:
-    """A confidence interval ``{"lo", "hi"}`` as ``lo – hi``, formatted like its point value."""
+def fmt_ci(ci: Optional[Dict[str, Any]], fmt: Callable[[Optional[float]], str] = fmt_pct) -> str:
+    """A confidence interval ``{"lo", "hi"}`` as ``lo – hi``, each formatted by ``fmt`` like its point value."""
     lo, hi = (ci or {}).get("lo"), (ci or {}).get("hi")
-    f = fmt_pct if pct else fmt_num
-    return "n/a" if _bad(lo) or _bad(hi) else f"{f(lo)} – {f(hi)}"
+    return "n/a" if _bad(lo) or _bad(hi) else f"{fmt(lo)} – {fmt(hi)}"
 
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: Optional[str] = None) -> str:

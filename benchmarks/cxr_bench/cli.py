@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from . import __version__
 from .commands import COMMANDS, Command
@@ -23,16 +23,15 @@ the report), 2 usage, model or data error.
 """
 
 
-def build_parser(commands: Optional[Dict[str, Command]] = None) -> argparse.ArgumentParser:
-    """The ``cxr-bench`` parser: one sub-parser per entry of ``commands`` (default :data:`COMMANDS`)."""
-    commands = COMMANDS if commands is None else commands
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cxr-bench`` parser: one sub-parser per entry of :data:`COMMANDS`."""
     fmt = HelpFormatter
-    examples = "\n".join(f"  {c.example}" for c in commands.values() if c.example)
+    examples = "\n".join(f"  {c.example}" for c in COMMANDS.values() if c.example)
     p = argparse.ArgumentParser(prog="cxr-bench", formatter_class=fmt, epilog=MAIN_EPILOG.format(examples=examples),
                                 description="Accuracy and latency reports for cxr model files (.onnx with a cxr.spec).")
     p.add_argument("--version", action="version", version=f"cxr-bench {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for c in commands.values():
+    for c in COMMANDS.values():
         sp = sub.add_parser(c.name, formatter_class=fmt, help=c.help.replace("%", "%%"), description=c.description,
                             epilog=c.epilog)
         c.arguments(sp)

@@ -8,7 +8,7 @@ import statistics
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -66,7 +66,10 @@ def provider_list(provider: str, precision: str, input_name: str, size: Tuple[in
     return device.providers(request, available)
 
 
-def _median_ms(fn, calls: int) -> float:
+def _median_ms(fn: Callable[[], Any], calls: int, warmup: int = 0) -> float:
+    """The median ms of ``calls`` timed calls of ``fn``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()
@@ -100,12 +103,8 @@ def measure_row(path: Path, spec: Any, provider: str, pixels: np.ndarray, y: np.
         t0 = time.perf_counter()
         model.run_input(x1, out)
         row["first_call_s"] = time.perf_counter() - t0
-        for _ in range(3):
-            model.run_input(x1, out)
-        row["ms_b1"] = _median_ms(lambda: model.run_input(x1, out), iterations)
-        for _ in range(2):
-            model.run_input(xb, out)
-        ms_b = _median_ms(lambda: model.run_input(xb, out), max(3, iterations // 5))
+        row["ms_b1"] = _median_ms(lambda: model.run_input(x1, out), iterations, warmup=3)
+        ms_b = _median_ms(lambda: model.run_input(xb, out), max(3, iterations // 5), warmup=2)
         row["images_per_s_b64"] = batch / (ms_b / 1000.0)
         probs = model.positive_probability(pixels, batch)
         if model.spec.domain_output and model.spec.domain_threshold is not None:

@@ -9,7 +9,8 @@ from .base import Command, Report, Summary, add_device, add_threads, complain, p
 EPILOG = """\
 examples:
   cxr-bench e2e --model m_int8.onnx --images scans/
-      8 full-size images from scans/ (searched recursively), cold processes on 1 and on 8
+      8 full-size images from scans/ (searched recursively): cold cxr-infer processes on 1 and on
+      8 images, and the time of each stage per image
   cxr-bench e2e --model m_int8.onnx --images scans/ --count 16 --repeats 5 --threads 2
 
 writes e2e.json and e2e.md into --out.

@@ -17,11 +17,10 @@ examples:
       a quick look at the shipped files on this CPU
 
 A row that cannot run says why in its status (skipped: no such provider here; failed: the
-error). TensorRT engines are cached in $CXR_TRT_CACHE (default ~/.cache/cxr/tensorrt); the first
-call's time includes the build. writes formats.json and formats.md into --out, again after
-every row ("complete": false until the last), so a run stopped from outside keeps what it
-measured; --time-limit S starts no row after S seconds. Exit status 1 when a row failed (a
-skipped row is not a failure).
+error); exit status 1 when a row failed, not when one was skipped. TensorRT engines are cached
+in $CXR_TRT_CACHE (default ~/.cache/cxr/tensorrt); the first call's time includes the build.
+writes formats.json and formats.md into --out, again after every row ("complete": false until
+the last), so a run stopped from outside keeps what it measured.
 """
 
 
@@ -43,8 +42,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
                    help="batch of the images/s column (default 64)")
     add_threads(p, "onnxruntime CPU threads")
     p.add_argument("--time-limit", type=positive, metavar="S",
-                   help="start no row after S seconds (rows left say 'skipped: time limit'); the report is "
-                        "rewritten after every row anyway, so a run that is killed keeps what it measured")
+                   help="start no row after S seconds (rows left say 'skipped: time limit')")
 
 
 def run(args: argparse.Namespace) -> tuple[Report, int]:

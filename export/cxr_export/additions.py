@@ -1,8 +1,8 @@
 """The graphs ``cxr-export`` adds after the classifier, one table entry each: :data:`ADDITIONS`.
 
-Each entry pairs the runtime's entry (:data:`cxr_infer.spec.GRAPH_ADDITIONS`: spec block, outputs)
-with how the exporter adds it to a written file, strips it again (:func:`strip_additions`) and
-when ``cxr-export`` runs it (:meth:`Addition.wanted`). Adding one: ``CONTRIBUTING.md``.
+Each pairs the runtime's entry (:data:`cxr_infer.spec.GRAPH_ADDITIONS`: spec block, outputs) with
+how the exporter adds it to a written file, strips it (:func:`strip_additions`) and when
+``cxr-export`` runs it (:meth:`Addition.wanted`). Adding one: ``CONTRIBUTING.md``.
 
 Examples:
     >>> ADDITIONS["domain"].outputs, ADDITIONS["heatmap"].prefix
@@ -23,8 +23,7 @@ from .onnxgraph import strip_prefixed
 
 @dataclass
 class AddContext:
-    """What ``cxr-export`` knows when it adds the graphs to the files it has written: ``options`` (its
-    options, argparse ``dest`` -> value) and a ``cache`` shared by the files of one export (:meth:`once`)."""
+    """What ``cxr-export`` knows when it adds the graphs; ``options``: its options (argparse ``dest`` -> value)."""
 
     ckpt_dir: Optional[Path] = None
     data_dir: Optional[str | Path] = None
@@ -51,14 +50,10 @@ class Addition:
     """One graph the exporter appends after the classifier.
 
     Attributes:
-        graph: the runtime's entry (name of the spec block, outputs it adds, description).
         prefix: the prefix of every node and initializer name it adds.
-        add: ``add(path, context)`` adds it to the file (replacing an earlier one) with its spec block;
-            returns the block.
-        summary: the block -> the line ``cxr-export`` prints after adding it.
-        option: the ``cxr-export`` option (argparse ``dest``) that asks for it (True), leaves it out
-            (False) or leaves the default (None: added when what it needs is there).
-        needs_data: it is fitted on the training folder. needs_features: it reads ``features``.
+        add: ``add(path, context)`` adds it to the file (replacing an earlier one); returns its spec block.
+        summary: the block -> the line ``cxr-export`` prints.
+        option: the ``cxr-export`` option (argparse ``dest``): True asks for it, False leaves it out.
     """
 
     graph: GraphAddition
@@ -82,8 +77,7 @@ class Addition:
         strip_prefixed(model, self.prefix, self.outputs)
 
     def wanted(self, context: AddContext) -> bool:
-        """Whether ``cxr-export`` adds it, by its option and what it needs; ``ValueError`` when it is
-        asked for and the training folder it needs is not known."""
+        """Whether ``cxr-export`` adds it (by default: when what it needs is there); ``ValueError`` if it cannot."""
         requested = context.options.get(self.option)
         if requested is False:
             return False
@@ -97,11 +91,10 @@ class Addition:
 def _add_domain(path: Path, context: AddContext) -> Dict[str, Any]:
     from .domain.fit import DEFAULT_FIT_COUNT, DEFAULT_FLAG_RATE, add_domain_stats, load_sets
 
-    fit_count = context.options.get("domain_fit_count", DEFAULT_FIT_COUNT)
-    tr_px, tr_y, va_px = context.once("domain_sets", lambda: load_sets(context.ckpt_dir, context.data_dir,
-                                                                       context.size, fit_count))
-    return add_domain_stats(path, tr_px, tr_y, va_px, flag_rate=context.options.get("domain_flag_rate",
-                                                                                   DEFAULT_FLAG_RATE),
+    options = context.options
+    sets = context.once("domain_sets", lambda: load_sets(context.ckpt_dir, context.data_dir, context.size,
+                                                         options.get("domain_fit_count", DEFAULT_FIT_COUNT)))
+    return add_domain_stats(path, *sets, flag_rate=options.get("domain_flag_rate", DEFAULT_FLAG_RATE),
                             threads=context.threads, source=str(context.data_dir))
 
 
@@ -140,8 +133,7 @@ def strip_additions(model: Any, names: Optional[Sequence[str]] = None) -> None:
 
 
 def add_all(files: Sequence[Path], context: AddContext, say: Callable[[str], None]) -> None:
-    """Add every wanted addition (:meth:`Addition.wanted`) to each of ``files``, in table order,
-    saying one line per file and addition."""
+    """Add every wanted addition to each of ``files``, in table order, saying one line for each."""
     for addition in ADDITIONS.values():
         if not addition.wanted(context):
             continue

@@ -36,27 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="cxr-train run folder (checkpoint.json + model weights) or its weights file")
     p.add_argument("--out", required=True, help="FP32 model file to write (e.g. models/resnet50.onnx)")
     from .precisions import PRECISIONS
+    from .quantize import ACTIVATIONS, METHODS
 
     for precision in PRECISIONS.values():  # --int8, --fp16, ...: one flag per registered precision
         p.add_argument(f"--{precision.name}", action="store_true", help=f"also write {precision.description}")
     p.add_argument("--calibration", help="training data folder (NORMAL/, PNEUMONIA/); required by --int8")
-    p.add_argument("--calibration-count", type=int, default=300,
-                   help="calibration images, class-balanced (default 300)")
-    p.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"])
-    p.add_argument("--activations", default="u8", choices=["u8", "s8"], help="activation type (default u8: fastest)")
+    p.add_argument("--calibration-count", type=int, default=300, help="class-balanced calibration images (default 300)")
+    p.add_argument("--calibration-method", default="minmax", choices=METHODS)
+    p.add_argument("--activations", default="u8", choices=ACTIVATIONS, help="activation type (default u8: fastest)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weights")
     p.add_argument("--full-range", action="store_true",
                    help="8-bit weight range instead of 7-bit (off: u8 x s8 products saturate on CPUs without VNNI)")
     p.add_argument("--exclude-nodes", nargs="*", default=[], help="node names kept in FP32")
     p.add_argument("--gate-count", type=int, default=0, help="validation images for the gate (default 0 = all)")
     p.add_argument("--max-drop", type=float, default=1.0, help="max INT8 accuracy drop in points (default 1.0)")
-    p.add_argument("--force", action="store_true",
-                   help="write a refused file anyway (an INT8 file past --max-drop, an FP16 file whose "
-                        "probabilities are inf or NaN)")
+    p.add_argument("--force", action="store_true", help="write a refused file anyway (an INT8 file past --max-drop, "
+                   "an FP16 file whose probabilities are inf or NaN)")
     p.add_argument("--parity-count", type=int, default=32, help="validation images for the PyTorch parity check")
-    p.add_argument("--threshold", default="checkpoint",
-                   help="decision threshold stored in the spec: 'checkpoint' (the one chosen on validation at"
-                        " training, default) or a number such as 0.5")
+    p.add_argument("--threshold", default="checkpoint", help="decision threshold stored in the spec: 'checkpoint' "
+                   "(the one chosen on validation at training, default) or a number such as 0.5")
     p.add_argument("--no-features", action="store_true", help="leave out the pooled-features output")
     p.add_argument("--domain-stats", dest="domain_stats", action="store_true", default=None,
                    help="add out-of-domain statistics to every file (default: on when a data folder is known)")
@@ -150,8 +148,7 @@ def _export(args: argparse.Namespace) -> int:
         from .triton import write_triton_repo
 
         for f in written:
-            cfg = write_triton_repo(f, args.triton)
-            _say(f"Triton: {cfg.parent}")
+            _say(f"Triton: {write_triton_repo(f, args.triton).parent}")
     return status
 
 

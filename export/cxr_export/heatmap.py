@@ -1,18 +1,13 @@
 """Grad-CAM computed by the model file itself: a ``heatmap`` output beside the probabilities.
 
-The head is ``Linear -> ReLU -> Linear`` on the pooled last feature map ``A``, so the gradient
-Grad-CAM needs is a forward expression of the head's own weights, ``alpha = ((W2[c] * 1[W1 p + b1
-> 0]) @ W1) / (h w)``, and the map ``ReLU(sum_k alpha_k A_k)`` ([N, h, w], not normalised) is a few
-FP32 nodes appended to the graph, reading its own tensors; the probabilities are checked to stay
-bit for bit the same. The derivation and what it costs: ``docs/heatmaps.md``.
-
-Add it to an existing file (in place unless ``--out``)::
-
-    python -m cxr_export.heatmap models/resnet50_int8.onnx
+The head is ``Linear -> ReLU -> Linear`` on the pooled last feature map, so Grad-CAM's gradient is
+a forward expression of the head's own weights: FP32 nodes appended to the graph compute the map
+([N, h, w], not normalised) from the graph's own tensors, the probabilities checked unchanged.
+``python -m cxr_export.heatmap MODEL.onnx`` adds it to an existing file. Derivation and cost:
+``docs/heatmaps.md``.
 
 Examples:
-    >>> block = add_heatmap("m.onnx")   # doctest: +SKIP
-    >>> block["grid"]                   # doctest: +SKIP
+    >>> add_heatmap("m.onnx")["grid"]   # doctest: +SKIP
     [7, 7]
 """
 from __future__ import annotations
@@ -43,11 +38,7 @@ class HeadNotFound(ValueError):
 
 
 def find_head(model, features: str) -> Dict[str, Any]:
-    """The tensors Grad-CAM needs, found from the ``features`` tensor: the feature map, the first
-    linear layer (its output, weight and layout) and the second layer's weight.
-
-    Raises :class:`HeadNotFound` naming what is missing.
-    """
+    """The feature map and the head's tensors Grad-CAM needs; :class:`HeadNotFound` names what is missing."""
     from .additions import ADDITIONS
 
     graph = model.graph
@@ -88,8 +79,7 @@ def find_head(model, features: str) -> Dict[str, Any]:
 
 
 def _inferred(model, feature_map: str) -> Tuple[Dict[str, int], Tuple[Optional[int], Optional[int]]]:
-    """One shape inference: the element type of every tensor it can tell (initializers included)
-    and the feature map's grid ``(h, w)`` (None where unknown)."""
+    """The element type of every tensor, and the feature map's grid ``(h, w)``, by one shape inference."""
     types = {t.name: t.data_type for t in model.graph.initializer}
     grid: Tuple[Optional[int], Optional[int]] = (None, None)
     for value in inferred_values(model):
@@ -123,8 +113,7 @@ def _int8_rows(model, weight: str) -> Optional[Tuple[str, str]]:
 
 
 def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, Any]:
-    """Append the Grad-CAM nodes and the ``heatmap`` output to ``model`` (an ``onnx.ModelProto``,
-    in place); returns the spec block that describes it."""
+    """Append the Grad-CAM nodes and the ``heatmap`` output to ``model`` in place; returns its spec block."""
     from onnx import TensorProto, helper
 
     strip_heatmap_graph(model)
@@ -184,8 +173,7 @@ def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, An
 
 
 def add_heatmap(model_path: str | Path, out_path: Optional[str | Path] = None, threads: int = 0) -> Dict[str, Any]:
-    """Add the ``heatmap`` output to a cxr model file and name it in its spec; the probabilities
-    are checked to be bit-identical before and after. Returns the spec's ``heatmap`` block."""
+    """Add the ``heatmap`` output (probabilities checked unchanged) to a file; returns its spec block."""
     import onnx
 
     from .modelio import open_model, probability_change, read_spec, staged, write_spec

@@ -15,44 +15,30 @@ import numpy as np
 from cxr_infer.preprocess import load_image
 
 
-def load_split(ckpt_dir: str | Path) -> Optional[dict]:
-    p = Path(ckpt_dir) / "split.json"
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-def pick(entries: List[list], count: Optional[int], seed: int = 0, balanced: bool = True) -> List[list]:
-    """``count`` entries ([relpath, label]); class-balanced when ``balanced``; all when None."""
+def pick(entries: List[list], count: Optional[int], seed: int = 0) -> List[list]:
+    """``count`` entries ([relpath, label]), class-balanced; all when None."""
     if count is None or count >= len(entries):
         return list(entries)
     rng = random.Random(seed)
-    if not balanced:
-        items = sorted(entries)
-        rng.shuffle(items)
-        return sorted(items[:count])
     by: dict = {}
     for e in sorted(entries):
         by.setdefault(e[1], []).append(e)
     out: List[list] = []
     per = count // len(by)
     for label in sorted(by):
-        items = by[label]
-        rng.shuffle(items)
-        out += items[:per]
+        rng.shuffle(by[label])
+        out += by[label][:per]
     return sorted(out)
 
 
 def image_set(ckpt_dir: str | Path, data_dir: str | Path, part: str, count: Optional[int],
               size: Tuple[int, int], seed: int = 0) -> Tuple[np.ndarray, np.ndarray, List[str]]:
-    """Pixels (uint8 NHWC), labels and paths of ``count`` images of the split's ``part``.
-
-    Without a ``split.json`` (e.g. a checkpoint from elsewhere) every image under
-    ``data_dir/<label>/`` is a candidate.
-    """
-    data_dir = Path(data_dir)
-    split = load_split(ckpt_dir)
-    if split is not None:
-        entries = split[part]
-        labels = split["labels"]
+    """Pixels (uint8 NHWC), labels and paths of ``count`` images of the split's ``part`` (without a
+    ``split.json``: of every image under ``data_dir/<label>/``)."""
+    data_dir, split_file = Path(data_dir), Path(ckpt_dir) / "split.json"
+    if split_file.is_file():
+        split = json.loads(split_file.read_text())
+        entries, labels = split[part], split["labels"]
     else:
         labels = ["NORMAL", "PNEUMONIA"]
         entries = [[str(p.relative_to(data_dir)), i] for i, lab in enumerate(labels)

@@ -1,9 +1,7 @@
 """Read and write the ``cxr.spec`` of an ONNX file with ``onnx``; open one with the runtime's model layer.
 
-Running a file always goes through :class:`cxr_infer.model.ModelFile`; this module adds what
-needs ``onnx`` (reading a spec without a session, writing one, writing a copy without some
-graph additions) and what every graph addition does when it writes a file (:func:`staged`,
-:func:`probability_change`).
+Running a file always goes through :class:`cxr_infer.model.ModelFile`; this module adds what needs
+``onnx`` and what every graph addition does when it writes a file (:func:`staged`).
 
 Examples:
     >>> read_spec("model.onnx").precision           # doctest: +SKIP
@@ -67,15 +65,12 @@ def read_spec(model_path: str | Path) -> ModelSpec:
 
 def open_model(model_path: str | Path | bytes, threads: int = 0, spec: Optional[ModelSpec] = None,
                device: str = "cpu") -> ModelFile:
-    """The model file opened for checks (``threads`` 0: every core), optionally with the ``spec``
-    about to be written into it (a file fresh from conversion has none of its own yet)."""
+    """The model file opened for checks (``threads`` 0: every core), with the ``spec`` to use if given."""
     return ModelFile(model_path, device=device, threads=threads or None, spec=spec)
 
 
 def write_without(path: str | Path, out: str | Path, names: Sequence[str]) -> Path:
-    """A copy of the file ``path`` at ``out`` without the graph additions ``names`` (keys of
-    :data:`cxr_export.additions.ADDITIONS`, e.g. ``["domain"]``), its spec adjusted to match
-    (:meth:`~cxr_infer.spec.ModelSpec.without_additions`).
+    """A copy of ``path`` at ``out`` without the graph additions ``names``, its spec to match.
 
     Examples:
         >>> write_without("m.onnx", "m_plain.onnx", ["domain", "heatmap"])   # doctest: +SKIP
@@ -94,8 +89,7 @@ def write_without(path: str | Path, out: str | Path, names: Sequence[str]) -> Pa
 
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """A path beside ``out`` to write to, moved over ``out`` when the block succeeds and removed
-    otherwise: a failed check leaves ``out`` as it was."""
+    """A path beside ``out`` to write to, moved over ``out`` if the block succeeds, else removed."""
     path = out.with_name(out.name + ".tmp")
     try:
         yield path
@@ -106,9 +100,7 @@ def staged(out: Path) -> Iterator[Path]:
 
 def probability_change(before: np.ndarray, after: np.ndarray, spec: ModelSpec, out: Path, what: str,
                        fp16_tolerance: float) -> float:
-    """The largest change of a probability when ``what`` was added to ``out``. ``RuntimeError`` (a bug)
-    unless it is 0; an FP16 file on a CPU may move by up to ``fp16_tolerance`` (onnxruntime's casts
-    around a tensor with one more reader)."""
+    """The largest change of a probability; ``RuntimeError`` unless 0 (FP16 on a CPU: ``fp16_tolerance``)."""
     change = float(np.max(np.abs(np.asarray(after, np.float64) - before))) if len(after) else 0.0
     if (change != 0.0 and spec.precision != "fp16") or change > fp16_tolerance:
         raise RuntimeError(f"{out}: adding the {what} changed the probabilities by {change:.3g} (a bug)")

@@ -49,24 +49,16 @@ def spec_from_checkpoint(meta: Dict, precision: str = "fp32", features: bool = T
                          intended_use: Optional[Dict] = None) -> ModelSpec:
     """The model spec of a trained checkpoint's metadata (``checkpoint.json``), with the
     ``intended_use`` block when one is given (see :mod:`cxr_export.intended`)."""
-    history = meta.get("history", [])
-    provenance = {
-        "training_data_hash": meta.get("data_hash"),
-        "split_hash": meta.get("split_hash"),
-        "split_counts": meta.get("split_counts"),
-        "split": meta.get("split"),  # how to rebuild it from the training folder (cxr-bench domain --validation)
-        "recipe": meta.get("recipe"),
-        "weights_origin": meta.get("weights_origin"),
-        "best_epoch": meta.get("best_epoch"),
-        "epochs_run": len(history),
-        "selection": meta.get("selection"),
+    # "split" says how to rebuild the split from the training folder (cxr-bench domain --validation)
+    same = ("split_hash", "split_counts", "split", "recipe", "weights_origin", "best_epoch", "selection", "torch")
+    provenance = {key: meta.get(key) for key in same}
+    provenance.update({
+        "training_data_hash": meta.get("data_hash"), "epochs_run": len(meta.get("history", [])),
         "metrics": {"validation": meta.get("val_metrics"), "validation_at_0.5": meta.get("val_metrics_at_0.5")},
-        "trained_on": meta.get("device"),
-        "trained": meta.get("created"),
-        "torch": meta.get("torch"),
+        "trained_on": meta.get("device"), "trained": meta.get("created"),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tool_version": f"cxr {cxr_version}",
-    }
+    })
     return ModelSpec.new(
         backbone=meta["backbone"], precision=precision, threshold=float(meta.get("threshold", 0.5)),
         image_size=int(meta.get("image_size", 224)), labels=meta.get("labels"),
@@ -94,11 +86,8 @@ def torch_probs(model, pixels: np.ndarray, spec: ModelSpec, batch_size: int = 16
 
 def export_fp32(model, meta: Dict, out: str | Path, parity_pixels: Optional[np.ndarray] = None, opset: int = 18,
                 features: bool = True, intended_use: Optional[Dict] = None) -> Tuple[Path, ModelSpec]:
-    """Export ``model`` (a CXRNet in eval mode) to ``out`` with its spec; returns (path, spec).
-
-    When ``parity_pixels`` are given, PyTorch and ONNX Runtime probabilities are compared
-    and the max absolute difference is stored in the spec (``export.parity``).
-    """
+    """Export ``model`` to ``out`` with its spec (parity with PyTorch on ``parity_pixels``); returns both."""
+    import onnx
     import torch
 
     out = Path(out)
@@ -118,7 +107,9 @@ def export_fp32(model, meta: Dict, out: str | Path, parity_pixels: Optional[np.n
             torch.onnx.export(wrapped, (x,), str(out), **settings)
     spec = spec_from_checkpoint(meta, "fp32", features=True, intended_use=intended_use)
     if not features:
-        _drop_output(out, "features")
+        m = onnx.load(str(out))
+        keep_only(m.graph.output, lambda o: o.name != "features")
+        onnx.save(m, str(out))
         spec = spec.updated(outputs={"features": None})
     record = {"opset": opset, "batchnorm_folded": folded, "torch": torch.__version__}
     if parity_pixels is not None and len(parity_pixels):
@@ -130,10 +121,3 @@ def export_fp32(model, meta: Dict, out: str | Path, parity_pixels: Optional[np.n
     write_spec(out, spec)
     return out, spec
 
-
-def _drop_output(path: Path, name: str) -> None:
-    import onnx
-
-    m = onnx.load(str(path))
-    keep_only(m.graph.output, lambda o: o.name != name)
-    onnx.save(m, str(path))

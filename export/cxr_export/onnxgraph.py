@@ -113,8 +113,7 @@ class NodeWriter:
         return self.prefix + name
 
     def along(self, op: str, x: str, axes: str, name: str, values: Sequence[int] = (), **attrs: Any) -> str:
-        """``op`` (a reduction, Unsqueeze) over the axes of the int64 initializer ``axes`` (made from
-        ``values`` when missing): an input where the opset takes one, else an attribute."""
+        """``op`` over the axes in initializer ``axes`` (made from ``values``), as an input or an attribute."""
         key = self.prefix + axes
         values = self.inits[key].tolist() if key in self.inits else list(values)
         if self.opset < (13 if op in ("ReduceSum", "Unsqueeze") else 18):

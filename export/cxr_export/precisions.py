@@ -93,14 +93,11 @@ PRECISIONS: Dict[str, Precision] = {
 
 
 def write_precision(name: str, job: ExportJob) -> Outcome:
-    """Convert ``job.fp32`` to precision ``name`` beside it, verify it, and write its spec.
-
-    The spec is the FP32 one with ``precision`` set and the precision's block under
-    ``export.NAME`` (FP32's PyTorch parity figure dropped: it describes another graph).
-    """
+    """Convert ``job.fp32`` to precision ``name`` beside it, verify it, and write its spec."""
     precision = PRECISIONS[name]
     out = job.fp32.with_name(job.fp32.stem + precision.suffix + job.fp32.suffix)
     block, line, refusal = precision.make(job, out)
+    # FP32's block, less its parity with PyTorch (that describes another graph), plus this precision's
     record = {k: v for k, v in job.spec.to_dict().get("export", {}).items() if k != "parity"}
     write_spec(out, job.spec.updated({"precision": name, "export": {**record, name: block}}))
     return Outcome(out, block, line, refusal)

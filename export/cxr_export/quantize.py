@@ -53,11 +53,8 @@ class Int8Config:
 
     def spec_block(self) -> Dict[str, Any]:
         """The settings as the spec records them."""
-        block = asdict(self)
-        block.pop("batch_size")
-        block["nodes_excluded"] = list(self.nodes_excluded)
-        block["weights"] = self.weights
-        return block
+        block = {key: value for key, value in asdict(self).items() if key != "batch_size"}
+        return dict(block, nodes_excluded=list(self.nodes_excluded), weights=self.weights)
 
 
 def _reader(pixels: np.ndarray, spec: ModelSpec, batch_size: int):
@@ -90,15 +87,16 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.
         raise ValueError("no calibration images")
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory() as tmp:
-        # the graphs added after export are per file: they are added again to the INT8 file, fitted on
-        # its own outputs, so the quantizer sees the classifier alone
+        # the quantizer sees the classifier alone: the graph additions are fitted anew on the INT8 file
         core = Path(tmp) / "core.onnx"
         model = onnx.load(str(fp32_path), load_external_data=True)
         strip_additions(model)
         onnx.save(model, str(core))
         prep = Path(tmp) / "prep.onnx"
         quant_pre_process(str(core), str(prep), skip_symbolic_shape=True)
-        exclude_nodes = list(config.nodes_excluded) + output_softmax_nodes(prep)
+        # the Softmax stays FP32: quantized, every probability would be a multiple of 1/255
+        prepared = onnx.load(str(prep), load_external_data=False).graph.node
+        exclude_nodes = list(config.nodes_excluded) + [n.name for n in prepared if n.op_type == "Softmax" and n.name]
         calibration = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}[config.calibration_method]
         quantize_static(
@@ -111,21 +109,13 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_pixels: np.
     return out_path
 
 
-def output_softmax_nodes(path: str | Path) -> list:
-    """Names of the Softmax nodes, kept in FP32 (quantized, every probability would be a multiple of 1/255)."""
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    return [n.name for n in m.graph.node if n.op_type == "Softmax" and n.name]
-
-
 def count_qdq(path: str | Path) -> Dict[str, int]:
     """How many QuantizeLinear / DequantizeLinear nodes a model has."""
     import onnx
 
     m = onnx.load(str(path))
     ops = [n.op_type for n in m.graph.node]
-    return {"QuantizeLinear": ops.count("QuantizeLinear"), "DequantizeLinear": ops.count("DequantizeLinear")}
+    return {op: ops.count(op) for op in ("QuantizeLinear", "DequantizeLinear")}
 
 
 @dataclass
@@ -144,9 +134,7 @@ class GateResult:
         return 100.0 * (self.accuracy_fp32 - self.accuracy_int8)
 
     def as_dict(self) -> Dict:
-        d = dict(self.__dict__)
-        d["accuracy_drop_points"] = self.accuracy_drop_points
-        return d
+        return dict(self.__dict__, accuracy_drop_points=self.accuracy_drop_points)
 
     def line(self) -> str:
         return (f"INT8 vs FP32 on {self.images} validation images: agreement {self.agreement:.4f}, accuracy "

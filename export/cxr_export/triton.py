@@ -9,19 +9,15 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import List, Sequence
+from typing import Sequence
 
 _TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8"}
 
 
-def _dims(value_info) -> List[int]:
-    return [d.dim_value if d.HasField("dim_value") else -1 for d in value_info.type.tensor_type.shape.dim]
-
-
 def _io_block(kind: str, items) -> str:
     parts = []
-    for v in items:
-        dims = _dims(v)[1:]  # batch dimension is Triton's (max_batch_size > 0)
+    for v in items:  # the batch dimension is Triton's (max_batch_size > 0)
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim][1:]
         dtype = _TYPES.get(v.type.tensor_type.elem_type, "TYPE_FP32")
         shape = ", ".join(str(d) for d in dims)
         parts.append(f'  {{\n    name: "{v.name}"\n    data_type: {dtype}\n    dims: [ {shape} ]\n  }}')

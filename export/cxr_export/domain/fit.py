@@ -53,8 +53,7 @@ def run_outputs(model: str | Path | bytes, spec: ModelSpec, pixels: np.ndarray, 
 
 def stage_features(model_path: str | Path, spec: ModelSpec, pixels: np.ndarray, tensors: List[str],
                    batch_size: int = 32, threads: int = 0, row_step: int | Sequence[int] = 1) -> List[np.ndarray]:
-    """Each stage branch's input ``[N, 2 C]`` for ``pixels`` (``row_step``: one for all tensors or one
-    each), computed by the nodes the domain graph appends, run as extra outputs of a copy of the file."""
+    """Each stage branch's input ``[N, 2 C]`` for ``pixels``, by the nodes the domain graph appends."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -99,15 +98,13 @@ def calibrate(val_scores: np.ndarray, flag_rate: float = DEFAULT_FLAG_RATE) -> f
 
 
 def operating_points(val_scores: np.ndarray, rates: Sequence[float] = OPERATING_RATES) -> List[Dict[str, float]]:
-    """The spec's ``domain.operating_points``: the threshold (:func:`calibrate`) of each flag rate, sorted,
-    for a stricter or looser check than the file's own (``cxr-infer --domain-flag-rate``)."""
+    """The spec's ``domain.operating_points``: the threshold of each flag rate (``cxr-infer --domain-flag-rate``)."""
     return [{"flag_rate": float(r), "threshold": calibrate(val_scores, float(r))} for r in sorted(set(rates))]
 
 
 def branch_inputs(spec: ModelSpec, pixels: np.ndarray, feats: np.ndarray,
                   stages: Optional[List[np.ndarray]] = None) -> Dict[str, np.ndarray]:
-    """Each branch source's numbers for ``pixels``: the features, the standardised thumbnails and
-    the stage statistics (``stages``, from :func:`stage_features`) as ``stage1``, ``stage2``, ..."""
+    """Each branch's input for ``pixels``: ``features``, ``thumb16``, ..., and ``stages`` as ``stage1``, ..."""
     out = {"features": feats}
     out.update({f"thumb{g}": thumbnails(spec, pixels, g) for g in THUMB_GRIDS})
     out.update({f"stage{i + 1}": s for i, s in enumerate(stages or [])})
@@ -118,13 +115,8 @@ def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], 
                  val: Dict[str, np.ndarray], rank: int = DEFAULT_RANK, taps: Optional[List[str]] = None,
                  features_branch: bool = False, stage_rank: int = DEFAULT_STAGE_RANK,
                  stage_row_step: int | Sequence[int] = 1) -> Tuple[List[Branch], List[str], np.ndarray]:
-    """The branches fitted on ``train`` and standardised on ``val``, the input key each reads, and
-    their standardised validation terms ``[branches, N]``.
-
-    ``taps``: the tensors of the stage branches (``train`` and ``val`` hold their statistics as
-    ``stage1``, ``stage2``, ...), fitted at ``stage_rank`` and read on every ``stage_row_step``-th
-    row (one for all or one per tap); ``features_branch``: a branch on the pooled features too.
-    """
+    """The branches fitted on ``train`` and standardised on ``val``, the input each reads (a key of
+    :func:`branch_inputs`) and their validation terms ``[branches, N]``."""
     grids = {f"thumb{grid}": grid for grid in THUMB_GRIDS}
     stats = {key: fit_stats(train[key], labels, rank) for key in grids}
     branches = [Branch(key, "distance", "thumbnail", stats[key], grid) for key, grid in grids.items()]
@@ -149,9 +141,7 @@ def fit_branches(spec: ModelSpec, feat_name: str, train: Dict[str, np.ndarray], 
 def _check_staged(model_path: Path, staged: Path, out: Path, spec: ModelSpec, branches: List[Branch],
                   keys: List[str], train: Dict[str, np.ndarray], train_pixels: np.ndarray, probs_before: np.ndarray,
                   val_pixels: np.ndarray, threads: int) -> Tuple[np.ndarray, float, float]:
-    """Check the file written with the check: finite scores, probabilities unchanged, graph equal to
-    the numpy reference. Returns the validation scores, the largest change of a probability and the
-    largest graph-vs-numpy difference."""
+    """Finite scores, probabilities unchanged, graph equal to numpy: (val scores, change, graph-vs-numpy)."""
     (val_scores,) = run_outputs(staged, spec, val_pixels, [DOMAIN_OUTPUT], threads=threads)
     bad = int(np.sum(~np.isfinite(val_scores)))
     if bad:
@@ -172,8 +162,7 @@ def _check_staged(model_path: Path, staged: Path, out: Path, spec: ModelSpec, br
 
 def _domain_block(spec: ModelSpec, branches: List[Branch], val_terms: np.ndarray, val_scores: np.ndarray,
                   flag_rate: float, taps: List[str], stage_tall_rows: int, stage_row_step: List[int],
-                  fit: Dict[str, Any], calibration_images: int, graph_vs_numpy: float, change: float,
-                  seconds: float) -> Dict[str, Any]:
+                  fit: Dict[str, Any], graph_vs_numpy: float, change: float, seconds: float) -> Dict[str, Any]:
     """The spec's ``domain`` block for a fitted, calibrated and checked check."""
     threshold = calibrate(val_scores, flag_rate)
     deciding = {br.name: float(np.mean((np.argmax(val_terms, 0) == j) & (val_scores > threshold)))
@@ -186,7 +175,7 @@ def _domain_block(spec: ModelSpec, branches: List[Branch], val_terms: np.ndarray
         "flagged_validation_by_branch": deciding, "features_output": spec.features_output,
         "branches": [br.describe(spec.input_name) for br in branches],
         "rank": int(branches[0].stats.vectors.shape[1]), "shrinkage": branches[0].stats.shrinkage, "fit": fit,
-        "calibration": {"images": int(calibration_images), "part": "val part of the split",
+        "calibration": {"images": int(len(val_scores)), "part": "val part of the split",
                         "val_score_median": float(np.median(val_scores))},
         "graph_vs_numpy_max_diff": graph_vs_numpy,
         "probabilities_unchanged": True if change == 0.0 else f"within {change:.2g} (FP16 on CPU)",
@@ -200,14 +189,11 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
                      taps: Optional[List[str]] = None, features_branch: Optional[bool] = None,
                      stage_rank: int = DEFAULT_STAGE_RANK,
                      stage_tall_rows: int = DEFAULT_STAGE_TALL_ROWS) -> Dict[str, Any]:
-    """Fit on ``train_pixels`` through this file's own outputs, standardise and calibrate on ``val_pixels``,
-    write ``out_path`` (default: in place) and return the spec's new ``domain`` block.
+    """Fit the check on ``train_pixels``, calibrate it on ``val_pixels``, write it into ``out_path``
+    (default: in place) once every check passed, and return the spec's ``domain`` block.
 
-    ``taps``: the tensors that get a stage branch (default :func:`default_taps`; ``[]`` for none);
-    ``features_branch``: a branch on the pooled features too (default: only without stage branches);
-    ``stage_rank``: the rank of a stage branch; ``stage_tall_rows``: a stage tensor taller than this is
-    read on every second row (0: every row). The probabilities are checked to stay bit for bit the same
-    (an FP16 file on a CPU: within :data:`FP16_TOLERANCE`); the file is replaced only once every check passed.
+    ``taps`` (default :func:`default_taps`), ``features_branch`` (default: only without taps),
+    ``stage_rank`` and ``stage_tall_rows`` are the options of ``python -m cxr_export.domain``.
     """
     model_path = Path(model_path)
     out = Path(out_path or model_path)
@@ -236,7 +222,7 @@ def add_domain_stats(model_path: str | Path, train_pixels: np.ndarray, train_lab
                                                            train_pixels, probs_before, val_pixels, threads)
         fit = {"images": int(len(train_pixels)), "part": "train part of the split, class-balanced", "source": source}
         block = _domain_block(spec, branches, val_terms, val_scores, flag_rate, taps, stage_tall_rows, steps, fit,
-                              len(val_pixels), graph_vs_numpy, change, time.perf_counter() - t0)
+                              graph_vs_numpy, change, time.perf_counter() - t0)
         write_spec(path, spec.updated({"domain": block},
                                       outputs={"domain_score": DOMAIN_OUTPUT, "domain_terms": TERMS_OUTPUT}))
     return block

@@ -4,10 +4,6 @@ Every branch's statistics (:mod:`cxr_export.domain.stats`) become FP32 initializ
 of nodes named under :data:`PREFIX`, so the runtime reads only outputs and a threshold, and the
 classifier's nodes and probabilities are untouched. The graph and its cost:
 ``docs/design/domain-check.md``.
-
-Examples:
-    >>> add_domain_graph("m.onnx", branches, "m_domain.onnx")   # doctest: +SKIP
-    PosixPath('m_domain.onnx')
 """
 from __future__ import annotations
 
@@ -115,8 +111,7 @@ class _Builder(NodeWriter):
 
 
 def _read_branches(b: _Builder, branches: List[Branch], model_path: str | Path) -> List[Tuple[str, List[int]]]:
-    """Make every branch's input; per branch, its kind and the pairs it reads (distance: one,
-    orientation: the upright and the rotated thumbnail)."""
+    """Make every branch's input; per branch, its kind and the (input, statistics) pairs it reads."""
     outputs = [o.name for o in b.model.graph.output]
     for grid in sorted({br.grid for br in branches if br.source == "thumbnail"}, reverse=True):
         b.pool(grid)  # finest first, so coarser ones can average it
@@ -144,9 +139,8 @@ def _read_branches(b: _Builder, branches: List[Branch], model_path: str | Path) 
 
 
 def _pair_weights(b: _Builder, k_max: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each pair's Gemm weights ``[V, a_c]`` and bias ``[0, k_c]`` (as initializers), its centre, and
-    the three matrices that sum every pair's and class's squared distance: ``iso`` (``|u|^2 / s2``),
-    ``quad`` (``sum p_i^2 w_i``) and ``pick`` (``u . a_c + k_c``)."""
+    """Each pair's Gemm weights and centre (initializers), and the matrices ``iso``, ``quad``, ``pick``
+    that sum the terms of every pair's and class's squared distance (see the design page)."""
     dims = [st.means.shape[1] for _, st in b.pairs]
     ranks = [st.vectors.shape[1] for _, st in b.pairs]
     n_cols = len(b.pairs) * k_max
@@ -197,9 +191,7 @@ def _centred(b: _Builder) -> Tuple[str, List[str]]:
 
 
 def _projections(b: _Builder, parts: List[str]) -> str:
-    """``y = [p, u . a_c + k_c]`` of every pair, one Gemm each. A pair that shares its statistics with
-    an earlier one (the orientation branch's rotated thumbnail) shares its Gemm too: both rows in one
-    call, the weights read once."""
+    """``y = [p, u . a_c + k_c]`` of every pair, one Gemm each (shared by two pairs with the same statistics)."""
     twin: Dict[int, int] = {}
     for j, (x, st) in enumerate(b.pairs):
         first = next(i for i, (_, other) in enumerate(b.pairs) if other is st)
@@ -227,8 +219,7 @@ def _projections(b: _Builder, parts: List[str]) -> str:
 
 def _nearest_d2(b: _Builder, u_all: str, y: str, k_max: int, iso: np.ndarray, quad: np.ndarray,
                 pick: np.ndarray) -> str:
-    """Every pair's squared distance to its nearest class mean, ``[N, pairs]``: three MatMuls give
-    every pair's and class's ``d2``, one ReduceMin the nearest class."""
+    """Every pair's squared distance to its nearest class mean, ``[N, pairs]``."""
     node = b.node
     iso, quad, pick = b.const("iso", iso), b.const("quad", quad), b.const("pick", pick)
     d2_all = node("Add", [node("Add", [
@@ -241,8 +232,7 @@ def _nearest_d2(b: _Builder, u_all: str, y: str, k_max: int, iso: np.ndarray, qu
 
 
 def _score(b: _Builder, branches: List[Branch], uses: List[Tuple[str, List[int]]], d2: str) -> None:
-    """The standardised terms (``domain_terms``: ``sqrt`` for a distance branch, the log-ratio for
-    orientation, by two MatMuls) and their largest (``domain_score``)."""
+    """The standardised terms (``domain_terms``) and their largest (``domain_score``)."""
     node = b.node
     root = node("Sqrt", [d2], "distance")
     log = node("Log", [node("Add", [d2, PREFIX + "log_eps"], "d2_eps")], "log_d2")
@@ -265,11 +255,9 @@ def _score(b: _Builder, branches: List[Branch], uses: List[Tuple[str, List[int]]
 
 def add_domain_graph(model_path: str | Path, branches: List[Branch], out_path: Optional[str | Path] = None,
                      kernels: Optional[Dict[int, Tuple[int, int]]] = None) -> Path:
-    """Append the FP32 nodes computing ``domain_score`` [N] = max over ``branches``; write the file.
+    """Append (or replace) the nodes computing ``domain_score`` and ``domain_terms``; write the file.
 
-    ``kernels`` maps a thumbnail grid to its AveragePool kernel (default: 224 / grid). Any earlier
-    domain graph is replaced; nothing else changes. The algebra (each pair's distance expanded
-    around the mean of its class means): ``docs/design/domain-check.md``, "One chain for every branch".
+    ``kernels``: each thumbnail grid's AveragePool kernel (default 224 / grid).
     """
     import onnx
     from onnx import TensorProto, helper

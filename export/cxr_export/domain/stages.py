@@ -56,8 +56,7 @@ def per_tap(row_step: int | Sequence[int], count: int) -> List[int]:
 
 
 def stage_row_steps(model_path: str | Path, tensors: Sequence[str], tall_rows: int) -> List[int]:
-    """Every how many rows each stage tensor is read: 2 for one taller than ``tall_rows`` rows, else 1
-    (also where its height is unknown, and for all when ``tall_rows`` is 0)."""
+    """Every how many rows each stage tensor is read: 2 if taller than ``tall_rows`` (not 0), else 1."""
     if tall_rows <= 0 or not tensors:
         return [1] * len(tensors)
     import onnx
@@ -67,8 +66,7 @@ def stage_row_steps(model_path: str | Path, tensors: Sequence[str], tall_rows: i
 
 
 def resolve_tap(model: Any, tensor: str) -> str:
-    """The tensor a stage branch reads for ``tensor``: in a QDQ graph the output of the DequantizeLinear
-    after its QuantizeLinear (what the next layer reads), otherwise ``tensor`` itself."""
+    """What a stage branch reads for ``tensor``: in a QDQ graph its DequantizeLinear's output, else ``tensor``."""
     g = model.graph
     if tensor not in producers(g) and tensor not in {i.name for i in g.input}:
         raise ValueError(f"the graph has no tensor {tensor!r} for a stage branch")
@@ -81,8 +79,7 @@ def resolve_tap(model: Any, tensor: str) -> str:
 
 
 def per_tensor_affine(model: Any, dq: Any) -> Optional[Tuple[float, float]]:
-    """``(scale, zero point)`` of a DequantizeLinear ``dq`` with one scale and zero point held in
-    initializers (an INT8 file's activation); None otherwise."""
+    """``(scale, zero point)`` of ``dq`` where both are one constant (an INT8 file's activation), else None."""
     if dq is None:
         return None
     from onnx import numpy_helper
@@ -99,13 +96,8 @@ def per_tensor_affine(model: Any, dq: Any) -> Optional[Tuple[float, float]]:
 
 
 def stage_feature_nodes(model: Any, tensor: str, key: str, row_step: int = 1) -> Tuple[List[Any], str]:
-    """FP32 nodes computing ``[N, 2 C]``, the channel means and standard deviations of ``tensor``
-    (read on every ``row_step``-th row); returns the nodes and the name of their output.
-
-    In an INT8 file the statistics of the quantized integers are mapped by two nodes of their own
-    to the dequantized tensor's (:func:`stage_nodes` leaves that map to its caller). Initializers
-    the nodes need are appended to ``model``, all named ``key...``.
-    """
+    """Nodes computing the channel means and standard deviations (``[N, 2 C]``, FP32) of ``tensor`` on
+    every ``row_step``-th row, and their output; their initializers are added to ``model``."""
     nodes, feat, affine = stage_nodes(model, tensor, key, row_step)
     if affine is not None:  # integer units -> the dequantized tensor's: s ([mean_q, sd_q] - [z, 0])
         w = NodeWriter(model, key, scale=np.array(affine[0], np.float32), offset=affine[1].astype(np.float32))
@@ -117,12 +109,8 @@ def stage_feature_nodes(model: Any, tensor: str, key: str, row_step: int = 1) ->
 
 def stage_nodes(model: Any, tensor: str, key: str, row_step: int = 1
                 ) -> Tuple[List[Any], str, Optional[Tuple[float, np.ndarray]]]:
-    """:func:`stage_feature_nodes` but for its last step: ``(nodes, feat, affine)``.
-
-    ``affine`` is None when ``feat`` is in the tensor's units; otherwise ``feat`` holds the statistics
-    of the quantized integers and ``affine = (s, offset)`` maps them to the dequantized tensor's,
-    ``s (feat - offset)`` (``offset``: the zero point for each mean, 0 for each standard deviation).
-    """
+    """:func:`stage_feature_nodes`, but ``feat`` in integer units where ``affine = (s, offset)`` is not
+    None: the dequantized tensor's statistics are ``s (feat - offset)``."""
     from onnx import TensorProto
 
     x = resolve_tap(model, tensor)

@@ -25,8 +25,7 @@ THUMB_GRIDS = (THUMB, THUMB_COARSE, THUMB_COARSEST)
 STD_EPS = 1e-6      # added to a thumbnail's variance before dividing (a flat image stays finite)
 LOG_EPS = 1e-6      # added to squared distances before the orientation branch's logarithm
 
-#: How a reason names a branch (``words`` in the spec's branch description), by branch name; thumbnail
-#: and stage branches not named here are worded by :func:`branch_words` from their grid or stage number.
+#: How a reason names a branch (``words`` in the spec), by name; others by :func:`branch_words`.
 BRANCH_WORDS: Dict[str, str] = {
     "features": "the model's features",
     "orientation": "orientation (upright versus upside down)",
@@ -43,7 +42,6 @@ class DomainStats:
     eigenvalues: np.ndarray
     tail_variance: float
     shrinkage: float
-    n_images: int
 
     def d2(self, feats: np.ndarray) -> np.ndarray:
         """Squared distance to the nearest class mean (float64): what the graph computes."""
@@ -59,14 +57,8 @@ class DomainStats:
 
 @dataclass
 class Branch:
-    """One term of the score: ``(value - centre) / scale``.
-
-    ``kind`` "distance": ``value = sqrt(d2(x))``; "orientation": ``value = log(d2(x) + eps) -
-    log(d2(rot180(x)) + eps)``. ``source`` is a graph output name (the features),
-    ``"thumbnail"`` with ``grid`` its side, or ``"stage"`` with ``tensor`` the 4-D graph tensor
-    whose channel means and standard deviations (``[N, 2 C]``) are the branch's input, read on every
-    ``row_step``-th row (:func:`cxr_export.domain.stages.stage_feature_nodes`).
-    """
+    """One term of the score, ``(value - centre) / scale``: ``kind`` "distance" or "orientation" on
+    ``source``, a graph output, ``"thumbnail"`` (of side ``grid``) or ``"stage"`` (of ``tensor``)."""
 
     name: str
     kind: str
@@ -105,7 +97,7 @@ def branch_words(branch: Branch) -> str:
     """How a reason names ``branch`` (the same words the runtime uses for files written without them).
 
     Examples:
-        >>> stats = DomainStats(np.zeros((1, 2)), np.zeros((2, 1)), np.ones(1), 1.0, 0.0, 2)
+        >>> stats = DomainStats(np.zeros((1, 2)), np.zeros((2, 1)), np.ones(1), 1.0, 0.0)
         >>> branch_words(Branch("stage2", "distance", "stage", stats, tensor="t"))
         "image statistics at the network's stage 2"
     """
@@ -120,8 +112,7 @@ def branch_words(branch: Branch) -> str:
 
 def rotate180(x: np.ndarray, grid: int) -> np.ndarray:
     """Flattened [N, 3 * g * g] thumbnails turned upside down (180 degrees)."""
-    n = len(x)
-    return x.reshape(n, -1, grid, grid)[:, :, ::-1, ::-1].reshape(n, -1)
+    return x.reshape(len(x), -1, grid, grid)[:, :, ::-1, ::-1].reshape(len(x), -1)
 
 
 def pool_kernel(spec: ModelSpec, grid: int) -> Tuple[int, int]:
@@ -151,11 +142,7 @@ def thumbnails(spec: ModelSpec, pixels: np.ndarray, grid: int = THUMB) -> np.nda
 
 
 def ledoit_wolf(x: np.ndarray) -> Tuple[np.ndarray, float, float]:
-    """Sample covariance of centred rows ``x``, the Ledoit-Wolf shrinkage and the target's scale.
-
-    The shrunk covariance is ``(1 - a) S + a m I`` with ``m = trace(S) / C`` (the same
-    estimate as ``sklearn.covariance.ledoit_wolf`` with ``assume_centered=True``).
-    """
+    """``(S, a, m)``: the shrunk covariance of centred rows ``x`` is ``(1 - a) S + a m I`` (Ledoit-Wolf)."""
     n, c = x.shape
     s = x.T @ x / n
     m = float(np.trace(s)) / c
@@ -168,9 +155,8 @@ def ledoit_wolf(x: np.ndarray) -> Tuple[np.ndarray, float, float]:
 
 
 def fit_stats(feats: np.ndarray, labels: np.ndarray, rank: int = DEFAULT_RANK) -> DomainStats:
-    """Class means and the shrunk shared covariance of ``feats``, kept as its top ``rank``
-    eigenpairs and the mean of the other eigenvalues (the probabilistic-PCA form; exact when
-    ``rank`` is at least the dimension)."""
+    """Class means and the shrunk shared covariance of ``feats``: its top ``rank`` eigenpairs, and the
+    mean of the other eigenvalues."""
     f = np.asarray(feats, np.float64)
     labels = np.asarray(labels)
     classes = sorted(set(labels.tolist()))
@@ -182,10 +168,8 @@ def fit_stats(feats: np.ndarray, labels: np.ndarray, rank: int = DEFAULT_RANK) -
     lam, vec = np.linalg.eigh(s)
     lam, vec = lam[::-1], vec[:, ::-1]
     shrunk = (1.0 - a) * np.maximum(lam, 0.0) + a * m
-    floor = max(1e-12, 1e-9 * float(shrunk[0]))
-    shrunk = np.maximum(shrunk, floor)
+    shrunk = np.maximum(shrunk, max(1e-12, 1e-9 * float(shrunk[0])))  # a floor, so that the inverse stays finite
     r = int(min(rank, f.shape[1]))
     tail = float(shrunk[r:].mean()) if r < f.shape[1] else float(shrunk[-1])
     return DomainStats(means=means.astype(np.float32), vectors=np.ascontiguousarray(vec[:, :r], np.float32),
-                       eigenvalues=shrunk[:r].astype(np.float64), tail_variance=tail, shrinkage=float(a),
-                       n_images=int(len(f)))
+                       eigenvalues=shrunk[:r].astype(np.float64), tail_variance=tail, shrinkage=float(a))

@@ -1,18 +1,10 @@
-"""The backbone registry: one entry per backbone, read by everything that needs to know one.
-
-:func:`cxr_train.models.build_model`, the ImageNet weights lookup, ``cxr-train --backbone``'s
-choices, :func:`cxr_train.checkpoint.load_checkpoint` and the exporter's image check (which
-activations it reads) all read :data:`BACKBONES`; adding a backbone is one :class:`Backbone`
-entry here (and its tests).
-
-Importing this module does not import torch (``cxr-train --help`` lists the names from it); an
-entry's ``build`` imports torch and torchvision when it is called.
+"""The backbone registry: one :class:`Backbone` entry per backbone, read by model building, reload,
+``cxr-train --backbone`` and the exporter's image check. Importing it does not import torch; an
+entry's ``build`` does. See ``docs/training.md``.
 
 Examples:
     >>> BACKBONES["resnet50"].feature_dim
     2048
-    >>> [name for name, spec in BACKBONES.items() if spec.imagenet]
-    ['vgg16', 'resnet50', 'inception_v3', 'resnet18']
 """
 from __future__ import annotations
 
@@ -30,18 +22,15 @@ class Backbone:
 
     Attributes:
         name: the key in :data:`BACKBONES`; with ``imagenet``, also torchvision's model name.
-        build: ``build(pretrained, init)`` -> the base module. ``pretrained``: starting weights
-            will be loaded into it; ``init``: run the module's own weight init (skipped when
-            weights are loaded next).
+        build: ``build(pretrained, init)`` -> the base module; ``init``: run its own weight init.
         feature_dim: width of the pooled features, the head's input.
-        input_size: the input size its ImageNet weights were trained at (training uses ``--image-size``).
+        input_size: the input size its ImageNet weights were trained at.
         imagenet: torchvision publishes ImageNet weights under ``name``.
-        transform_input: the base has inception's ``transform_input`` flag: on when it starts
-            from pretrained weights, recorded in ``checkpoint.json`` and set back on reload.
-        domain_taps: the activations (tensor names in the exported ONNX graph) whose channel means
-            and standard deviations the image check reads, one test each
-            (:mod:`cxr_export.domain.stages`); empty: the check reads the pooled features instead.
-            Why these: ``docs/design/domain-check.md``.
+        transform_input: inception's ``transform_input`` flag: on when starting from pretrained
+            weights, recorded in ``checkpoint.json`` and set back on reload.
+        domain_taps: the ONNX tensor names whose channel statistics the image check reads
+            (:mod:`cxr_export.domain.stages`; why: ``docs/design/domain-check.md``); empty: the
+            pooled features.
     """
 
     name: str
@@ -74,8 +63,7 @@ def _inception_v3(pretrained: bool, init: bool) -> "nn.Module":
     import torchvision.models as tvm
     from torch import nn
 
-    # transform_input re-scales ImageNet-normalised input the way Google's weights expect;
-    # its own init (about 6 s) is skipped when weights are loaded next.
+    # transform_input re-scales the input as Google's weights expect; init is skipped before loading
     model = tvm.inception_v3(weights=None, aux_logits=False, init_weights=init and not pretrained,
                              transform_input=pretrained)
     model.fc = nn.Identity()
@@ -105,17 +93,9 @@ BACKBONES: Dict[str, Backbone] = {spec.name: spec for spec in (
     Backbone("tiny", _tiny, feature_dim=32, imagenet=False),  # four conv layers: tests and smoke runs
 )}
 
-#: The registered names in registry order (what ``cxr-train --backbone`` accepts).
-BACKBONE_NAMES: Tuple[str, ...] = tuple(BACKBONES)
-
 
 def get_backbone(name: str) -> Backbone:
-    """The registry entry of ``name``; ``ValueError`` naming the choices when there is none.
-
-    Examples:
-        >>> get_backbone("inception_v3").transform_input
-        True
-    """
+    """The registry entry of ``name``; ``ValueError`` naming the choices when there is none."""
     try:
         return BACKBONES[name]
     except KeyError:

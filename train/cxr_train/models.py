@@ -1,13 +1,8 @@
 """Backbones with the reference head, and every way of getting their starting weights.
 
-``build_model("resnet50", weights="none")`` gives a :class:`CXRNet`: a torchvision base
-that returns pooled features (global average pooling) and the reference head
-``Linear(C, 1024) -> ReLU -> Dropout -> Linear(1024, 2)``. Which backbones exist, their feature
-widths and loading quirks are entries of the registry :data:`cxr_train.backbones.BACKBONES`.
-
-Weights: ``"imagenet"`` (torchvision's weights enum: the torch hub cache first, then a
-download), a path to a local state dict (loaded with ``weights_only=True``), ``"auto"``
-(ImageNet when cached, else random) or ``"none"`` (random init).
+``build_model`` gives a :class:`CXRNet` (a base giving pooled features, then ``Linear(C, 1024) ->
+ReLU -> Dropout -> Linear(1024, 2)``) from ImageNet, a local state dict or random init; the
+backbones are entries of :data:`cxr_train.backbones.BACKBONES`. See ``docs/training.md``.
 """
 from __future__ import annotations
 
@@ -26,7 +21,7 @@ class WeightsUnavailable(RuntimeError):
 
 
 class VGGBase(nn.Module):
-    """VGG16's convolutional features followed by global average pooling."""
+    """Convolutional ``features`` (VGG16's) followed by global average pooling."""
 
     def __init__(self, features: nn.Module):
         super().__init__()
@@ -36,20 +31,16 @@ class VGGBase(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
 
 
-class TinyBase(nn.Module):
+class TinyBase(VGGBase):
     """A four-layer CNN for tests and smoke runs (seconds on a CPU)."""
 
     def __init__(self, width: int = 32):
-        super().__init__()
         layers, c = [], 3
         for out in (8, 16, width, width):
             layers += [nn.Conv2d(c, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
                        nn.ReLU(inplace=True)]
             c = out
-        self.features = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
+        super().__init__(nn.Sequential(*layers))
 
 
 class CXRNet(nn.Module):
@@ -78,30 +69,20 @@ def _imagenet_enum(backbone: str):
 
 
 def cached_imagenet_file(backbone: str) -> Optional[Path]:
-    """The torch hub cache file of any ImageNet weights of ``backbone``, if one exists.
-
-    Examples:
-        >>> cached_imagenet_file("tiny") is None   # no ImageNet weights exist for it
-        True
-    """
+    """The torch hub cache file of any ImageNet weights of ``backbone``, if one exists."""
     spec = BACKBONES.get(backbone)
     if spec is None or not spec.imagenet:
         return None
     enum = _imagenet_enum(backbone)
     ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    order = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
-    for w in order:
-        f = ckpt_dir / os.path.basename(w.url)
-        if f.is_file():
-            return f
+    for w in [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]:
+        if (ckpt_dir / os.path.basename(w.url)).is_file():
+            return ckpt_dir / os.path.basename(w.url)
     return None
 
 
 def imagenet_state_dict(backbone: str, download: bool = True) -> Tuple[Dict[str, torch.Tensor], str]:
-    """ImageNet weights for ``backbone`` from the hub cache, else downloaded.
-
-    Raises :class:`WeightsUnavailable` naming the three ways out when neither works.
-    """
+    """ImageNet weights for ``backbone`` from the hub cache, else downloaded (:class:`WeightsUnavailable`)."""
     cached = cached_imagenet_file(backbone)
     if cached is not None:
         return torch.load(cached, map_location="cpu", weights_only=True), f"imagenet (cache: {cached})"
@@ -121,10 +102,7 @@ def imagenet_state_dict(backbone: str, download: bool = True) -> Tuple[Dict[str,
 
 
 def load_base_weights(base: nn.Module, state: Dict[str, torch.Tensor], min_fraction: float = 0.95) -> int:
-    """Load an ImageNet-style state dict into ``base``; classifier keys are skipped.
-
-    Raises ``ValueError`` unless at least ``min_fraction`` of the base's tensors matched.
-    """
+    """Load the tensors of ``state`` that fit ``base``; ``ValueError`` when under ``min_fraction`` of it fit."""
     own = base.state_dict()
     matched = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if len(matched) < min_fraction * len(own):
@@ -147,12 +125,10 @@ def build_model(backbone: str, weights: str = "none", dropout: float = 0.3, init
     spec = get_backbone(backbone)
     w = (weights or "none").strip()
     state, origin = None, "random init"
-    if w.lower() == "auto":
-        if cached_imagenet_file(backbone) is not None:
-            w = "imagenet"
-        else:
-            w = "none"
-            origin = "random init (no cached ImageNet weights)"
+    if w.lower() == "auto" and cached_imagenet_file(backbone) is not None:
+        w = "imagenet"
+    elif w.lower() == "auto":
+        w, origin = "none", "random init (no cached ImageNet weights)"
     if w.lower() == "imagenet":
         state, origin = imagenet_state_dict(backbone)
     elif w.lower() != "none":

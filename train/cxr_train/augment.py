@@ -1,10 +1,6 @@
-"""Batched X-ray augmentation on the training device (GPU or CPU), applied on top of the
-runtime's preprocessing: the input is the runtime's uint8 pixels, the output the
-normalised float input the model sees.
-
-Small rotations, shifts and zoom (one affine warp per image), then brightness, contrast
-and gamma. No horizontal flip by default: the heart's side is anatomy, not noise. Optionally,
-:func:`mix_batch` then mixes the normalised batch with a permutation of itself (mixup, CutMix).
+"""Batched X-ray augmentation on the training device, on top of the runtime's preprocessing: one
+affine warp per image, then gamma, contrast and brightness, optionally random erasing and
+(:func:`mix_batch`) mixup or CutMix. No horizontal flip by default: the heart's side is anatomy.
 """
 from __future__ import annotations
 
@@ -105,12 +101,9 @@ def augment(x: torch.Tensor, cfg: Optional[AugmentConfig], gen: torch.Generator)
 
 def mix_batch(x: torch.Tensor, mixup: float, cutmix: float, rng: np.random.Generator, gen: torch.Generator
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], float]:
-    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a normalised NCHW batch with a
-    permutation of itself: ``(mixed, permutation, lam)``, the loss being ``lam * loss(y) +
-    (1 - lam) * loss(y[permutation])``. ``mixup`` and ``cutmix`` are the Beta(a, a) parameters
-    (0: off); with both on, each batch takes one at even odds. ``rng`` (numpy, on the host) draws
-    lam and the box, so no step waits on the device; ``gen`` draws the permutation where the batch
-    is. Returns ``(x, None, 1.0)`` when both are off.
+    """Mixup or CutMix (Beta(a, a) parameters, 0: off; both on: one at even odds) of a batch with a
+    permutation of itself: ``(mixed, permutation, lam)`` for the loss ``lam * loss(y) + (1 - lam) *
+    loss(y[permutation])``. ``rng`` draws on the host, so no step waits on the device.
 
     Examples:
         >>> x = torch.zeros(4, 1, 8, 8); x[:2] = 1

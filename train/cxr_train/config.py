@@ -1,4 +1,5 @@
-"""What a training run is asked to do: :class:`TrainConfig`, its recipes, and the bf16 decision.
+"""What a training run is asked to do: :class:`TrainConfig`, its recipes (``docs/training.md``), and
+the bf16 decision.
 
 Examples:
     >>> cfg = TrainConfig("tiny", "data/train", "runs/tiny").resolved(pretrained=False)
@@ -18,9 +19,8 @@ from .augment import PRESETS
 RECIPES = ("finetune", "reference")
 BALANCE = ("loss", "sampler", "none")
 THRESHOLD_RULES = {
-    # With a class-weighted loss (or a balanced sampler) the model is trained for balanced classes,
-    # so 0.5 is its balanced-error decision point. Youden's J on a small, in-distribution validation
-    # split picks extreme thresholds (0.07 on the first GPU runs) that did not carry over to shifted data.
+    # A class-balanced model's balanced-error point is 0.5; Youden's J on a small, in-distribution
+    # validation split can pick extreme thresholds that do not carry over to shifted data.
     "balanced": "0.5: the balanced decision point of a class-balanced model (Youden's J on validation recorded too)",
     "youden": "Youden's J (sensitivity + specificity - 1) on validation",
 }
@@ -102,11 +102,8 @@ class TrainConfig:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX).
-
-    Without them bf16 autocast is emulated and, measured on an AVX2-only EPYC here,
-    about 10x slower than fp32 for ResNet50 training.
-    """
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX); without them bf16
+    autocast is emulated, about 10x slower than fp32 for ResNet50 training on an AVX2-only CPU."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -116,10 +113,7 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve_amp(amp: Optional[bool], device_type: str) -> bool:
     """Whether a run uses bf16 autocast: ``amp`` when set; else ``CXR_TRAIN_AMP`` (``on``/``off``)
-    when set; else ``auto``: on for CUDA and for CPUs with native bf16, fp32 otherwise.
-
-    ``CXR_TRAIN_AMP=off`` makes every run that does not choose (the tests' runs, ``--amp auto``)
-    reproducible in fp32 on any CPU; ``on`` exercises the bf16 path on any CPU (slowly where emulated).
+    when set; else on for CUDA and for CPUs with native bf16.
 
     Examples:
         >>> resolve_amp(False, "cuda"), resolve_amp(True, "cpu")

@@ -1,4 +1,5 @@
-"""The folder dataset, patient ids, and the patient-wise stratified validation split.
+"""The folder dataset, patient ids, and the patient-wise stratified validation split (torch-free;
+see ``docs/training.md``).
 
 Examples:
     >>> patient_id("person1_bacteria_1.jpeg"), patient_id("NORMAL2-IM-0381-0001.jpeg")
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -27,18 +29,14 @@ _IM = re.compile(r"IM-(\d+)-", re.IGNORECASE)
 
 
 def patient_id(filename: str) -> str:
-    """The patient a Kermany file name belongs to.
+    """The patient a Kermany file name belongs to; any other name is its own patient (its stem).
 
-    ``personN_*`` -> ``personN``; ``IM-0115-*`` and ``NORMAL2-IM-0115-*`` -> ``IM-0115``
-    (the two series are merged on purpose: merging can only make the split stricter).
-    Any other name is its own patient (its stem).
+    ``IM-0115-*`` and ``NORMAL2-IM-0115-*`` are one patient on purpose: it can only make the split stricter.
     """
     name = Path(filename).name
-    m = _PERSON.match(name)
-    if m:
+    if m := _PERSON.match(name):
         return m.group(1).lower()
-    m = _IM.search(name)
-    if m:
+    if m := _IM.search(name):
         return f"IM-{m.group(1)}"
     return Path(name).stem
 
@@ -91,12 +89,7 @@ def subsample(samples: List[Sample], max_images: Optional[int], seed: int) -> Li
 
 def split_by_patient(samples: List[Sample], val_fraction: float = 0.1,
                      seed: int = 0) -> Tuple[List[Sample], List[Sample]]:
-    """Deterministic patient-wise, class-stratified train/validation split.
-
-    Patients are grouped by their (majority) class; within each class a seeded shuffle
-    of the sorted patient ids picks ``val_fraction`` of the images for validation. No
-    patient has images on both sides.
-    """
+    """Deterministic train/validation split, by patient and stratified by each patient's majority class."""
     patients: Dict[str, List[Sample]] = {}
     for s in samples:
         patients.setdefault(s.patient, []).append(s)
@@ -124,9 +117,8 @@ def split_by_patient(samples: List[Sample], val_fraction: float = 0.1,
 
 def make_split(root: str | Path, seed: int = 0, val_fraction: float = 0.1, max_images: Optional[int] = None
                ) -> Tuple[List[Sample], List[Sample]]:
-    """The run's ``(train, validation)`` samples of the training folder ``root``: scanned, subsampled
-    to ``max_images`` and split by patient, as ``cxr-train`` makes them (and ``cxr-bench domain
-    --validation`` rebuilds them from a model file's ``provenance.split``)."""
+    """The ``(train, validation)`` samples of ``root``, scanned, subsampled and split as ``cxr-train`` makes
+    them (and ``cxr-bench domain --validation`` rebuilds them)."""
     return split_by_patient(subsample(scan_folder(root), max_images, seed), val_fraction, seed)
 
 
@@ -170,18 +162,12 @@ def decode_all(samples: List[Sample], size: int = 224, workers: int = 0, progres
     def work(i: int) -> None:
         out[i] = load_image(samples[i].path, (size, size))
 
-    import os
+    with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1)) as pool:
+        done = pool.map(work, range(len(samples)))
+        if progress:
+            from tqdm.auto import tqdm
 
-    workers = workers or min(16, (os.cpu_count() or 1))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(samples), desc="decode", unit="img", leave=False)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(work, range(len(samples))):
-            if bar:
-                bar.update(1)
-    if bar:
-        bar.close()
+            done = tqdm(done, total=len(samples), desc="decode", unit="img", leave=False)
+        for _ in done:
+            pass
     return out

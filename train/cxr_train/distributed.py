@@ -1,12 +1,7 @@
 """Where a training process runs: its device, and its place among ``torchrun``'s DDP processes.
 
-One process is a world of one; under ``torchrun`` (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``)
-the processes join one process group (NCCL on GPUs, gloo on CPUs), and rank 0 alone writes.
-
-Examples:
-    >>> cluster = start_cluster("cpu")   # doctest: +SKIP
-    >>> cluster.world, cluster.is_main   # doctest: +SKIP
-    (1, True)
+One process is a world of one; under ``torchrun`` the processes join one process group (NCCL on
+GPUs, gloo on CPUs), and rank 0 alone writes. The collectives are methods of :class:`Cluster`.
 """
 from __future__ import annotations
 
@@ -32,6 +27,55 @@ class Cluster:
     def is_main(self) -> bool:
         """Rank 0: the process that writes files and logs."""
         return self.rank == 0
+
+    def from_rank0(self, values: List[float]) -> List[float]:
+        """Rank 0's numbers on every rank: decisions that depend on timing or on evaluation must
+        agree, or one rank leaves the loop while the others wait in an all-reduce forever."""
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.broadcast(tensor, 0)
+        return tensor.tolist()
+
+    def sum_over_ranks(self, values: List[float]) -> List[float]:
+        """The element-wise sum of ``values`` over every rank (float64 all-reduce)."""
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def buffers_from_rank0(self, *models: nn.Module) -> None:
+        """Copy rank 0's buffers (BatchNorm statistics) to every rank: each rank updates them with its
+        own shard and an EMA averages them, so without this the replicas drift apart."""
+        import torch.distributed as dist
+
+        for model in models:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+
+    def replica_digests(self, *models: nn.Module) -> List[Optional[str]]:
+        """Every rank's :func:`param_digest` of ``models``, gathered on every rank (rank order)."""
+        import torch.distributed as dist
+
+        gathered: List[Optional[str]] = [None] * self.world
+        dist.all_gather_object(gathered, param_digest(*models))
+        return gathered
+
+    def stop(self) -> None:
+        """Wait for every rank, then leave the process group while the interpreter is fully alive.
+
+        The caller drops its DDP wrappers first: a group still held in a reference cycle would be
+        destroyed at interpreter shutdown, where gloo's threads can abort the process.
+        """
+        import gc
+
+        import torch.distributed as dist
+
+        dist.barrier()
+        gc.collect()  # the DDP reducer's cycles, and with them the last references to the group
+        dist.destroy_process_group()
+        gc.collect()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,39 +109,6 @@ def start_cluster(device_name: str) -> Cluster:
     return Cluster(device, world, rank, local_rank)
 
 
-def from_rank0(values: List[float], device: torch.device) -> List[float]:
-    """Rank 0's numbers on every rank (DDP): decisions that depend on timing or on evaluation
-    must agree, or one rank leaves the loop while the others wait in an all-reduce forever."""
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.broadcast(tensor, 0)
-    return tensor.tolist()
-
-
-def buffers_from_rank0(*models: nn.Module) -> None:
-    """Copy rank 0's buffers (BatchNorm running statistics) to every rank (DDP).
-
-    DDP keeps the parameters identical, but each rank updates its BatchNorm statistics with
-    its own shard during a step (DDP re-broadcasts them only at the next forward), and an
-    EMA averages those local statistics: without this the replicas drift apart.
-    """
-    import torch.distributed as dist
-
-    for model in models:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
-
-
-def sum_over_ranks(values: List[float], device: torch.device) -> List[float]:
-    """The element-wise sum of ``values`` over every rank (float64 all-reduce)."""
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def param_digest(*models: nn.Module) -> str:
     """SHA-256 over the weights and buffers of ``models`` (the trained model and its EMA)."""
     digest = hashlib.sha256()
@@ -106,30 +117,3 @@ def param_digest(*models: nn.Module) -> str:
             digest.update(key.encode())
             digest.update(value.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
-
-
-def replica_digests(cluster: Cluster, *models: nn.Module) -> List[Optional[str]]:
-    """Every rank's :func:`param_digest` of ``models``, gathered on every rank (rank order)."""
-    import torch.distributed as dist
-
-    gathered: List[Optional[str]] = [None] * cluster.world
-    dist.all_gather_object(gathered, param_digest(*models))
-    return gathered
-
-
-def stop_cluster() -> None:
-    """Wait for every rank, then leave the process group, while the interpreter is fully alive.
-
-    The caller drops its DDP wrappers first. ``destroy_process_group`` only forgets its own
-    reference: a group still held (by a DDP reducer, in a reference cycle) used to be destroyed
-    during interpreter shutdown, where gloo's threads sometimes end the process with SIGABRT
-    ("terminate called without an active exception", about one run in ten on 2 CPU ranks).
-    """
-    import gc
-
-    import torch.distributed as dist
-
-    dist.barrier()
-    gc.collect()  # the DDP reducer's cycles, and with them the last references to the group
-    dist.destroy_process_group()
-    gc.collect()

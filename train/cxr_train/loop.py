@@ -1,21 +1,17 @@
 """The fine-tuning loop: one code path for CPU, one GPU and ``torchrun`` (DDP).
 
-:func:`train` runs the phases in order, each usable and testable alone:
-
-``prepare_data`` (split by patient, decode) -> ``build_state`` (model, optimiser, EMA: a
-:class:`~cxr_train.state.RunState`) -> ``restore`` (``--resume`` from ``last.pt``) -> per epoch:
-:func:`run_epoch`, :func:`evaluate`, :func:`select_and_save` (best epoch, its weights),
-:func:`checkpoint_meta` (``checkpoint.json``), ``save_last`` -> the DDP replica check.
+:func:`train` runs the phases in order, each usable and testable alone: ``prepare_data`` ->
+``build_state`` -> ``restore`` (``--resume``) -> per epoch :func:`run_epoch`, :func:`evaluate`,
+:func:`select_and_save`, :func:`checkpoint_meta`, ``save_last``. See ``docs/training.md``.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import itertools
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -31,15 +27,7 @@ from . import data as D
 from .augment import PRESETS, augment, mix_batch, normalise, to_float
 from .checkpoint import atomic_write_text, save_weights
 from .config import THRESHOLD_RULES, TrainConfig, resolve_amp
-from .distributed import (
-    Cluster,
-    buffers_from_rank0,
-    from_rank0,
-    replica_digests,
-    start_cluster,
-    stop_cluster,
-    sum_over_ranks,
-)
+from .distributed import Cluster, start_cluster
 from .state import Log, RunState, SplitData, build_state, prepare_data, restore, save_last
 
 #: Ties in validation AUC closer than this are broken by the validation loss.
@@ -69,9 +57,6 @@ def predict_proba(model: nn.Module, pixels: torch.Tensor, device: torch.device, 
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
-
-# ---------------------------------------------------------------- one epoch
-
 @dataclass
 class EpochResult:
     """What one epoch of training measured (``train_loss`` over every rank's shard)."""
@@ -82,8 +67,7 @@ class EpochResult:
 
 
 def epoch_order(state: RunState, data: SplitData, epoch: int, cluster: Cluster) -> torch.Tensor:
-    """This rank's training image indices for ``epoch`` (shuffled or class-balanced resampling,
-    seeded by ``(seed, epoch)``; every rank draws the same order and takes its own shard)."""
+    """This rank's shard of the epoch's seeded order of training images (shuffled or class-balanced)."""
     cfg = state.cfg
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     count = len(data.train_labels)
@@ -97,13 +81,7 @@ def epoch_order(state: RunState, data: SplitData, epoch: int, cluster: Cluster) 
 
 
 def run_epoch(state: RunState, data: SplitData, epoch: int, cluster: Cluster) -> EpochResult:
-    """Train one epoch (0-based ``epoch``): augmented batches, per-step learning rate, optimiser and
-    EMA steps; under DDP, then share rank 0's BatchNorm statistics and sum the loss over ranks.
-
-    Examples:
-        >>> run_epoch(state, data, 0, Cluster(torch.device("cpu"))).train_loss   # doctest: +SKIP
-        0.71
-    """
+    """Train one epoch (0-based ``epoch``); under DDP, then share rank 0's BatchNorm statistics."""
     cfg, model, device = state.cfg, state.model, cluster.device
     state.trained.train()
     if state.frozen_base:
@@ -153,28 +131,18 @@ def run_epoch(state: RunState, data: SplitData, epoch: int, cluster: Cluster) ->
     seconds = time.perf_counter() - started
     train_loss = float(loss_sum) / max(images, 1)
     if cluster.world > 1:
-        buffers_from_rank0(model, *([state.ema.model] if state.ema else []))
-        total_loss, total_images = sum_over_ranks([float(loss_sum), float(images)], device)
+        cluster.buffers_from_rank0(model, *([state.ema.model] if state.ema else []))
+        total_loss, total_images = cluster.sum_over_ranks([float(loss_sum), float(images)])
         train_loss = total_loss / max(total_images, 1.0)  # the loss over every rank's shard
     if bar:
         bar.close()
     return EpochResult(train_loss, images, seconds)
 
 
-# ---------------------------------------------------------------- validation, selection, metadata
-
 def evaluate(model: nn.Module, pixels: torch.Tensor, labels: np.ndarray, device: torch.device, *,
              amp: bool = False, batch_size: int = 128, channels_last: bool = True) -> Tuple[np.ndarray, Dict]:
-    """Validation probabilities of ``model`` and its metrics at threshold 0.5.
-
-    ``amp`` (bf16 autocast) and ``channels_last`` must be the run's to reproduce its numbers;
-    ``checkpoint.json`` records them as ``eval_precision`` and ``args.channels_last``.
-
-    Examples:
-        >>> probs, metrics = evaluate(model, data.val_pixels, data.val_labels, torch.device("cpu"))  # doctest: +SKIP
-        >>> sorted(metrics)[:3]                                                                       # doctest: +SKIP
-        ['accuracy', 'auc', 'f1']
-    """
+    """Validation probabilities of ``model`` and its metrics at threshold 0.5 (``amp`` and
+    ``channels_last`` as the run's, recorded as ``eval_precision`` and ``args.channels_last``)."""
     probs = predict_proba(model, pixels, device, batch_size, amp, channels_last)
     return probs, binary_metrics(labels, probs, 0.5)
 
@@ -205,14 +173,8 @@ def is_better(record: Dict, best: Optional[Dict]) -> bool:
 
 def select_and_save(state: RunState, record: Dict, probs: np.ndarray, labels: np.ndarray, out: Path,
                     improved: Optional[bool] = None, write: bool = True) -> bool:
-    """Keep the epoch of ``record`` as ``state.best`` when it is better (:func:`is_better`, unless
-    ``improved`` decides), with its threshold and validation metrics, and save its weights
-    (``write``: rank 0). Returns whether it was kept; counts ``state.stalled`` otherwise.
-
-    Examples:
-        >>> select_and_save(state, record, probs, data.val_labels, Path("runs/x"))   # doctest: +SKIP
-        True
-    """
+    """Keep ``record`` as ``state.best`` with its threshold and metrics, and save its weights (``write``),
+    when it is better (:func:`is_better`, unless ``improved`` says); returns whether it was kept."""
     cfg = state.cfg
     if improved is None:
         improved = is_better(record, state.best)
@@ -236,12 +198,7 @@ def select_and_save(state: RunState, record: Dict, probs: np.ndarray, labels: np
 
 
 def checkpoint_meta(state: RunState, data: SplitData, cluster: Cluster) -> Dict:
-    """The ``checkpoint.json`` content after the latest epoch (needs a best epoch).
-
-    ``eval_precision`` (``bf16`` or ``fp32``) is the precision the validation metrics were
-    computed in: evaluate a reloaded model with ``amp=meta["eval_precision"] == "bf16"`` to
-    reproduce them.
-    """
+    """The ``checkpoint.json`` content after the latest epoch (needs a best epoch)."""
     cfg, best, device = state.cfg, state.best, cluster.device
     selection = "highest validation AUC (ties within 1e-4: lowest validation loss)"
     return {
@@ -275,8 +232,6 @@ def planned_epochs(time_budget: float, spent: float, per_epoch: float) -> int:
     return max(2, 2 + int((time_budget - spent) / per_epoch))
 
 
-# ---------------------------------------------------------------- the whole run
-
 def train(cfg: TrainConfig, log: Log = print) -> Dict:
     """Run one training; returns the final ``checkpoint.json`` content.
 
@@ -291,7 +246,7 @@ def train(cfg: TrainConfig, log: Log = print) -> Dict:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, device.type))
+    cfg = replace(cfg, amp=resolve_amp(cfg.amp, device.type))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     say: Log = log if cluster.is_main else (lambda *a, **k: None)
@@ -327,7 +282,7 @@ def train(cfg: TrainConfig, log: Log = print) -> Dict:
         state.history.append(record)
         improved = is_better(record, state.best)
         if cluster.world > 1:  # every rank follows rank 0's selection and clock
-            flag, state.train_seconds = from_rank0([float(improved), state.train_seconds], device)
+            flag, state.train_seconds = cluster.from_rank0([float(improved), state.train_seconds])
             improved = bool(flag)
         say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f},"
             f" AUC {record['val_auc']:.4f}, acc {record['val_accuracy']:.4f}, {record['images_per_s']:.0f} img/s"
@@ -348,7 +303,7 @@ def train(cfg: TrainConfig, log: Log = print) -> Dict:
             spent = time.perf_counter() - loop_started + seconds_before
             cfg.epochs = planned_epochs(cfg.time_budget, spent, per_epoch)
             if cluster.world > 1:
-                cfg.epochs = int(from_rank0([float(cfg.epochs)], device)[0])
+                cfg.epochs = int(cluster.from_rank0([float(cfg.epochs)])[0])
             say(f"time budget {cfg.time_budget:.0f}s at {per_epoch:.1f}s per epoch: {cfg.epochs} epochs planned")
         if cfg.patience and state.stalled >= cfg.patience:
             say(f"early stop: validation AUC did not improve for {cfg.patience} epochs")
@@ -357,13 +312,13 @@ def train(cfg: TrainConfig, log: Log = print) -> Dict:
             say(f"stop: time limit of {cfg.time_limit:.0f}s reached after epoch {epoch + 1}")
             break
     if cluster.world > 1:
-        digests = replica_digests(cluster, state.model, *([state.ema.model] if state.ema else []))
+        digests = cluster.replica_digests(state.model, *([state.ema.model] if state.ema else []))
         meta["replica_digests"] = digests
         meta["replicas_identical"] = len(set(digests)) == 1
         if cluster.is_main:
             atomic_write_text(out / "checkpoint.json", json.dumps(meta, indent=1))
         state.trained = state.model  # the DDP wrapper holds the process group: let it go first
-        stop_cluster()
+        cluster.stop()
     best = state.best
     say(f"best epoch {meta.get('best_epoch')}: val AUC {best['val_auc']:.4f}, threshold {best['threshold']:.3f}"
         f" -> {out}")

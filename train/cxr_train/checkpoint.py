@@ -1,15 +1,11 @@
 """Checkpoints: ``model.safetensors`` (weights) beside ``checkpoint.json`` (everything else).
 
-Reading what a checkpoint is (:func:`read_meta`, :func:`find_weights`, :func:`checkpoint_summary`)
-needs no torch: importing this module does not import it, so tools that only list or describe
-run folders (``cxr-bench latency``) start fast. Saving and loading weights import torch inside.
+Reading what a checkpoint is needs no torch and importing this module does not import it, so tools
+that only describe run folders start fast; saving and loading weights import torch inside.
 
 Examples:
-    >>> from cxr_train.checkpoint import checkpoint_summary, load_checkpoint   # doctest: +SKIP
-    >>> checkpoint_summary("runs/resnet50")["weights_name"]                    # doctest: +SKIP
-    'model_fp16.safetensors'
-    >>> model, meta = load_checkpoint("runs/resnet50")                         # doctest: +SKIP
-    >>> meta["backbone"], meta["threshold"]                                    # doctest: +SKIP
+    >>> model, meta = load_checkpoint("runs/resnet50")   # doctest: +SKIP
+    >>> meta["backbone"], meta["threshold"]              # doctest: +SKIP
     ('resnet50', 0.5)
 """
 from __future__ import annotations
@@ -40,12 +36,7 @@ def _folder_of(ckpt: str | Path) -> Path:
 
 
 def read_meta(ckpt: str | Path) -> Dict[str, Any]:
-    """The ``checkpoint.json`` of a run folder (or of the folder holding a weights file).
-
-    Examples:
-        >>> read_meta("runs/resnet50")["backbone"]   # doctest: +SKIP
-        'resnet50'
-    """
+    """The ``checkpoint.json`` of a run folder (or of the folder holding a weights file)."""
     folder = _folder_of(ckpt)
     meta_path = folder / "checkpoint.json"
     if not meta_path.is_file():
@@ -54,13 +45,7 @@ def read_meta(ckpt: str | Path) -> Dict[str, Any]:
 
 
 def find_weights(ckpt: str | Path) -> Path:
-    """The weights file of a run folder: ``ckpt`` itself when it is a ``.safetensors`` file, else
-    the folder's ``model.safetensors``, else its ``model_fp16.safetensors``.
-
-    Examples:
-        >>> find_weights("runs/resnet50").name   # doctest: +SKIP
-        'model.safetensors'
-    """
+    """``ckpt`` when it is a ``.safetensors`` file, else the first of :data:`WEIGHTS_FILES` in its folder."""
     p = Path(ckpt)
     if p.is_file() and p.suffix == ".safetensors":
         return p
@@ -72,13 +57,7 @@ def find_weights(ckpt: str | Path) -> Path:
 
 
 def safetensors_dtypes(path: str | Path) -> List[str]:
-    """The tensor dtypes (``"F32"``, ``"F16"``, ``"I64"``, ...) named in a safetensors file's
-    JSON header; reads the header only.
-
-    Examples:
-        >>> safetensors_dtypes("runs/resnet50/model_fp16.safetensors")   # doctest: +SKIP
-        ['F16', 'I64']
-    """
+    """The tensor dtypes (``"F32"``, ``"F16"``, ``"I64"``, ...) named in a safetensors file's header."""
     with open(path, "rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
         if not 2 <= size <= 100_000_000:
@@ -91,17 +70,11 @@ def safetensors_dtypes(path: str | Path) -> List[str]:
 
 
 def checkpoint_summary(ckpt: str | Path) -> Dict[str, Any]:
-    """What a run folder holds, read without torch: backbone, weights file, its size and dtype.
-
-    Keys: ``folder``, ``backbone``, ``weights_file`` (path), ``weights_name``, ``file_bytes``,
-    ``dtypes`` (from the safetensors header), ``stored_fp16`` (every floating tensor is fp16;
-    :func:`load_checkpoint` runs such weights as fp32), ``image_size`` and ``eval_precision``
-    (``None`` in checkpoints older than that field). Raises ``FileNotFoundError`` without a
-    ``checkpoint.json`` or weights, ``ValueError`` when either is not what it should be.
+    """What a run folder holds, read without torch: backbone, weights file, its size and dtypes.
 
     Examples:
-        >>> s = checkpoint_summary("runs/resnet50")        # doctest: +SKIP
-        >>> s["backbone"], s["weights_name"], s["stored_fp16"]   # doctest: +SKIP
+        >>> s = checkpoint_summary("runs/resnet50")             # doctest: +SKIP
+        >>> s["backbone"], s["weights_name"], s["stored_fp16"]  # doctest: +SKIP
         ('resnet50', 'model_fp16.safetensors', True)
     """
     meta = read_meta(ckpt)
@@ -120,11 +93,7 @@ def checkpoint_summary(ckpt: str | Path) -> Dict[str, Any]:
 
 
 def save_weights(model: "torch.nn.Module", path: Path, dtype: "torch.dtype | None" = None) -> None:
-    """Save a state dict as safetensors (floating tensors cast to ``dtype``, default fp32), atomically.
-
-    Examples:
-        >>> save_weights(model, Path("runs/x/model_fp16.safetensors"), torch.float16)   # doctest: +SKIP
-    """
+    """Save a state dict as safetensors (floating tensors cast to ``dtype``, default fp32), atomically."""
     import torch
     from safetensors.torch import save_file
 
@@ -139,11 +108,7 @@ def save_weights(model: "torch.nn.Module", path: Path, dtype: "torch.dtype | Non
 
 
 def load_checkpoint(ckpt: str | Path, map_location: str = "cpu") -> Tuple["torch.nn.Module", Dict[str, Any]]:
-    """Rebuild the trained model (fp32, eval mode) and its metadata from a run folder or weights file.
-
-    Examples:
-        >>> model, meta = load_checkpoint("runs/resnet50")   # doctest: +SKIP
-    """
+    """Rebuild the trained model (fp32, eval mode) and its metadata from a run folder or weights file."""
     from safetensors.torch import load_file
 
     from .backbones import get_backbone

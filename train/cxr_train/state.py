@@ -1,17 +1,8 @@
 """A run's state: the decoded split, the model with its optimiser and EMA, and ``last.pt``.
 
 :func:`prepare_data` and :func:`build_state` make what :func:`cxr_train.loop.train` trains;
-:func:`save_last` and :func:`restore` carry it across an interruption (``--resume``).
-
-The decoded dataset lives in memory on the training device as uint8 (on a GPU the
-5,216 training images take about 0.8 GB); augmentation runs there too, so no loader
-process is ever the bottleneck.
-
-Examples:
-    >>> data = prepare_data(cfg, cluster, Path("runs/x"))   # doctest: +SKIP
-    >>> state = build_state(cfg, cluster, data)              # doctest: +SKIP
-    >>> state.cfg.epochs, state.steps_per_epoch              # doctest: +SKIP
-    (30, 146)
+:func:`save_last` and :func:`restore` carry it across an interruption (``--resume``). The decoded
+images stay on the training device as uint8, so no loader process is ever the bottleneck.
 """
 from __future__ import annotations
 
@@ -42,7 +33,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.model = copy_for_ema(model)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.updates = 0
 
     @torch.no_grad()
@@ -59,14 +50,6 @@ class EMA:
                 value.copy_(source[key])
 
 
-def copy_for_ema(model: nn.Module) -> nn.Module:
-    """A frozen, eval-mode deep copy of ``model``."""
-    clone = copy.deepcopy(model).eval()
-    for param in clone.parameters():
-        param.requires_grad_(False)
-    return clone
-
-
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
     """Learning-rate multiplier: linear warmup over ``warmup_steps``, then a cosine to 0 at ``total_steps``.
 
@@ -79,8 +62,6 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-
-# ---------------------------------------------------------------- data
 
 @dataclass
 class SplitData:
@@ -100,14 +81,7 @@ class SplitData:
 
 
 def prepare_data(cfg: TrainConfig, cluster: Cluster, out: Path, say: Log = print) -> SplitData:
-    """Scan, subsample and split ``cfg.data`` by patient, write ``split.json`` (rank 0) and decode
-    both parts through the runtime's preprocessing.
-
-    Examples:
-        >>> data = prepare_data(cfg, Cluster(torch.device("cpu")), Path("runs/x"))   # doctest: +SKIP
-        >>> data.train_pixels.shape                                                    # doctest: +SKIP
-        torch.Size([21, 224, 224, 3])
-    """
+    """Split ``cfg.data`` by patient, write ``split.json`` (rank 0), decode both parts with the runtime."""
     train_set, val_set = D.make_split(cfg.data, cfg.seed, cfg.val_fraction, cfg.max_images)
     if not train_set or not val_set:
         raise ValueError(f"split gave {len(train_set)} training and {len(val_set)} validation images;"
@@ -128,15 +102,12 @@ def prepare_data(cfg: TrainConfig, cluster: Cluster, out: Path, say: Log = print
     return SplitData(train_pixels, train_labels, val_pixels, np.array([s.label for s in val_set]), manifest, data_hash)
 
 
-# ---------------------------------------------------------------- the run's state
-
 @dataclass
 class RunState:
     """The model being trained and everything that changes while it trains (saved in ``last.pt``).
 
-    ``cfg`` is resolved (the recipe's defaults filled in); ``trained`` is the module that takes
-    the optimiser steps (``model`` itself, or its DDP wrapper); ``best`` is the best epoch's
-    record with its threshold and validation metrics.
+    ``cfg`` is resolved; ``trained`` takes the optimiser steps (``model`` or its DDP wrapper);
+    ``best`` is the best epoch's record with its threshold and validation metrics.
     """
 
     cfg: TrainConfig
@@ -184,14 +155,7 @@ class RunState:
 
 
 def build_state(cfg: TrainConfig, cluster: Cluster, data: SplitData, say: Log = print) -> RunState:
-    """Build the model (starting weights from ``cfg.weights``), resolve the recipe, and set up the
-    optimiser (head and base groups), the class-weighted loss, DDP and the EMA.
-
-    Examples:
-        >>> state = build_state(cfg, Cluster(torch.device("cpu")), data)   # doctest: +SKIP
-        >>> state.step, state.history                                      # doctest: +SKIP
-        (0, [])
-    """
+    """The model, the resolved recipe, the optimiser (head and base groups), the loss, DDP and the EMA."""
     device, world = cluster.device, cluster.world
     model, origin = build_model(cfg.backbone, cfg.weights, cfg.dropout)
     pretrained = not origin.startswith("random")
@@ -204,8 +168,7 @@ def build_state(cfg: TrainConfig, cluster: Cluster, data: SplitData, say: Log = 
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.recipe == "reference":
-        for param in model.base.parameters():
-            param.requires_grad_(False)
+        model.base.requires_grad_(False)
     base_params = [p for p in model.base.parameters() if p.requires_grad]
     groups = [{"params": list(model.head.parameters()), "lr_mult": 1.0}]
     if base_params:
@@ -229,16 +192,8 @@ def build_state(cfg: TrainConfig, cluster: Cluster, data: SplitData, say: Log = 
 
 
 def restore(state: RunState, last_path: Path, split_hash: str, device: torch.device) -> None:
-    """Continue ``state`` from ``last.pt``: weights, optimiser, EMA, step, history, best epoch and
-    the RNG (dropout masks continue as if the run was never interrupted).
-
-    Raises ``ValueError`` when ``last.pt`` was trained on another split.
-
-    Examples:
-        >>> restore(state, Path("runs/x/last.pt"), data.manifest["hash"], torch.device("cpu"))   # doctest: +SKIP
-        >>> state.epochs_done                                                                      # doctest: +SKIP
-        1
-    """
+    """Continue ``state`` from ``last.pt`` (weights, optimiser, EMA, counters, history, RNG) as if the
+    run was never interrupted; ``ValueError`` when ``last.pt`` was trained on another split."""
     saved = torch.load(last_path, map_location=device, weights_only=True)
     if saved.get("split_hash", split_hash) != split_hash:
         raise ValueError(f"--resume: {last_path} was trained on another split (different --data, --max-images,"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import List, Optional
 
@@ -102,15 +103,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .loop import TrainConfig, train
     from .models import WeightsUnavailable
 
-    cfg = TrainConfig(
-        backbone=args.backbone, data=args.data, out=args.out, recipe=args.recipe, weights=args.weights,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, balance=args.balance, augment=args.augment, mixup=args.mixup,
-        cutmix=args.cutmix, dropout=args.dropout,
-        ema=args.ema, patience=args.patience, val_fraction=args.val_fraction, seed=args.seed, device=args.device,
-        max_images=args.max_images, image_size=args.image_size, amp={"auto": None, "on": True, "off": False}[args.amp],
-        save_dtype=args.save_dtype, time_limit=args.time_limit, threshold_rule=args.threshold_rule,
-        time_budget=args.time_budget, resume=args.resume, workers=args.workers, progress=not args.no_progress)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"amp"}  # every option named as its field
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields},
+                      amp={"auto": None, "on": True, "off": False}[args.amp], progress=not args.no_progress)
     try:
         train(cfg, log=lambda *a: print(*a, flush=True))
     except (WeightsUnavailable, FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -13,52 +13,42 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any, Callable
 
 from .devices import device_choices, device_help
 
 
+def _typed(text: str, convert: Callable[[str], Any], valid: Callable[[Any], bool], expected: str,
+           problem: str) -> Any:
+    """``convert(text)``, or argparse's one-line error: not ``expected``, or ``problem`` when invalid."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"{text} {problem}")
+    return value
+
+
 def threshold(text: str) -> float:
     """A decision threshold in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
-    return value
+    return _typed(text, float, lambda v: 0.0 <= v <= 1.0, "a number", "is not in [0, 1]")
 
 
 def domain_threshold(text: str) -> float:
     """A domain-score threshold: any finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
+    return _typed(text, float, math.isfinite, "a number", "is not a finite number")
 
 
 def flag_rate(text: str) -> float:
     """A share in (0, 1), written ``0.10`` or ``10%``."""
-    try:
-        value = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.10 or 10%)") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a share in (0, 1) (e.g. 0.10 or 10%)")
-    return value
+    return _typed(text, lambda t: float(t.rstrip("%")) / (100.0 if t.endswith("%") else 1.0),
+                  lambda v: 0.0 < v < 1.0, "a number (e.g. 0.10 or 10%)", "is not a share in (0, 1) (e.g. 0.10 or 10%)")
 
 
 def positive(text: str) -> int:
     """A whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+    return _typed(text, int, lambda v: v >= 1, "a whole number", "must be at least 1")
 
 
 def add_domain_strictness(p: argparse.ArgumentParser) -> None:

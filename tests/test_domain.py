@@ -535,7 +535,7 @@ def test_stage_branch_on_an_fp16_file(plain_model, tmp_path):
 
 
 def test_without_the_features_branch(plain_model, tmp_path):
-    """The default since 2026-11-29: no pooled-features branch where stage branches read the model
+    """The default: no pooled-features branch where stage branches read the model
     (it stays where none do); the graph still equals its numpy reference, the runtime names the
     branches it has, and a far image is flagged."""
     train, val = gray_images(300, 8), gray_images(200, 9)

@@ -6,7 +6,9 @@ Static and fast: it reads files, runs nothing.
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
@@ -64,10 +66,27 @@ def test_history_lives_in_the_changelog_not_in_the_docs(page):
     assert not found, "\n".join(found)
 
 
+def _comments_and_docstrings(path: Path) -> Iterator[Tuple[int, str]]:
+    """The comment lines and docstring lines of a Python file (test data may hold dates)."""
+    source = path.read_text()
+    lines = source.splitlines()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            yield token.start[0], token.string
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+            yield from ((n, lines[n - 1]) for n in range(body[0].lineno, body[0].end_lineno + 1))
+
+
 def test_history_lives_in_git_not_in_the_code():
     found = []
     for path in _modules():
         found += _history(enumerate(path.read_text().splitlines(), 1), str(path.relative_to(REPO)))
+    for path in sorted((REPO / "tests").glob("*.py")) + sorted((REPO / "train").glob("*.py")):
+        if path.name != Path(__file__).name:
+            found += _history(_comments_and_docstrings(path), str(path.relative_to(REPO)))
     assert not found, "\n".join(found)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #16's GPU checks on a lent machine (train/GPU_ROUND.md, call 6): onnxruntime-gpu from the
+# The GPU round's checks on a lent machine (train/GPU_ROUND.md, call 6): onnxruntime-gpu from the
 # parts carried before, the GPU tests (tests/test_gpu.py and the runtime's own), exports of the
 # round's runs where call 5 left them in /tmp/cxr_runs, and `cxr-bench formats` on every file
 # with CPU, CUDA and TensorRT rows. Reports and the log come back through $OUT.

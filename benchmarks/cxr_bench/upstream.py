@@ -91,11 +91,12 @@ def load_checkpoint(folder: str | Path, map_location: str = "cpu") -> Tuple[Any,
 
 def validation_split(train_dir: str | Path, seed: int, val_fraction: float, max_images: Optional[int]
                      ) -> Tuple[List[Path], str]:
-    """The validation images of a training folder as ``cxr-train`` splits it, and the split's hash."""
+    """The validation images of a training folder as ``cxr-train`` splits it, and the split's hash
+    (:func:`cxr_export.images.rebuild_split`, which ``python -m cxr_export.calibrate`` uses too)."""
     with _needs("--validation"):
-        from cxr_train import data
-    train, val = data.make_split(Path(train_dir), seed, val_fraction, max_images)
-    return [Path(v.path) for v in val], data.manifest(train, val, Path(train_dir), seed, val_fraction)["hash"]
+        from cxr_export.images import rebuild_split
+    val, digest = rebuild_split(train_dir, seed, val_fraction, max_images)
+    return [Path(train_dir) / rel for rel, _ in val], digest
 
 
 # ---- child processes

@@ -202,6 +202,37 @@ class Heatmap:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """The ``calibration`` block: the temperature fitted on the file's validation images (``applied``:
+    it is in the graph, and the threshold moved with it), the validation ECE and the decision threshold
+    before and after, and how many validation images it was measured on."""
+
+    temperature: Optional[float]
+    applied: bool
+    ece_before: Optional[float]
+    ece_after: Optional[float]
+    threshold_before: Optional[float]
+    threshold_after: Optional[float]
+    images: int
+
+    @classmethod
+    def from_block(cls, block: Any, source: str) -> "Calibration":
+        t = block.get("temperature") if isinstance(block, dict) else None
+        if not isinstance(block, dict) or not (t is None or (_number(t) and t > 0)) or \
+                not isinstance(block.get("applied"), bool) or (block["applied"] and t is None):
+            raise ModelError(f"{source}: cxr.spec calibration needs applied (true or false) and a temperature "
+                             "above 0 (or null when none was fitted)")
+
+        def number(key: str) -> Optional[float]:
+            return float(block[key]) if _number(block.get(key)) else None
+
+        return cls(temperature=None if t is None else float(t), applied=block["applied"],
+                   ece_before=number("ece_before"), ece_after=number("ece_after"),
+                   threshold_before=number("threshold_before"), threshold_after=number("threshold_after"),
+                   images=int(block["images"]) if _number(block.get("images")) else 0)
+
+
+@dataclass(frozen=True)
 class Provenance:
     """Where the model came from. ``metrics`` maps a split's name (``validation``,
     ``validation_at_0.5``, ``test`` where recorded) to its figures; ``fields`` holds every field."""
@@ -358,6 +389,8 @@ class ModelSpec:
             IntendedUse.from_spec(r["intended_use"], source)
         if outs.get("domain_score"):
             DomainCheck.from_block(r.get("domain"), source)
+        if "calibration" in r:
+            Calibration.from_block(r["calibration"], source)
 
     # ---- typed blocks
     @property
@@ -380,6 +413,13 @@ class ModelSpec:
         """The Grad-CAM output, or None when the file has none."""
         output = self._data["outputs"].get("heatmap")
         return Heatmap.from_block(self._data.get("heatmap"), output, "cxr.spec") if output else None
+
+    @property
+    def calibration(self) -> Optional[Calibration]:
+        """The temperature fitted on validation (:class:`Calibration`); None when the file has no
+        ``calibration`` block."""
+        block = self._data.get("calibration")
+        return None if block is None else Calibration.from_block(block, "cxr.spec")
 
     @property
     def intended_use(self) -> "Optional[IntendedUse]":

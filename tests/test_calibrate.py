@@ -303,3 +303,37 @@ def test_fp16_file_divides_in_half_precision(train_dir, tmp_path):
     p0, p1 = positive(half, pixels), positive(tmp_path / "sure_fp16_cal.onnx", pixels)
     assert np.array_equal(p0 >= 0.3, p1 >= read_spec(tmp_path / "sure_fp16_cal.onnx").threshold)
 
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny model trained for two epochs on 240 real images at 64 px."""
+    pytest.importorskip("torch")
+    if not SMALL.is_dir():
+        pytest.skip(f"shared data not found at {SMALL}")
+    from cxr_train.loop import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("cal_run")
+    train(TrainConfig("tiny", str(SMALL), str(out), epochs=2, max_images=240, image_size=64, batch_size=32,
+                      ema=0.0, progress=False, seed=1, save_last=False), log=lambda *a: None)
+    return out
+
+
+def test_cxr_export_calibrates_every_file_it_writes(run_dir, tmp_path, capsys):
+    from cxr_export.cli import main
+
+    out = tmp_path / "tiny.onnx"
+    assert main([str(run_dir), "--out", str(out), "--int8", "--calibration", str(SMALL), "--calibration-count", "32",
+                 "--max-drop", "100", "--threads", "2"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("calibration: ")]
+    assert len(said) == 2 and all("operating points: 10 kept (up to date)" in line for line in said)  # already there
+    for path in (out, tmp_path / "tiny_int8.onnx"):
+        spec = read_spec(path)
+        block = spec.to_dict()["calibration"]
+        assert set(block) == BLOCK_KEYS and block["images"] == 24 and len(spec.domain_operating_points) == 10
+        assert block["applied"] is (block["ece_after"] < block["ece_before"])
+        divs = [n for n in graph_nodes(path) if n[1].startswith(calibrate.PREFIX)]
+        assert len(divs) == int(block["applied"])
+    plain = tmp_path / "plain.onnx"
+    assert main([str(run_dir), "--out", str(plain), "--calibration", str(SMALL), "--no-temperature",
+                 "--no-heatmap", "--threads", "2"]) == 0
+    assert read_spec(plain).calibration.temperature is None and read_spec(plain).calibration.applied is False

@@ -18,13 +18,16 @@ EXAMPLES = """examples:
 
 Files written: OUT (FP32), OUT's stem + _int8.onnx with --int8, + _fp16.onnx with --fp16. Each carries
 its cxr.spec (threshold, training metrics, data hash, parity and gate figures, intended use), the
-image check (domain_score; when the training folder is known) and a Grad-CAM heatmap output.
+image check (domain_score; when the training folder is known) and a Grad-CAM heatmap output. When
+the training folder is known, each file then gets its operating points and a temperature fitted on
+its validation images (moving the threshold so no label changes; --no-temperature leaves it out).
 Exit status 3: a file was refused (INT8 past --max-drop, FP16 without probabilities), unless --force.
 
 The same for an existing file:
   python -m cxr_export.domain RUN_DIR MODEL.onnx --data TRAIN_DIR
   python -m cxr_export.heatmap MODEL.onnx
   python -m cxr_export.intended MODEL.onnx [--intended-* ...]
+  python -m cxr_export.calibrate MODEL.onnx --data TRAIN_DIR
 
 Details: docs/export.md
 """
@@ -64,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of validation images the threshold flags (default 0.05)")
     p.add_argument("--no-heatmap", dest="heatmap", action="store_false", default=None,
                    help="leave out the Grad-CAM heatmap output (default: every file gets one)")
+    p.add_argument("--no-temperature", dest="temperature", action="store_false",
+                   help="fit no temperature (operating points are still checked): python -m cxr_export.calibrate")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--triton", help="also write a Triton model repository for each file into this folder")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads for checks (default: all)")
@@ -112,6 +117,22 @@ def _write_precisions(args: argparse.Namespace, job: Any) -> Tuple[List[Path], i
     return written, status
 
 
+def _calibrate(files: List[Path], data_dir: str, args: argparse.Namespace) -> int:
+    """Operating points and temperature of each written file (:mod:`cxr_export.calibrate`); 3 when one was
+    refused (it is kept as it was, without them)."""
+    from .calibrate import Refused, calibrate_file, summary_line
+
+    status, cache = 0, {}  # type: Tuple[int, Dict[Any, Any]]
+    for path in files:
+        try:
+            result = calibrate_file(path, data_dir, None, args.temperature, args.threads, cache)
+            _say(f"calibration: {summary_line(result)}")
+        except Refused as exc:
+            _say(f"cxr-export: refused: {exc}")
+            status = 3
+    return status
+
+
 def _export(args: argparse.Namespace) -> int:
     """FP32, the other precisions, the graph additions and the Triton repositories; the exit status."""
     from . import images
@@ -142,8 +163,11 @@ def _export(args: argparse.Namespace) -> int:
                     gate_count=args.gate_count or None, threads=args.threads)
     others, status = _write_precisions(args, job)
     written = [out] + others
-    add_all(written, AddContext(ckpt_dir=ckpt_dir, data_dir=data_dir, size=size, features=not args.no_features,
-                                threads=args.threads, options=vars(args)), _say)
+    context = AddContext(ckpt_dir=ckpt_dir, data_dir=data_dir, size=size, features=not args.no_features,
+                         threads=args.threads, options=vars(args))
+    add_all(written, context, _say)
+    if context.has_data:  # the temperature sits inside the classifier, before its Softmax: not an addition
+        status = max(status, _calibrate(written, data_dir, args))
     if args.triton:
         from .triton import write_triton_repo
 

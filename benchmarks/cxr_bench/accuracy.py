@@ -5,17 +5,30 @@ from __future__ import annotations
 
 import csv
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from cxr_infer.metrics import binary_metrics, roc_curve
 
-from .dataset import PixelCache, list_dataset
+from .dataset import Dataset, PixelCache, list_dataset, stored_sizes, validation_dataset
 from .models import OnnxModel, inspect_model, open_model
 from .stats import bootstrap_metrics, calibration_bins
-from .util import BenchError, Progress, fmt_ci, fmt_num, fmt_pct, mb, md_table, new_report, say, write_report
+from .util import (
+    BenchError,
+    Progress,
+    fmt_ci,
+    fmt_num,
+    fmt_pct,
+    images_used,
+    mb,
+    md_table,
+    new_report,
+    say,
+    write_report,
+)
 
 KIND = "cxr-bench/accuracy"
 
@@ -45,11 +58,28 @@ def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, rounds: int, seed: 
             "ci": bootstrap_metrics(y, p, threshold, rounds=rounds, seed=seed) if rounds else {}}
 
 
-def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path, bootstrap: int = 1000,
+def _image_set(specs: Sequence[Any], data: Optional[str | Path], validation: Optional[str | Path],
+               limit: Optional[int]) -> Tuple[Dataset, Optional[List[Tuple[set, str]]], Dict[str, Any]]:
+    """The images a run reads: the folder ``data``, or the union of each file's validation split rebuilt
+    from the training folder ``validation`` (with each file's own images and split hash)."""
+    if (data is None) == (validation is None):
+        raise BenchError("name the images: --data DIR (a labelled folder, e.g. chest_xray/test) or --validation "
+                         "TRAIN_DIR (each model's own validation split, rebuilt from its spec), not both")
+    if validation is None:
+        return list_dataset(data, limit=limit), None, {"split": "folder"}
+    ds, splits = validation_dataset(validation, specs, limit=limit)
+    return ds, splits, {"split": "validation", "split_hashes": sorted({h for _, h in splits}),
+                        "rule": "each model on its own validation split, rebuilt from the training folder as its "
+                                "spec's provenance says and checked against its split hash"}
+
+
+def run_accuracy(models: Sequence[str | Path], data: Optional[str | Path], out: str | Path, bootstrap: int = 1000,
                  seed: int = 0, batch: int = 32, threads: int = 1, device: str = "cpu",
                  limit: Optional[int] = None, name: Optional[str] = None, plots: bool = True,
-                 calibration_bins_n: int = 10, quiet: bool = False) -> Dict[str, Any]:
-    """Evaluate ``models`` on ``data``, write the report files to ``out`` and return the report."""
+                 calibration_bins_n: int = 10, quiet: bool = False, validation: Optional[str | Path] = None
+                 ) -> Dict[str, Any]:
+    """Evaluate ``models`` on the folder ``data`` or, with ``validation`` (a training folder) instead, each
+    on its own validation split; write the report files to ``out`` and return the report."""
     out = Path(out)
     paths = [Path(m) for m in models]
     if not paths:
@@ -58,15 +88,14 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
     warnings = [w for _, _, warn in inspected.values() for w in warn]
     for w in warnings:
         say(f"warning: {w}", quiet)
-    ds = list_dataset(data, limit=limit)
-    say(f"data: {ds.root} ({len(ds.files)} images: "
+    ds, splits, data_block = _image_set([inspected[p][0] for p in paths], data, validation, limit)
+    say(f"data: {ds.root}{' (validation splits)' if splits else ''} ({len(ds.files)} images: "
         + ", ".join(f"{v} {k}" for k, v in ds.counts().items()) + ")", quiet)
     cache = PixelCache(ds.files, quiet=quiet)
-    names = _unique_names(paths)
     results: List[Dict[str, Any]] = []
     prob_columns: Dict[str, np.ndarray] = {}
     targets: Optional[np.ndarray] = None
-    for path, label in zip(paths, names):
+    for i, (path, label) in enumerate(zip(paths, _unique_names(paths))):
         model = open_model(path, device=device, threads=threads)
         say(f"{label}: {model.label}, threshold {model.spec.threshold:.4g}, input {model.spec.image_size}", quiet)
         y_all = ds.targets(model.spec.positive_label, model.spec.labels)
@@ -74,24 +103,26 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
         pixels = cache.pixels(model.spec.image_size, model.spec.resize_method)
         keep = np.ones(len(ds.files), dtype=bool)
         keep[list(cache.failed)] = False
+        if splits is not None:
+            keep &= np.array([f in splits[i][0] for f in ds.files], dtype=bool)
         t0 = time.perf_counter()
         p_all = predict_all(model, pixels, keep, batch=batch, quiet=quiet)
-        eval_s = time.perf_counter() - t0
-        y, p = y_all[keep], p_all[keep]
-        fpr, tpr, thr = roc_curve(y, p)
-        at_t = evaluate(y, p, model.spec.threshold, bootstrap, seed)
-        point = [at_t["fp"] / max(at_t["fp"] + at_t["tn"], 1), at_t["tp"] / max(at_t["tp"] + at_t["fn"], 1)]
-        results.append({**model.describe(), "name": label, "graph": inspected[path][1], "n_evaluated": int(keep.sum()),
-                        "eval_s": eval_s, "at_threshold": at_t, "at_0_5": evaluate(y, p, 0.5, bootstrap, seed),
-                        "roc": {"fpr": fpr, "tpr": tpr, "thresholds": thr, "point": point},
-                        "calibration": calibration_bins(y, p, bins=calibration_bins_n)})
+        entry = _measure(model, label, inspected[path][1], y_all[keep], p_all[keep], bootstrap, seed,
+                         calibration_bins_n)
+        entry["eval_s"] = time.perf_counter() - t0
+        if splits is not None:
+            entry["split"] = {"name": "validation", "hash": splits[i][1], "images": int(keep.sum())}
+        results.append(entry)
         prob_columns[label] = p_all
+        at_t = entry["at_threshold"]
         say(f"{label}: accuracy {fmt_pct(at_t['accuracy'])}, AUC {fmt_num(at_t['auc'])}, "
             f"TP {at_t['tp']} FP {at_t['fp']} TN {at_t['tn']} FN {at_t['fn']}", quiet)
+    sizes = stored_sizes(ds.files)
     report: Dict[str, Any] = {
         **new_report(KIND),
-        "data": {"root": str(ds.root), "n_images": len(ds.files), "counts": ds.counts(), "limit_per_label": limit,
-                 "decoded_images": cache.decodes,
+        "data": {"root": str(ds.root), **data_block, "n_images": len(ds.files), "counts": ds.counts(),
+                 "stored_sizes": dict(sorted(Counter(sizes).items())),
+                 "limit_per_label": limit, "decoded_images": cache.decodes,
                  "unreadable": [{"file": str(ds.files[i]), "reason": r} for i, r in sorted(cache.failed.items())]},
         "bootstrap": {"rounds": bootstrap, "seed": seed, "level": 0.95,
                       "method": "percentile bootstrap, images resampled with replacement; same draws for every "
@@ -99,13 +130,27 @@ def run_accuracy(models: Sequence[str | Path], data: str | Path, out: str | Path
         "models": results,
         "warnings": warnings,
     }
-    write_reports(report, ds, prob_columns, targets, out, name=name, plots=plots, quiet=quiet)
+    write_reports(report, ds, prob_columns, targets, out, name=name, plots=plots, quiet=quiet, sizes=sizes)
     return report
 
 
+def _measure(model: OnnxModel, label: str, graph: Dict[str, Any], y: np.ndarray, p: np.ndarray, bootstrap: int,
+             seed: int, bins: int) -> Dict[str, Any]:
+    """One model's report entry from its targets ``y`` and probabilities ``p``."""
+    fpr, tpr, thr = roc_curve(y, p)
+    at_t = evaluate(y, p, model.spec.threshold, bootstrap, seed)
+    point = [at_t["fp"] / max(at_t["fp"] + at_t["tn"], 1), at_t["tp"] / max(at_t["tp"] + at_t["fn"], 1)]
+    return {**model.describe(), "name": label, "graph": graph, "n_evaluated": int(len(y)),
+            "at_threshold": at_t, "at_0_5": evaluate(y, p, 0.5, bootstrap, seed),
+            "roc": {"fpr": fpr, "tpr": tpr, "thresholds": thr, "point": point},
+            "calibration": calibration_bins(y, p, bins=bins)}
+
+
 def write_reports(report: Dict[str, Any], ds, prob_columns: Dict[str, np.ndarray], targets, out: Path,
-                  name: Optional[str] = None, plots: bool = True, quiet: bool = False) -> Dict[str, str]:
-    """Write predictions CSV, plots, JSON and Markdown; record their names in ``report["files"]``."""
+                  name: Optional[str] = None, plots: bool = True, quiet: bool = False,
+                  sizes: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """Write predictions CSV (a row per image: file, label, target, stored size, each model's probability),
+    plots, JSON and Markdown; record their names in ``report["files"]``."""
     from .plots import calibration_png, have_matplotlib, roc_png
 
     out.mkdir(parents=True, exist_ok=True)
@@ -113,9 +158,10 @@ def write_reports(report: Dict[str, Any], ds, prob_columns: Dict[str, np.ndarray
     files = {"predictions": f"predictions{suffix}.csv"}
     with open(out / files["predictions"], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["file", "label", "target"] + [f"p_positive:{k}" for k in prob_columns])
+        w.writerow(["file", "label", "target", "size"] + [f"p_positive:{k}" for k in prob_columns])
         for i, (fp, lab) in enumerate(zip(ds.files, ds.folder_labels)):
-            w.writerow([str(fp.relative_to(ds.root)), lab, int(targets[i]) if targets is not None else ""]
+            w.writerow([str(fp.relative_to(ds.root)), lab, int(targets[i]) if targets is not None else "",
+                        sizes[i] if sizes is not None else ""]
                        + ["" if np.isnan(v[i]) else f"{v[i]:.6f}" for v in prob_columns.values()])
     if plots and have_matplotlib():
         rocs = [{"name": m["name"], "fpr": m["roc"]["fpr"], "tpr": m["roc"]["tpr"], "auc": m["at_threshold"]["auc"],
@@ -165,7 +211,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
     d, b, models = report["data"], report["bootstrap"], report["models"]
     counts = ", ".join(f"{v} {k}" for k, v in d["counts"].items())
     L: List[str] = ["# cxr-bench accuracy report", "",
-                    f"Data: `{d['root']}`: {d['n_images']} images ({counts})"
+                    f"Data: {images_used(d)}: {d['n_images']} images ({counts})"
                     + (f", first {d['limit_per_label']} per label" if d.get("limit_per_label") else "") + ". "
                     f"Created {report['created']} by cxr-bench {report['cxr_bench_version']}.", ""]
     if d["unreadable"]:
@@ -198,7 +244,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
         L += [f"### {m['name']}", "",
               f"`{m['path']}`: {m['backbone']} {m['precision']}, input {m['image_size'][0]}x{m['image_size'][1]} "
               f"{m['input_dtype']}, {mb(m['file_bytes'])} MiB, sha256 `{m['sha256'][:16]}…`; "
-              f"decision threshold {m['threshold']:.6g}{rule}; {m['n_evaluated']} images evaluated.", "",
+              f"decision threshold {m['threshold']:.6g}{rule}; {m['n_evaluated']} images evaluated"
+              + (f" (its validation split {m['split']['hash'][:8]})" if m.get("split") else "") + ".", "",
               _detail_table(m), "", _confusion(m), "",
               "Calibration (10 equal-width bins of the predicted probability): "
               f"ECE {fmt_num(m['calibration']['ece'], 4)}, max gap {fmt_num(m['calibration']['mce'], 4)}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -12,6 +12,7 @@ from cxr_infer import IMAGE_SUFFIXES
 from cxr_infer.errors import InputError
 from cxr_infer.preprocess import load_image
 
+from .upstream import validation_split
 from .util import BenchError, Progress
 
 
@@ -84,6 +85,65 @@ class PixelCache:
             prog.done(f"({len(self.failed)} unreadable)" if self.failed else "")
             self._pixels[key] = out
         return self._pixels[key]
+
+
+def stored_sizes(files: Sequence[Path]) -> List[str]:
+    """Each file's stored size as ``WIDTHxHEIGHT`` from its header (Pillow), ``""`` where Pillow cannot tell."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = []
+    for f in files:
+        try:
+            with Image.open(f) as image:
+                sizes.append(f"{image.width}x{image.height}")
+        except (OSError, UnidentifiedImageError):
+            sizes.append("")
+    return sizes
+
+
+def validation_files(train_dir: str | Path, spec: Any) -> List[Path]:
+    """The validation images of the file's training split, rebuilt as ``cxr-train`` made it (from the
+    file's ``provenance.split``) and checked against its split hash; :class:`BenchError` when they differ."""
+    how = spec.provenance.split
+    seed, val_fraction, max_images = how.get("seed", 0), how.get("val_fraction", 0.1), how.get("max_images")
+    want = str(spec.provenance.split_hash or "")
+    if not want:
+        raise BenchError("--validation: the model file records no split_hash, so its validation images cannot be "
+                         "told from its training ones")
+    root = Path(train_dir)
+    if not root.is_dir():
+        raise BenchError(f"--validation {train_dir}: no such folder (give the training folder the models were "
+                         "trained on, e.g. chest_xray/train)")
+    val, got = validation_split(root, seed, val_fraction, max_images)
+    if got != want:
+        raise BenchError(f"--validation {train_dir}: the split rebuilt from it (seed {seed}, validation fraction "
+                         f"{val_fraction}, {max_images or 'all'} images) is {got[:8]}, not the model's {want[:8]}: "
+                         "was the model trained on another folder?")
+    return val
+
+
+def validation_dataset(train_dir: str | Path, specs: Sequence[Any], limit: Optional[int] = None
+                       ) -> Tuple[Dataset, List[Tuple[set, str]]]:
+    """Every image of the validation splits of the files ``specs`` describe (:func:`validation_files`),
+    labelled by their class folder, and for each spec its own images and split hash; ``limit`` keeps
+    the first N (by name) of each label. Files recording the same split hash share one rebuild."""
+    by_hash: Dict[str, set] = {}
+    splits = []
+    for spec in specs:
+        digest = str(spec.provenance.split_hash or "")
+        if digest not in by_hash or not digest:
+            by_hash[digest] = set(validation_files(train_dir, spec))
+        splits.append((by_hash[digest], digest))
+    root = Path(train_dir)
+
+    def label(f: Path) -> str:  # the class folder right under the training folder
+        return f.relative_to(root).parts[0] if f.is_relative_to(root) else f.parent.name
+
+    union = sorted(set().union(*(files for files, _ in splits)), key=lambda f: (label(f), f.name))
+    files: List[Path] = []
+    for name in sorted({label(f) for f in union}):
+        files += [f for f in union if label(f) == name][:limit]
+    return Dataset(root=root, files=files, folder_labels=[label(f) for f in files]), splits
 
 
 #: What a folder of unlabelled images (``--foreign``, ``--originals``, ``--domain-data``) is searched for.

@@ -15,11 +15,11 @@ import numpy as np
 from cxr_infer.metrics import roc_auc
 from cxr_infer.preprocess import load_image
 
-from .dataset import IMAGE_EXTS, PixelCache, image_files, list_dataset
+from .dataset import IMAGE_EXTS, PixelCache, image_files, list_dataset, validation_files
 from .domain_kinds import KINDS, build_kinds
 from .domain_report import render_markdown
 from .models import OnnxModel, open_model
-from .upstream import ADD_DOMAIN_HINT, domain_operating_points, validation_split
+from .upstream import ADD_DOMAIN_HINT, domain_operating_points
 from .util import BenchError, fmt_pct, new_report, say, write_report
 
 KIND = "cxr-bench/domain"
@@ -128,27 +128,6 @@ def flag_rate_by_source(files: List[str], scores: np.ndarray, thr: float, rows: 
         return {}
     return {src: {"images": len(v), "flag_rate": float(np.mean(np.asarray(v) > thr))}
             for src, v in sorted(groups.items())}
-
-
-def validation_files(train_dir: str | Path, spec: Any) -> List[Path]:
-    """The validation images of the file's training split, rebuilt as ``cxr-train`` made it (from the
-    file's ``provenance.split``) and checked against its split hash; :class:`BenchError` when they differ."""
-    how = spec.provenance.split
-    seed, val_fraction, max_images = how.get("seed", 0), how.get("val_fraction", 0.1), how.get("max_images")
-    want = str(spec.provenance.split_hash or "")
-    if not want:
-        raise BenchError("--validation: the model file records no split_hash, so its validation images cannot be "
-                         "told from its training ones")
-    root = Path(train_dir)
-    if not root.is_dir():
-        raise BenchError(f"--validation {train_dir}: no such folder (give the training folder the models were "
-                         "trained on, e.g. chest_xray/train)")
-    val, got = validation_split(root, seed, val_fraction, max_images)
-    if got != want:
-        raise BenchError(f"--validation {train_dir}: the split rebuilt from it (seed {seed}, validation fraction "
-                         f"{val_fraction}, {max_images or 'all'} images) is {got[:8]}, not the model's {want[:8]}: "
-                         "was the model trained on another folder?")
-    return val
 
 
 def operating_table(spec: Any, val_scores: Optional[np.ndarray], scores: Dict[str, np.ndarray]

@@ -1,6 +1,7 @@
 """``cxr-bench summary``: every report of a folder in brief. ``summary.json`` is a list of rows, one
-per model file, with exactly these keys (metrics at the model's threshold, latencies CPU medians at
-batch 1, ``null`` where missing; ``precision_score`` is the positive predictive value)::
+per model file, with exactly these keys (metrics at the model's threshold on a labelled folder, never
+on a validation split; latencies CPU medians at batch 1, ``null`` where missing; ``precision_score`` is
+the positive predictive value)::
 
     backbone, precision, accuracy, auc, loss, precision_score, recall, f1, tp, fp, tn, fn,
     latency_ms_b1, torch_latency_ms_b1
@@ -69,7 +70,8 @@ def build_summary(found: Sequence[Found], threads: Optional[int] = None, device:
                   ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """The summary rows of the reports ``found`` and a ``sources`` dict saying which report gave what;
     accuracy and ONNX latency are joined per model file (SHA-256), PyTorch latency by backbone."""
-    acc_reports = [(f.label, f.report) for f in found if f.command.name == "accuracy"]
+    acc_reports = [(f.label, f.report) for f in found if f.command.name == "accuracy"
+                   and f.report.get("data", {}).get("split") != "validation"]  # rows hold held-out figures
     lat_reports = [(f.label, f.report) for f in found if f.command.name == "latency"]
     acc: Dict[str, Tuple[str, Dict, str]] = {}
     for label, rep in acc_reports:

@@ -160,6 +160,14 @@ def mb(n_bytes: Optional[float]) -> str:
     return "n/a" if _bad(n_bytes) else f"{float(n_bytes) / 2**20:.1f}"
 
 
+def images_used(data: Dict[str, Any]) -> str:
+    """Which images an accuracy report measured, in words, from its ``data`` block."""
+    if data.get("split") == "validation":
+        hashes = ", ".join(h[:8] for h in data.get("split_hashes", []))
+        return f"each model's own validation split, rebuilt from the training folder `{data['root']}` (split {hashes})"
+    return f"`{data['root']}`"
+
+
 def command_line() -> str:
     """The command that is running, as a person would retype it."""
     import shlex

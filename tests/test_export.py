@@ -142,21 +142,21 @@ def test_gate_catches_bad_calibration(exported, run_dir, tmp_path):
     unlike damage that depends on how a kernel saturates; reduce_range keeps AVX2's saturation
     out of it altogether.
     """
-    from cxr_export.modelio import open_model, read_spec
+    from cxr_export.modelio import open_model, read_spec, write_without
     from cxr_export.quantize import Int8Config, gate, quantize_int8
 
-    spec = read_spec(exported)
-    # the spec as export has it before the per-file outputs (domain score, heatmap) are added
-    spec = spec.without_additions(["domain", "heatmap"])
+    # the FP32 file as export has it when the gate runs: before the per-file graphs are added
+    plain = write_without(exported, tmp_path / "plain.onnx", ["domain", "heatmap"])
+    spec = read_spec(plain)
     px, y, _ = _val(run_dir)
     mid_gray = np.round(255 * np.array(spec.mean)).astype(np.uint8)
     bad = tmp_path / "bad_int8.onnx"
-    quantize_int8(exported, bad, np.broadcast_to(mid_gray, (16, 64, 64, 3)).copy(), spec,
+    quantize_int8(plain, bad, np.broadcast_to(mid_gray, (16, 64, 64, 3)).copy(), spec,
                   Int8Config(reduce_range=True))
-    p32 = open_model(exported).positive_probability(px)
+    p32 = open_model(plain).positive_probability(px)
     p8 = open_model(bad, spec=spec).positive_probability(px)
     assert np.ptp(p8) < 0.1 * np.ptp(p32)  # collapsed
-    result = gate(exported, bad, spec, px, y)
+    result = gate(plain, bad, spec, px, y)
     # a (near) constant is at least half the FP32 range away from one end of it
     assert result.max_abs_diff_probability >= np.ptp(p32) / 2 - np.ptp(p8)
     if 0 < np.mean(p32 >= spec.threshold) < 1:  # FP32 says both labels; a constant says one

@@ -18,7 +18,7 @@ from cxr_infer.spec import GRAPH_ADDITIONS, GraphAddition
 
 from . import heatmap
 from .domain import graph as domain_graph
-from .onnxgraph import strip_prefixed
+from .onnxgraph import keep_only, strip_prefixed
 
 
 @dataclass
@@ -63,6 +63,8 @@ class Addition:
     option: str
     needs_data: bool = False
     needs_features: bool = True
+    #: graph inputs it adds (a switch that turns it on), removed with it
+    inputs: Tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -73,8 +75,9 @@ class Addition:
         return tuple(self.graph.outputs)
 
     def strip(self, model: Any) -> None:
-        """Remove this addition's nodes, initializers and outputs from ``model`` (in place)."""
+        """Remove this addition's nodes, initializers, outputs and inputs from ``model`` (in place)."""
         strip_prefixed(model, self.prefix, self.outputs)
+        keep_only(model.graph.input, lambda i: i.name not in self.inputs)
 
     def wanted(self, context: AddContext) -> bool:
         """Whether ``cxr-export`` adds it (by default: when what it needs is there); ``ValueError`` if it cannot."""
@@ -108,14 +111,15 @@ def _add_heatmap(path: Path, context: AddContext) -> Dict[str, Any]:
 
 
 def _heatmap_summary(block: Dict[str, Any]) -> str:
-    return f"Grad-CAM at {block['grid'][0]}x{block['grid'][1]} ({block['feature_map']})"
+    return f"Grad-CAM at {block['grid'][0]}x{block['grid'][1]} ({block.get('layer') or block['feature_map']})"
 
 
 #: The graph additions, in the order ``cxr-export`` adds them.
 ADDITIONS: Dict[str, Addition] = {a.name: a for a in (
     Addition(GRAPH_ADDITIONS["domain"], domain_graph.PREFIX, _add_domain, _domain_summary, option="domain_stats",
              needs_data=True),
-    Addition(GRAPH_ADDITIONS["heatmap"], heatmap.PREFIX, _add_heatmap, _heatmap_summary, option="heatmap"),
+    Addition(GRAPH_ADDITIONS["heatmap"], heatmap.PREFIX, _add_heatmap, _heatmap_summary, option="heatmap",
+             inputs=(heatmap.SWITCH_INPUT,)),
 )}
 
 

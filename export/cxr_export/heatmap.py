@@ -19,9 +19,22 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .onnxgraph import NodeWriter, consumers, inferred_values, int_attribute, producers, strip_prefixed
+from .backprop import Rules, gradient
+from .domain.stages import resolve_tap
+from .onnxgraph import (
+    NodeWriter,
+    constant_value,
+    consumers,
+    inferred_values,
+    int_attribute,
+    keep_only,
+    producers,
+    strip_prefixed,
+)
 
 HEATMAP_OUTPUT = "heatmap"
+#: the boolean graph input that turns the Grad-CAM graph on (its nodes run only when it is true)
+SWITCH_INPUT = "heatmap_enabled"
 #: the largest change of an FP16 file's probabilities accepted when the nodes are added (on a CPU)
 FP16_TOLERANCE = 1e-4
 #: the name prefix of every node and initializer the heatmap adds
@@ -78,21 +91,20 @@ def find_head(model, features: str) -> Dict[str, Any]:
             "w2_transposed": second.op_type != "MatMul" and int_attribute(second, "transB", 0) == 1}
 
 
-def _inferred(model, feature_map: str) -> Tuple[Dict[str, int], Tuple[Optional[int], Optional[int]]]:
-    """The element type of every tensor, and the feature map's grid ``(h, w)``, by one shape inference."""
+def _inferred(model: Any) -> Tuple[Dict[str, int], Dict[str, List[int]]]:
+    """Every tensor's element type and static dimensions (0 where unknown), by one shape inference."""
     types = {t.name: t.data_type for t in model.graph.initializer}
-    grid: Tuple[Optional[int], Optional[int]] = (None, None)
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
     for value in inferred_values(model):
         types[value.name] = value.type.tensor_type.elem_type
-        dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
-        if value.name == feature_map and len(dims) == 4:
-            grid = (dims[2], dims[3])
-    return types, grid
+        dims[value.name] = [d.dim_value for d in value.type.tensor_type.shape.dim]
+    return types, dims
 
 
 def strip_heatmap_graph(model: Any) -> None:
-    """Remove what :func:`add_heatmap_graph` added (in place)."""
+    """Remove what :func:`add_heatmap_graph` added (in place): its nodes, output and switch input."""
     strip_prefixed(model, PREFIX, (HEATMAP_OUTPUT,))
+    keep_only(model.graph.input, lambda i: i.name != SWITCH_INPUT)
 
 
 def _int8_rows(model, weight: str) -> Optional[Tuple[str, str]]:
@@ -112,68 +124,109 @@ def _int8_rows(model, weight: str) -> Optional[Tuple[str, str]]:
     return producer.input[0], producer.input[1]
 
 
-def add_heatmap_graph(model, features: str, positive_index: int) -> Dict[str, Any]:
-    """Append the Grad-CAM nodes and the ``heatmap`` output to ``model`` in place; returns its spec block."""
-    from onnx import TensorProto, helper
+def _margin_gradient(model: Any, rules: Rules, head: Dict[str, Any], positive_index: int, classes: int) -> str:
+    """d(z_positive - mean of the other logits)/d(pooled features), [N, C]: the head is Linear -> ReLU ->
+    Linear, so this gradient is a forward expression of its weights and its ReLU mask; the last layer's
+    part, a constant, is computed here."""
+    w = rules.w
+    weight = constant_value(model, head["w2"])  # [K, H] (or [H, K]): the seed is a constant of the file
+    if weight is None:
+        raise HeadNotFound(f"the head's last weight {head['w2']!r} is not a constant")
+    weight = weight.astype(np.float32) if head["w2_transposed"] else weight.astype(np.float32).T
+    others = [k for k in range(classes) if k != positive_index]
+    seed = weight[positive_index] - weight[others].mean(axis=0)                  # [H]
+    row = w.const("seed_row", seed.reshape(1, -1).astype(np.float32))            # [1, H]
+    active = rules.mask(row, rules.local(head["activation"]), w.const("zero", np.array(0.0, np.float32)))
+    quantized = _int8_rows(model, head["w1"]) if head["w1_transposed"] else None
+    if quantized is None:
+        w1 = rules.local(head["w1"])                                              # [H, C] (or [C, H])
+        return w.node("MatMul", [active, w1 if head["w1_transposed"] else
+                                 w.node("Transpose", [w1], "w1_t", perm=[1, 0])], "gradient")
+    # W1 = scale[h] * Q[h, c]: the scales go into the gated vector, quantized to 8 bits on the fly, and Q
+    # multiplies it as integers, so the [H, C] weight is never dequantized
+    from onnx import TensorProto
+
+    q_weight, q_scale = quantized
+    dyn = [PREFIX + "gated_q", PREFIX + "gated_q_scale", PREFIX + "gated_q_zero"]
+    w.node("DynamicQuantizeLinear", [w.node("Mul", [active, q_scale], "gated_scaled")], "gated_q", outputs=dyn)
+    product = w.node("MatMulInteger", [dyn[0], q_weight, dyn[2]], "gradient_int")  # [N, C] int32
+    return w.node("Mul", [w.node("Cast", [product], "gradient_f", to=TensorProto.FLOAT), dyn[1]], "gradient")
+
+
+def add_heatmap_graph(model: Any, features: str, positive_index: int, layer: Optional[str] = None,
+                      classes: int = 2) -> Dict[str, Any]:
+    """Append the Grad-CAM graph, its ``heatmap`` output and its switch input to ``model`` in place;
+    returns its spec block. ``layer``: the tensor (as exported) whose map is wanted, by default the last
+    feature map; the gradient is carried back to it through the graph (:mod:`cxr_export.backprop`)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .additions import ADDITIONS
 
     strip_heatmap_graph(model)
     head = find_head(model, features)
-    types, (height, width) = _inferred(model, head["feature_map"])
-    w = NodeWriter(model, PREFIX, **{"zero": np.array(0.0, np.float32), "class": np.array([positive_index], np.int64),
-                                     "axes23": np.array([2, 3], np.int64), "axis1": np.array([1], np.int64)})
-
-    def as_float(tensor: str, name: str) -> str:
-        return tensor if types.get(tensor, TensorProto.FLOAT) == TensorProto.FLOAT else \
-            w.node("Cast", [tensor], name, to=TensorProto.FLOAT)
-
-    feature_map = as_float(head["feature_map"], "feature_map")                    # [N, C, h, w]
-    activation = as_float(head["activation"], "activation")                       # [N, H], after the ReLU
-    w1 = as_float(head["w1"], "w1")                                               # [H, C] (or [C, H])
-    w2 = as_float(head["w2"], "w2")                                               # [K, H] (or [H, K])
-    mask = w.node("Cast", [w.node("Greater", [activation, PREFIX + "zero"], "active")], "mask", to=TensorProto.FLOAT)
-    w2_row = w.node("Gather", [w2, PREFIX + "class"], "w2_class", axis=0 if head["w2_transposed"] else 1)
-    w2_row = w.node("Flatten", [w2_row], "w2_row", axis=0) if head["w2_transposed"] else \
-        w.node("Transpose", [w2_row], "w2_row", perm=[1, 0])                      # [1, H]
-    gated = w.node("Mul", [mask, w2_row], "gated")                                # [N, H]
-    quantized = _int8_rows(model, head["w1"]) if head["w1_transposed"] else None
-    if quantized is not None:
-        # W1 = scale[h] * Q[h, c]: the scales go into the gated vector, quantized to 8 bits on the fly, and
-        # Q multiplies it as integers, so the [H, C] weight is never dequantized per call
-        q_weight, q_scale = quantized
-        scaled = w.node("Mul", [gated, q_scale], "gated_scaled")                  # [N, H]
-        dyn = [PREFIX + "gated_q", PREFIX + "gated_q_scale", PREFIX + "gated_q_zero"]
-        w.node("DynamicQuantizeLinear", [scaled], "gated_q", outputs=dyn)
-        product = w.node("MatMulInteger", [dyn[0], q_weight, dyn[2]], "gradient_int")  # [N, C] int32
-        gradient = w.node("Mul", [w.node("Cast", [product], "gradient_f", to=TensorProto.FLOAT), dyn[1]], "gradient")
-    else:
-        gradient = w.node("MatMul", [gated, w1 if head["w1_transposed"] else
-                                     w.node("Transpose", [w1], "w1_t", perm=[1, 0])], "gradient")  # [N, C] = dz / dp
-    # the area h w as a constant: computed from the tensor's shape it stops OpenVINO's CPU plugin (SIGFPE),
-    # so that form serves only a grid shape inference cannot tell
-    if height and width:
-        area = w.const("area_f", np.array(float(height * width), np.float32))
-    else:
-        start, end = w.const("start2", np.array([2], np.int64)), w.const("end4", np.array([4], np.int64))
-        size = w.node("ReduceProd", [w.node("Slice", [w.node("Shape", [feature_map], "shape"), start, end], "hw")],
-                      "area", keepdims=1)
-        area = w.node("Cast", [size], "area_f", to=TensorProto.FLOAT)
-    alpha4 = w.along("Unsqueeze", w.node("Div", [gradient, area], "alpha"), "axes23", "alpha4")  # [N, C, 1, 1]
-    summed = w.along("ReduceSum", w.node("Mul", [feature_map, alpha4], "weighted"), "axis1", "summed", keepdims=0)
-    w.node("Relu", [summed], HEATMAP_OUTPUT, outputs=[HEATMAP_OUTPUT])
+    types, dims = _inferred(model)
+    skip = tuple(addition.prefix for addition in ADDITIONS.values())
+    feature_map = head["feature_map"]                                             # [N, C, h, w]
+    target = resolve_tap(model, layer) if layer else feature_map
+    rules = Rules(model, NodeWriter(model, PREFIX), dims, types, skip)
+    w = rules.w
+    height, width = dims[feature_map][2:]
+    alpha = w.node("Div", [_margin_gradient(model, rules, head, positive_index, classes),
+                           w.const("area", np.array(float(height * width), np.float32))], "alpha")  # [N, C]
+    alpha4 = w.along("Unsqueeze", alpha, "axes23", "alpha4", values=[2, 3])                    # [N, C, 1, 1]
+    if target == feature_map:
+        weights = alpha4
+    else:  # the gradient at the last feature map (alpha4 everywhere), carried back to the target layer
+        spread = w.node("Add", [w.node("Mul", [rules.local(feature_map), w.const("nil", np.array(0.0, np.float32))],
+                                       "zeros"), alpha4], "grad_map")
+        at_target = gradient(model, rules, target, feature_map, spread, skip)
+        weights = w.along("ReduceMean", at_target, "axes23", "weights", values=[2, 3], keepdims=1)
+    cam = w.along("ReduceSum", w.node("Mul", [rules.local(target), weights], "weighted"), "axis1", "cam",
+                  values=[1], keepdims=0)
+    grid = dims[target][2:]
+    # the branch holds its own constants: read from the outer graph, an engine may not see them as constant
+    # (OpenVINO then gives a reduction over axes it does not know a result of unknown rank)
+    inits = [numpy_helper.from_array(value, key) for key, value in w.inits.items()]
+    w.inits = {}
+    then_graph = helper.make_graph(w.nodes + [helper.make_node("Identity", [cam], [PREFIX + "map"],
+                                                               name=PREFIX + "map")], "heatmap_on", [],
+                                   [helper.make_tensor_value_info(PREFIX + "map", TensorProto.FLOAT, ["batch", *grid])],
+                                   inits)
+    # off: one zero map (an empty tensor would do, but OpenVINO reads an empty constant as a scalar)
+    off = numpy_helper.from_array(np.zeros((1, *grid), np.float32), PREFIX + "off_value")
+    else_graph = helper.make_graph([helper.make_node("Constant", [], [PREFIX + "off"], name=PREFIX + "off",
+                                                     value=off)], "heatmap_off", [],
+                                   [helper.make_tensor_value_info(PREFIX + "off", TensorProto.FLOAT, [1, *grid])])
+    w.nodes = [helper.make_node("If", [SWITCH_INPUT], [HEATMAP_OUTPUT], name=PREFIX + "if",
+                                then_branch=then_graph, else_branch=else_graph)]
     w.write()
-    model.graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT,
-                                                            ["batch", height, width]))
+    model.graph.input.append(helper.make_tensor_value_info(SWITCH_INPUT, TensorProto.BOOL, []))
+    model.graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT, ["batch", *grid]))
     return {
-        "method": "Grad-CAM of the positive-class logit at the last feature map, computed in the graph without "
-                  "autograd: alpha = ((W2[c] * 1[W1 p + b1 > 0]) @ W1) / (h w), map = ReLU(sum_k alpha_k A_k)",
-        "output": HEATMAP_OUTPUT, "grid": [height, width], "feature_map": head["feature_map"],
-        "positive_index": int(positive_index), "normalised": False,
-        "use": "model attention, not a localisation; the runtime scales each map to 0..1",
+        "method": "Grad-CAM of the logit margin (positive label minus the others) at the layer named, computed in "
+                  "the graph: the head's gradient is a forward expression of its weights, carried back through "
+                  "the layers after it; map = sum_k mean_ij(dz/dT_k) T_k, signed",
+        "output": HEATMAP_OUTPUT, "grid": [int(g) for g in grid], "layer": target, "feature_map": feature_map,
+        "positive_index": int(positive_index), "signed": True, "switch": SWITCH_INPUT, "normalised": False,
+        "use": "positive values: evidence for the positive label, negative: for the other; model attention, not a "
+               "localisation; computed only when the switch input is true",
     }
 
 
-def add_heatmap(model_path: str | Path, out_path: Optional[str | Path] = None, threads: int = 0) -> Dict[str, Any]:
-    """Add the ``heatmap`` output (probabilities checked unchanged) to a file; returns its spec block."""
+def default_layer(backbone: str) -> Optional[str]:
+    """The layer whose map a backbone's files carry (its registry entry's ``heatmap_layer``), or None:
+    the last feature map."""
+    from cxr_train.backbones import BACKBONES
+
+    entry = BACKBONES.get(backbone)
+    return entry.heatmap_layer if entry is not None and entry.heatmap_layer else None
+
+
+def add_heatmap(model_path: str | Path, out_path: Optional[str | Path] = None, threads: int = 0,
+                layer: Optional[str] = "backbone") -> Dict[str, Any]:
+    """Add the ``heatmap`` output (probabilities checked unchanged) to a file; returns its spec block.
+    ``layer``: the tensor whose map is wanted; "backbone" (default) takes the backbone entry's, None the
+    last feature map."""
     import onnx
 
     from .modelio import open_model, probability_change, read_spec, staged, write_spec
@@ -184,17 +237,21 @@ def add_heatmap(model_path: str | Path, out_path: Optional[str | Path] = None, t
     if not spec.features_output:
         raise ValueError(f"{model_path}: its spec names no features output, so the head cannot be found")
     model = onnx.load(str(model_path), load_external_data=True)
-    block = add_heatmap_graph(model, spec.features_output, spec.positive_index)
+    layer = default_layer(spec.backbone) if layer == "backbone" else layer
+    block = add_heatmap_graph(model, spec.features_output, spec.positive_index, layer, len(spec.labels))
+    new = spec.updated({"heatmap": block}, outputs={"heatmap": HEATMAP_OUTPUT})
     width, height = spec.image_size
     pixels = np.random.default_rng(0).integers(0, 256, (4, height, width, 3), np.uint8)
     before = open_model(model_path, threads, spec).run(pixels, [spec.prob_output])[0]
     with staged(out) as path:
         onnx.save(model, str(path))
-        after, maps = open_model(path, threads, spec).run(pixels, [spec.prob_output, HEATMAP_OUTPUT])
+        opened = open_model(path, threads, new)
+        after, maps = opened.run(pixels, [spec.prob_output, HEATMAP_OUTPUT])
         change = probability_change(before, after, spec, out, "heatmap", FP16_TOLERANCE)
-        if maps.ndim != 3 or not np.all(np.isfinite(maps)) or np.any(maps < 0):
-            raise RuntimeError(f"{out}: the heatmap output is not a finite non-negative [N, h, w] map (a bug)")
-        block["grid"] = [int(maps.shape[1]), int(maps.shape[2])]
+        if maps.shape != (len(pixels), *block["grid"]) or not np.all(np.isfinite(maps)):
+            raise RuntimeError(f"{out}: the heatmap output is not a finite [N, h, w] map (a bug)")
+        if opened.run(pixels, [spec.prob_output])[0].tobytes() != after.tobytes():
+            raise RuntimeError(f"{out}: asking for the heatmap changed the probabilities (a bug)")
         block["probabilities_unchanged"] = "bit for bit" if change == 0.0 else f"within {change:.2g} (FP16 on CPU)"
         write_spec(path, spec.updated({"heatmap": block}, outputs={"heatmap": HEATMAP_OUTPUT}))
     return block
@@ -217,7 +274,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for path in args.models:
         try:
             block = add_heatmap(path, args.out, args.threads)
-            print(f"{args.out or path}: heatmap {block['grid'][0]}x{block['grid'][1]} from {block['feature_map']}",
+            print(f"{args.out or path}: heatmap {block['grid'][0]}x{block['grid'][1]} at {block['layer']}",
                   file=sys.stderr)
         except (CXRError, HeadNotFound, ValueError) as exc:
             print(f"python -m cxr_export.heatmap: {path}: {exc}", file=sys.stderr)

@@ -70,6 +70,27 @@ def tensor_dims(model: Any, tensor: str) -> List[int]:
     return [d.dim_value for d in inferred.shape.dim] if inferred is not None else []
 
 
+def constant_value(model: Any, tensor: str) -> Optional[np.ndarray]:
+    """The value of ``tensor`` when it is a constant: an initializer, or a DequantizeLinear of initializers
+    (float32); None otherwise."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    if tensor in inits:
+        return numpy_helper.to_array(inits[tensor])
+    node = producers(model.graph).get(tensor)
+    if node is None or node.op_type != "DequantizeLinear" or not all(i in inits for i in node.input if i):
+        return None
+    q, scale = (numpy_helper.to_array(inits[i]).astype(np.float32) for i in node.input[:2])
+    zero = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) if len(node.input) > 2 and node.input[2] \
+        else np.zeros_like(scale)
+    if scale.size > 1:  # per channel, along ``axis``
+        shape = [1] * q.ndim
+        shape[int_attribute(node, "axis", 1)] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (q - zero) * scale
+
+
 def keep_only(field: Any, keep: Callable[[Any], bool]) -> None:
     """Drop the items of a repeated protobuf ``field`` (nodes, outputs, ...) for which ``keep`` is false."""
     kept = [item for item in field if keep(item)]

@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8"}
+_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8",
+          9: "TYPE_BOOL"}
 
 
 def _io_block(kind: str, items) -> str:
@@ -28,17 +29,23 @@ def write_triton_repo(model_path: str | Path, repo: str | Path, name: str = "", 
                       cpu_instances: int = 2, gpu_instances: int = 1,
                       preferred_batch_sizes: Sequence[int] = (8, 16, 32), max_queue_delay_us: int = 2000) -> Path:
     """Write ``repo/<name>/`` for ``model_path``; returns the path of config.pbtxt."""
-    from .modelio import load_onnx, spec_of
+    from .modelio import load_onnx, spec_of, write_without
 
     model_path = Path(model_path)
-    m = load_onnx(model_path)
     name = name or re.sub(r"[^A-Za-z0-9_]", "_", model_path.stem)
-    inits = {i.name for i in m.graph.initializer}
-    inputs = [i for i in m.graph.input if i.name not in inits]
-    spec = spec_of(m, str(model_path)).to_json()  # validated: a repository never serves a file cxr would refuse
     folder = Path(repo) / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model_path, folder / "1" / "model.onnx")
+    served = folder / "1" / "model.onnx"
+    if spec_of(load_onnx(model_path), str(model_path)).switches:
+        # a switch input is one boolean per call, which Triton's batching cannot carry: the repository
+        # serves the file without the graphs it turns on (heatmaps come from the runtime)
+        write_without(model_path, served, ["heatmap"])
+    else:
+        shutil.copyfile(model_path, served)
+    m = load_onnx(served)
+    inits = {i.name for i in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in inits]
+    spec = spec_of(m, str(served)).to_json()  # validated: a repository never serves a file cxr would refuse
     pref = ", ".join(str(b) for b in preferred_batch_sizes if b <= max_batch_size)
     text = (
         f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch_size}\n'

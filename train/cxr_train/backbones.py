@@ -31,6 +31,8 @@ class Backbone:
         domain_taps: the ONNX tensor names whose channel statistics the image check reads
             (:mod:`cxr_export.domain.stages`; why: ``docs/design/domain-check.md``); empty: the
             pooled features.
+        heatmap_layer: the ONNX tensor whose Grad-CAM map the exported files carry (at least 14 x 14
+            at 224 px; :mod:`cxr_export.heatmap`); empty: the last feature map.
     """
 
     name: str
@@ -40,6 +42,7 @@ class Backbone:
     imagenet: bool = True
     transform_input: bool = False
     domain_taps: Tuple[str, ...] = ()
+    heatmap_layer: str = ""
 
 
 def _resnet(name: str, pretrained: bool, init: bool) -> "nn.Module":
@@ -81,14 +84,17 @@ BACKBONES: Dict[str, Backbone] = {spec.name: spec for spec in (
     # VGG16: the max-pools closing blocks 1 to 4 (the ends of its first four stages)
     Backbone("vgg16", _vgg16, feature_dim=512,
              domain_taps=("/features.4/MaxPool_output_0", "/features.9/MaxPool_output_0",
-                          "/features.16/MaxPool_output_0", "/features.23/MaxPool_output_0")),
+                          "/features.16/MaxPool_output_0", "/features.23/MaxPool_output_0"),
+             heatmap_layer="/features.29/Relu_output_0"),  # the last convolution, before the last max-pool
     # ResNet50: two activations inside bottleneck blocks, layer2.3.conv1 (128 x 28 x 28) and
     # layer3.1.conv2 (256 x 14 x 14), after their ReLU
     Backbone("resnet50", partial(_resnet, "resnet50"), feature_dim=2048,
-             domain_taps=("/relu_19/Relu_output_0", "/relu_26/Relu_output_0")),
+             domain_taps=("/relu_19/Relu_output_0", "/relu_26/Relu_output_0"),
+             heatmap_layer="/relu_39/Relu_output_0"),  # the end of layer3 (14 x 14 at 224 px)
     # InceptionV3: the first stem max-pool, Mixed_5d and Mixed_6e
     Backbone("inception_v3", _inception_v3, feature_dim=2048, input_size=299, transform_input=True,
-             domain_taps=("/maxpool1/MaxPool_output_0", "/Concat_2_output_0", "/Concat_7_output_0")),
+             domain_taps=("/maxpool1/MaxPool_output_0", "/Concat_2_output_0", "/Concat_7_output_0"),
+             heatmap_layer="/Concat_2_output_0"),  # Mixed_5d (25 x 25 at 224 px)
     Backbone("resnet18", partial(_resnet, "resnet18"), feature_dim=512),
     Backbone("tiny", _tiny, feature_dim=32, imagenet=False),  # four conv layers: tests and smoke runs
 )}

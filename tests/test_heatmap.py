@@ -1,10 +1,14 @@
 """Grad-CAM in the graph (cxr_export.heatmap): equal to PyTorch autograd Grad-CAM, passes the
 sanity checks of Adebayo et al. 2018, and finds a bright square in noise.
 
-Tolerance of the parity: the graph and PyTorch compute the same FP32 expression with different
-kernels (and BatchNorm folded into the convolutions on export), so the maps agree to float32
-rounding carried through a few thousand multiply-adds: 1e-4 of the map's maximum (measured
-differences are about 1e-6 of it).
+Tolerance of the parity, against PyTorch autograd in float32, per image and relative to the map's
+largest magnitude (:data:`PARITY`): 1e-4 for the last feature map (tiny), VGG16's last convolution and
+ResNet50's layer3 (measured 1e-6 to 5e-5); 5% for InceptionV3's Mixed_5d, with the maps' ranks agreeing
+(Spearman > 0.99). Its gradient comes back through eight Inception blocks, and float32 rounding flips
+the ReLUs whose input lies near zero: PyTorch's own float32 map is up to 3.7% off the float64 one on
+these images, and the graph's (BatchNorm folded, other kernels) up to 2.4% off PyTorch's. The models'
+BatchNorm statistics are those of random images first, so that activations keep a trained network's
+scale (freshly initialised, InceptionV3's grow to 1e7).
 """
 from __future__ import annotations
 
@@ -23,10 +27,11 @@ pytest.importorskip("onnx")
 
 from cxr_infer.model import ModelFile  # noqa: E402
 
-#: the module whose output is the last feature map (the global pooling's input), per backbone
-FEATURE_MAP = {"tiny": "base.features", "resnet50": "base.layer4", "vgg16": "base.features",
-               "inception_v3": "base.Mixed_7c"}
-PARITY = 1e-4
+#: the module whose output is the heatmap's layer, per backbone (the backbone entry's heatmap_layer;
+#: tiny has none: its last feature map)
+LAYER = {"tiny": "base.features", "resnet50": "base.layer3", "vgg16": "base.features.29",
+         "inception_v3": "base.Mixed_5d"}
+PARITY = {"tiny": 1e-4, "resnet50": 1e-4, "vgg16": 1e-4, "inception_v3": 0.05}
 
 
 def export_with_heatmap(model, backbone: str, size: int, path: Path) -> ModelFile:
@@ -39,8 +44,9 @@ def export_with_heatmap(model, backbone: str, size: int, path: Path) -> ModelFil
 
 
 def autograd_gradcam(model, backbone: str, x: np.ndarray, positive: int = 1) -> np.ndarray:
-    """Grad-CAM as pytorch-grad-cam computes it: spatial mean of dz/dA as channel weights."""
-    module = model.get_submodule(FEATURE_MAP[backbone])
+    """Grad-CAM as pytorch-grad-cam computes it, of the logit margin (positive minus the other label) and
+    signed: the spatial mean of d(margin)/dA as channel weights, A the layer's output."""
+    module = model.get_submodule(LAYER[backbone])
     captured = {}
 
     def hook(_module, _inputs, output):
@@ -51,12 +57,12 @@ def autograd_gradcam(model, backbone: str, x: np.ndarray, positive: int = 1) -> 
     try:
         with torch.enable_grad():
             logits = model.eval()(torch.from_numpy(x))
-            logits[:, positive].sum().backward()
+            (logits[:, positive] - logits[:, 1 - positive]).sum().backward()
     finally:
         handle.remove()
     feature_map = captured["A"]
     alpha = feature_map.grad.mean(dim=(2, 3), keepdim=True)
-    return torch.relu((alpha * feature_map).sum(dim=1)).detach().numpy()
+    return (alpha * feature_map).sum(dim=1).detach().numpy()
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -72,20 +78,40 @@ def pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), np.uint8)
 
 
+def calibrated(model, size: int):
+    """``model`` with the BatchNorm statistics of a few batches of random images, in eval mode."""
+    from cxr_infer.model import graph_input
+    from cxr_infer.spec import ModelSpec
+
+    spec = ModelSpec.new(backbone="any", image_size=size)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over the batches
+    model.train()
+    with torch.no_grad():
+        for seed in range(4):
+            model(torch.from_numpy(graph_input(spec, pixels(8, size, seed=10 + seed))))
+    return model.eval()
+
+
 @pytest.mark.parametrize("backbone, size, seed", [("tiny", 64, 2), ("resnet50", 64, 2), ("vgg16", 64, 2),
-                                                  ("inception_v3", 160, 3)])  # 160 px: a 3 x 3 grid
+                                                  ("inception_v3", 160, 3)])  # 160 px: Mixed_5d at 17 x 17
 def test_graph_map_equals_autograd_gradcam(backbone, size, seed, tmp_path):
     from cxr_train.models import build_model
 
-    torch.manual_seed(seed)  # random weights whose maps are not all zero (checked below)
-    model, _ = build_model(backbone)
+    torch.manual_seed(seed)
+    model = calibrated(build_model(backbone)[0], size)
     model_file = export_with_heatmap(model, backbone, size, tmp_path / f"{backbone}.onnx")
     px = pixels(6, size)
+    x = model_file.graph_input(px)
     graph = maps_of(model_file, px)
-    reference = autograd_gradcam(model, backbone, model_file.graph_input(px))
-    assert graph.shape == reference.shape and graph.shape[1:] == tuple(model_file.spec.to_dict()["heatmap"]["grid"])
-    assert np.mean(reference > 0) > 0.2  # maps to compare, not zero arrays
-    np.testing.assert_allclose(graph, reference, rtol=0, atol=PARITY * float(reference.max()))
+    reference = autograd_gradcam(model, backbone, x)
+    assert graph.shape == reference.shape and graph.shape[1:] == model_file.spec.heatmap.grid
+    assert np.mean(reference > 0) > 0.05 and np.mean(reference < 0) > 0.05  # signed maps, not zero arrays
+    for i in range(len(px)):
+        assert float(np.abs(graph[i] - reference[i]).max()) <= PARITY[backbone] * float(np.abs(reference[i]).max()), i
+        assert spearman(graph[i].ravel(), reference[i].ravel()) > 0.99, i
 
 
 def test_int8_map_agrees_with_fp32(tmp_path):
@@ -103,8 +129,8 @@ def test_int8_map_agrees_with_fp32(tmp_path):
         add_heatmap(path, threads=1)
     test_images, labels, _ = square_images(80, seed=6)
     test_images = test_images[labels == 1]  # 40 images with a square: maps with something to agree on
-    map32 = maps_of(ModelFile(fp32, threads=1, spec=spec), test_images).reshape(40, -1)
-    map8 = maps_of(ModelFile(int8, threads=1, spec=spec), test_images).reshape(40, -1)
+    map32 = maps_of(ModelFile(fp32, threads=1), test_images).reshape(40, -1)
+    map8 = maps_of(ModelFile(int8, threads=1), test_images).reshape(40, -1)
     rho = [spearman(a, b) for a, b in zip(map32, map8) if a.std() > 0 and b.std() > 0]
     assert len(rho) >= 30 and np.median(rho) > 0.8
 
@@ -212,6 +238,9 @@ def test_predict_gives_a_unit_map_only_when_asked(square_model, monkeypatch):
 
     clf = Classifier(square_model, threads=1)
     assert clf.info()["heatmap"]["available"] and clf.info()["heatmap"]["grid"] == [4, 4]
+    assert clf.info()["heatmap"]["computed"] == "only when asked for" and clf.info()["heatmap"]["signed"]
+    from cxr_infer.info import summary
+    assert "Grad-CAM 4x4" in summary(clf) and "computed only when asked for" in summary(clf)
     asked = []
     original = ModelFile.run
 
@@ -225,10 +254,12 @@ def test_predict_gives_a_unit_map_only_when_asked(square_model, monkeypatch):
     assert all(p.heatmap is None for p in plain) and all("heatmap" not in o for o in asked)  # not fetched
     with_map = clf.predict(list(images), heatmap=True)
     assert asked[-1][-1] == "heatmap"
-    for p, q in zip(plain, with_map):
-        assert p.probability == q.probability
+    (raw,) = ModelFile(square_model, threads=1).run(images, ["heatmap"])  # signed: > 0 for PNEUMONIA
+    for p, q, signed in zip(plain, with_map, raw):
+        assert p.probability == q.probability and q.heatmap_label == q.label  # the predicted label's evidence
         assert q.heatmap.dtype == np.float32 and q.heatmap.shape == (4, 4)
-        assert q.heatmap.min() >= 0 and q.heatmap.max() in (0.0, 1.0)
+        own = np.maximum(signed if q.label == "PNEUMONIA" else -signed, 0)
+        np.testing.assert_allclose(q.heatmap, own / own.max() if own.max() > 0 else own, atol=1e-6)
     full = with_map[1].heatmap_at((64, 48))
     assert full.shape == (48, 64) and 0 <= full.min() and full.max() <= 1
     with pytest.raises(ValueError, match="heatmap=True"):
@@ -286,6 +317,35 @@ def test_overlay_marks_out_of_domain_images():
     picture = np.asarray(render_overlay(Image.new("L", (600, 600), 128), outside))
     top = picture[: picture.shape[0] // 8]
     assert (top[..., 0] > 200).sum() > (top[..., 2] > 200).sum()  # the caption is drawn in red
+
+
+def test_overlay_scale_has_numbers_and_an_empty_map_says_so(monkeypatch):
+    """The colour bar is labelled 0 to 1 (the share of the strongest region); a map without evidence
+    says in the picture that no region raised the label's score; the colour is laid on linearly (no
+    square root that would draw edges the map does not have)."""
+    from PIL import Image, ImageDraw
+
+    from cxr_infer.overlay import render_overlay
+    from cxr_infer.prediction import Prediction
+
+    written = []
+    original = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text",
+                        lambda self, xy, text, *a, **k: written.append(text) or original(self, xy, text, *a, **k))
+    empty = Prediction("NORMAL", 0.1, 0.5, in_domain=True, heatmap=np.zeros((14, 14), np.float32),
+                       heatmap_label="NORMAL")
+    render_overlay(Image.new("L", (600, 600), 128), empty)
+    assert "no region raised the NORMAL score" in written
+    assert {"1.00", "0.75", "0.50", "0.25", "0.00"} <= set(written)
+    assert any("evidence for NORMAL" in line for line in written)
+    written.clear()
+    ramp = np.tile(np.linspace(0, 1, 14, dtype=np.float32), (14, 1))  # 0 on the left, 1 on the right
+    picture = np.asarray(render_overlay(Image.new("L", (700, 700), 0), Prediction(
+        "PNEUMONIA", 0.9, 0.5, heatmap=ramp, heatmap_label="PNEUMONIA")), np.float32)
+    assert "no region raised the PNEUMONIA score" not in written
+    row = picture[picture.shape[0] - 50, :700].sum(axis=1)  # a black image: the colour alone, left to right
+    near_zero = row[60:160].mean()
+    assert near_zero < 0.15 * row[540:640].mean()  # low attention stays faint (0.08; a square root: 0.21)
 
 
 def test_colormap_is_viridis():
@@ -355,11 +415,13 @@ def test_int8_head_weight_is_multiplied_as_integers(tmp_path, monkeypatch):
         m.setattr(hm, "_int8_rows", lambda model, weight: None)
         hm.add_heatmap(int8, out_path=floated, threads=1)
     hm.add_heatmap(int8, threads=1)
-    ops = [n.op_type for n in onnx.load(str(int8)).graph.node if n.name.startswith(hm.PREFIX)]
-    assert "MatMulInteger" in ops and "Transpose" not in ops
+    (switched,) = [n for n in onnx.load(str(int8)).graph.node if n.name.startswith(hm.PREFIX)]
+    branch = next(a.g for a in switched.attribute if a.name == "then_branch").node
+    assert "MatMulInteger" in [n.op_type for n in branch]
+    assert hm.PREFIX + "w1_t" not in [n.name for n in branch]  # the float weight is never transposed
     test_images, labels, _ = square_images(40, seed=7)
-    a = ModelFile(int8, threads=1, spec=spec)
-    b = ModelFile(floated, threads=1, spec=spec)
+    a = ModelFile(int8, threads=1)
+    b = ModelFile(floated, threads=1)
     maps_int, maps_float = maps_of(a, test_images).reshape(40, -1), maps_of(b, test_images).reshape(40, -1)
     np.testing.assert_allclose(maps_int, maps_float, rtol=0, atol=0.02 * float(maps_float.max()))
     assert np.array_equal(a.run(test_images, [spec.prob_output])[0], b.run(test_images, [spec.prob_output])[0])

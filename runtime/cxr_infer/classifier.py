@@ -64,11 +64,11 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[List[Any]]:
         yield chunk
 
 
-def _unit_maps(maps: np.ndarray) -> np.ndarray:
-    """Each non-negative map divided by its maximum (0..1, float32); an all-zero map stays zero."""
-    maps = np.maximum(np.asarray(maps, np.float32), 0.0)
-    peak = maps.reshape(len(maps), -1).max(axis=1).reshape(-1, *([1] * (maps.ndim - 1)))
-    return np.where(peak > 0, maps / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
+def _unit_map(raw: np.ndarray) -> np.ndarray:
+    """The non-negative part of a map divided by its maximum (0..1, float32); an all-zero map stays zero."""
+    positive = np.maximum(np.asarray(raw, np.float32), 0.0)
+    peak = float(positive.max()) if positive.size else 0.0
+    return (positive / peak if peak > 0 else positive).astype(np.float32)
 
 
 class Classifier:
@@ -155,6 +155,7 @@ class Classifier:
         self.intended_use: Optional[IntendedUse] = self.spec.intended_use if header_check else None
         domain = self.spec.domain
         self._branch_words = [b.words for b in domain.branches] if domain is not None else []
+        self._signed_maps = self.spec.heatmap is not None and self.spec.heatmap.signed
         if warmup:
             w, h = self.spec.image_size
             self._run_all(np.zeros((self.model.static_batch or 1, h, w, 3), np.uint8))
@@ -199,10 +200,10 @@ class Classifier:
     def _run_all(self, pixels: np.ndarray, heatmap: bool = False
                  ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
         """``(probabilities (N, L), domain scores (N,) or None, domain terms (N, branches) or None,
-        heatmaps (N, h, w) scaled to 0..1 or None)`` for ``uint8`` pixels ``(N, H, W, 3)``."""
+        heatmaps (N, h, w) as the graph gives them, or None)`` for ``uint8`` pixels ``(N, H, W, 3)``."""
         n = len(pixels)
         outs = self.model.run(pixels, self._outputs + ([self._heatmap_output()] if heatmap else []))
-        maps = _unit_maps(outs.pop()) if heatmap else None
+        maps = np.asarray(outs.pop(), np.float32) if heatmap else None
         probs = np.asarray(outs[0], np.float64)
         if probs.shape != (n, len(self._labels)):
             raise ModelError(f"{self.name}: output {self.spec.prob_output!r} returned shape {probs.shape}, "
@@ -247,10 +248,15 @@ class Classifier:
         if image_checked and score > self.domain_threshold:
             reasons.append(self._image_reason(score, terms))
         in_domain = False if reasons else (True if image_checked else None)
+        explained = None
+        if heatmap is not None:  # a signed map: > 0 where the positive label's evidence lies, < 0 the other's
+            signed = self._signed_maps and label != self._labels[self._pos]
+            heatmap, explained = _unit_map(-heatmap if signed else heatmap), label if self._signed_maps \
+                else self._labels[self._pos]
         return Prediction(label=label, probability=p, threshold=self.threshold,
                           probabilities=MappingProxyType({k: float(v) for k, v in zip(self._labels, probs)}),
                           source=source, in_domain=in_domain, domain_score=score, domain_reasons=tuple(reasons),
-                          heatmap=heatmap)
+                          heatmap=heatmap, heatmap_label=explained)
 
     def preprocess(self, item: ImageSource) -> np.ndarray:
         """The ``uint8`` ``(H, W, 3)`` pixels this model sees for ``item``."""
@@ -392,7 +398,8 @@ class Classifier:
                       "(cxr-export writes one)"}
         if heatmap is not None:
             maps = {"available": True, "output": heatmap.output, "grid": list(heatmap.grid) if heatmap.grid else None,
-                    "method": heatmap.method,
+                    "method": heatmap.method, "layer": heatmap.layer, "signed": heatmap.signed,
+                    "computed": "only when asked for" if heatmap.switch else "on every call",
                     "use": "predict(..., heatmap=True) or cxr-infer --heatmap DIR; model attention, not a localisation"}
         else:
             maps = {"available": False, "reason": "the model file has no heatmap output (add it with python -m "

@@ -78,12 +78,17 @@ def summary(classifier: Any) -> str:
         rows.append(("operating pts", f"flag rate: threshold {points}" if points else
                      "none in this file (--domain-flag-rate needs them; --domain-threshold S works)"))
     heatmap = spec.heatmap
-    rows.append(("heatmap", "none" if heatmap is None else
-                 f"Grad-CAM {'x'.join(map(str, heatmap.grid or ('?', '?')))} (cxr-infer --heatmap DIR)"))
+    if heatmap is None:
+        rows.append(("heatmap", "none"))
+    else:
+        grid = "x".join(map(str, heatmap.grid or ("?", "?")))
+        when = "computed only when asked for" if heatmap.switch else "computed on every call"
+        rows.append(("heatmap", f"Grad-CAM {grid}, {when} "
+                                f"(cxr-infer --heatmap DIR)"))
     metrics = spec.provenance.metrics
     for name in ("validation", "test"):
         # the figures at the threshold in use where the file records them (e.g. validation_at_0.5)
-        kept = [k for k in metrics if k == name or k.startswith(name + "_at_")]
+        kept = [k for k in metrics if (k == name or k.startswith(name + "_at_")) and isinstance(metrics[k], Mapping)]
         at = [k for k in kept if isinstance(metrics[k].get("threshold"), (int, float))
               and abs(metrics[k]["threshold"] - classifier.threshold) < 1e-9]
         key = (at or kept or [None])[0]

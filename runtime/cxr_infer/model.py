@@ -124,6 +124,7 @@ class ModelFile:
         else:
             spec.validate(self.name)
         self.spec: ModelSpec = spec
+        self._switches = spec.switches  # boolean inputs fed true only when an output they gate is asked for
         #: the graph's fixed batch size, or None when the batch dimension is dynamic
         self.static_batch = self._check_graph()
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -136,10 +137,13 @@ class ModelFile:
         if spec.input_name not in inputs:
             raise ModelError(f"{name}: the graph has no input {spec.input_name!r} named by its spec "
                              f"(inputs: {', '.join(inputs) or 'none'})")
-        extra = [n for n in inputs if n != spec.input_name]
+        extra = [n for n in inputs if n != spec.input_name and n not in spec.switches]
         if extra:
             raise ModelError(f"{name}: the graph has unexpected extra inputs {extra}; "
                              "a cxr model takes one image batch")
+        missing = [n for n in spec.switches if n not in inputs]
+        if missing:
+            raise ModelError(f"{name}: the graph has no input {missing[0]!r} named by its spec as a switch")
         inp = inputs[spec.input_name]
         shape = _shape(inp)
         width, height = spec.image_size
@@ -192,8 +196,9 @@ class ModelFile:
                 if chunk.shape[0] < size:
                     chunk = np.concatenate([chunk, np.zeros((size - chunk.shape[0],) + chunk.shape[1:], chunk.dtype)])
                 chunks.append(chunk)
+        feeds = {switch: np.array(any(o in outputs for o in gated)) for switch, gated in self._switches.items()}
         try:
-            results = [self.session.run(list(outputs), {self.spec.input_name: chunk}) for chunk in chunks]
+            results = [self.session.run(list(outputs), {self.spec.input_name: chunk, **feeds}) for chunk in chunks]
         except Exception as exc:  # onnxruntime's own error types
             raise ModelError(f"{self.name}: inference failed ({ort_message(exc, self.name)})") from None
         if len(results) == 1:

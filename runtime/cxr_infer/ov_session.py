@@ -163,6 +163,6 @@ class OpenVINOSession:
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
         names = list(output_names) if output_names else [p.name for p in self._outputs]
-        results = request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})
+        results = request.infer({name: np.asarray(value, order="C") for name, value in feeds.items()})  # 0-d kept 0-d
         ports = self._compiled.outputs
         return [np.array(results[ports[self._output_index[n]]], copy=True) for n in names]

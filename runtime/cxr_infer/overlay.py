@@ -54,13 +54,18 @@ def _status_lines(prediction: Any, width_chars: int) -> List[str]:
         status = "inside the intended use"
     else:
         status = "intended use not checked (the model file has no domain statistics)"
-    return [head] + textwrap.wrap(status, width_chars) + [CAPTION]
+    return [head] + textwrap.wrap(status, width_chars) + [_evidence_line(prediction), CAPTION]
+
+
+def _explained(prediction: Any) -> str:
+    return prediction.heatmap_label or prediction.label
 
 
 def render_overlay(image: Image.Image, prediction: Any, alpha: float = 0.55) -> Image.Image:
     """The image (as displayed for classification) with ``prediction.heatmap`` over it, a colour bar
-    and a caption: label, probability, in-domain status with reasons, "model attention, not a
-    localisation". Out-of-domain images get the same overlay, their caption marked in red."""
+    with its scale, and a caption: label, probability, in-domain status with reasons, which label's
+    evidence the map shows, "model attention, not a localisation". A map with no evidence says so in
+    the picture. Out-of-domain images get the same overlay, their caption marked in red."""
     if prediction.heatmap is None:
         raise ValueError("the prediction has no heatmap: predict(..., heatmap=True)")
     base = image.convert("RGB")
@@ -69,7 +74,7 @@ def render_overlay(image: Image.Image, prediction: Any, alpha: float = 0.55) -> 
         base = base.resize((max(1, round(base.width * scale)), max(1, round(base.height * scale))),
                            Image.Resampling.BICUBIC)
     heat = prediction.heatmap_at(base.size)
-    weight = (alpha * np.sqrt(heat))[..., None]  # low attention leaves the anatomy visible
+    weight = (alpha * heat)[..., None]  # linear: the colour covers the anatomy as much as the map says
     pixels = np.asarray(base, np.float32)
     blended = (1.0 - weight) * pixels + weight * viridis(heat).astype(np.float32)
     picture = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), "RGB")
@@ -86,16 +91,25 @@ def render_overlay(image: Image.Image, prediction: Any, alpha: float = 0.55) -> 
     draw = ImageDraw.Draw(canvas)
     colour = (255, 110, 110) if prediction.in_domain is False else (235, 235, 235)
     for i, line in enumerate(lines):
-        fill = (200, 200, 200) if line == CAPTION else colour
+        fill = (200, 200, 200) if line in (CAPTION, _evidence_line(prediction)) else colour
         draw.text((margin, margin + i * (font_size + 4)), line, fill=fill, font=font)
-    # the colour bar: high attention at the top
+    if not np.any(prediction.heatmap > 0):  # nothing to draw: say so where the map would be
+        note = f"no region raised the {_explained(prediction)} score"
+        draw.rectangle((margin, caption_height + margin, base.width - margin, caption_height + margin + 2 * font_size),
+                       fill=(20, 20, 20))
+        draw.text((2 * margin, caption_height + margin + font_size // 2), note, fill=(255, 220, 120), font=font)
+    # the colour bar: the share of the map's strongest region, 1 at the top
     bar_x = base.width + margin
     ramp = viridis(np.linspace(1.0, 0.0, base.height))[:, None, :].repeat(bar_width, axis=1)
     canvas.paste(Image.fromarray(ramp, "RGB"), (bar_x, caption_height))
-    draw.text((bar_x + bar_width + 4, caption_height), "high", fill=(235, 235, 235), font=font)
-    draw.text((bar_x + bar_width + 4, caption_height + base.height - font_size - 2), "low", fill=(235, 235, 235),
-              font=font)
+    for value in (1.0, 0.75, 0.5, 0.25, 0.0):
+        y = caption_height + round((1.0 - value) * (base.height - font_size - 2))
+        draw.text((bar_x + bar_width + 4, y), f"{value:.2f}", fill=(235, 235, 235), font=font)
     return canvas
+
+
+def _evidence_line(prediction: Any) -> str:
+    return f"map: where the model saw evidence for {_explained(prediction)} (1 = its strongest region)"
 
 
 def overlay_name(source: str, taken: set, suffix: str = ".png") -> str:

@@ -40,10 +40,14 @@ class Prediction:
     in_domain: Optional[bool] = None
     domain_score: Optional[float] = None
     domain_reasons: Tuple[str, ...] = ()
-    #: Grad-CAM of the positive label, float32 ``(h, w)`` at the model's last feature-map grid (7 x 7 for
-    #: VGG16 and ResNet50 at 224), scaled to 0..1; only with ``predict(..., heatmap=True)``. Model
-    #: attention, not a localisation: see :meth:`heatmap_at` for the image's own size.
+    #: Grad-CAM: where the model saw evidence for :attr:`heatmap_label`, float32 ``(h, w)`` at the
+    #: model's heatmap grid, scaled to 0..1 (all zeros: no region raised that label's score); only with
+    #: ``predict(..., heatmap=True)``. Model attention, not a localisation; :meth:`heatmap_at` gives it
+    #: at the image's own size.
     heatmap: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
+    #: the label whose evidence :attr:`heatmap` shows: the predicted one (files whose map is unsigned:
+    #: always the positive label)
+    heatmap_label: Optional[str] = None
 
     def heatmap_at(self, size: Tuple[int, int]) -> np.ndarray:
         """The heatmap resized (bilinear) to ``size`` = ``(width, height)``, e.g. the original image's.

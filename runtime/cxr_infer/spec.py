@@ -186,19 +186,28 @@ class DomainCheck:
 
 @dataclass(frozen=True)
 class Heatmap:
-    """The ``heatmap`` block: the Grad-CAM output, its grid ``(h, w)`` and method."""
+    """The ``heatmap`` block: the Grad-CAM output, its grid ``(h, w)``, method and layer; ``signed``
+    maps hold the evidence for the positive label (> 0) and for the other (< 0); ``switch`` names the
+    boolean graph input that turns the map's nodes on (None: they run on every call)."""
 
     output: str
     grid: Optional[Tuple[int, int]]
     method: str
+    layer: str = ""
+    signed: bool = False
+    switch: Optional[str] = None
 
     @classmethod
     def from_block(cls, block: Any, output: str, source: str) -> "Heatmap":
         block = block if isinstance(block, dict) else {}
         grid = block.get("grid")
         valid = isinstance(grid, (list, tuple)) and len(grid) == 2 and all(isinstance(g, int) for g in grid)
+        switch = block.get("switch")
+        if switch is not None and not (isinstance(switch, str) and switch):
+            raise ModelError(f"{source}: cxr.spec heatmap.switch must name a graph input")
         return cls(output=output, grid=(int(grid[0]), int(grid[1])) if valid else None,
-                   method=str(block.get("method", "")))
+                   method=str(block.get("method", "")), layer=str(block.get("layer") or block.get("feature_map", "")),
+                   signed=bool(block.get("signed", False)), switch=switch)
 
 
 @dataclass(frozen=True)
@@ -391,6 +400,8 @@ class ModelSpec:
             DomainCheck.from_block(r.get("domain"), source)
         if "calibration" in r:
             Calibration.from_block(r["calibration"], source)
+        if outs.get("heatmap"):
+            Heatmap.from_block(r.get("heatmap"), outs["heatmap"], source)
 
     # ---- typed blocks
     @property
@@ -413,6 +424,12 @@ class ModelSpec:
         """The Grad-CAM output, or None when the file has none."""
         output = self._data["outputs"].get("heatmap")
         return Heatmap.from_block(self._data.get("heatmap"), output, "cxr.spec") if output else None
+
+    @property
+    def switches(self) -> Dict[str, Tuple[str, ...]]:
+        """Boolean graph inputs that turn outputs on: ``{input: (outputs it turns on, ...)}``."""
+        heatmap = self.heatmap
+        return {heatmap.switch: (heatmap.output,)} if heatmap is not None and heatmap.switch else {}
 
     @property
     def calibration(self) -> Optional[Calibration]:

@@ -252,30 +252,33 @@ def test_help_has_examples():
     assert out.returncode == 0 and "--no-temperature" in out.stdout and "examples:" in out.stdout
 
 
-def test_shipped_file_copy_gets_points_and_temperature(tmp_path):
-    """A copy of models/resnet50_int8.onnx with the real training folder (about 45 s on 2 cores): the
-    temperature sits after the logits' DequantizeLinear, labels stay, and --domain-flag-rate 10% works."""
-    shipped = REPO / "models" / "resnet50_int8.onnx"
+def test_shipped_default_recalibrates_to_itself(tmp_path):
+    """The shipped default (ResNet50 INT8) through the tool again, with the real training folder (about
+    30 s on 2 cores): it refits the temperature from the logits before the one in the file, so it finds
+    the same temperature and operating points, keeps one Div after the logits' DequantizeLinear, and
+    --domain-flag-rate 10% works."""
+    shipped = REPO / "runtime" / "cxr_infer" / "models" / "default.onnx"
     if not SMALL.is_dir() or not shipped.is_file():
         pytest.skip("the shared training images or the shipped file are missing")
-    original = shipped.read_bytes()
-    assert read_spec(shipped).domain_operating_points == []
-    out = tmp_path / "resnet50_int8.onnx"
+    original, before = shipped.read_bytes(), read_spec(shipped)
+    assert before.calibration is not None and before.calibration.applied and before.domain_operating_points
+    out = tmp_path / "default.onnx"
     result = calibrate.calibrate_file(shipped, SMALL, out, threads=2)
     assert shipped.read_bytes() == original  # the shipped file is read, never written
     block = result["calibration"]
-    assert block["images"] == 523 and block["applied"] is (block["ece_after"] < block["ece_before"])
-    assert result["operating_points"].startswith("10 written (none before)")
+    assert block["images"] == 523 and block["applied"] is True
+    # INT8 kernels differ between CPUs in the last bits of the logits, so the refit agrees closely, not exactly
+    assert block["temperature"] == pytest.approx(before.calibration.temperature, rel=1e-2)
+    assert block["threshold_before"] == pytest.approx(0.5) and block["ece_after"] < block["ece_before"]
     spec = read_spec(out)
-    assert spec.domain_threshold == read_spec(shipped).domain_threshold
-    assert all(b.words for b in spec.domain.branches)
-    if block["applied"]:
-        nodes = graph_nodes(out)
-        (div,) = [n for n in nodes if n[1].startswith(calibrate.PREFIX)]
-        writer = next(n for n in nodes if div[2][0] in n[3])
-        assert writer[0] == "DequantizeLinear" and spec.threshold == pytest.approx(
-            1 / (1 + np.exp(-np.log(block["threshold_before"] / (1 - block["threshold_before"])) /
-                            block["temperature"])))
+    assert [r for r, _ in spec.domain_operating_points] == [r for r, _ in before.domain_operating_points]
+    assert [t for _, t in spec.domain_operating_points] == pytest.approx(
+        [t for _, t in before.domain_operating_points], rel=1e-3)
+    assert spec.domain_threshold == before.domain_threshold and all(b.words for b in spec.domain.branches)
+    nodes = graph_nodes(out)
+    (div,) = [n for n in nodes if n[1].startswith(calibrate.PREFIX)]
+    writer = next(n for n in nodes if div[2][0] in n[3])
+    assert writer[0] == "DequantizeLinear"
     clf = Classifier(out, threads=2, domain_flag_rate=0.10)
     assert clf.domain_threshold == pytest.approx(dict(spec.domain_operating_points)[0.10])
     sample = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"

@@ -205,7 +205,7 @@ def test_formats_compares_in_domain_decisions_on_domain_data(tmp_path):
     from cxr_bench.cli import main
     from cxr_infer.devices import DEVICES
 
-    shipped = REPO / "models" / "resnet50_int8.onnx"
+    shipped = REPO / "runtime" / "cxr_infer" / "models" / "default.onnx"
     test, lateral = DATA / "chest_xray_224" / "test", DATA / "foreign_cxr" / "lateral"
     if not (test.is_dir() and lateral.is_dir()):
         pytest.skip("needs ../shared/data (chest_xray_224/test and foreign_cxr/lateral)")

@@ -41,7 +41,7 @@ from cxr_infer.model import ModelFile
 from cxr_infer.ov_session import OPENVINO_ENGINE, openvino_config
 
 TEST_224 = REPO.parent / "shared" / "data" / "chest_xray_224" / "test"
-SHIPPED = [REPO / "runtime" / "cxr_infer" / "models" / "default.onnx", REPO / "models" / "resnet50_int8.onnx",
+SHIPPED = [REPO / "runtime" / "cxr_infer" / "models" / "default.onnx", REPO / "models" / "vgg16_int8.onnx",
            REPO / "models" / "inception_v3_int8.onnx"]
 SAMPLE = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"
 CPU_ONLY = ["CPUExecutionProvider"]

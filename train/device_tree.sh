@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Keep the device tool's working tree under its 64 MiB: the two shipped INT8 files under models/
-# (63 MB) become untracked and ignored while device calls run, and come back afterwards.
+# (45 MB) become untracked and ignored while device calls run, and come back afterwards.
 #   bash train/device_tree.sh hide       before the first device call
 #   bash train/device_tree.sh hide-all   the embedded default model too (calls that need no model)
 #   bash train/device_tree.sh restore    after the last one, and before any commit
 #   bash train/device_tree.sh status     what travels now (MB)
 # The files never leave the disk: only git's index and .git/info/exclude change. The embedded
-# default model (runtime/cxr_infer/models/default.onnx, 19 MB) stays: the GPU tests use it.
+# default model (runtime/cxr_infer/models/default.onnx, 28 MB) stays: the GPU tests use it.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-files=(models/resnet50_int8.onnx models/inception_v3_int8.onnx runtime/cxr_infer/models/default.onnx)
+files=(models/vgg16_int8.onnx models/inception_v3_int8.onnx runtime/cxr_infer/models/default.onnx)
 exclude="$(git rev-parse --git-dir)/info/exclude"
 note="# cxr: hidden from device calls by train/device_tree.sh (restore before committing)"
 mark="/models/*_int8.onnx"

@@ -380,7 +380,7 @@ def calibrate_file(path: str | Path, data_dir: str | Path, out: Optional[str | P
     ``temperature`` False fits none and keeps a temperature already in the file.
 
     Examples:
-        >>> result = calibrate_file("models/resnet50_int8.onnx", "chest_xray/train", "/tmp/r.onnx")  # doctest: +SKIP
+        >>> result = calibrate_file("models/vgg16_int8.onnx", "chest_xray/train", "/tmp/r.onnx")  # doctest: +SKIP
         >>> result["calibration"]["applied"], result["operating_points"]                         # doctest: +SKIP
         (True, '10 written (none before); words for 6 branches')
     """
@@ -434,7 +434,7 @@ def summary_line(result: Dict[str, Any]) -> str:
 
 # ---- the command
 EXAMPLES = """examples:
-  python -m cxr_export.calibrate models/resnet50_int8.onnx --data chest_xray/train
+  python -m cxr_export.calibrate models/vgg16_int8.onnx --data chest_xray/train
   python -m cxr_export.calibrate models/*.onnx --data chest_xray/train --threads 4
   python -m cxr_export.calibrate default.onnx --data chest_xray/train --out /tmp/default_cal.onnx
   python -m cxr_export.calibrate m.onnx --data chest_xray/train --no-temperature   # operating points only

@@ -263,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m cxr_export.heatmap",
                                      description="Add (or refresh) the Grad-CAM heatmap output in cxr model files.",
-                                     epilog="example: python -m cxr_export.heatmap models/resnet50_int8.onnx")
+                                     epilog="example: python -m cxr_export.heatmap models/vgg16_int8.onnx")
     parser.add_argument("models", nargs="+", help="model file(s), updated in place unless --out")
     parser.add_argument("--out", help="write here instead of in place (one model only)")
     parser.add_argument("--threads", type=int, default=0)

@@ -60,7 +60,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog="python -m cxr_export.intended",
         description="Write (or replace) the intended_use block in existing cxr model files, in place. "
                     "Only the spec changes: the graph and its outputs stay byte for byte the same.",
-        epilog="example: python -m cxr_export.intended models/resnet50_int8.onnx   (the Kermany defaults)")
+        epilog="example: python -m cxr_export.intended models/vgg16_int8.onnx   (the Kermany defaults)")
     parser.add_argument("models", nargs="+", help="cxr model file(s)")
     add_arguments(parser)
     args = parser.parse_args(argv)

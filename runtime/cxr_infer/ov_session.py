@@ -9,7 +9,7 @@ onnxruntime-ep-openvino plugin offers no device on AMD CPUs). Needs ``pip instal
 the device registry (:mod:`cxr_infer.devices`) opens it with its model cache and lock.
 
 Examples:
-    >>> s = OpenVINOSession("models/resnet50_int8.onnx", threads=2)    # doctest: +SKIP
+    >>> s = OpenVINOSession("models/vgg16_int8.onnx", threads=2)    # doctest: +SKIP
     >>> [o.name for o in s.get_outputs()][:2]                           # doctest: +SKIP
     ['probabilities', 'features']
 """

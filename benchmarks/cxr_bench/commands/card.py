@@ -15,7 +15,7 @@ reports' figures: as ../results/NAME for benchmarks/results (the site serves the
 their path from --out.
 
 examples:
-  cxr-bench card runtime/cxr_infer/models/default.onnx models/resnet50_int8.onnx models/inception_v3_int8.onnx
+  cxr-bench card runtime/cxr_infer/models/default.onnx models/vgg16_int8.onnx models/inception_v3_int8.onnx
       docs/model-cards/<backbone>-<precision>.md for each, knowing all three for the choice of the
       default, and docs/model-cards/index.md
   cxr-bench card m_int8.onnx --reports bench --out cards
@@ -57,4 +57,4 @@ COMMAND = Command(
     description="Model cards (after Mitchell et al. 2019): intended use, training data, how the model was chosen, "
                 "metrics with intervals, subgroups, calibration, domain check, heatmap examples, known failure modes, "
                 "limitations and SHA-256, each read from the file's spec or a report that measured its bytes.",
-    example="cxr-bench card models/resnet50_int8.onnx --reports benchmarks/results")
+    example="cxr-bench card models/vgg16_int8.onnx --reports benchmarks/results")

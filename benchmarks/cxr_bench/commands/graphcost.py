@@ -8,10 +8,10 @@ from .base import Command, Report, Summary, add_device, add_threads, positive
 
 EPILOG = """\
 examples:
-  cxr-bench graphcost --model runtime/cxr_infer/models/default.onnx models/resnet50_int8.onnx \\
+  cxr-bench graphcost --model runtime/cxr_infer/models/default.onnx models/vgg16_int8.onnx \\
       --threads 2
       what the out-of-domain check adds to each classifier at batch 1 (3 processes x 20 blocks)
-  cxr-bench graphcost --model models/resnet50_int8.onnx --graph heatmap --processes 5
+  cxr-bench graphcost --model models/vgg16_int8.onnx --graph heatmap --processes 5
       the Grad-CAM graph instead
 
 writes graphcost.json and graphcost.md into --out. Every node of a file runs on every call, whatever
@@ -55,4 +55,4 @@ COMMAND = Command(
     description="Each model file against a copy without its out-of-domain (or Grad-CAM) graph, timed in "
                 "alternating blocks inside one process, several processes per file: a few per cent is "
                 "measurable, which separate processes (latency --domain-check both) blur.",
-    example="cxr-bench graphcost --model models/resnet50_int8.onnx --threads 2")
+    example="cxr-bench graphcost --model models/vgg16_int8.onnx --threads 2")

@@ -93,10 +93,25 @@ def test_bundle_has_a_device_an_observation_per_result_and_an_outcome_per_failur
         assert o["valueCodeableConcept"]["coding"][0]["code"] == expected
         assert [d["type"] for d in o["derivedFrom"]] == ["ImagingStudy", "Media"]
         assert o["derivedFrom"][0]["identifier"]["value"].startswith("urn:oid:")
-    adult = by_patient["ADULT7"]
+    adult = by_patient["ADULT7"]  # classified (no --reject-out-of-domain), but no assessment to headline
     comps = _components(adult)
     assert comps["in-intended-use"]["valueBoolean"] is False
     assert comps["intended-use-reason"]["valueString"] == "patient age 45Y is outside the intended 1-5 years"
+    _not_assessed(adult, "patient age 45Y is outside the intended 1-5 years")
+
+
+def _not_assessed(obs, reason):
+    """An Observation outside the intended use: no value, label or probability anywhere; its absent
+    reason, interpretation, text and note say it was not assessed and why."""
+    assert "valueCodeableConcept" not in obs and "probability" not in _components(obs)
+    assert "threshold" not in _components(obs)
+    assert obs["dataAbsentReason"]["coding"][0]["code"] == "not-performed"
+    why = f"Not assessed: the image is outside the model's intended use: {reason}"
+    assert obs["dataAbsentReason"]["text"] == why
+    assert obs["interpretation"][0]["text"] == why and obs["interpretation"][0]["coding"][0]["code"] == "not-assessed"
+    assert why in obs["text"]["div"] and obs["note"][0]["text"] == why
+    text = json.dumps(obs)
+    assert "PNEUMONIA" not in text and "NORMAL" not in text and "probability" not in text.lower()
 
 
 def test_rejected_images_get_a_not_performed_observation_and_output_file_works(model, scans, tmp_path):
@@ -107,11 +122,9 @@ def test_rejected_images_get_a_not_performed_observation_and_output_file_works(m
     data = _validate(out.read_text())
     obs = {e["resource"]["subject"]["identifier"]["value"]: e["resource"]
            for e in data["entry"] if e["resource"]["resourceType"] == "Observation"}
-    adult = obs["ADULT7"]
-    assert adult["dataAbsentReason"]["coding"][0]["code"] == "not-performed"
-    assert "valueCodeableConcept" not in adult and "probability" not in _components(adult)
-    assert adult["dataAbsentReason"]["text"].startswith("Not classified")
+    _not_assessed(obs["ADULT7"], "patient age 45Y is outside the intended 1-5 years")
     assert obs["CHILD7"]["valueCodeableConcept"]["text"] == "PNEUMONIA"
+    assert "PNEUMONIA: probability of PNEUMONIA" in obs["CHILD7"]["text"]["div"]
 
 
 def test_fhir_needs_no_extra_for_plain_images(tiny_model):
@@ -139,3 +152,34 @@ def test_a_site_domain_threshold_is_a_device_property():
     obs = [observation(pred, m, "urn:uuid:d") for m in (own, site)]
     assert obs[0]["id"] != obs[1]["id"]
     _validate(json.dumps(bundle([("urn:uuid:d", device(site)), (None, obs[1])])))
+
+
+def test_the_subject_names_the_issuer_of_the_patient_id():
+    """subject.identifier.system comes from the DICOM Issuer of Patient ID (an OID as urn:oid:, the
+    qualifiers' universal entity ID first); without one there is no system (valid R4B either way)."""
+    pytest.importorskip("pydicom")
+    from hospital_fixtures import study, xray_dicom
+    from pydicom import Dataset, dcmread
+
+    from cxr_hospital.fhir import observation
+    from cxr_hospital.report import ModelIdentity, source_ids
+    from cxr_infer.prediction import Prediction
+
+    obs_model = pytest.importorskip("fhir.resources.R4B.observation")
+    m = ModelIdentity("m.onnx", "vgg16", "int8", "ab" * 32, "0.1.0", 0.5)
+    pred = Prediction("NORMAL", 0.1, 0.5, in_domain=True)
+    qualified = Dataset()
+    qualified.UniversalEntityID, qualified.UniversalEntityIDType = "https://hospital.example/mrn", "URI"
+    cases = [({}, None), ({"IssuerOfPatientID": "1.2.840.99999.1"}, "urn:oid:1.2.840.99999.1"),
+             ({"IssuerOfPatientID": "urn:oid:1.2.3"}, "urn:oid:1.2.3"),
+             ({"IssuerOfPatientID": "MRN", "IssuerOfPatientIDQualifiersSequence": [qualified]},
+              "https://hospital.example/mrn")]
+    for more, system in cases:
+        import io
+        header = dcmread(io.BytesIO(xray_dicom(study("P1"))))
+        for key, value in more.items():
+            setattr(header, key, value)
+        obs = observation(pred, m, "urn:uuid:d", source_ids(header))
+        assert obs["subject"]["identifier"].get("system") == system
+        assert obs["subject"]["identifier"]["value"] == "P1"
+        obs_model.Observation.model_validate(obs)

@@ -305,3 +305,29 @@ def test_domain_strictness_reaches_the_srs(orthanc, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert lines[-1].endswith("has no domain statistics, so a domain flag rate cannot apply (add them with python -m "
                               "cxr_export.domain)"), r.stderr
+
+
+@needs_orthanc
+def test_a_different_answer_already_in_the_pacs_is_not_hidden(orthanc, model):
+    """cxr-infer --format dicom-sr classifies an adult's image (outside the intended use); that SR is
+    in the PACS. cxr-pacs does not classify such an image: its answer is another SR with its own UID,
+    stored beside the first, never reported as "already had an SR"; a second run adds nothing."""
+    from cxr_hospital.report import model_identity
+    from cxr_hospital.sr import build_sr, sr_bytes
+    from cxr_infer.classifier import Classifier
+    from cxr_infer.dicom import read_header
+
+    adult = study("ADULT2", "067Y", "Doe^Joan")
+    data = xray_dicom(adult)
+    orthanc.upload(data)
+    clf = Classifier(str(model), threads=1)
+    infer_sr = build_sr(clf.predict(data), read_header(data), model_identity(clf))  # what cxr-infer writes
+    orthanc.upload(sr_bytes(infer_sr))
+    r = run_pacs(*_args(orthanc, model, "--once"))
+    assert r.returncode == 0 and "1 SRs stored; 0 already had an SR" in r.stderr, r.stderr
+    srs = {sr.SOPInstanceUID: sr for sr in orthanc.srs(adult["StudyInstanceUID"])}
+    assert len(srs) == 2 and infer_sr.SOPInstanceUID in srs
+    (ours,) = [sr for uid, sr in srs.items() if uid != infer_sr.SOPInstanceUID]
+    assert values(ours, "Finding") == [] and values(ours, "Classified by the model") == [("373067005", "SCT", "No")]
+    r = run_pacs(*_args(orthanc, model, "--once"))
+    assert "0 SRs stored; 1 already had an SR" in r.stderr, r.stderr

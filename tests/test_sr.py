@@ -105,16 +105,52 @@ def test_sr_of_a_normal_result_and_of_an_image_outside_the_intended_use(clf, chi
     assert impression.startswith("Not classified") and "67Y" in impression
 
 
-def test_sr_uid_depends_only_on_image_model_and_threshold(clf, child):
+def test_sr_uid_depends_only_on_image_model_thresholds_and_answer(clf, child):
+    from cxr_hospital.report import Answer
+
     data = xray_dicom(child, number=3)
     header = read_header(data)
     pred = clf.predict(data)
     m = model_identity(clf)
     first, again = build_sr(pred, header, m), build_sr(pred, header, m)
-    assert first.SOPInstanceUID == again.SOPInstanceUID == m.sr_uid(header.SOPInstanceUID)
+    assert first.SOPInstanceUID == again.SOPInstanceUID == m.sr_uid(header.SOPInstanceUID, Answer.of(pred))
     assert len(first.SOPInstanceUID) <= 64
     other = ModelIdentity(m.name, m.backbone, m.precision, m.sha256, m.cxr_version, 0.3)
     assert build_sr(pred, header, other).SOPInstanceUID != first.SOPInstanceUID
+
+
+def test_two_answers_about_one_image_never_share_a_uid(clf, adult):
+    """cxr-infer classifies an adult's image (and says it is outside the intended use); cxr-pacs and
+    cxr-node do not classify it; an unreadable copy is a third answer: three SRs, three UIDs, and each
+    answer given again keeps its UID (even with a probability that differs in the last digits)."""
+    import dataclasses
+
+    from cxr_hospital.report import Answer
+
+    data = xray_dicom(adult, number=5)
+    header, pred, m = read_header(data), clf.predict(data), model_identity(clf)
+    assert pred.in_domain is False
+    srs = [build_sr(pred, header, m), build_sr(pred, header, m, classified=False),
+           build_sr(None, header, m, classified=False, problem="cannot decode the DICOM pixel data")]
+    assert len({sr.SOPInstanceUID for sr in srs}) == 3
+    assert len({sr.SeriesInstanceUID for sr in srs}) == 1  # one cxr series per study and model
+    nudged = dataclasses.replace(pred, probability=pred.probability - 1e-7)
+    assert build_sr(nudged, header, m).SOPInstanceUID == srs[0].SOPInstanceUID
+    assert build_sr(nudged, header, m, classified=False).SOPInstanceUID == srs[1].SOPInstanceUID
+    normal = dataclasses.replace(pred, label="NORMAL")
+    assert build_sr(normal, header, m).SOPInstanceUID != srs[0].SOPInstanceUID
+    # the image check's numbers are not part of the answer, which test fired is
+    a = Answer.of(dataclasses.replace(pred, domain_reasons=("image unlike the training X-rays (domain score 1.23 > 1; "
+                                                            "test that fired: texture)",)), classified=False)
+    b = Answer.of(dataclasses.replace(pred, domain_reasons=("image unlike the training X-rays (domain score 1.24 > 1; "
+                                                            "test that fired: texture)",)), classified=False)
+    assert a.key == b.key and "texture" in a.key
+    unread = srs[2]
+    assert values(unread, "Finding") == [] and values(unread, "Probability of pneumonia") == []
+    assert values(unread, "Classified by the model") == [("373067005", "SCT", "No")]
+    assert values(unread, "Within the model's intended use") == []  # nothing is known about it
+    assert values(unread, "Impression") == ["Not classified: the image could not be read: cannot decode the DICOM "
+                                            "pixel data"]
 
 
 def test_header_without_study_uid_is_one_clear_error(clf):
@@ -130,10 +166,14 @@ def test_header_without_study_uid_is_one_clear_error(clf):
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed (Debian package dicom3tools)")
 def test_dciodvfy_finds_no_error(clf, child, adult, tmp_path):
-    for name, data, classified in (("pneumonia", xray_dicom(child), True), ("normal", xray_dicom(child, DARK), True),
-                                   ("outside", xray_dicom(adult), True), ("rejected", xray_dicom(adult), False)):
+    unread = xray_dicom(child, number=6)
+    srs = {name: _sr(clf, data, classified)[1] for name, data, classified in (
+        ("pneumonia", xray_dicom(child), True), ("normal", xray_dicom(child, DARK), True),
+        ("outside", xray_dicom(adult), True), ("rejected", xray_dicom(adult), False))}
+    srs["unreadable"] = build_sr(None, read_header(unread), model_identity(clf), False, problem="cut short")
+    for name, sr in srs.items():
         path = tmp_path / f"{name}.dcm"
-        path.write_bytes(sr_bytes(_sr(clf, data, classified)[1]))
+        path.write_bytes(sr_bytes(sr))
         r = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
         report = r.stdout + r.stderr
         assert "ComprehensiveSR" in report, report
@@ -202,16 +242,18 @@ def test_cli_usage_errors(model, child, tmp_path):
 def test_a_site_domain_threshold_makes_its_own_srs(clf, child):
     """A run with another image-check threshold can answer differently, so its SRs get their own UIDs
     and name that threshold; a run with the file's own keeps the UIDs results had before the option."""
-    from cxr_hospital.report import result_uid
+    from cxr_hospital.report import Answer, result_uid
 
     data = xray_dicom(child, number=4)
     header = read_header(data)
     pred = clf.predict(data)
     m = model_identity(clf)
     assert m.domain_threshold is None and "domain threshold" not in m.parameters()
-    assert m.sr_uid(header.SOPInstanceUID) == result_uid("sr", header.SOPInstanceUID, m.sha256, f"{m.threshold:.6g}")
+    answer = Answer.of(pred)
+    assert m.sr_uid(header.SOPInstanceUID, answer) == result_uid("sr", header.SOPInstanceUID, m.sha256,
+                                                                 f"{m.threshold:.6g}", answer.key)
     site = ModelIdentity(m.name, m.backbone, m.precision, m.sha256, m.cxr_version, m.threshold, domain_threshold=1.25)
     assert site.parameters()["domain threshold"] == "1.25"
     sr = build_sr(pred, header, site)
-    assert sr.SOPInstanceUID == site.sr_uid(header.SOPInstanceUID) != m.sr_uid(header.SOPInstanceUID)
+    assert sr.SOPInstanceUID == site.sr_uid(header.SOPInstanceUID, answer) != m.sr_uid(header.SOPInstanceUID, answer)
     assert sr.SeriesInstanceUID == site.series_uid(header.StudyInstanceUID) != m.series_uid(header.StudyInstanceUID)

@@ -2,9 +2,10 @@
 
 Plain JSON, no FHIR library at run time: one Bundle of type ``collection`` with a ``Device`` for
 the model, an ``Observation`` per classified input (preliminary, AI-asserted, SNOMED CT coded,
-with the probability, threshold and intended-use status as components), a not-performed
-Observation for an image left unclassified outside the intended use, and an ``OperationOutcome``
-per input that failed, so the bundle loses nothing (field by field: docs/hospital.md).
+with the probability, threshold and intended-use status as components), an Observation without
+a value for an image outside the intended use (classified or not: ``dataAbsentReason``, and an
+interpretation and text that say it was not assessed and why), and an ``OperationOutcome`` per
+input that failed, so the bundle loses nothing (field by field: docs/hospital.md).
 
 Examples:
     >>> from cxr_infer.prediction import Prediction
@@ -17,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import datetime as _dt
+import html
 import json
 import uuid
 from typing import IO, Any, Dict, List, Optional, Tuple
@@ -29,16 +31,18 @@ from .report import (
     DISCLAIMER,
     DOMAIN_THRESHOLD,
     IN_INTENDED_USE,
+    NOT_ASSESSED,
     OUT_OF_USE_REASON,
     PNEUMONIA,
     PRESENT,
     PROBABILITY_OF_POSITIVE,
     UCUM_FHIR,
+    Answer,
     ModelIdentity,
     SourceIds,
     finding_words,
     model_identity,
-    not_classified_words,
+    not_assessed_words,
     result_uid,
     source_ids,
 )
@@ -93,24 +97,48 @@ def _component(concept: Any, **value: Any) -> Dict[str, Any]:
     return {"code": {"coding": [concept.fhir()], "text": concept.display}, **value}
 
 
+def _narrative(*paragraphs: str) -> Dict[str, str]:
+    """A generated Narrative (the resource's ``text``) of the given paragraphs."""
+    body = "".join(f"<p>{html.escape(p, quote=False)}</p>" for p in paragraphs)
+    return {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{body}</div>'}
+
+
+def _subject(source: SourceIds) -> Dict[str, Any]:
+    """The Observation's subject: the PatientID, in the system its DICOM issuer names (where present)."""
+    identifier = {"value": source.patient_id}
+    if source.patient_id_issuer:
+        identifier = {"system": source.patient_id_issuer, **identifier}
+    return {"identifier": identifier, "type": "Patient",
+            **({"display": source.patient_name} if source.patient_name else {})}
+
+
+def _derived_from(source: SourceIds) -> List[Dict[str, Any]]:
+    derived = [("ImagingStudy", source.study_instance_uid), ("Media", source.sop_instance_uid)]
+    return [{"type": kind, "identifier": {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{uid}"}}
+            for kind, uid in derived if uid]
+
+
 def observation(pred: Any, model: ModelIdentity, device_url: str, source: Optional[SourceIds] = None,
                 classified: bool = True, path: Optional[str] = None) -> Dict[str, Any]:
     """The FHIR R4 Observation of one result (see the module docstring for its fields).
 
     ``source``: the DICOM image's identifiers (``subject`` and ``derivedFrom``); ``path``: the
-    input's name, kept in ``identifier`` where there is no SOP Instance UID.
+    input's name, kept in ``identifier`` where there is no SOP Instance UID. A result outside the
+    intended use (``classified`` or not) carries no value, probability or label: its
+    ``dataAbsentReason``, ``interpretation`` and ``text`` say it was not assessed and why.
     """
+    answer = Answer.of(pred, classified)
     components: List[Dict[str, Any]] = []
-    if classified:
+    if answer.assessed:
         components += [_component(PROBABILITY_OF_POSITIVE, valueQuantity=_quantity(pred.probability)),
                        _component(DECISION_THRESHOLD, valueQuantity=_quantity(pred.threshold))]
-    if pred.in_domain is not None or not classified:
-        components.append(_component(IN_INTENDED_USE, valueBoolean=bool(pred.in_domain) and classified))
+    if pred.in_domain is not None or not answer.assessed:
+        components.append(_component(IN_INTENDED_USE, valueBoolean=answer.assessed and bool(pred.in_domain)))
     components += [_component(OUT_OF_USE_REASON, valueString=reason) for reason in pred.domain_reasons]
     key = source.sop_instance_uid if source and source.sop_instance_uid else (path or "")
     obs: Dict[str, Any] = {
         "resourceType": "Observation",
-        "id": str(uuid.uuid5(uuid.NAMESPACE_OID, model.sr_uid(key))),
+        "id": str(uuid.uuid5(uuid.NAMESPACE_OID, model.sr_uid(key, answer))),
         "meta": {"security": [AI_ASSERTED]},
         "status": "preliminary",
         "category": [{"coding": [IMAGING]}],
@@ -121,24 +149,19 @@ def observation(pred: Any, model: ModelIdentity, device_url: str, source: Option
     if key:
         obs["identifier"] = [{"system": "urn:cxr:input", "value": key}]
     if source is not None and source.patient_id:
-        obs["subject"] = {"identifier": {"value": source.patient_id}, "type": "Patient",
-                          **({"display": source.patient_name} if source.patient_name else {})}
-    if source is not None:
-        derived = [{"type": "ImagingStudy", "identifier": {"system": DICOM_UID_SYSTEM,
-                                                           "value": f"urn:oid:{source.study_instance_uid}"}}
-                   if source.study_instance_uid else None,
-                   {"type": "Media", "identifier": {"system": DICOM_UID_SYSTEM,
-                                                    "value": f"urn:oid:{source.sop_instance_uid}"}}
-                   if source.sop_instance_uid else None]
-        if any(derived):
-            obs["derivedFrom"] = [d for d in derived if d]
-    if classified:
+        obs["subject"] = _subject(source)
+    if source is not None and _derived_from(source):
+        obs["derivedFrom"] = _derived_from(source)
+    if answer.assessed:
         positive = pred.label == model.positive_label
+        headline = finding_words(pred, model.positive_label)
         obs["valueCodeableConcept"] = {"coding": [(PRESENT if positive else ABSENT).fhir()], "text": pred.label}
-        obs["note"] = [{"text": finding_words(pred, model.positive_label)}, {"text": DISCLAIMER}]
     else:
-        obs["dataAbsentReason"] = {"coding": [NOT_PERFORMED], "text": not_classified_words(pred)}
-        obs["note"] = [{"text": not_classified_words(pred)}, {"text": DISCLAIMER}]
+        headline = not_assessed_words(pred)
+        obs["dataAbsentReason"] = {"coding": [NOT_PERFORMED], "text": headline}
+        obs["interpretation"] = [{"coding": [NOT_ASSESSED.fhir()], "text": headline}]
+    obs["text"] = _narrative(headline, DISCLAIMER)
+    obs["note"] = [{"text": headline}, {"text": DISCLAIMER}]
     if components:
         obs["component"] = components
     return obs

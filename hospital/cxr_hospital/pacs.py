@@ -3,7 +3,7 @@
 Talks to Orthanc's REST API over the standard library's HTTP (``pip install 'cxr[pacs]'``). With
 ``--once`` every CR/DX/DR image without an SR of this model is classified and its SR stored into
 its study; without, it then follows Orthanc's change feed and handles each study when it is stable.
-Idempotent (an SR's UID is fixed by image, model and thresholds), retried with backoff when
+Idempotent (an SR's UID is fixed by image, model, thresholds and answer), retried with backoff when
 Orthanc does not answer; images outside the intended use get an SR saying they were not
 classified and why. Exit status: 0 done, 1 some images failed or Orthanc went away mid-run,
 2 usage, model or connection error at start. Set-up and behaviour: docs/hospital.md.
@@ -190,10 +190,11 @@ class Counts:
 
 @dataclass
 class Job:
-    """One image instance to handle: Orthanc's id and its SOP Instance UID."""
+    """One image instance to handle: Orthanc's id, its SOP Instance UID and the UIDs in its study."""
 
     instance: str
     sop_instance_uid: str
+    present: frozenset = frozenset()
 
 
 class Runner:
@@ -211,7 +212,9 @@ class Runner:
         self.stop = stop or threading.Event()
 
     def jobs(self, study: str) -> List[Job]:
-        """The image instances of a study that still need an SR (in series and instance order)."""
+        """The image instances of a study (in series and instance order), each with the SOP Instance
+        UIDs its study holds: an SR's UID depends on the answer, so whether the study already has
+        this answer is known once the image is classified."""
         series = self.orthanc.get_json(f"/studies/{study}/series")
         instances = {i["ID"]: i for i in self.orthanc.get_json(f"/studies/{study}/instances")}
         present = {str(i.get("MainDicomTags", {}).get("SOPInstanceUID", "")) for i in instances.values()}
@@ -231,19 +234,15 @@ class Runner:
                 continue
             for i in ids:
                 uid = str(instances.get(i, {}).get("MainDicomTags", {}).get("SOPInstanceUID", ""))
-                if uid and self.model.sr_uid(uid) in present:
-                    self.counts.already += 1
-                else:
-                    todo.append(Job(i, uid or i))
+                todo.append(Job(i, uid or i, frozenset(present)))
         return todo
 
     def handle(self, job: Job, position: str) -> None:
         """Classify one instance and store its SR; per-image problems are logged and counted."""
         from cxr_infer.dicom import read_header
         from cxr_infer.errors import InputError
-        from cxr_infer.prediction import Prediction
 
-        from .sr import build_sr, sr_bytes
+        from .sr import sr_bytes, sr_of_result
 
         name = f"{position} instance {job.sop_instance_uid}"
         try:
@@ -258,15 +257,13 @@ class Runner:
                 self.counts.not_images += 1
                 _say(f"{name}: skipped, not an image ({header.get('SOPClassUID', 'unknown SOP class')})")
                 return
-            result = self.classifier.predict(data, errors="return")
-            if isinstance(result, InputError):
-                raise result
-            assert isinstance(result, Prediction)
-            classified = result.in_domain is not False
-            sr = build_sr(result, header, self.model, classified=classified)
+            sr, answer, verdict = sr_of_result(self.classifier.predict(data, errors="return"), header, self.model)
         except InputError as exc:
             self.counts.failed += 1
             _say(f"{name}: {str(exc).removeprefix('<bytes>: ')}")
+            return
+        if sr.SOPInstanceUID in job.present:  # this answer is in the PACS already (a rerun)
+            self.counts.already += 1
             return
         try:
             status = self.orthanc.store(sr_bytes(sr))
@@ -274,12 +271,10 @@ class Runner:
             self.counts.failed += 1
             _say(f"{name}: {exc}")
             return
-        if classified:
+        if answer.classified:
             self.counts.classified += 1
-            verdict = f"{result.label} {result.probability:.3f}"
         else:
             self.counts.not_classified += 1
-            verdict = "not classified (" + "; ".join(result.domain_reasons) + ")"
         self.counts.stored += 1  # "AlreadyStored": an earlier try stored it and its answer was lost, or a twin run
         already = "" if status == "Success" else " (already stored)"
         _say(f"{name}: {verdict} -> SR {sr.SOPInstanceUID} stored{already}")

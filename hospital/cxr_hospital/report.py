@@ -3,9 +3,10 @@
 The SR and FHIR writers and the PACS client share this vocabulary, so a result reads the same
 wherever it lands: the finding as words and as a SNOMED CT code, the sentence that the result is
 not a diagnosis, the model that made it (:class:`ModelIdentity`) and the identifiers of the DICOM
-image it came from (:class:`SourceIds`). Result UIDs are name-based (:func:`result_uid`): the same
-image, model file and thresholds always give the same SOP Instance UID, so a retry or a second run
-never makes a duplicate.
+image it came from (:class:`SourceIds`), and what was decided about it (:class:`Answer`). Result
+UIDs are name-based (:func:`result_uid`): the same image, model file, thresholds and answer always
+give the same SOP Instance UID, so a retry or a second run never makes a duplicate, and two
+different answers about one image never share a UID.
 
 Examples:
     >>> finding_for("PNEUMONIA").code, finding_for("NORMAL").display
@@ -16,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +81,7 @@ DECISION_THRESHOLD = Concept("threshold", CXR_SCHEME, "Decision threshold")
 IN_INTENDED_USE = Concept("in-intended-use", CXR_SCHEME, "Within the model's intended use")
 OUT_OF_USE_REASON = Concept("intended-use-reason", CXR_SCHEME, "Reason outside the model's intended use")
 CLASSIFIED = Concept("classified", CXR_SCHEME, "Classified by the model")
+NOT_ASSESSED = Concept("not-assessed", CXR_SCHEME, "Not assessed by the model")
 DOMAIN_THRESHOLD = Concept("domain-threshold", CXR_SCHEME, "Domain check threshold")
 
 _FINDINGS = {"PNEUMONIA": PNEUMONIA, "NORMAL": NORMAL}
@@ -133,9 +136,10 @@ class ModelIdentity:
         own = (f"{self.threshold:.6g}",)
         return own if self.domain_threshold is None else own + (f"domain {self.domain_threshold:.6g}",)
 
-    def sr_uid(self, source_sop_instance_uid: str) -> str:
-        """The SOP Instance UID of this model's SR about one source image (same inputs, same UID)."""
-        return result_uid("sr", source_sop_instance_uid, self.sha256, *self._settings())
+    def sr_uid(self, source_sop_instance_uid: str, answer: "Answer") -> str:
+        """The SOP Instance UID of this model's SR giving ``answer`` about one source image: the same
+        image, settings and answer give the same UID; another answer, another UID."""
+        return result_uid("sr", source_sop_instance_uid, self.sha256, *self._settings(), answer.key)
 
     def series_uid(self, study_instance_uid: str) -> str:
         """The Series Instance UID of this model's SRs in one study: one cxr series per study and model."""
@@ -189,6 +193,66 @@ def not_classified_words(pred: "Prediction") -> str:
         pred.domain_reasons or ("no reason given",))
 
 
+def not_assessed_words(pred: "Prediction") -> str:
+    """Why a result outside the intended use is no assessment (the FHIR Observation's headline)."""
+    return "Not assessed: the image is outside the model's intended use: " + "; ".join(
+        pred.domain_reasons or ("no reason given",))
+
+
+#: the numbers of the image check's reason (they differ in the last digits between CPUs): an
+#: answer's key keeps which check fired, not its score
+_SCORE = re.compile(r"\(domain score [^;)]*")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What was decided about one image: classified with a label (inside the intended use, or
+    outside it with the reasons), not classified because it is outside the intended use (and
+    why), or not read at all (``problem``). Its :attr:`key` is part of the SR's UID.
+
+    Examples:
+        >>> from cxr_infer.prediction import Prediction
+        >>> Answer.of(Prediction("PNEUMONIA", 0.87, 0.5, in_domain=True)).key
+        'classified PNEUMONIA'
+        >>> adult = Prediction("PNEUMONIA", 0.87, 0.5, in_domain=False, domain_reasons=("age 67Y",))
+        >>> Answer.of(adult, classified=False).key, Answer.of(adult).key
+        ('not classified: age 67Y', 'classified PNEUMONIA; outside the intended use: age 67Y')
+        >>> Answer.unreadable("cannot decode the pixel data").key
+        'not read'
+    """
+
+    classified: bool
+    label: str = ""
+    reasons: Tuple[str, ...] = ()
+    problem: str = ""
+
+    @classmethod
+    def of(cls, pred: "Prediction", classified: bool = True) -> "Answer":
+        """The answer a prediction gives, classified or (outside the intended use) not."""
+        reasons = tuple(pred.domain_reasons) if pred.in_domain is False or not classified else ()
+        return cls(classified=classified, label=pred.label if classified else "", reasons=reasons)
+
+    @classmethod
+    def unreadable(cls, problem: str) -> "Answer":
+        """The answer about an image that could not be read (``problem`` says why, in one line)."""
+        return cls(classified=False, problem=problem or "unreadable")
+
+    @property
+    def key(self) -> str:
+        """The answer in fixed words (no probability, no score): the part of the SR's UID it decides."""
+        if self.problem:
+            return "not read"
+        why = "; ".join(sorted(_SCORE.sub("(domain score", r) for r in self.reasons))
+        if not self.classified:
+            return f"not classified: {why}"
+        return f"classified {self.label}" + (f"; outside the intended use: {why}" if why else "")
+
+    @property
+    def assessed(self) -> bool:
+        """True for a label given inside the intended use: the only answer a record may headline."""
+        return self.classified and not self.reasons and not self.problem
+
+
 @dataclass(frozen=True)
 class SourceIds:
     """Identifiers of a DICOM source image: whom and which study, series and instance it belongs to."""
@@ -200,6 +264,8 @@ class SourceIds:
     sop_instance_uid: str
     sop_class_uid: str
     accession_number: str = ""
+    #: Issuer of Patient ID (0010,0021), or the universal entity ID of its qualifiers
+    patient_id_issuer: str = ""
 
 
 def source_ids(header: Any) -> SourceIds:
@@ -213,4 +279,18 @@ def source_ids(header: Any) -> SourceIds:
     return SourceIds(patient_id=text("PatientID"), patient_name=text("PatientName"),
                      study_instance_uid=text("StudyInstanceUID"), series_instance_uid=text("SeriesInstanceUID"),
                      sop_instance_uid=text("SOPInstanceUID"), sop_class_uid=sop_class,
-                     accession_number=text("AccessionNumber"))
+                     accession_number=text("AccessionNumber"), patient_id_issuer=_issuer(header, text))
+
+
+def _issuer(header: Any, text: Any) -> str:
+    """The Issuer of Patient ID as a URI where the header says which kind it is (ISO: ``urn:oid:``,
+    UUID: ``urn:uuid:``, URI), else the plain Issuer of Patient ID text."""
+    qualifiers = header.get("IssuerOfPatientIDQualifiersSequence")
+    for item in qualifiers or ():
+        value = str(item.get("UniversalEntityID") or "").strip()
+        kind = str(item.get("UniversalEntityIDType") or "").strip().upper()
+        if value:
+            prefix = {"ISO": "urn:oid:", "UUID": "urn:uuid:"}.get(kind, "")
+            return value if value.startswith(prefix) else prefix + value
+    issuer = text("IssuerOfPatientID")
+    return f"urn:oid:{issuer}" if re.fullmatch(r"[0-2](\.\d+)+", issuer) else issuer

@@ -4,10 +4,11 @@ One Comprehensive SR per DICOM source image, built with highdicom (``pip install
 as a TID 1500 Imaging Measurement Report: the source's patient and study, the model as observer
 device and algorithm, the finding coded in SNOMED CT, the probability and threshold, whether the
 image is within the intended use and why not, and that it is not a diagnosis (the content, item
-by item: docs/hospital.md). An image outside the intended use that was not classified gets an SR
-saying so, without finding or probability. The SOP Instance UID depends only on the source image,
-the model file and the thresholds (:meth:`cxr_hospital.report.ModelIdentity.sr_uid`), so writing
-or storing it twice never makes two.
+by item: docs/hospital.md). An image outside the intended use that was not classified, or one that
+could not be read, gets an SR saying so, without finding or probability. The SOP Instance UID
+depends only on the source image, the model file, the thresholds and the answer
+(:meth:`cxr_hospital.report.ModelIdentity.sr_uid`), so writing or storing one answer twice never
+makes two, and two different answers never share one.
 
 Examples:
     >>> clf = Classifier()                                                    # doctest: +SKIP
@@ -21,7 +22,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import IO, Any, Dict, Optional
+from typing import IO, Any, Dict, Optional, Tuple
 
 from cxr_infer.dicom import read_header
 from cxr_infer.errors import InputError
@@ -39,6 +40,7 @@ from .report import (
     THRESHOLD,
     UNITLESS,
     YES,
+    Answer,
     Concept,
     ModelIdentity,
     finding_for,
@@ -104,15 +106,19 @@ def _evidence(header: Any) -> Any:
     return evidence
 
 
-def build_sr(pred: Any, header: Any, model: ModelIdentity, classified: bool = True) -> Any:
+def build_sr(pred: Any, header: Any, model: ModelIdentity, classified: bool = True,
+             problem: Optional[str] = None) -> Any:
     """The Comprehensive SR (a highdicom ``ComprehensiveSR``, a pydicom Dataset) of one result.
 
     Args:
-        pred: the :class:`~cxr_infer.classifier.Prediction` of the image ``header`` describes.
+        pred: the :class:`~cxr_infer.classifier.Prediction` of the image ``header`` describes
+            (``None`` with ``problem``).
         header: the source image's pydicom dataset (pixel data not needed).
         model: the model that made ``pred``.
         classified: ``False`` for an image outside the intended use that was not classified:
             the SR then holds the reasons instead of a finding.
+        problem: why the image could not be read (one line): the SR then says it was not
+            classified because of that.
 
     Raises:
         InputError: highdicom is missing, or the header lacks the UIDs an SR must reference.
@@ -120,6 +126,7 @@ def build_sr(pred: Any, header: Any, model: ModelIdentity, classified: bool = Tr
     hd = _highdicom()
     from pydicom.sr.codedict import codes
 
+    answer = Answer.unreadable(problem) if problem is not None else Answer.of(pred, classified)
     evidence = _evidence(header)
     ids = source_ids(evidence)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
@@ -134,24 +141,16 @@ def build_sr(pred: Any, header: Any, model: ModelIdentity, classified: bool = Tr
                                         identifier="cxr pneumonia classification")
     source = hd.sr.SourceImageForMeasurementGroup(referenced_sop_class_uid=ids.sop_class_uid,
                                                   referenced_sop_instance_uid=ids.sop_instance_uid)
-    evaluations = []
-    if classified and pred.in_domain is not None:
-        evaluations.append(hd.sr.QualitativeEvaluation(_code(IN_INTENDED_USE), _code(YES if pred.in_domain else NO)))
-    if not classified:
-        evaluations += [hd.sr.QualitativeEvaluation(_code(CLASSIFIED), _code(NO)),
-                        hd.sr.QualitativeEvaluation(_code(IN_INTENDED_USE), _code(NO))]
-    unit = _code(UNITLESS)
-    probability = Concept(PROBABILITY_OF_POSITIVE.code, CXR_SCHEME, f"Probability of {model.positive_label.lower()}")
-    measurements = [hd.sr.Measurement(name=_code(probability), value=round(float(pred.probability), 6), unit=unit),
-                    hd.sr.Measurement(name=_code(THRESHOLD), value=float(pred.threshold), unit=unit)]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking, finding_type=_code(finding_for(pred.label)) if classified else None,
-        algorithm_id=algorithm, measurements=measurements if classified else None,
-        qualitative_evaluations=evaluations or None, source_images=[source])
+        tracking_identifier=tracking, algorithm_id=algorithm, source_images=[source],
+        **_group_content(hd, pred, answer, model))
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=_code(PLAIN_CHEST_XRAY),
                                      imaging_measurements=[group])
-    texts = [(_IMPRESSION, finding_words(pred, model.positive_label) if classified else not_classified_words(pred))]
-    texts += [(OUT_OF_USE_REASON, reason) for reason in pred.domain_reasons]
+    if answer.problem:
+        texts = [(_IMPRESSION, f"Not classified: the image could not be read: {answer.problem}")]
+    else:
+        texts = [(_IMPRESSION, finding_words(pred, model.positive_label) if classified else not_classified_words(pred))]
+        texts += [(OUT_OF_USE_REASON, reason) for reason in pred.domain_reasons]
     texts.append((_COMMENT, DISCLAIMER))
     container = hd.sr.ContainerContentItem(name=_code(_QUALITATIVE_EVALUATIONS),
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
@@ -166,10 +165,55 @@ def build_sr(pred: Any, header: Any, model: ModelIdentity, classified: bool = Tr
 
     return hd.sr.ComprehensiveSR(
         evidence=[evidence], content=report, series_instance_uid=model.series_uid(ids.study_instance_uid),
-        series_number=SERIES_NUMBER, sop_instance_uid=model.sr_uid(ids.sop_instance_uid),
+        series_number=SERIES_NUMBER, sop_instance_uid=model.sr_uid(ids.sop_instance_uid, answer),
         instance_number=_instance_number(evidence), manufacturer="cxr", is_complete=True, is_final=False,
         series_description=SERIES_DESCRIPTION, manufacturer_model_name=model.title[:64],
         software_versions=f"cxr {__version__}", coding_schemes=schemes)
+
+
+def _group_content(hd: Any, pred: Any, answer: Answer, model: ModelIdentity) -> Dict[str, Any]:
+    """The measurement group's finding, measurements and qualitative evaluations for ``answer``."""
+    if not answer.classified:
+        evaluations = [hd.sr.QualitativeEvaluation(_code(CLASSIFIED), _code(NO))]
+        if not answer.problem:
+            evaluations.append(hd.sr.QualitativeEvaluation(_code(IN_INTENDED_USE), _code(NO)))
+        return {"finding_type": None, "measurements": None, "qualitative_evaluations": evaluations}
+    unit = _code(UNITLESS)
+    probability = Concept(PROBABILITY_OF_POSITIVE.code, CXR_SCHEME, f"Probability of {model.positive_label.lower()}")
+    measurements = [hd.sr.Measurement(name=_code(probability), value=round(float(pred.probability), 6), unit=unit),
+                    hd.sr.Measurement(name=_code(THRESHOLD), value=float(pred.threshold), unit=unit)]
+    evaluations = [] if pred.in_domain is None else [
+        hd.sr.QualitativeEvaluation(_code(IN_INTENDED_USE), _code(YES if pred.in_domain else NO))]
+    return {"finding_type": _code(finding_for(pred.label)), "measurements": measurements,
+            "qualitative_evaluations": evaluations or None}
+
+
+def sr_of_result(result: Any, header: Any, model: ModelIdentity, unreadable_sr: bool = False,
+                 name: str = "<bytes>") -> Tuple[Any, Answer, str]:
+    """The SR of one DICOM image as ``cxr-pacs`` and ``cxr-node`` store it: ``(sr, answer, words)``.
+
+    ``result`` is the classifier's :class:`~cxr_infer.prediction.Prediction` or
+    :class:`~cxr_infer.errors.InputError` for the image; an image outside the intended use is
+    not classified. An image that could not be read raises its error, or, with
+    ``unreadable_sr``, gets an SR saying so (the error without the input's ``name``). ``words``
+    is the answer for a log line (no patient data).
+
+    Examples:
+        >>> sr, answer, words = sr_of_result(clf.predict(data), read_header(data), model)  # doctest: +SKIP
+        >>> words                                                                        # doctest: +SKIP
+        'PNEUMONIA 0.873'
+    """
+    if isinstance(result, InputError):
+        if not unreadable_sr:
+            raise result
+        problem = str(result).removeprefix(f"{name}: ")
+        sr = build_sr(None, header, model, classified=False, problem=problem)
+        return sr, Answer.unreadable(problem), f"not read ({problem})"
+    classified = result.in_domain is not False
+    sr = build_sr(result, header, model, classified=classified)
+    words = (f"{result.label} {result.probability:.3f}" if classified
+             else "not classified (" + "; ".join(result.domain_reasons) + ")")
+    return sr, Answer.of(result, classified), words
 
 
 def _instance_number(header: Any) -> int:

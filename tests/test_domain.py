@@ -274,7 +274,8 @@ def test_stage_branch_reads_the_quantized_tensor(plain_model, tmp_path):
 
 def test_default_taps_follow_the_backbone(plain_model):
     assert domain.default_taps(read_spec(plain_model), plain_model) == []  # "tiny": no table entry
-    assert set(domain.STAGE_TAPS) == {"vgg16", "resnet50", "inception_v3"}
+    assert set(domain.STAGE_TAPS) == {"vgg16", "resnet50", "inception_v3", "mobilenet_v3_large", "efficientnet_b0"}
+    assert len(domain.STAGE_TAPS["mobilenet_v3_large"]) == len(domain.STAGE_TAPS["efficientnet_b0"]) == 4
     assert len(domain.STAGE_TAPS["vgg16"]) == 4 and len(domain.STAGE_TAPS["inception_v3"]) == 3
     assert len(domain.STAGE_TAPS["resnet50"]) == 2  # two bottleneck-inner activations (see STAGE_TAPS)
 

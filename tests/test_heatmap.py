@@ -2,13 +2,14 @@
 sanity checks of Adebayo et al. 2018, and finds a bright square in noise.
 
 Tolerance of the parity, against PyTorch autograd in float32, per image and relative to the map's
-largest magnitude (:data:`PARITY`): 1e-4 for the last feature map (tiny), VGG16's last convolution and
-ResNet50's layer3 (measured 1e-6 to 5e-5); 5% for InceptionV3's Mixed_5d, with the maps' ranks agreeing
-(Spearman > 0.99). Its gradient comes back through eight Inception blocks, and float32 rounding flips
-the ReLUs whose input lies near zero: PyTorch's own float32 map is up to 3.7% off the float64 one on
-these images, and the graph's (BatchNorm folded, other kernels) up to 2.4% off PyTorch's. The models'
-BatchNorm statistics are those of random images first, so that activations keep a trained network's
-scale (freshly initialised, InceptionV3's grow to 1e7).
+largest magnitude (:data:`PARITY`): 1e-4 for the last feature map (tiny, MobileNetV3,
+EfficientNet-B0), VGG16's last convolution and ResNet50's layer3 (measured 1e-6 to 5e-5); 5% for
+InceptionV3's Mixed_5d, with the maps' ranks agreeing (Spearman > 0.99). Its gradient comes back
+through eight Inception blocks, and float32 rounding flips the ReLUs whose input lies near zero:
+PyTorch's own float32 map is up to 3.7% off the float64 one on these images, and the graph's
+(BatchNorm folded, other kernels) up to 2.4% off PyTorch's. The models' BatchNorm statistics are
+those of random images first, so that activations keep a trained network's scale (freshly
+initialised, InceptionV3's grow to 1e7).
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ from cxr_infer.model import ModelFile  # noqa: E402
 #: the module whose output is the heatmap's layer, per backbone (the backbone entry's heatmap_layer;
 #: tiny has none: its last feature map)
 LAYER = {"tiny": "base.features", "resnet50": "base.layer3", "vgg16": "base.features.29",
-         "inception_v3": "base.Mixed_5d"}
-PARITY = {"tiny": 1e-4, "resnet50": 1e-4, "vgg16": 1e-4, "inception_v3": 0.05}
+         "inception_v3": "base.Mixed_5d", "mobilenet_v3_large": "base.features", "efficientnet_b0": "base.features"}
+PARITY = {"tiny": 1e-4, "resnet50": 1e-4, "vgg16": 1e-4, "inception_v3": 0.05, "mobilenet_v3_large": 1e-4,
+          "efficientnet_b0": 1e-4}
 
 
 def export_with_heatmap(model, backbone: str, size: int, path: Path) -> ModelFile:
@@ -96,7 +98,8 @@ def calibrated(model, size: int):
 
 
 @pytest.mark.parametrize("backbone, size, seed", [("tiny", 64, 2), ("resnet50", 64, 2), ("vgg16", 64, 2),
-                                                  ("inception_v3", 160, 3)])  # 160 px: Mixed_5d at 17 x 17
+                                                  ("inception_v3", 160, 3),  # 160 px: Mixed_5d at 17 x 17
+                                                  ("mobilenet_v3_large", 128, 2), ("efficientnet_b0", 128, 2)])
 def test_graph_map_equals_autograd_gradcam(backbone, size, seed, tmp_path):
     from cxr_train.models import build_model
 

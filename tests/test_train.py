@@ -121,7 +121,8 @@ def assert_run_folder(out: Path, meta: dict, backbone: str, size: int, epochs: i
 
 # ---------------------------------------------------------------- every backbone, one tiny epoch
 
-@pytest.mark.parametrize("backbone, size", [("resnet50", 64), ("vgg16", 64), ("inception_v3", 96)])
+@pytest.mark.parametrize("backbone, size", [("resnet50", 64), ("vgg16", 64), ("inception_v3", 96),
+                                            ("mobilenet_v3_large", 64), ("efficientnet_b0", 64)])
 def test_tiny_run_of_each_backbone(tmp_path, backbone, size):
     out = tmp_path / backbone
     meta = run(out, backbone, max_images=12, image_size=size)

@@ -74,6 +74,16 @@ def _inception_v3(pretrained: bool, init: bool) -> "nn.Module":
     return model
 
 
+def _features_base(name: str, pretrained: bool, init: bool) -> "nn.Module":
+    """A torchvision model's ``features`` with global average pooling (MobileNetV3, EfficientNet);
+    its ImageNet ``features.*`` tensors load by name, its classifier is replaced by the head."""
+    import torchvision.models as tvm
+
+    from .models import VGGBase
+
+    return VGGBase(getattr(tvm, name)(weights=None).features)
+
+
 def _tiny(pretrained: bool, init: bool) -> "nn.Module":
     from .models import TinyBase
 
@@ -95,6 +105,16 @@ BACKBONES: Dict[str, Backbone] = {spec.name: spec for spec in (
     Backbone("inception_v3", _inception_v3, feature_dim=2048, input_size=299, transform_input=True,
              domain_taps=("/maxpool1/MaxPool_output_0", "/Concat_2_output_0", "/Concat_7_output_0"),
              heatmap_layer="/Concat_2_output_0"),  # Mixed_5d (25 x 25 at 224 px)
+    # Edge backbones read the ends of their first four stages, as VGG16 and InceptionV3 (112, 56, 28
+    # and 14 px at 224 px input). Their heatmap is the last feature map (7 x 7 at 224 px): every
+    # 14 x 14 layer lies behind HardSwish or SiLU and squeeze-excitation, which
+    # cxr_export.backprop cannot carry a gradient through.
+    # MobileNetV3-Large: the residual Adds closing features.1, .3, .6 and .12
+    Backbone("mobilenet_v3_large", partial(_features_base, "mobilenet_v3_large"), feature_dim=960,
+             domain_taps=("/Add_output_0", "/Add_1_output_0", "/Add_3_output_0", "/Add_7_output_0")),
+    # EfficientNet-B0: features.1's projection (it has no residual), the Adds closing features.2 to .4
+    Backbone("efficientnet_b0", partial(_features_base, "efficientnet_b0"), feature_dim=1280,
+             domain_taps=("/block.2.0/Conv_output_0", "/Add_output_0", "/Add_1_output_0", "/Add_3_output_0")),
     Backbone("resnet18", partial(_resnet, "resnet18"), feature_dim=512),
     Backbone("tiny", _tiny, feature_dim=32, imagenet=False),  # four conv layers: tests and smoke runs
 )}

@@ -137,6 +137,8 @@ def test_summary_merges_accuracy_and_latency(bench, tmp_path):
     a = {**base, "precision": "fp32", "sha256": sha["fp32"]}
     _latency_report(out / "latency.json", "2030-01-01T00:00:00Z", [
         {**a, "median_ms": 40.0},
+        {**a, "median_ms": 500.0, "heatmap": True},  # the map fetched: not the classification call alone
+        {**a, "median_ms": 45.0, "domain_check": True},
         {**base, "precision": "fp16", "sha256": sha["fp16"], "median_ms": 60.0, "path": "b"},
         {**a, "median_ms": 99.0, "batch": 8},
         {**base, "engine": "torch", "precision": "fp32", "median_ms": 120.0, "path": "c"},
@@ -156,6 +158,7 @@ def test_summary_merges_accuracy_and_latency(bench, tmp_path):
     assert by[("vgg16", "fp32")]["latency_ms_b1"] is None
     md = (out / "summary.md").read_text()
     assert "| Backbone | Precision | Accuracy |" in md and "3.0x" in md
+    assert "| File |" in md and "tiny_fp32.onnx` |" in md
     rows1, src = build_summary(find_reports(out), threads=1)
     assert {(x["backbone"], x["precision"]): x for x in rows1}[("resnet50", "fp32")]["latency_ms_b1"] == 70.0
 

@@ -197,7 +197,8 @@ def test_the_calibration_comes_from_the_spec_and_the_reports(carded):
     ece = {split: json.loads((carded["reports"] / f"accuracy-{split}.json").read_text())["models"][1]["calibration"]
            for split in ("test", "validation")}
     assert f"| test | 7 | {ece['test']['ece']:.4f} |" in text and f"{ece['validation']['ece']:.4f}" in text
-    assert "softened by temperature 1.500" in text
+    assert "divided by a temperature of 1.500 fitted on validation images to minimise their log loss " \
+           "(it softens them" in text
     assert "it is not calibrated" in _card(carded, "resnet50-fp32")
 
 

@@ -156,12 +156,16 @@ def _choice(ctx: Context) -> Tuple[List[List[Any]], str]:
     return rows, f"By this rule the choice is `{chosen.shown}` ({chosen.spec.backbone} {chosen.spec.precision}: {how})."
 
 
+#: the release history of the embedded default, which its card states (CHANGELOG.md has the detail)
+PREVIOUS_DEFAULT = "Releases up to 0.1.0 embedded VGG16 INT8 instead, which no rule had chosen."
+
+
 def _default_note(card: CardFile, verdict: str) -> str:
     if not card.default:
         return ""
     chosen = f"`{card.shown}`" in verdict
-    return " This file is the embedded default." if chosen else \
-        " This file is the embedded default, although the rule chooses another file."
+    return (" This file is the embedded default. " if chosen else
+            " This file is the embedded default, although the rule chooses another file. ") + PREVIOUS_DEFAULT
 
 
 def _chosen(card: CardFile, ctx: Context) -> List[str]:
@@ -323,10 +327,13 @@ def _calibration(card: CardFile, ctx: Context) -> List[str]:
                                   f"cxr-bench accuracy --model {card.shown} {command}")]
     test_ece = fmt_num(card.test.entry["calibration"]["ece"], 3) if card.test else "not measured"
     if block and block.get("applied"):
-        meaning = ("The probability is the network's output softened by temperature "
-                   f"{fmt_num(block.get('temperature'), 3)} fitted on validation images: there, of the images given "
-                   "about p, about a share p are "
-                   f"{card.spec.positive_label}; the test split is a shifted population (test ECE {test_ece}).")
+        t = block.get("temperature")
+        how = "sharpens" if isinstance(t, (int, float)) and t < 1 else "softens"
+        meaning = ("The probability is the softmax of the network's logits divided by a temperature of "
+                   f"{fmt_num(t, 3)} fitted on validation images to minimise their log loss (it {how} them; "
+                   f"labels are unchanged). How far p is from the share of {card.spec.positive_label} among "
+                   f"images given about p: validation ECE {fmt_num(block.get('ece_after'), 3)}, test ECE "
+                   f"{test_ece} (the test split is a shifted population).")
     else:
         meaning = ("The probability ranks images and is compared with the threshold; it is not calibrated, so a "
                    f"value p does not mean a chance p of {card.spec.positive_label} (test ECE {test_ece}).")
@@ -439,8 +446,10 @@ def _failure_modes(card: CardFile, ctx: Context) -> List[str]:
                      "control: still chest X-rays).")
     border = card.heatmaps.entry.get("border_mass") if card.heatmaps else None
     if border and border.get("mean") is not None:
+        even = 1 - (1 - 2 * border["frame"]) ** 2
         L.append(f"- Attention on the border: a mean {_frac(border['mean'])} of the map's mass lies in the outer "
-                 f"{border['frame']:.0%} of the image, where markers and labels lie (heatmap examples above).")
+                 f"{border['frame']:.0%} of the image, where markers and labels lie, against {_frac(even)} for a map "
+                 "spread evenly (heatmap examples above).")
     return L + [""]
 
 

@@ -83,8 +83,9 @@ def render_markdown(report: Dict[str, Any]) -> str:
     what = {"domain": "out-of-domain check", "heatmap": "Grad-CAM graph"}[report["graph"]]
     lines = [f"# What the {what} costs", "",
              f"Created {report['created']} by cxr-bench {report['cxr_bench_version']}: `{report['command']}`", "",
-             f"Each file against a copy without its {report['graph']} graph (the other added graph removed from "
-             f"both), batch {report['batch']}, {report['threads']} thread(s), on {report['device']}. One worker "
+             f"Each file, its {report['graph']} output fetched, against a copy without its {report['graph']} "
+             f"graph (the other added graph removed from both), batch {report['batch']}, {report['threads']} "
+             f"thread(s), on {report['device']}. One worker "
              f"process holds both and alternates them in {report['blocks']} blocks of {report['warmup']} warm-up "
              f"and {report['calls']} timed calls; {report['processes']} such processes per file, interleaved "
              "across files. Cost: the median over processes of (median on / median off - 1); the range is "

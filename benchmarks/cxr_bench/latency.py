@@ -65,6 +65,7 @@ def model_info(path: str | Path) -> Dict[str, Any]:
     spec, facts, warnings = inspect_model(p)
     return {"engine": "onnx", "path": str(p), "name": p.stem, "backbone": spec.backbone, "precision": spec.precision,
             "domain_output": spec.domain_output, "heatmap_output": spec.heatmap_output,
+            "heatmap_switched": bool(spec.heatmap_output and spec.switches),
             "file_bytes": p.stat().st_size, "sha256": sha256_file(p), "graph": facts, "warnings": warnings}
 
 
@@ -153,7 +154,8 @@ def plan_configs(subjects: List[Dict[str, Any]], devices: Sequence[str], batches
 
 def strip_unasked_graphs(configs: List[Dict[str, Any]], folder: Path) -> None:
     """Point each ONNX configuration that leaves an added graph off at a copy of its file without
-    that graph (``run_path``, ``run_file_bytes``, ``removed``), one copy per file and choice."""
+    that graph (``run_path``, ``run_file_bytes``, ``removed``), one copy per file and choice. A heatmap
+    behind a switch input runs only when fetched, so leaving it off needs no copy."""
     from .upstream import write_without
 
     made: Dict[Tuple[str, bool, bool], str] = {}
@@ -161,7 +163,7 @@ def strip_unasked_graphs(configs: List[Dict[str, Any]], folder: Path) -> None:
         if c["engine"] != "onnx":
             continue
         strip_domain = bool(c.get("domain_output")) and not c.get("domain_check")
-        strip_map = bool(c.get("heatmap_output")) and not c.get("heatmap")
+        strip_map = bool(c.get("heatmap_output")) and not c.get("heatmap") and not c.get("heatmap_switched")
         if strip_domain or strip_map:
             key = (c["path"], strip_domain, strip_map)
             if key not in made:
@@ -295,10 +297,12 @@ OUTPUTS_NOTE = {
                            "Classifier runs it; rows marked +domain check)",
                      "both": "models with domain statistics measured as they are, with the domain_score "
                              "output (rows marked +domain check), and from a copy without the domain graph"},
-    "heatmap": {"off": "; the Grad-CAM graph removed from the copy too",
+    "heatmap": {"off": "; the Grad-CAM graph removed from the copy too (a map behind a switch input is "
+                       "left in the file: it runs only when fetched)",
                 "on": "; plus the heatmap output (rows marked +heatmap)",
-                "both": "; models with a heatmap output measured with it (rows marked +heatmap) and from a copy "
-                        "without the Grad-CAM graph"}}
+                "both": "; models with a heatmap output measured with it (rows marked +heatmap) and without it: "
+                        "the file as it is where the map sits behind a switch input (it runs only when fetched), "
+                        "else a copy without the Grad-CAM graph"}}
 
 
 def render_markdown(report: Dict[str, Any]) -> str:
@@ -337,8 +341,8 @@ def _settings_lines(s: Dict[str, Any]) -> List[str]:
             f"- Input: {s['input']}.",
             "- Outputs: " + OUTPUTS_NOTE["domain_check"][s.get("domain_check", "off")]
             + OUTPUTS_NOTE["heatmap"][s.get("heatmap", "off")]
-            + ". A graph in the file costs time even when its output is not asked for: onnxruntime runs every "
-              "node, so 'off' means removed, not merely not fetched."]
+            + ". A graph in the file costs time even when its output is not asked for (onnxruntime runs every "
+              "node), so 'off' means removed, not merely not fetched, except behind a switch input."]
 
 
 def _engine(r: Dict[str, Any]) -> str:

@@ -87,7 +87,7 @@ def build_summary(found: Sequence[Found], threads: Optional[int] = None, device:
         if r["threads"] != use_threads:
             continue
         if r["engine"] == "onnx":
-            if not r.get("domain_check"):  # the classification call alone, as PyTorch computes it
+            if not r.get("domain_check") and not r.get("heatmap"):  # the classification call alone, as PyTorch
                 _newest(ort, _identity(r), name, r, created)
         elif r["engine"] == "torch":
             _newest(torch, r["backbone"], name, r, created)
@@ -135,18 +135,19 @@ def _table(rows: List[Dict[str, Any]], sources: Dict[str, Any]) -> List[str]:
     if not rows:
         return ["No accuracy or latency reports: `summary.json` is an empty list.", ""]
     table = []
-    for r in rows:
+    for r, src in zip(rows, sources["rows"]):
         speed = (r["torch_latency_ms_b1"] / r["latency_ms_b1"]
                  if r["latency_ms_b1"] and r["torch_latency_ms_b1"] else None)
         counts = "/".join(str(r[k]) for k in ("tp", "fp", "tn", "fn")) if r["tp"] is not None else "n/a"
         table.append([r["backbone"], r["precision"], fmt_pct(r["accuracy"]), fmt_num(r["auc"]), fmt_num(r["loss"]),
                       fmt_pct(r["precision_score"]), fmt_pct(r["recall"]), fmt_pct(r["f1"]), counts,
                       fmt_ms(r["latency_ms_b1"]), fmt_ms(r["torch_latency_ms_b1"]),
-                      f"{speed:.1f}x" if speed else "n/a"])
+                      f"{speed:.1f}x" if speed else "n/a", f"`{src['model']}`"])
     L = ["Metrics at each model's own decision threshold (`summary.json` holds the same rows); latency: median "
          f"ms per call at batch 1 on {sources['device']}, {sources['threads']} thread(s), each in fresh processes.",
          "", md_table(["Backbone", "Precision", "Accuracy", "AUC", "Loss", "Precision (PPV)", "Recall", "F1",
-                       "TP/FP/TN/FN", "ORT ms (b1)", "PyTorch ms (b1)", "ORT speed-up"], table, "llrrrrrrrrrr"),
+                       "TP/FP/TN/FN", "ORT ms (b1)", "PyTorch ms (b1)", "ORT speed-up", "File"], table,
+                      "llrrrrrrrrrrl"),
          ""] + [f"**Warning:** {w}." for w in sources.get("warnings", [])] + (
         [""] if sources.get("warnings") else []) + ["## Sources", ""]
     for s in sources["rows"]:

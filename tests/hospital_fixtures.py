@@ -127,22 +127,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian package orthanc-dicomweb
+
+
 class OrthancServer:
-    """A throw-away Orthanc on 127.0.0.1: free port, its own storage folder, basic auth, StableAge 1 s."""
+    """A throw-away Orthanc on 127.0.0.1: free port, its own storage folder, basic auth, StableAge 1 s.
+
+    ``dicom=True`` also starts its DICOM server (AE title ORTHANC, a free port, any caller may
+    store); ``dicomweb=True`` loads the DICOMweb plugin (``self.dicomweb`` is its root URL).
+    """
 
     user, password = "cxr", "pw-not-to-be-echoed-7f3a"
+    aet = "ORTHANC"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, dicom: bool = False, dicomweb: bool = False) -> None:
         self.root = root
         self.port = free_port()
+        self.dicom_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.dicomweb = f"{self.url}/dicom-web"
         (root / "db").mkdir(parents=True, exist_ok=True)
         self.config = root / "orthanc.json"
         self.config.write_text(json.dumps({
             "Name": "cxr-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-            "HttpPort": self.port, "DicomPort": free_port(), "DicomServerEnabled": False,
+            "HttpPort": self.port, "DicomPort": self.dicom_port, "DicomServerEnabled": dicom, "DicomAet": self.aet,
+            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomThreadsCount": 4,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
-            "RegisteredUsers": {self.user: self.password}, "StableAge": 1, "Plugins": [], "SaveJobs": False,
+            "RegisteredUsers": {self.user: self.password}, "StableAge": 1, "SaveJobs": False,
+            "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             "StorageCompression": False}))
         self.password_file = root / "password.txt"
         self.password_file.write_text(self.password + "\n")

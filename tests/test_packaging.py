@@ -47,6 +47,7 @@ EXTRA_PACKAGES: Dict[str, List[str]] = {
     "": ["cxr_infer"],         # pip install .      -> cxr-infer, cxr_infer.Classifier
     "dicom": ["cxr_infer", "cxr_hospital"],  # .[dicom] -> DICOM inputs, --format dicom-sr and fhir
     "pacs": ["cxr_hospital"],  # .[pacs]            -> cxr-pacs (Orthanc REST; reads images, writes SRs)
+    "node": ["cxr_hospital"],  # .[node]            -> cxr-node (pynetdicom: a DICOM node, SRs back to the PACS)
     "gpu": ["cxr_infer"],      # .[gpu]             -> --device cuda
     "openvino": ["cxr_infer"],  # .[openvino]       -> --device openvino (the OpenVINO runtime)
     "train": ["cxr_train"],    # .[train]           -> cxr-train
@@ -75,6 +76,9 @@ OPTIONAL: Dict[str, str] = {
     # cxr_infer.ov_session.openvino_runtime(): --device openvino (and auto, where it can) only; without
     # the runtime, --device openvino says "pip install 'cxr[openvino]'" (exit 2) and auto takes the CPU.
     "openvino": "openvino",
+    # cxr_hospital.node.run(): cxr-node only; without pynetdicom it says "cxr-node needs pynetdicom:
+    # pip install 'cxr[node]'" (exit 2) and cxr-pacs, --format dicom-sr and fhir still work.
+    "pynetdicom": "node",
 }
 
 #: The extra of each package (what its own command needs).
@@ -443,7 +447,7 @@ def test_wheel_holds_the_packages_the_default_model_and_the_sample(wheel, cfg):
         assert f"cxr_infer/samples/{f.name}" in names, f"the wheel lacks the bundled sample {f.name}"
     info = zipfile.ZipFile(wheel)
     entry_points = next(info.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
-    for script in ("cxr-infer", "cxr-train", "cxr-export", "cxr-bench", "cxr-pacs"):
+    for script in ("cxr-infer", "cxr-train", "cxr-export", "cxr-bench", "cxr-pacs", "cxr-node"):
         assert re.search(rf"^{script} = ", entry_points, re.M), f"no {script} console script"
     for fmt in ("dicom-sr", "fhir"):
         assert re.search(rf"^{fmt} = cxr_hospital\.", entry_points, re.M), f"no {fmt} output format entry point"
@@ -616,6 +620,15 @@ def check_pacs(venv: Venv, tmp: Path) -> None:
     assert set(venv.missing("torch", "onnx")) == {"torch", "onnx"}
 
 
+def check_node(venv: Venv, tmp: Path) -> None:
+    r = venv.run("cxr-node", "--help", cwd=tmp)
+    assert r.returncode == 0 and "--send-to-dicomweb" in r.stdout, r.stdout + r.stderr
+    r = venv.run("cxr-node", "--status", str(tmp / "none"), cwd=tmp)
+    assert r.returncode == 2 and "holds no cxr-node job table" in r.stderr, r.stderr
+    assert not venv.missing("pynetdicom", "pydicom", "highdicom")
+    assert set(venv.missing("torch", "onnx")) == {"torch", "onnx"}
+
+
 def check_train(venv: Venv, tmp: Path) -> None:
     data = _images(tmp / "data", "train", 16)
     run = tmp / "run"
@@ -663,6 +676,7 @@ def check_gpu(venv: Venv, tmp: Path) -> None:
 
 CHECKS = {"gpu": check_gpu, "": check_base, "bench": check_bench, "dicom": check_dicom, "pacs": check_pacs,
           "train": check_train, "export": check_export}
+CHECKS["node"] = check_node
 
 
 @pytest.mark.slow
@@ -671,6 +685,7 @@ CHECKS = {"gpu": check_gpu, "": check_base, "bench": check_bench, "dicom": check
     pytest.param("bench", id="bench"),
     pytest.param("dicom", id="dicom"),
     pytest.param("pacs", id="pacs"),
+    pytest.param("node", id="node"),
     pytest.param("train", id="train", marks=needs_torch_switch),
     pytest.param("export", id="export", marks=needs_torch_switch),
     pytest.param("gpu", id="gpu", marks=needs_gpu_switch),

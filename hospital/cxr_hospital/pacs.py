@@ -35,6 +35,8 @@ examples:
   CXR_PACS_PASSWORD=... cxr-pacs --url https://pacs.example:8042 --username cxr
       follow Orthanc's change feed and classify each study when it becomes stable
   cxr-pacs --url URL --username cxr --password-file /run/secrets/orthanc --model m.onnx --once
+  cxr-pacs --dicomweb https://pacs.example/dicom-web --username cxr --password-file pw --once
+      any DICOMweb PACS: QIDO-RS, WADO-RS and STOW-RS instead of Orthanc's REST API
 
 credentials:
   --username (or CXR_PACS_USERNAME) with --password-file FILE (its first line) or the
@@ -337,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "into its study.")
     p.add_argument("--url", default=os.environ.get("CXR_PACS_URL", DEFAULT_URL),
                    help=f"Orthanc's REST API (default: CXR_PACS_URL or {DEFAULT_URL})")
+    p.add_argument("--dicomweb", metavar="URL",
+                   help="any DICOMweb PACS instead of Orthanc's REST API: QIDO-RS finds the images, WADO-RS "
+                        "fetches them, STOW-RS stores the SRs (without --once: a pass every --poll seconds)")
     p.add_argument("--username", default=os.environ.get("CXR_PACS_USERNAME"),
                    help="HTTP basic authentication user (default: CXR_PACS_USERNAME)")
     p.add_argument("--password-file", metavar="FILE",
@@ -379,16 +384,16 @@ def run(args: argparse.Namespace) -> int:
     """Connect, load the model, run one pass or follow; the exit status."""
     from urllib.parse import urlsplit
 
-    if urlsplit(args.url).scheme not in ("http", "https"):
-        raise PacsError(f"--url {args.url!r} is not an http(s) URL of Orthanc's REST API")
+    url = args.dicomweb or args.url
+    if urlsplit(url).scheme not in ("http", "https"):
+        what = "--dicomweb" if args.dicomweb else "--url"
+        raise PacsError(f"{what} {url!r} is not an http(s) URL")
+    args.url = url
+    auth = _credentials(args)
     stop = threading.Event()
-    orthanc = Orthanc(args.url, _credentials(args), timeout=args.timeout, retries=max(0, args.retries),
+    orthanc = Orthanc(args.url, auth, timeout=args.timeout, retries=max(0, args.retries),
                       retry_wait=max(0.0, args.retry_wait), on_retry=_say, _stop=stop)
-    try:
-        version = orthanc.get_json("/system", retry=False).get("Version", "?")
-    except (Unreachable, Refused) as exc:
-        raise PacsError(f"Orthanc is not reachable at {args.url} ({exc}); is it running, and is the URL right?") \
-            from None
+    version = "" if args.dicomweb else _orthanc_version(orthanc, args.url)
     from cxr_infer.classifier import Classifier
 
     from .sr import missing
@@ -398,15 +403,38 @@ def run(args: argparse.Namespace) -> int:
         raise PacsError(problem.replace("cxr[dicom]", "cxr[pacs]"))
     classifier = Classifier(args.model, device=args.device, threads=args.threads, threshold=args.threshold,
                             domain_threshold=args.domain_threshold, domain_flag_rate=args.domain_flag_rate)
-    runner = Runner(orthanc, classifier, [m.strip() for m in args.modalities.split(",") if m.strip()], stop)
-    _say(f"connected to Orthanc {version} at {args.url}; model {runner.model.title} ({runner.model.name}, "
-         f"threshold {runner.model.threshold:g})")
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    status = 0
+    try:
+        if args.dicomweb:
+            from .dicomweb import run_dicomweb
+
+            runner, status = run_dicomweb(args, auth, classifier, _say, stop)
+        else:
+            runner, status = _run_orthanc(args, orthanc, classifier, version, stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    _say(runner.counts.summary(orthanc.retried))
+    return 1 if status or runner.counts.failed else 0
+
+
+def _orthanc_version(orthanc: Orthanc, url: str) -> str:
+    try:
+        return str(orthanc.get_json("/system", retry=False).get("Version", "?"))
+    except (Unreachable, Refused) as exc:
+        raise PacsError(f"Orthanc is not reachable at {url} ({exc}); is it running, and is the URL right?") \
+            from None
+
+
+def _run_orthanc(args: argparse.Namespace, orthanc: Orthanc, classifier: Any, version: str,
+                 stop: threading.Event) -> Tuple[Runner, int]:
+    runner = Runner(orthanc, classifier, [m.strip() for m in args.modalities.split(",") if m.strip()], stop)
+    _say(f"connected to Orthanc {version} at {args.url}; model {runner.model.title} ({runner.model.name}, "
+         f"threshold {runner.model.threshold:g})")
     try:
         if args.once:
             runner.once()
@@ -415,12 +443,8 @@ def run(args: argparse.Namespace) -> int:
     except Unreachable as exc:
         _say(f"Orthanc went away mid-run ({exc}); the images left are done by the next run "
              "(nothing is lost or duplicated)")
-        status = 1
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    _say(runner.counts.summary(orthanc.retried))
-    return 1 if status or runner.counts.failed else 0
+        return runner, 1
+    return runner, 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -19,6 +19,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import (
@@ -69,6 +70,39 @@ def _unit_map(raw: np.ndarray) -> np.ndarray:
     positive = np.maximum(np.asarray(raw, np.float32), 0.0)
     peak = float(positive.max()) if positive.size else 0.0
     return (positive / peak if peak > 0 else positive).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """One input decoded for a model (:meth:`ImageLoader.load`): its ``uint8`` pixels ``(H, W, 3)``,
+    why its DICOM header puts it outside the intended use, and its name (paths only)."""
+
+    pixels: np.ndarray
+    header_reasons: Tuple[str, ...] = ()
+    source: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ImageLoader:
+    """Turns an input into a :class:`LoadedImage` as one model needs it: its input size ``(width,
+    height)``, resize rule and intended use. Small and picklable, so a decoding worker in another
+    process decodes exactly as the :class:`Classifier` does (:attr:`Classifier.loader`).
+
+    Examples:
+        >>> loader = ImageLoader((224, 224), "bicubic")
+        >>> loader.load(np.zeros((300, 200), np.uint8)).pixels.shape
+        (224, 224, 3)
+    """
+
+    size: Tuple[int, int]
+    method: str = "bicubic"
+    intended_use: Optional[IntendedUse] = None
+
+    def load(self, item: ImageSource) -> LoadedImage:
+        """Decode ``item`` and check its DICOM header; raises :class:`InputError` naming the problem."""
+        pixels, header = load_image_and_header(item, self.size, method=self.method)
+        reasons = self.intended_use.header_reasons(header) if self.intended_use is not None else []
+        return LoadedImage(pixels, tuple(reasons), describe(item) if isinstance(item, (str, os.PathLike)) else None)
 
 
 class Classifier:
@@ -153,6 +187,8 @@ class Classifier:
                                                           if self.spec.domain_terms_output else [])
         #: the model's intended use (None: the file has none, or header checks are off)
         self.intended_use: Optional[IntendedUse] = self.spec.intended_use if header_check else None
+        #: decodes inputs for this model (picklable: decoding may run in other processes)
+        self.loader = ImageLoader(tuple(self.spec.image_size), self.spec.resize_method, self.intended_use)
         domain = self.spec.domain
         self._branch_words = [b.words for b in domain.branches] if domain is not None else []
         self._signed_maps = self.spec.heatmap is not None and self.spec.heatmap.signed
@@ -298,44 +334,63 @@ class Classifier:
                 yield from self._infer_batch(pending[0], pending[1].result(), timing, heatmap)
 
     def _load_batch(self, items: List[ImageSource], timing: Optional[MutableMapping[str, float]]
-                    ) -> Tuple[List[Any], List[int], List[np.ndarray], List[List[str]]]:
+                    ) -> Tuple[List[Any], List[int], List[LoadedImage]]:
         """Decode ``items``: the results so far (an :class:`InputError` where one failed), the
-        indices decoded, their pixels and their header reasons."""
+        indices decoded and their :class:`LoadedImage`."""
         t0 = time.perf_counter()
         results: List[Any] = [None] * len(items)
         good: List[int] = []
-        pixels: List[np.ndarray] = []
-        headers: List[List[str]] = []
+        loaded: List[LoadedImage] = []
         for i, item in enumerate(items):
             try:
-                px, header = load_image_and_header(item, self.spec.image_size, method=self.spec.resize_method)
+                loaded.append(self.loader.load(item))  # header checked before inference
             except InputError as exc:
                 results[i] = exc
                 continue
-            pixels.append(px)
-            headers.append(self.header_reasons(header))  # before inference
             good.append(i)
         if timing is not None:
             timing["preprocess"] = timing.get("preprocess", 0.0) + (time.perf_counter() - t0)
-        return results, good, pixels, headers
+        return results, good, loaded
 
-    def _infer_batch(self, items: List[ImageSource], loaded: Tuple[List[Any], List[int], List[np.ndarray],
-                                                                   List[List[str]]],
+    def _infer_batch(self, items: List[ImageSource], loaded: Tuple[List[Any], List[int], List[LoadedImage]],
                      timing: Optional[MutableMapping[str, float]], heatmap: bool = False
                      ) -> List[Union[Prediction, InputError]]:
-        results, good, pixels, headers = loaded
+        results, good, images = loaded
         t1 = time.perf_counter()
-        if pixels:
-            probs, scores, terms, maps = self._run_all(np.stack(pixels), heatmap)
-            for k, (row, i) in enumerate(zip(probs, good)):
-                src = items[i]
-                results[i] = self._prediction(row, describe(src) if isinstance(src, (str, os.PathLike)) else None,
-                                              None if scores is None else float(scores[k]),
-                                              None if terms is None else terms[k], headers[k],
-                                              None if maps is None else maps[k])
+        for i, prediction in zip(good, self.predict_loaded(images, heatmap)):
+            results[i] = prediction
         if timing is not None:
             timing["inference"] = timing.get("inference", 0.0) + (time.perf_counter() - t1)
         return results
+
+    def load(self, item: ImageSource) -> LoadedImage:
+        """Decode one input for this model (:attr:`loader`); raises :class:`InputError`."""
+        return self.loader.load(item)
+
+    def predict_loaded(self, images: Sequence[LoadedImage], heatmap: bool = False) -> List[Prediction]:
+        """Classify decoded images (:meth:`load`) in one model run; the same predictions as
+        :meth:`predict` on their inputs. A service decodes each request as it arrives and runs
+        the requests that wait together as one batch.
+
+        Examples:
+            >>> images = [clf.load(b) for b in bodies]                    # doctest: +SKIP
+            >>> [p.label for p in clf.predict_loaded(images)]             # doctest: +SKIP
+            ['NORMAL', 'PNEUMONIA']
+        """
+        if not images:
+            return []
+        if heatmap:
+            self._heatmap_output()
+        h, w = self.spec.image_size[1], self.spec.image_size[0]
+        for image in images:
+            if image.pixels.shape != (h, w, 3) or image.pixels.dtype != np.uint8:
+                raise ValueError(f"pixels of shape {image.pixels.shape} ({image.pixels.dtype}): this model takes "
+                                 f"uint8 ({h}, {w}, 3); decode with Classifier.load")
+        probs, scores, terms, maps = self._run_all(np.stack([image.pixels for image in images]), heatmap)
+        return [self._prediction(row, image.source, None if scores is None else float(scores[k]),
+                                 None if terms is None else terms[k], image.header_reasons,
+                                 None if maps is None else maps[k])
+                for k, (row, image) in enumerate(zip(probs, images))]
 
     def predict_many(self, items: Iterable[ImageSource], batch_size: Optional[int] = None, heatmap: bool = False
                      ) -> List[Union[Prediction, InputError]]:

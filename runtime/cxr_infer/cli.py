@@ -53,6 +53,11 @@ examples:
       images outside the model's intended use (by DICOM header or by the image itself)
       are not classified (reported as failed, with the reasons)
   cat image.dcm | cxr-infer --model m.onnx -
+  cxr-infer --files-from studies.txt --format jsonl --output studies.jsonl
+      the inputs a manifest lists, one path (or folder, or glob) a line
+  cxr-infer --ray 127.0.0.1:6379 archive/ --format parquet --output archive.parquet
+      on a running Ray cluster (pip install 'cxr[ray]'): decoding in Ray tasks, the model in
+      an actor pool, the same rows as a local run; --resume skips what an earlier run finished
 
 output (--format):
 {formats}
@@ -117,6 +122,16 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--heatmap", metavar="DIR",
                    help="also write one PNG per input into DIR: the image with the model's Grad-CAM attention over "
                         "it, the label, probability and intended-use status (model attention, not a localisation)")
+    p.add_argument("--files-from", metavar="FILE",
+                   help="also take the inputs listed in FILE (a manifest): one file, folder or glob a line, "
+                        "blank lines and lines starting with # skipped")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="score the inputs on the Ray cluster at ADDRESS (host:port, or auto): reading and decoding "
+                        "in Ray tasks, the model in an actor pool, rows written in input order and equal to a local "
+                        "run's; the input paths must be readable on every node (needs pip install 'cxr[ray]')")
+    p.add_argument("--resume", action="store_true",
+                   help="with --ray and --output FILE: skip the inputs an earlier run already scored into FILE (its "
+                        "journal FILE.journal.jsonl, matched by path and SHA-256); the output is then written whole")
     p.add_argument("--no-progress", action="store_true", help="never show the progress bar")
     p.add_argument("--timing", action="store_true", help="print import/session/preprocess/inference times to stderr")
     p.add_argument("--version", action="version", version=f"cxr-infer {_version()}")
@@ -237,8 +252,9 @@ def _output_format(args: argparse.Namespace) -> Any:
 
 
 def _classify(args: argparse.Namespace, clf: Any, entries: List[Any], scanned: set, fmt: Any, out: IO[str],
-              timing: Dict[str, float]) -> int:
-    """Classify every input, write each outcome through the format's writer; the exit status."""
+              timing: Dict[str, float], results: Optional[Iterator[Any]] = None) -> int:
+    """Classify every input (or take ``results``, one per file in order, from a runner), write each
+    outcome through the format's writer; the exit status."""
     from .errors import InputError, NotAnImage
     from .formats import FormatContext
 
@@ -255,7 +271,8 @@ def _classify(args: argparse.Namespace, clf: Any, entries: List[Any], scanned: s
         progress.clear()
         _say(f"{path}: {message}")
 
-    results = clf.iter_predict(_sources(files), timing=timing, heatmap=overlays is not None)
+    if results is None:
+        results = clf.iter_predict(_sources(files), timing=timing, heatmap=overlays is not None)
     for path, problem in entries:
         result = next(results) if problem is None else InputError(problem)
         if isinstance(result, NotAnImage) and path in scanned:  # an SR or a presentation state in a study
@@ -301,11 +318,59 @@ def _classify(args: argparse.Namespace, clf: Any, entries: List[Any], scanned: s
     return 1 if failed else 0
 
 
+def _runner(args: argparse.Namespace) -> Any:
+    """The ``--ray`` runner (None without it), its usage checked before any model is loaded."""
+    if args.resume and not (args.ray and args.output):
+        raise UsageError("--resume goes with --ray and --output FILE (the journal of FILE says what is done)")
+    if not args.ray:
+        return None
+    if args.info or args.heatmap or "-" in args.inputs:
+        raise UsageError("--ray scores files and folders: not with --info, --heatmap or - (stdin)")
+    from .runners import get_runner
+
+    try:
+        runner = get_runner("ray")
+    except KeyError as exc:
+        raise UsageError(f"--ray: {exc.args[0]}") from None
+    problem = runner.missing()
+    if problem:
+        raise UsageError(f"--ray: {problem}")
+    return runner
+
+
+def _run_request(args: argparse.Namespace, clf: Any, files: List[str], fmt: Any) -> Any:
+    """What the ``--ray`` runner needs: the files, the driver's classifier and its workers' options."""
+    from .runners import RunRequest
+
+    journal = None
+    if args.output:
+        journal = (os.path.join(args.output, "cxr-journal.jsonl") if fmt.target == "folder"
+                   else args.output + ".journal.jsonl")
+    options = {"device": args.device, "threads": args.threads, "threshold": args.threshold,
+               "batch_size": args.batch_size, "domain_threshold": args.domain_threshold,
+               "domain_flag_rate": args.domain_flag_rate}
+    return RunRequest(address=args.ray, files=files, classifier=clf, classifier_options=options,
+                      journal=journal, resume=args.resume, say=_say)
+
+
+def _manifest(path: str) -> List[str]:
+    """The inputs a ``--files-from`` manifest lists, in order."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [line.strip() for line in fh]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--files-from {path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
+    if args.files_from:
+        args.inputs = list(args.inputs) + _manifest(args.files_from)
     if not args.inputs and not args.info:
         raise UsageError("no inputs given (try: cxr-infer --model MODEL.onnx IMAGE...; see --help)")
     if args.json and not args.info:
         raise UsageError("--json goes with --info (for results as JSON lines: --format jsonl)")
+    runner = _runner(args)
     fmt = None if args.info else _output_format(args)
     t0, c0 = time.perf_counter(), time.process_time()
     import numpy  # noqa: F401  (already imported; named for the timing split)
@@ -339,7 +404,8 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
 
             out.write((json.dumps(clf.info(), indent=2) if args.json else summary(clf)) + "\n")
             return 0
-        status = _classify(args, clf, entries, scanned, fmt, out, timing)
+        results = runner.results(_run_request(args, clf, files, fmt)) if runner is not None else None
+        status = _classify(args, clf, entries, scanned, fmt, out, timing, results)
         timing["cpu_classify"] = time.process_time() - c0
         return status
     finally:

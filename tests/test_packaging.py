@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ EXTRA_PACKAGES: Dict[str, List[str]] = {
     "train": ["cxr_train"],    # .[train]           -> cxr-train
     "export": ["cxr_export"],  # .[export]          -> cxr-export
     "bench": ["cxr_bench"],    # .[bench]           -> cxr-bench
+    "serve": ["cxr_serve"],    # .[serve]           -> cxr-serve (FastAPI, uvicorn, Prometheus metrics)
+    "ray": ["cxr_serve"],      # .[ray]             -> cxr-serve --ray, cxr-infer --ray, --format parquet
 }
 
 #: Imports a package may make without its extra requiring them. Each must be guarded by
@@ -79,11 +82,16 @@ OPTIONAL: Dict[str, str] = {
     # cxr_hospital.node.run(): cxr-node only; without pynetdicom it says "cxr-node needs pynetdicom:
     # pip install 'cxr[node]'" (exit 2) and cxr-pacs, --format dicom-sr and fhir still work.
     "pynetdicom": "node",
+    # cxr_serve.rayutil.import_ray()/import_serve(): cxr-serve --ray and cxr-infer --ray only; without Ray
+    # they say "Ray is not installed: pip install 'cxr[ray]'" (exit 2) and cxr-serve alone still works.
+    "ray": "ray",
+    # cxr_serve.parquet._pyarrow(): --format parquet only; without pyarrow it names the ray extra.
+    "pyarrow": "ray",
 }
 
 #: The extra of each package (what its own command needs).
 PACKAGE_EXTRA = {"cxr_infer": "", "cxr_train": "train", "cxr_export": "export", "cxr_bench": "bench",
-                 "cxr_hospital": "pacs"}
+                 "cxr_hospital": "pacs", "cxr_serve": "serve"}
 
 #: The cxr packages each package may import (DESIGN.md: dependencies point one way; the runtime
 #: imports none, integrations sit on top of it).
@@ -93,6 +101,7 @@ MAY_IMPORT: Dict[str, Set[str]] = {
     "cxr_train": {"cxr_infer"},
     "cxr_export": {"cxr_infer", "cxr_train"},
     "cxr_bench": {"cxr_infer", "cxr_export", "cxr_train"},
+    "cxr_serve": {"cxr_infer"},
 }
 
 #: Imports a package reaches only on a path that documents another extra. (package, import
@@ -296,8 +305,8 @@ def _extra_sites(graph: ImportGraph, extra: str) -> Tuple[List[Site], List[str]]
     return graph.third_party(kept), problems
 
 
-def test_package_dirs_are_the_five_packages(cfg):
-    assert set(cfg.package_dir) == {"cxr_infer", "cxr_train", "cxr_export", "cxr_bench", "cxr_hospital"}
+def test_package_dirs_are_the_six_packages(cfg):
+    assert set(cfg.package_dir) == {"cxr_infer", "cxr_train", "cxr_export", "cxr_bench", "cxr_hospital", "cxr_serve"}
     for pkg, folder in cfg.package_dir.items():
         assert (folder / "__init__.py").is_file(), f"{pkg}: no {folder}/__init__.py"
     assert set(EXTRA_PACKAGES) - {""} <= set(cfg.extras)
@@ -447,10 +456,12 @@ def test_wheel_holds_the_packages_the_default_model_and_the_sample(wheel, cfg):
         assert f"cxr_infer/samples/{f.name}" in names, f"the wheel lacks the bundled sample {f.name}"
     info = zipfile.ZipFile(wheel)
     entry_points = next(info.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
-    for script in ("cxr-infer", "cxr-train", "cxr-export", "cxr-bench", "cxr-pacs", "cxr-node"):
+    for script in ("cxr-infer", "cxr-train", "cxr-export", "cxr-bench", "cxr-pacs", "cxr-node", "cxr-serve"):
         assert re.search(rf"^{script} = ", entry_points, re.M), f"no {script} console script"
     for fmt in ("dicom-sr", "fhir"):
         assert re.search(rf"^{fmt} = cxr_hospital\.", entry_points, re.M), f"no {fmt} output format entry point"
+    assert re.search(r"^parquet = cxr_serve\.parquet:", entry_points, re.M), "no parquet output format entry point"
+    assert re.search(r"^\[cxr\.runners\]\nray = cxr_serve\.ray_batch:RAY_RUNNER", entry_points, re.M), entry_points
     with info.open("cxr_infer/models/default.onnx") as f:
         assert f.read() == DEFAULT_MODEL.read_bytes()
 
@@ -458,7 +469,7 @@ def test_wheel_holds_the_packages_the_default_model_and_the_sample(wheel, cfg):
 def test_wheel_holds_no_tests_data_or_other_models(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert tops == {"cxr_infer", "cxr_train", "cxr_export", "cxr_bench", "cxr_hospital"}, tops
+    assert tops == {"cxr_infer", "cxr_train", "cxr_export", "cxr_bench", "cxr_hospital", "cxr_serve"}, tops
     bad = [n for n in names if re.search(r"(^|/)(tests?|conftest\.py|results|runs|data)(/|$)", n)
            or (n.endswith(".onnx") and n != "cxr_infer/models/default.onnx")
            or (re.search(r"\.(jpe?g|png|dcm|bmp|tiff?)$", n) and not n.startswith("cxr_infer/samples/"))]
@@ -674,8 +685,33 @@ def check_gpu(venv: Venv, tmp: Path) -> None:
     assert r.returncode == 0 and LABEL.search(r.stdout), r.stdout + r.stderr
 
 
+def check_serve(venv: Venv, tmp: Path) -> None:
+    """``.[serve]`` alone: cxr-serve answers /v1/classify over HTTP; --ray names its extra."""
+    import urllib.request
+
+    log = tmp / "serve.log"
+    with open(log, "wb") as fh:
+        p = subprocess.Popen([str(venv.bin / "cxr-serve"), "--port", "0", "--threads", "1"], stdout=fh,
+                             stderr=subprocess.STDOUT, env=venv.env, cwd=tmp)
+    try:
+        for _ in range(600):
+            found = re.search(r" on (http://127\.0\.0\.1:\d+)", log.read_text())
+            if found or p.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert found, log.read_text()
+        with urllib.request.urlopen(found.group(1) + "/v1/classify", data=SAMPLE.read_bytes(), timeout=60) as r:
+            assert LABEL.search(json.loads(r.read())["label"])
+    finally:
+        p.terminate()
+        assert p.wait(30) == 0, log.read_text()
+    r = venv.run("cxr-serve", "--ray", "127.0.0.1:9", cwd=tmp)
+    assert r.returncode == 2 and "cxr[ray]" in r.stderr, r.stderr
+    assert set(venv.missing("ray", "pyarrow", "torch")) == {"ray", "pyarrow", "torch"}
+
+
 CHECKS = {"gpu": check_gpu, "": check_base, "bench": check_bench, "dicom": check_dicom, "pacs": check_pacs,
-          "train": check_train, "export": check_export}
+          "train": check_train, "export": check_export, "serve": check_serve}
 CHECKS["node"] = check_node
 
 
@@ -686,6 +722,7 @@ CHECKS["node"] = check_node
     pytest.param("dicom", id="dicom"),
     pytest.param("pacs", id="pacs"),
     pytest.param("node", id="node"),
+    pytest.param("serve", id="serve"),
     pytest.param("train", id="train", marks=needs_torch_switch),
     pytest.param("export", id="export", marks=needs_torch_switch),
     pytest.param("gpu", id="gpu", marks=needs_gpu_switch),

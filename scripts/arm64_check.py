@@ -90,17 +90,22 @@ def check_tools() -> None:
         raise SystemExit("arm64_check: error: binfmt qemu-aarch64 is registered but disabled")
 
 
-def build_root(root: Path) -> None:
-    """A minimal Debian arm64 root with Python, built once (``root/.cxr-ready`` marks it done)."""
+def build_root(root: Path, stage1_only: bool = False) -> None:
+    """A minimal Debian arm64 root with Python, built once (``root/.cxr-ready`` marks it done);
+    ``stage1_only``: download and unpack only (native, light; the second stage runs emulated)."""
     if (root / ".cxr-ready").is_file():
         say(f"reusing the arm64 root {root}")
         return
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    say(f"debootstrap --foreign {SUITE} arm64 into {root} (first stage, native)")
-    run(["debootstrap", "--arch=arm64", "--foreign", "--variant=minbase", f"--include={PACKAGES}", SUITE,
-         str(root), MIRROR])
-    shutil.copy2(shutil.which("qemu-aarch64-static"), root / "usr/bin/qemu-aarch64-static")
+    if not (root / ".cxr-stage1").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        say(f"debootstrap --foreign {SUITE} arm64 into {root} (first stage, native)")
+        run(["debootstrap", "--arch=arm64", "--foreign", "--variant=minbase", f"--include={PACKAGES}", SUITE,
+             str(root), MIRROR])
+        shutil.copy2(shutil.which("qemu-aarch64-static"), root / "usr/bin/qemu-aarch64-static")
+        (root / ".cxr-stage1").write_text("downloaded and unpacked\n")
+    if stage1_only:
+        return
     say("second stage under qemu-aarch64 (several minutes)")
     run(["chroot", str(root), "/debootstrap/debootstrap", "--second-stage"])
     (root / ".cxr-ready").write_text(f"{SUITE} arm64\n")
@@ -213,6 +218,9 @@ def venv_install(python: Sequence[str], venv: str, src: str, pins: Sequence[str]
 def check(args: argparse.Namespace) -> int:
     work, root = Path(args.work).resolve(), Path(args.work).resolve() / "root"
     check_tools()
+    if args.download_only:
+        build_root(root, stage1_only=True)
+        return 0
     images = pick_images(Path(args.data), args.count)
     commit = run(["git", "-C", str(REPO), "rev-parse", args.commit], capture_output=True, text=True).stdout.strip()
     build_root(root)
@@ -268,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="/tmp/cxr-arm64", help="the arm64 root and the x86 venv (default /tmp/cxr-arm64)")
     p.add_argument("--out", default=str(REPO / "benchmarks/results"), help="folder for arm64.md and arm64.json")
     p.add_argument("--commit", default="HEAD", help="the committed tree to install (default HEAD)")
+    p.add_argument("--download-only", action="store_true",
+                   help="only debootstrap's first stage (download and unpack, native and light): the rest"
+                        " can then run under a lock for CPU-heavy jobs")
     return p
 
 

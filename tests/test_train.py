@@ -265,6 +265,21 @@ def test_resume_continues_from_last_pt_as_if_never_interrupted(tmp_path):
         run(tmp_path / "resumed", epochs=3, resume=True, max_images=20)
 
 
+def test_epochs_per_run_steps_through_the_same_run(tmp_path):
+    """A run made of one-epoch calls (--epochs-per-run 1 --resume) is the uninterrupted run: the same
+    schedule (that of --epochs), history, weights and EMA."""
+    straight = run(tmp_path / "straight", epochs=3)
+    calls = [run(tmp_path / "steps", epochs=3, epochs_per_run=1, resume=True) for _ in range(4)]
+    assert [len(c["history"]) for c in calls] == [1, 2, 3, 3]  # the fourth call finds nothing left
+    assert without_timing(calls[-1]["history"]) == without_timing(straight["history"])
+    st_a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    st_b = torch.load(tmp_path / "steps" / "last.pt", weights_only=True)
+    assert st_b["step"] == st_a["step"] and st_b["epoch"] == 2
+    assert same_tensors(st_a["model"], st_b["model"]) and same_tensors(st_a["ema"], st_b["ema"])
+    assert same_tensors(weights_of(tmp_path / "straight" / "model.safetensors"),
+                        weights_of(tmp_path / "steps" / "model.safetensors"))
+
+
 # ---------------------------------------------------------------- scale-out: 2 processes, gloo
 
 def _torchrun(out: Path, epochs: int, *extra: str) -> subprocess.CompletedProcess:

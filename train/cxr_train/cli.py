@@ -10,6 +10,8 @@ EXAMPLES = """examples:
   cxr-train --backbone resnet50 --data chest_xray/train --out runs/resnet50
   cxr-train --backbone vgg16 --recipe reference --weights imagenet --data DATA --out runs/vgg16-ref
   cxr-train --backbone tiny --data DATA --out runs/smoke --epochs 1 --max-images 64     # smoke run
+  cxr-train --backbone mobilenet_v3_large --data DATA --out /tmp/edge --epochs 24 --epochs-per-run 1 --resume
+                                                           # one epoch per call, resumed (train/EDGE_ROUND.md)
   torchrun --nproc_per_node 4 -m cxr_train.cli --backbone resnet50 --data DATA --out runs/ddp
 
 recipes:
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float,
                    help="seconds of training: the first epoch is timed and the epoch count (and the LR schedule)"
                         " planned to fit; overrides --epochs")
+    p.add_argument("--epochs-per-run", type=int, metavar="N",
+                   help="stop after N epochs of this call (the schedule stays that of --epochs); run again with"
+                        " --resume to go on: long CPU runs in steps that leave the machine to others between them")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--workers", type=int, default=0, help="decoding threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")

@@ -63,6 +63,7 @@ class TrainConfig:
     save_dtype: str = "fp32"
     time_limit: Optional[float] = None
     time_budget: Optional[float] = None
+    epochs_per_run: Optional[int] = None  # stop after this many epochs of this call; --resume goes on
     resume: bool = False
     save_last: bool = True
     threshold_rule: str = "balanced"

@@ -305,6 +305,9 @@ def train(cfg: TrainConfig, log: Log = print) -> Dict:
             if cluster.world > 1:
                 cfg.epochs = int(cluster.from_rank0([float(cfg.epochs)])[0])
             say(f"time budget {cfg.time_budget:.0f}s at {per_epoch:.1f}s per epoch: {cfg.epochs} epochs planned")
+        if cfg.epochs_per_run and epoch + 1 - first_epoch >= cfg.epochs_per_run and epoch + 1 < cfg.epochs:
+            say(f"stop: {cfg.epochs_per_run} epoch(s) in this call; continue with --resume")
+            break
         if cfg.patience and state.stalled >= cfg.patience:
             say(f"early stop: validation AUC did not improve for {cfg.patience} epochs")
             break

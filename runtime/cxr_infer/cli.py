@@ -397,6 +397,7 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
         raise UsageError(f"--reject-out-of-domain: {clf.name} has neither domain statistics nor an intended_use "
                          "block, so no check is possible (add statistics: python -m cxr_export.domain RUN_DIR "
                          "MODEL.onnx --data TRAIN_DIR)")
+    results = runner.results(_run_request(args, clf, files, fmt)) if runner is not None else None
     out = _open_output(args, fmt)
     try:
         if args.info:
@@ -404,7 +405,6 @@ def _run(args: argparse.Namespace, timing: Dict[str, float]) -> int:
 
             out.write((json.dumps(clf.info(), indent=2) if args.json else summary(clf)) + "\n")
             return 0
-        results = runner.results(_run_request(args, clf, files, fmt)) if runner is not None else None
         status = _classify(args, clf, entries, scanned, fmt, out, timing, results)
         timing["cpu_classify"] = time.process_time() - c0
         return status

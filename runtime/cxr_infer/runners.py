@@ -70,9 +70,12 @@ def get_runner(name: str) -> Runner:
     """
     if name in _REGISTERED:
         return _REGISTERED[name]
-    from importlib.metadata import entry_points
+    from importlib.metadata import distributions
 
-    for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
+    # every installed copy's metadata, not only the first one found: a stale cxr.egg-info in the
+    # working directory would otherwise hide the installed entry points
+    found = (e for d in distributions() for e in d.entry_points if e.group == ENTRY_POINT_GROUP and e.name == name)
+    for entry in found:
         try:
             value = entry.load()
         except ImportError as exc:

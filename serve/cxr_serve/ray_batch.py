@@ -159,14 +159,19 @@ def _still_valid(files: List[str], journal: Journal) -> Dict[int, Dict[str, Any]
 
 
 def results(request: RunRequest) -> Iterator[Outcome]:
-    """The :class:`~cxr_infer.runners.Runner` entry: one outcome per file of ``request``, in order."""
+    """The :class:`~cxr_infer.runners.Runner` entry: one outcome per file of ``request``, in order.
+    It connects to the cluster at once (a cluster it cannot reach is one line before any output)."""
+    ray = rayutil.connect(request.address, "--ray")
+    return _ordered(request, ray)
+
+
+def _ordered(request: RunRequest, ray: Any) -> Iterator[Outcome]:
     files = request.files
     journal = Journal(request.journal) if request.journal else None
     kept = _still_valid(files, journal) if journal is not None and request.resume else {}
     if journal is not None:
         journal.start({files[i]: entry for i, entry in kept.items()})
     todo = [(i, f) for i, f in enumerate(files) if i not in kept]
-    ray = rayutil.connect(request.address, "--ray")
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     request.say(f"--ray: {len(todo)} inputs to score on {len(nodes)} node(s) at {request.address}"
                 + (f"; {len(kept)} already scored (--resume)" if request.resume else ""))

@@ -7,6 +7,7 @@ Examples:
 from __future__ import annotations
 
 import importlib.util
+import socket
 from typing import Any, Optional
 
 from cxr_infer.errors import CXRError
@@ -44,8 +45,25 @@ def import_serve() -> Any:
     return serve
 
 
+def _reachable(address: str, timeout: float = 5.0) -> Optional[str]:
+    """None when ``host:port`` accepts a connection (or is not of that form), else why not: Ray
+    itself would retry an unreachable address for minutes."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def connect(address: str, what: str) -> Any:
     """``ray.init`` on the cluster at ``address`` (quietly), for ``what`` (named in errors)."""
+    problem = _reachable(address)
+    if problem:
+        raise RayError(f"{what}: cannot reach a Ray cluster at {address} ({problem}); start one with "
+                       "ray start --head, or give its address")
     ray = import_ray()
     if ray.is_initialized():
         return ray

@@ -334,3 +334,26 @@ def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing(orthanc, model, tm
     for st in studies:
         refs = sources_of(orthanc, st["StudyInstanceUID"])
         assert len(refs) == len(set(refs)) == 40
+
+
+def test_cxr_bench_node_writes_its_report(model, tmp_path):
+    """cxr-bench node on the tiny model: two small cases (1 and 2 senders) between dcmtk peers; the
+    report has throughput, latency and a memory profile, and renders."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from cxr_bench import cli
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((64, 64), 40 + 60 * k, np.uint8)).save(images / f"x{k}.png")
+    out = tmp_path / "out"
+    assert cli.main(["node", "--images", str(images), "--model", str(model), "--senders", "1,2", "--counts",
+                     "3,4", "--threads", "1", "--out", str(out), "-q"]) == 0
+    report = json.loads((out / "node.json").read_text())
+    assert [(c["senders"], c["instances"], c["counts"]["stored"]) for c in report["cases"]] == [(1, 3, 3), (2, 4, 4)]
+    assert all(c["instances_per_s"] > 0 and c["latency_p95_s"] >= c["latency_p50_s"] for c in report["cases"])
+    assert "## Memory over 4 instances" in (out / "node.md").read_text()

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-from . import accuracy, card, domain, e2e, formats, graphcost, heatmaps, latency, node, summary
+from . import accuracy, card, domain, e2e, formats, graphcost, heatmaps, latency, node, serve, summary
 from .base import Command, Summary
 
 COMMANDS: Dict[str, Command] = {c.name: c for c in (
     accuracy.COMMAND, latency.COMMAND, e2e.COMMAND, graphcost.COMMAND, domain.COMMAND, heatmaps.COMMAND,
-    formats.COMMAND, card.COMMAND, node.COMMAND, summary.COMMAND)}
+    formats.COMMAND, card.COMMAND, node.COMMAND, serve.COMMAND, summary.COMMAND)}
 
 __all__ = ["COMMANDS", "Command", "Summary", "command_for_kind"]
 

@@ -60,13 +60,13 @@ def _reachable(address: str, timeout: float = 5.0) -> Optional[str]:
 
 def connect(address: str, what: str) -> Any:
     """``ray.init`` on the cluster at ``address`` (quietly), for ``what`` (named in errors)."""
+    ray = import_ray()  # first: a missing Ray says what to install
+    if ray.is_initialized():
+        return ray
     problem = _reachable(address)
     if problem:
         raise RayError(f"{what}: cannot reach a Ray cluster at {address} ({problem}); start one with "
                        "ray start --head, or give its address")
-    ray = import_ray()
-    if ray.is_initialized():
-        return ray
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=True,
                  include_dashboard=False)

@@ -137,7 +137,7 @@ def test_stdin(tiny_model, xrays224):
     ((), "no inputs given"),
     (("--threshold", "1.5", "x.jpeg"), "not in [0, 1]"),
     (("--batch-size", "0", "x.jpeg"), "must be at least 1"),
-    (("--format", "xml", "x.jpeg"), "unknown format 'xml' (choose one of table, jsonl, csv, dicom-sr, fhir)"),
+    (("--format", "xml", "x.jpeg"), "unknown format 'xml' (choose one of table, jsonl, csv, dicom-sr, fhir"),
     (("--device", "tpu", "x.jpeg"), "invalid choice"),
 ])
 def test_usage_errors_exit_2(tiny_model, args, needle):
@@ -162,14 +162,14 @@ def test_empty_folder_and_unmatched_glob_exit_1(tiny_model, tmp_path, xrays224):
 
 
 def test_without_model_uses_the_shipped_default(xrays224):
-    """The repository ships a default model (VGG16 INT8): no --model classifies with it."""
+    """The repository ships a default model (ResNet50 INT8): no --model classifies with it."""
     assert classifier_module.DEFAULT_MODEL.is_file()
     r = run_cli("--format", "jsonl", str(xrays224[0]))
     assert r.returncode == 0, r.stderr.decode()
     (row,) = _jsonl(r)
     assert row["label"] in ("NORMAL", "PNEUMONIA") and row["in_domain"] in (True, False)
     info = run_cli("--info")
-    assert info.returncode == 0 and "vgg16" in info.stdout.decode() and "int8" in info.stdout.decode()
+    assert info.returncode == 0 and "resnet50" in info.stdout.decode() and "int8" in info.stdout.decode()
 
 
 def test_no_default_model_installed_message(xrays224, tmp_path):

@@ -240,3 +240,17 @@ def test_linked_folders_are_followed_once_and_a_file_is_classified_once(tmp_path
     r = run_cli(str(scan), "--format", "csv")
     assert r.returncode == 0, r.stderr.decode()
     assert [row.split(",")[0] for row in r.stdout.decode().splitlines()[1:]] == [str(scan / "b.jpeg"), linked]
+
+
+def test_every_command_reports_an_error_in_one_line(monkeypatch):
+    """cxr-infer, cxr-pacs, cxr-node and cxr-serve print what cxr_infer.errors.one_line makes of an error:
+    a cxr error's own message, anything else named as unexpected, its traceback only with CXR_DEBUG."""
+    from cxr_infer.errors import ModelError, one_line
+
+    monkeypatch.delenv("CXR_DEBUG", raising=False)
+    assert one_line(ModelError("m.onnx: not an ONNX file\n(protobuf)")) == "m.onnx: not an ONNX file (protobuf)"
+    assert one_line(KeyError("x")) == "unexpected error: KeyError: 'x' (set CXR_DEBUG=1 for the traceback)"
+    monkeypatch.setenv("CXR_DEBUG", "1")
+    with pytest.raises(KeyError):
+        one_line(KeyError("x"))
+    assert one_line(ModelError("m.onnx: missing")) == "m.onnx: missing"

@@ -470,11 +470,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _say(str(exc))
         return 2
     except Exception as exc:  # CXRError (model, device) and anything unforeseen: one line, no traceback
-        from cxr_infer.errors import CXRError
-        if os.environ.get("CXR_DEBUG") and not isinstance(exc, CXRError):
-            raise
-        _say(str(exc) if isinstance(exc, CXRError) else
-             f"unexpected error: {type(exc).__name__}: {exc} (set CXR_DEBUG=1 for the traceback)")
+        from cxr_infer.errors import one_line
+
+        _say(one_line(exc))
         return 2
 
 

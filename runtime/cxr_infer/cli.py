@@ -436,13 +436,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pass
         return 0
     except Exception as exc:  # CXRError (model, device) and anything unforeseen: one line, no traceback
-        from .errors import CXRError
-        if os.environ.get("CXR_DEBUG") and not isinstance(exc, CXRError):
-            raise
-        if isinstance(exc, CXRError):
-            _say(str(exc))
-        else:
-            _say(f"unexpected error: {type(exc).__name__}: {exc} (set CXR_DEBUG=1 for the traceback)")
+        from .errors import one_line
+
+        _say(one_line(exc))
         return 2
     if show_timing:
         timing["total"] = time.perf_counter() - T_START

@@ -1,6 +1,8 @@
 """Exceptions of the runtime: each carries a message meant for a person, in one line."""
 from __future__ import annotations
 
+import os
+
 
 class CXRError(Exception):
     """Base class of every error cxr raises on purpose.
@@ -30,3 +32,21 @@ class ModelError(CXRError):
 
 class DeviceError(CXRError):
     """The requested device (execution provider) is not available."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The line a cxr command prints for ``exc`` before it exits 2: a :class:`CXRError`'s own
+    message, anything else named as unexpected. With ``CXR_DEBUG`` set, an unexpected error is
+    raised again, for its traceback.
+
+    Examples:
+        >>> one_line(ModelError("m.onnx: not an ONNX file"))
+        'm.onnx: not an ONNX file'
+        >>> one_line(KeyError("x"))  # doctest: +SKIP
+        "unexpected error: KeyError: 'x' (set CXR_DEBUG=1 for the traceback)"
+    """
+    if isinstance(exc, CXRError):
+        return str(exc)
+    if os.environ.get("CXR_DEBUG"):
+        raise exc
+    return f"unexpected error: {type(exc).__name__}: {exc} (set CXR_DEBUG=1 for the traceback)"

@@ -193,11 +193,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _say(f"{exc.name or exc} is not installed: pip install 'cxr[{extra}]'")
         return 2
     except Exception as exc:  # model, device, Ray: one line, no traceback
-        from cxr_infer.errors import CXRError
+        from cxr_infer.errors import one_line
 
-        if os.environ.get("CXR_DEBUG") and not isinstance(exc, CXRError):
-            raise
-        _say(str(exc) if isinstance(exc, CXRError) else f"{type(exc).__name__}: {exc} (CXR_DEBUG=1 for the traceback)")
+        _say(one_line(exc))
         return 2
 
 

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from conftest import PYTHONPATH, REPO, build_model
 
+from cxr_bench.util import stop_process
+
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 BRIGHT, DARK = 200, 30  # the tiny model: bright -> PNEUMONIA, dark -> NORMAL
 
@@ -180,13 +182,8 @@ class OrthancServer:
         raise RuntimeError("Orthanc did not start in time")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        if self.process is not None:
+            stop_process(self.process, timeout=20)
         self.process = None
 
     def request(self, method: str, path: str, body: Optional[bytes] = None) -> bytes:

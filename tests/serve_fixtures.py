@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
+from cxr_bench.util import stop_process
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHONPATH = os.pathsep.join(str(REPO / p) for p in ("runtime", "train", "export", "benchmarks", "hospital", "serve"))
 SAMPLE = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"
@@ -39,14 +41,7 @@ class Server:
 
     def stop(self, timeout: float = 20) -> int:
         """SIGTERM, then wait; the exit status."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-        return self.process.returncode
+        return stop_process(self.process, timeout=timeout)
 
 
 def start_server(args: Sequence[str], log: Path, timeout: float = 60) -> Server:

@@ -26,6 +26,8 @@ import pytest
 from ray_fixtures import Cluster, free_port
 from serve_fixtures import REPO, SAMPLE, env, post_json, request
 
+from cxr_bench.util import stop_process
+
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed: .[ray]")]
 
@@ -130,10 +132,6 @@ def test_serve_on_ray_survives_a_replica_kill(cluster, tmp_path, tiny_model):
             time.sleep(1)
         assert request(url + "/v2/health/ready")[0] == 200
     finally:
-        serve.send_signal(signal.SIGINT)
-        try:
-            serve.wait(60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_process(serve, signal.SIGINT)
         log.close()
     assert "cxr-serve: stopped" in (tmp_path / "serve.log").read_text()

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .latency import child_env
 from .machine import describe_machine, machine_markdown
-from .util import BenchError, md_table, new_report, say, write_report
+from .util import BenchError, md_table, new_report, say, stop_process, write_report
 
 KIND = "cxr-bench/node"
 
@@ -108,11 +107,7 @@ def run_case(files: List[Path], senders: int, dest_port: int, model: Optional[st
         status = json.loads(subprocess.run([sys.executable, "-m", "cxr_hospital.node", "--status", str(state),
                                             "--json"], capture_output=True, text=True, env=env).stdout)
     finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(60)
-        except subprocess.TimeoutExpired:
-            node.kill()
+        stop_process(node)
         log.close()
     return {"senders": senders, "instances": len(files), "seconds": elapsed,
             "instances_per_s": len(files) / elapsed, "latency_p50_s": status["latency_p50_s"],

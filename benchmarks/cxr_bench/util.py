@@ -12,6 +12,8 @@ import datetime as _dt
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,18 @@ from cxr_infer.errors import CXRError
 
 class BenchError(CXRError):
     """A benchmark cannot run as asked; the message says what to do instead."""
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    """Send ``sig`` to ``process`` if it still runs, wait up to ``timeout`` s, then kill it if it has
+    not ended; its exit status. Servers and nodes that benchmarks and tests start stop this way."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait(timeout)
 
 
 def now_iso() -> str:

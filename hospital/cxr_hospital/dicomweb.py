@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 import uuid
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -202,9 +201,9 @@ class WebRunner:
             self.stop.wait(poll)
 
 
-def run_dicomweb(args: Any, auth: Optional[Tuple[str, str]], classifier: Any, say: Any,
-                 stop: threading.Event) -> Tuple[Any, int]:
-    """``cxr-pacs --dicomweb URL``: the runner (its counts) and the exit status."""
+def web_runner(args: Any, auth: Optional[Tuple[str, str]], classifier: Any, modalities: List[str], say: Any,
+               stop: threading.Event) -> "WebRunner":
+    """``cxr-pacs --dicomweb URL``'s runner, once the service answers a query."""
     from .pacs import PacsError
 
     web = DicomWeb(args.dicomweb, auth, timeout=args.timeout)
@@ -213,17 +212,4 @@ def run_dicomweb(args: Any, auth: Optional[Tuple[str, str]], classifier: Any, sa
     except WebError as exc:
         raise PacsError(f"the DICOMweb service is not reachable at {args.dicomweb} ({exc}); is the URL right?") \
             from None
-    runner = WebRunner(web, classifier, [m.strip() for m in args.modalities.split(",") if m.strip()], say, stop)
-    say(f"connected to DICOMweb at {args.dicomweb}; model {runner.model.title} ({runner.model.name}, "
-        f"threshold {runner.model.threshold:g})")
-    start = time.monotonic()
-    try:
-        if args.once:
-            runner.once()
-        else:
-            runner.follow(max(0.05, args.poll))
-    except WebError as exc:
-        say(f"the DICOMweb service went away mid-run ({exc}) after {time.monotonic() - start:.0f} s; the images "
-            "left are done by the next run (nothing is lost or duplicated)")
-        return runner, 1
-    return runner, 0
+    return WebRunner(web, classifier, modalities, say, stop)

@@ -408,18 +408,40 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     try:
         if args.dicomweb:
-            from .dicomweb import run_dicomweb
+            from .dicomweb import WebError, web_runner
 
-            runner, status = run_dicomweb(args, auth, classifier, _say, stop)
+            runner: Any = web_runner(args, auth, classifier, modalities, _say, stop)
+            where, gone, service = f"DICOMweb at {args.dicomweb}", WebError, "the DICOMweb service"
         else:
-            runner, status = _run_orthanc(args, orthanc, classifier, version, stop)
+            runner = Runner(orthanc, classifier, modalities, stop)
+            where, gone, service = f"Orthanc {version} at {args.url}", Unreachable, "Orthanc"
+        _say(f"connected to {where}; model {runner.model.title} ({runner.model.name}, "
+             f"threshold {runner.model.threshold:g})")
+        status = _drive(runner, args, gone, service)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     _say(runner.counts.summary(orthanc.retried))
     return 1 if status or runner.counts.failed else 0
+
+
+def _drive(runner: Any, args: argparse.Namespace, gone: type, service: str) -> int:
+    """One pass or follow the source (``--once``/``--poll``); 1 when ``service`` went away mid-run (raising
+    ``gone``): what is left is done by the next run, since finished studies are marked at the source."""
+    start = time.monotonic()
+    try:
+        if args.once:
+            runner.once()
+        else:
+            runner.follow(max(0.05, args.poll))
+    except gone as exc:
+        _say(f"{service} went away mid-run ({exc}) after {time.monotonic() - start:.0f} s; the images left are "
+             "done by the next run (nothing is lost or duplicated)")
+        return 1
+    return 0
 
 
 def _orthanc_version(orthanc: Orthanc, url: str) -> str:
@@ -428,23 +450,6 @@ def _orthanc_version(orthanc: Orthanc, url: str) -> str:
     except (Unreachable, Refused) as exc:
         raise PacsError(f"Orthanc is not reachable at {url} ({exc}); is it running, and is the URL right?") \
             from None
-
-
-def _run_orthanc(args: argparse.Namespace, orthanc: Orthanc, classifier: Any, version: str,
-                 stop: threading.Event) -> Tuple[Runner, int]:
-    runner = Runner(orthanc, classifier, [m.strip() for m in args.modalities.split(",") if m.strip()], stop)
-    _say(f"connected to Orthanc {version} at {args.url}; model {runner.model.title} ({runner.model.name}, "
-         f"threshold {runner.model.threshold:g})")
-    try:
-        if args.once:
-            runner.once()
-        else:
-            runner.follow(max(0.05, args.poll))
-    except Unreachable as exc:
-        _say(f"Orthanc went away mid-run ({exc}); the images left are done by the next run "
-             "(nothing is lost or duplicated)")
-        return runner, 1
-    return runner, 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -32,6 +32,7 @@ from hospital_fixtures import (
     free_port,
     intended_use_model,
     orthanc_binary,
+    pacs_cmd,
     pacs_env,
     run_pacs,
     study,
@@ -171,6 +172,25 @@ def test_storescu_to_node_to_orthanc(orthanc, model, tmp_path):
     assert all(sr.PatientID == "CHILD9" for sr in srs)  # the SR still belongs to the patient's study
 
 
+def test_an_allowed_title_calling_from_another_host_is_aborted(model, tmp_path):
+    """--allow MODALITY@HOST: the same AE title from any other address is aborted in one line and
+    nothing of it is queued; a title allowed from everywhere (--allow OTHER) still gets in."""
+    node = Node(tmp_path, model, "--send-to", f"ORTHANC@127.0.0.1:{free_port()}", "--allow", "MODALITY@192.0.2.7",
+                "--allow", "OTHER").start()
+    files = write(tmp_path / "in", [xray_dicom(study("CHILD4", "004Y"), number=1)])
+    try:
+        assert storescu(node.port, files).returncode != 0
+        assert storescu(node.port, files, aet="OTHER").returncode == 0
+        s = node.status()
+    finally:
+        assert node.stop() == 0
+    log = node.text()
+    assert "rejected an association from MODALITY at 127.0.0.1: not on the allow-list from that address" in log
+    assert "received DX from OTHER" in log and "received DX from MODALITY" not in log
+    assert sum(s["counts"].values()) == 1, s  # OTHER's image, waiting for the destination
+    assert "Traceback" not in log
+
+
 def test_destination_down_then_back_and_a_restart_resumes(orthanc, model, tmp_path):
     """Orthanc is down while images arrive: the node keeps them and retries; it is stopped with
     SIGTERM, restarted, and once Orthanc is back every SR arrives, each once."""
@@ -272,6 +292,32 @@ def test_cxr_pacs_over_dicomweb(orthanc, model):
     assert values(sr, "Classified by the model") == [("373067005", "SCT", "No")]
     r = run_pacs(*args)
     assert "0 SRs stored; 3 already had an SR" in r.stderr, r.stderr
+
+
+def test_cxr_pacs_follows_a_dicomweb_service(orthanc, model):
+    """cxr-pacs --dicomweb without --once: a pass every --poll seconds classifies a study stored
+    after it started, later passes add nothing, and SIGTERM ends it with exit 0 and the counts."""
+    args = ("--dicomweb", orthanc.dicomweb, "--username", orthanc.user, "--password-file",
+            str(orthanc.password_file), "--model", str(model), "--threads", "1", "--poll", "0.2")
+    proc = subprocess.Popen(pacs_cmd(*args), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=pacs_env())
+    child = study("CHILD7", "002Y")
+    try:
+        time.sleep(1.0)  # started: its passes find nothing yet
+        orthanc.upload(xray_dicom(child, number=1))
+        deadline, found = time.monotonic() + 60, []
+        while not found and time.monotonic() < deadline:
+            time.sleep(0.3)
+            found = orthanc.srs(child["StudyInstanceUID"])
+        assert len(found) == 1, "no SR appeared for the study stored after the start"
+        time.sleep(1.0)  # several more passes
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "1 images: 1 classified" in err.strip().splitlines()[-1], err
+    assert len(orthanc.srs(child["StudyInstanceUID"])) == 1
+    assert orthanc.password not in err and "Traceback" not in err
 
 
 def _send_parallel(port: int, groups: List[List[Path]]) -> List[subprocess.CompletedProcess]:

@@ -137,12 +137,14 @@ class OrthancServer:
 
     ``dicom=True`` also starts its DICOM server (AE title ORTHANC, a free port, any caller may
     store); ``dicomweb=True`` loads the DICOMweb plugin (``self.dicomweb`` is its root URL).
+    ``settings`` are more configuration options (such as ``DicomTlsEnabled``).
     """
 
     user, password = "cxr", "pw-not-to-be-echoed-7f3a"
     aet = "ORTHANC"
 
-    def __init__(self, root: Path, dicom: bool = False, dicomweb: bool = False) -> None:
+    def __init__(self, root: Path, dicom: bool = False, dicomweb: bool = False,
+                 settings: Optional[Dict[str, Any]] = None) -> None:
         self.root = root
         self.port = free_port()
         self.dicom_port = free_port()
@@ -158,7 +160,7 @@ class OrthancServer:
             "RegisteredUsers": {self.user: self.password}, "StableAge": 1, "SaveJobs": False,
             "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
             "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
-            "StorageCompression": False}))
+            "StorageCompression": False, **(settings or {})}))
         self.password_file = root / "password.txt"
         self.password_file.write_text(self.password + "\n")
         self.process: Optional[subprocess.Popen] = None

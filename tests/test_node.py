@@ -241,7 +241,7 @@ def test_tls_and_stow_rs(orthanc, model, tmp_path):
 
 
 def _certificates(folder: Path) -> dict:
-    """A CA and two certificates it signed (the node's and the modality's), made with openssl."""
+    """A CA and three certificates it signed (the node's, the modality's and the PACS's), made with openssl."""
     folder.mkdir(parents=True)
 
     def ssl(*args: str) -> None:
@@ -249,12 +249,51 @@ def _certificates(folder: Path) -> dict:
 
     ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
         "-subj", "/CN=cxr test CA")
-    for name in ("node", "modality"):
+    for name in ("node", "modality", "pacs"):  # each for the host 127.0.0.1, where every peer runs
         ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")
+            "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1")
         ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2")
+            "-out", f"{name}.pem", "-days", "2", "-copy_extensions", "copy")
     return {p.name: p for p in folder.iterdir()}
+
+
+def test_srs_go_to_a_pacs_over_dicom_tls(model, tmp_path):
+    """--send-tls-ca/--send-tls-cert/--send-tls-key: the SRs reach an Orthanc that speaks DICOM only
+    over TLS and asks callers for a certificate; a node without its own certificate gets no
+    association, says so and keeps the SR for a later try."""
+    pem = _certificates(tmp_path / "pki")
+    orthanc = OrthancServer(tmp_path / "orthanc", dicom=True, settings={
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(pem["pacs.pem"]),
+        "DicomTlsPrivateKey": str(pem["pacs.key"]), "DicomTlsTrustedCertificates": str(pem["ca.pem"]),
+        "DicomTlsRemoteCertificateRequired": True})
+    orthanc.start()
+    child = study("CHILD5", "004Y")
+    files = write(tmp_path / "in", [xray_dicom(child, number=n) for n in (1, 2)])
+    to = ("--send-to", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}", "--send-tls-ca", str(pem["ca.pem"]))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    try:
+        node = Node(tmp_path / "a", model, *to, "--send-tls-cert", str(pem["node.pem"]), "--send-tls-key",
+                    str(pem["node.key"])).start()
+        try:
+            assert "over TLS" in node.text()
+            assert storescu(node.port, files).returncode == 0
+            assert node.wait_stored(2)["counts"]["stored"] == 2, node.text()
+        finally:
+            assert node.stop() == 0
+        assert len(sources_of(orthanc, child["StudyInstanceUID"])) == 2
+        anonymous = Node(tmp_path / "b", model, *to).start()
+        try:
+            assert storescu(anonymous.port, files[:1]).returncode == 0
+            deadline = time.monotonic() + 60
+            while "retry 2" not in anonymous.text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            assert anonymous.stop() == 0
+        assert "SR not stored (no association with ORTHANC@127.0.0.1" in anonymous.text()
+        assert "over TLS (is it up" in anonymous.text() and "Traceback" not in anonymous.text()
+        assert anonymous.status()["counts"]["stored"] == 0
+    finally:
+        orthanc.stop()
 
 
 def test_usage_errors_are_one_line_and_exit_2(model, tmp_path):
@@ -266,6 +305,9 @@ def test_usage_errors_are_one_line_and_exit_2(model, tmp_path):
              (("--state", str(tmp_path / "s")), "say where the SRs go"),
              (("--state", str(tmp_path / "s"), "--send-to", "PACS"), "is not AET@HOST:PORT"),
              (("--state", str(tmp_path / "s"), "--send-to", "P@h:1", "--tls-cert", "x.pem"), "needs both"),
+             (("--state", str(tmp_path / "s"), "--send-to", "P@h:1", "--send-tls-cert", "x.pem"), "--send-tls-ca"),
+             (("--state", str(tmp_path / "s"), "--send-to", "P@h:1", "--send-tls-ca", str(tmp_path / "no.pem")),
+              "cannot load --send-tls-ca"),
              (("--status", str(tmp_path / "none")), "holds no cxr-node job table")]
     for args, words in cases:
         r = run(*args)

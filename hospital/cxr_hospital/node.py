@@ -48,6 +48,9 @@ examples:
       the same, storing SRs by STOW-RS
   cxr-node --listen 0.0.0.0:2762 ... --tls-cert node.pem --tls-key node.key --tls-ca hospital-ca.pem
       DICOM over TLS; with --tls-ca every caller must show a certificate that CA signed
+  cxr-node ... --send-to PACS@pacs.example:2762 --send-tls-ca hospital-ca.pem \\
+           --send-tls-cert node.pem --send-tls-key node.key
+      C-STORE the SRs over TLS: the PACS's certificate checked, the node's shown
   cxr-node --status /var/lib/cxr-node [--json]
       jobs per state and the receipt-to-stored latency (p50, p95)
 
@@ -117,10 +120,11 @@ def parse_allow(entries: Sequence[str]) -> List[Tuple[str, str]]:
 class DimseSender:
     """Sends SRs by C-STORE to one peer, keeping the association open between SRs."""
 
-    def __init__(self, own_ae_title: str, peer: Peer, timeout: float = 30.0) -> None:
+    def __init__(self, own_ae_title: str, peer: Peer, timeout: float = 30.0,
+                 tls: Optional[ssl.SSLContext] = None) -> None:
         from pynetdicom import AE
 
-        self.peer = peer
+        self.peer, self.tls = peer, tls
         self.ae = AE(ae_title=own_ae_title)
         self.ae.add_requested_context(SR_CLASS, [EXPLICIT_LE, IMPLICIT_LE])
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = timeout
@@ -129,10 +133,13 @@ class DimseSender:
     def send(self, path: Path) -> None:
         """C-STORE one SR file (raises :class:`SendError`)."""
         if self.assoc is None or not self.assoc.is_established:
-            self.assoc = self.ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title)
+            self.assoc = self.ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
+                                           tls_args=(self.tls, self.peer.host) if self.tls else None)
             if not self.assoc.is_established:
                 self.assoc = None
-                raise SendError(f"no association with {self.peer}")
+                raise SendError(f"no association with {self.peer}" + (
+                    " over TLS (is it up, with a certificate for that host signed by --send-tls-ca?)" if self.tls
+                    else ""))
         status = self.assoc.send_c_store(str(path))
         code = getattr(status, "Status", None)
         if code is None:
@@ -310,6 +317,27 @@ def server_tls(cert: Optional[str], key: Optional[str], ca: Optional[str]) -> Op
     return ctx
 
 
+def client_tls(ca: Optional[str], cert: Optional[str], key: Optional[str]) -> Optional[ssl.SSLContext]:
+    """The TLS context of C-STORE to ``--send-to`` (None without ``--send-tls-*``): the peer's
+    certificate must be signed by ``ca`` and name its host; ``cert`` and ``key`` are the node's own
+    for a peer that asks callers for one."""
+    if not ca and not cert and not key:
+        return None
+    if not ca:
+        raise NodeError("TLS to the destination needs --send-tls-ca: the CA that signed its certificate")
+    if bool(cert) != bool(key):
+        raise NodeError("--send-tls-cert and --send-tls-key go together")
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert:
+            ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise NodeError(f"cannot load --send-tls-ca, --send-tls-cert or --send-tls-key "
+                        f"({getattr(exc, 'strerror', None) or exc})") from None
+    return ctx
+
+
 def start_server(args: argparse.Namespace, receiver: Receiver, tls: Optional[ssl.SSLContext]) -> Any:
     """Start the Storage SCP in the background (raises :class:`NodeError` when the port is taken)."""
     from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -376,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: listen with DICOM over TLS")
     p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     p.add_argument("--tls-ca", metavar="FILE", help="PEM CA: callers must show a certificate it signed")
+    p.add_argument("--send-tls-ca", metavar="FILE",
+                   help="with --send-to: C-STORE over TLS, the destination's certificate signed by this PEM CA")
+    p.add_argument("--send-tls-cert", metavar="FILE", help="with --send-tls-ca: this node's PEM certificate")
+    p.add_argument("--send-tls-key", metavar="FILE", help="PEM private key of --send-tls-cert")
     p.add_argument("--retry-wait", type=float, default=1.0, metavar="S",
                    help="first wait before sending an SR again, doubled up to --max-wait (1)")
     p.add_argument("--max-wait", type=float, default=60.0, metavar="S", help="longest wait between tries (60)")
@@ -384,8 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sender(args: argparse.Namespace) -> Any:
+    tls = client_tls(args.send_tls_ca, args.send_tls_cert, args.send_tls_key)
     if args.send_to:
-        return DimseSender(args.ae_title, Peer.parse(args.send_to))
+        return DimseSender(args.ae_title, Peer.parse(args.send_to), tls=tls)
+    if tls:
+        raise NodeError("--send-tls-* is for --send-to; an https:// --send-to-dicomweb URL is TLS already")
     from urllib.parse import urlsplit
 
     from .pacs import PacsError, _credentials
@@ -440,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
     server = start_server(args, receiver, tls)
     previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     worker.start()
-    where = args.send_to or args.send_to_dicomweb
+    where = f"{args.send_to}{' over TLS' if args.send_tls_ca else ''}" if args.send_to else args.send_to_dicomweb
     _say(f"listening on {args.listen} as {args.ae_title} (TLS {'on' if tls else 'off'}); SRs to {where}; "
          f"model {worker.model.title} ({worker.model.name}); {queue.pending()} jobs pending")
     if not allow:

@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-#: the shipped model files, relative to the repository
-MODELS = ("runtime/cxr_infer/models/default.onnx", "models/vgg16_int8.onnx", "models/inception_v3_int8.onnx")
 SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
 PACKAGES = "python3,python3-venv,python3-pip,ca-certificates"
 TOOLS = {"debootstrap": "debootstrap", "qemu-aarch64-static": "qemu-user-static", "update-binfmts": "binfmt-support"}
+
+
+def shipped_models(tree: Path) -> List[str]:
+    """The shipped model files of a source tree, relative to it (its models/shipped.json lists them)."""
+    return [m["path"] for m in json.loads((tree / "models" / "shipped.json").read_text())["models"]]
 
 
 def say(*parts: object) -> None:
@@ -233,7 +236,8 @@ def check(args: argparse.Namespace) -> int:
     for p in images:
         shutil.copy2(p, root / "opt/images" / p.name)
     inside = [f"/opt/images/{p.name}" for p in images]
-    models = [f"/opt/cxr-src/{m}" for m in MODELS]
+    shipped = shipped_models(root / "opt/cxr-src")
+    models = [f"/opt/cxr-src/{m}" for m in shipped]
     with Mounted(root):
         say("pip install . in the arm64 root (aarch64 wheels; a few minutes under emulation)")
         venv_install(["python3"], "/opt/venv", "/opt/cxr-src", [], root / "opt/venv/.cxr-commit", commit, root)
@@ -246,7 +250,7 @@ def check(args: argparse.Namespace) -> int:
     source_tree(x86_src, commit)
     venv_install([sys.executable], str(work / "x86-venv"), str(x86_src), pins, work / "x86-venv/.cxr-commit", commit)
     run([str(work / "x86-venv/bin/python"), __file__, "classify", "--out", str(work / "x86.json"),
-         *sum((["--model", str(x86_src / m)] for m in MODELS), []), *[str(p) for p in images]])
+         *sum((["--model", str(x86_src / m)] for m in shipped), []), *[str(p) for p in images]])
     x86 = json.loads((work / "x86.json").read_text())
     rows = compare(x86, arm)
     qemu = run(["qemu-aarch64-static", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
@@ -254,7 +258,7 @@ def check(args: argparse.Namespace) -> int:
                 if line.startswith("model name")), platform.processor())
     meta = {"commit": commit, "images": len(images), "data": f"{Path(args.data).name}/: the first "
             f"{args.count // 2} NORMAL and {args.count - args.count // 2} PNEUMONIA images by name",
-            "model_sha256": {m: hashlib.sha256((x86_src / m).read_bytes()).hexdigest() for m in MODELS},
+            "model_sha256": {m: hashlib.sha256((x86_src / m).read_bytes()).hexdigest() for m in shipped},
             "x86": {k: x86[k] for k in ("machine", "python", "versions")},
             "arm64": {k: arm[k] for k in ("machine", "python", "versions")}, "host_cpu": cpu, "qemu": qemu,
             "speed": "not measured: user-mode emulation", "command": "python3 scripts/arm64_check.py "

@@ -26,6 +26,7 @@ real test images (32 NORMAL, 32 PNEUMONIA) at their stored 224 px:
 """
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from pathlib import Path
@@ -41,8 +42,7 @@ from cxr_infer.model import ModelFile
 from cxr_infer.ov_session import OPENVINO_ENGINE, openvino_config
 
 TEST_224 = REPO.parent / "shared" / "data" / "chest_xray_224" / "test"
-SHIPPED = [REPO / "runtime" / "cxr_infer" / "models" / "default.onnx", REPO / "models" / "vgg16_int8.onnx",
-           REPO / "models" / "inception_v3_int8.onnx"]
+SHIPPED = [REPO / m["path"] for m in json.loads((REPO / "models" / "shipped.json").read_text())["models"]]
 SAMPLE = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"
 CPU_ONLY = ["CPUExecutionProvider"]
 

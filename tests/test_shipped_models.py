@@ -32,12 +32,12 @@ RESULTS = REPO / "benchmarks" / "results"
 SAMPLE = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"
 DEFAULT = REPO / "runtime" / "cxr_infer" / "models" / "default.onnx"
 
-#: file -> (backbone, README's name in its Results table, pooled feature width of the backbone)
-SHIPPED = {
-    "runtime/cxr_infer/models/default.onnx": ("resnet50", "cxr ResNet50 INT8 (default)", 2048),
-    "models/vgg16_int8.onnx": ("vgg16", "cxr VGG16 INT8", 512),
-    "models/inception_v3_int8.onnx": ("inception_v3", "cxr InceptionV3 INT8", 2048),
-}
+#: pooled feature width of each shipped backbone
+FEATURES = {"resnet50": 2048, "vgg16": 512, "inception_v3": 2048}
+#: file -> (backbone, README's name in its Results table, pooled feature width of the backbone), from
+#: models/shipped.json, the one list of the shipped files
+SHIPPED = {m["path"]: (m["backbone"], m["name"], FEATURES[m["backbone"]])
+           for m in json.loads((REPO / "models" / "shipped.json").read_text())["models"]}
 FILES = list(SHIPPED)
 #: README: "at each model's threshold (0.5)"; the labels every cxr model uses.
 THRESHOLD = 0.5

@@ -103,6 +103,31 @@ def test_csv_to_output_file_with_threshold(tiny_model, xrays224, tmp_path):
     assert r.stderr.decode().splitlines()[0] == f"cxr-infer: {missing}: no such file"
 
 
+def test_parquet_table_holds_the_jsonl_records(tiny_model, xrays224, tmp_path):
+    """--format parquet (the cxr.formats entry point of .[ray]): one row per input in input order with
+    the JSON Lines record's values, a failed input as a row with its error, exit 1 as for jsonl."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    bad = tmp_path / "notes.jpeg"
+    bad.write_text("not an image")
+    inputs = [str(xrays224[0]), str(bad), str(xrays224[-1]), str(xrays224[1])]
+    jsonl = run_cli("--model", str(tiny_model), "--format", "jsonl", *inputs)
+    table = tmp_path / "out.parquet"
+    r = run_cli("--model", str(tiny_model), "--format", "parquet", "--output", str(table), *inputs)
+    assert jsonl.returncode == r.returncode == 1, r.stderr
+    records = [json.loads(line) for line in jsonl.stdout.decode().splitlines()]
+    rows = pq.read_table(table).to_pylist()
+    assert [row["path"] for row in rows] == [rec["path"] for rec in records] == inputs
+    for row, rec in zip(rows, records):
+        assert (row["error"] is None) == ("error" not in rec)
+        if row["error"] is None:
+            assert row["label"] == rec["label"] and row["in_domain"] == rec["in_domain"]
+            assert row["probability"] == pytest.approx(rec["probability"], abs=1e-6)
+            assert row["probabilities"] == pytest.approx(rec["probabilities"], abs=1e-6)
+        else:
+            assert row["error"] == rec["error"]
+    assert rows[1]["error"] and rows[1]["label"] is None
+
+
 def test_info_json_prints_the_whole_spec(tiny_model):
     r = run_cli("--model", str(tiny_model), "--info", "--json")
     assert r.returncode == 0

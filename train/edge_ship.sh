@@ -39,8 +39,9 @@ if has reports; then
   heavy cxr-bench latency --model "${MODELS[@]}" --batch 1 --threads 2 --repeats 4 --iterations 30 \
     --domain-check both --heatmap both --name checks-b1 --out $R -q
   # the goal's ratio: the edge file against the default, on both engines, in one run
+  # (as Classifier runs them: the image check on; the map asked for or not)
   heavy cxr-bench latency --model runtime/cxr_infer/models/default.onnx "$EDGE" --device cpu,openvino \
-    --batch 1 --threads 2 --repeats 4 --iterations 30 --name edge --out $R -q
+    --batch 1 --threads 2 --repeats 6 --iterations 30 --domain-check on --heatmap both --name edge --out $R -q
   heavy cxr-bench formats --model "${MODELS[@]}" --data "$DATA/test" --providers cpu,openvino --threads 2 \
     --domain-data ../shared/data/foreign_cxr ../shared/data/kermany_fullres --out $R --name cpu-openvino -q
   heavy cxr-bench heatmaps --model "${MODELS[@]}" --data "$DATA/test" --per-kind 4 --threads 2 --out $R -q

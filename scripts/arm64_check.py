@@ -13,6 +13,7 @@ qemu-user-static and binfmt-support; see ``docs/runtime.md`` (ARM64).
 Examples:
     sudo python3 scripts/arm64_check.py --data ../shared/data/chest_xray_224/test
     sudo python3 scripts/arm64_check.py --data TEST --count 10 --work /tmp/cxr-arm64   # quicker
+    sudo python3 scripts/arm64_check.py --only-changed   # only the files the report has no row for
     python3 scripts/arm64_check.py classify --model M.onnx --out r.json IMG...  # one side's run
 """
 from __future__ import annotations
@@ -167,11 +168,24 @@ def compare(x86: Dict, arm: Dict) -> List[Dict]:
     return rows
 
 
+def kept_rows(report: Path, shas: Dict[str, str], data: str) -> Dict[str, Dict]:
+    """The rows of an earlier report (by model path) measured on the same bytes and images."""
+    if not report.is_file():
+        return {}
+    previous = json.loads(report.read_text())
+    if previous.get("data") != data:
+        return {}
+    by_name = {r["model"]: r for r in previous["rows"]}
+    return {m: dict(by_name[Path(m).name], commit=by_name[Path(m).name].get("commit", previous["commit"]))
+            for m, sha in shas.items()
+            if previous["model_sha256"].get(m) == sha and Path(m).name in by_name}
+
+
 def write_report(out: Path, rows: List[Dict], meta: Dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "arm64.json").write_text(json.dumps({"rows": rows, **meta}, indent=1) + "\n")
     lines = ["# The runtime on ARM64 (emulated)", "",
-             f"The base install (`pip install .` of commit `{meta['commit'][:12]}`) in a Debian {SUITE} arm64 root "
+             f"The base install (`pip install .` of the commit in each row) in a Debian {SUITE} arm64 root "
              "built with `debootstrap --foreign`, run through `qemu-aarch64-static` user-mode emulation, "
              f"classified {meta['images']} test images ({meta['data']}) with every shipped model; an x86 "
              "virtual environment with the same package versions classified the same images. Probabilities "
@@ -179,11 +193,11 @@ def write_report(out: Path, rows: List[Dict], meta: Dict) -> None:
              "**Speed is not measured**: emulation runs ARM code tens of times slower than an ARM CPU would, "
              "so no time here says anything about ARM hardware.", "",
              "| model | images | labels equal | max abs diff probability | max abs diff domain score "
-             "| max abs diff heatmap |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| max abs diff heatmap | commit |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         d = r["max_abs_diff"]
         lines.append(f"| {r['model']} | {r['images']} | {r['labels_equal']}/{r['images']} | {d['probability']:.2e} "
-                     f"| {d['domain_score']:.2e} | {d['heatmap']:.2e} |")
+                     f"| {d['domain_score']:.2e} | {d['heatmap']:.2e} | `{r.get('commit', meta['commit'])[:12]}` |")
     lines += ["", "| | x86 | arm64 |", "| --- | --- | --- |"]
     for key in ("onnxruntime", "numpy", "Pillow"):
         lines.append(f"| {key} | {meta['x86']['versions'][key]} | {meta['arm64']['versions'][key]} |")
@@ -236,7 +250,15 @@ def check(args: argparse.Namespace) -> int:
     for p in images:
         shutil.copy2(p, root / "opt/images" / p.name)
     inside = [f"/opt/images/{p.name}" for p in images]
-    shipped = shipped_models(root / "opt/cxr-src")
+    data = f"{Path(args.data).name}/: the first {args.count // 2} NORMAL and {args.count - args.count // 2} " \
+        "PNEUMONIA images by name"
+    shas = {m: hashlib.sha256((root / "opt/cxr-src" / m).read_bytes()).hexdigest()
+            for m in shipped_models(root / "opt/cxr-src")}
+    kept = kept_rows(Path(args.out) / "arm64.json", shas, data) if args.only_changed else {}
+    shipped = [m for m in shas if m not in kept]
+    if not shipped:
+        say(f"every shipped model's row in {Path(args.out) / 'arm64.json'} was measured on these bytes: nothing to do")
+        return 0
     models = [f"/opt/cxr-src/{m}" for m in shipped]
     with Mounted(root):
         say("pip install . in the arm64 root (aarch64 wheels; a few minutes under emulation)")
@@ -252,13 +274,18 @@ def check(args: argparse.Namespace) -> int:
     run([str(work / "x86-venv/bin/python"), __file__, "classify", "--out", str(work / "x86.json"),
          *sum((["--model", str(x86_src / m)] for m in shipped), []), *[str(p) for p in images]])
     x86 = json.loads((work / "x86.json").read_text())
-    rows = compare(x86, arm)
+    rows = [dict(row, commit=commit) for row in compare(x86, arm)]
+    if kept:
+        previous = json.loads((Path(args.out) / "arm64.json").read_text())
+        if any(previous[side]["versions"] != now["versions"] for side, now in (("x86", x86), ("arm64", arm))):
+            raise SystemExit("arm64_check: error: the package versions differ from the kept rows' "
+                             "(run it without --only-changed)")
+        new = {r["model"]: r for r in rows}
+        rows = [kept[m] if m in kept else new[Path(m).name] for m in shas]
     qemu = run(["qemu-aarch64-static", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    meta = {"commit": commit, "images": len(images), "data": f"{Path(args.data).name}/: the first "
-            f"{args.count // 2} NORMAL and {args.count - args.count // 2} PNEUMONIA images by name",
-            "model_sha256": {m: hashlib.sha256((x86_src / m).read_bytes()).hexdigest() for m in shipped},
+    meta = {"commit": commit, "images": len(images), "data": data, "model_sha256": shas,
             "x86": {k: x86[k] for k in ("machine", "python", "versions")},
             "arm64": {k: arm[k] for k in ("machine", "python", "versions")}, "host_cpu": cpu, "qemu": qemu,
             "speed": "not measured: user-mode emulation", "command": "python3 scripts/arm64_check.py "
@@ -280,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="/tmp/cxr-arm64", help="the arm64 root and the x86 venv (default /tmp/cxr-arm64)")
     p.add_argument("--out", default=str(REPO / "benchmarks/results"), help="folder for arm64.md and arm64.json")
     p.add_argument("--commit", default="HEAD", help="the committed tree to install (default HEAD)")
+    p.add_argument("--only-changed", action="store_true",
+                   help="keep the rows of --out's arm64.json measured on the same bytes and images (same package "
+                        "versions); classify only the other shipped models")
     p.add_argument("--download-only", action="store_true",
                    help="only debootstrap's first stage (download and unpack, native and light): the rest"
                         " can then run under a lock for CPU-heavy jobs")

@@ -53,7 +53,7 @@ fi
 
 if has arm64; then  # installs the committed tree: commit the model file first
   git ls-files --error-unmatch "$EDGE" >/dev/null
-  heavy python3 scripts/arm64_check.py --count 50
+  heavy python3 scripts/arm64_check.py --count 50 --only-changed
 fi
 
 if has cards; then

@@ -47,8 +47,6 @@ if has reports; then
   heavy cxr-bench heatmaps --model "${MODELS[@]}" --data "$DATA/test" --per-kind 4 --threads 2 --out $R -q
   heavy cxr-bench domain --model "${MODELS[@]}" --data "$DATA/test" --foreign ../shared/data/foreign_cxr \
     --originals ../shared/data/kermany_fullres --validation "$DATA/train" --count 100 --threads 2 --out $R -q
-  heavy cxr-bench graphcost --model "${MODELS[@]}" --graph heatmap --threads 2 --name shipped-heatmap \
-    --out $R -q
 fi
 
 if has arm64; then  # installs the committed tree: commit the model file first

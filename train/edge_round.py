@@ -113,6 +113,41 @@ def select(root: Path, names: List[str], train_images: Optional[int] = None) -> 
     return chosen
 
 
+def write_report(root: Path, names: List[str], chosen: Optional[Dict], out: Path) -> None:
+    """``out`` (.md) and its .json: every candidate's recipe, best epoch, each epoch's validation
+    figures and time, the machine and the rule's pick, for the round's record."""
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    isa = [f for f in ("avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    runs = {n: json.loads((root / n / "checkpoint.json").read_text()) for n in names
+            if (root / n / "checkpoint.json").is_file()}
+    rows = [summary(root, n) for n in runs]
+    record = {"rule": f"best validation AUC; within {AUC_TIE}, the fewest training seconds to the best epoch",
+              "pick": chosen and chosen["candidate"], "cpu": cpu, "isa": isa, "candidates": rows,
+              "options": {n: CANDIDATES[n]["args"] for n in runs},
+              "history": {n: meta["history"] for n, meta in runs.items()}}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    md = ["# The edge round", "", f"Rule (fixed in train/EDGE_ROUND.md before the round): {record['rule']}. "
+          f"Pick: **{record['pick']}**. Trained on {cpu} ({', '.join(isa) or 'no AVX-512 VNNI/bf16'}), 2 cores, "
+          "bf16 autocast; validation: the shipped models' split by patient (523 images), EMA weights, bf16.", "",
+          "| candidate | options | epochs | best epoch | val AUC | val loss | val acc | s to best | min/epoch |",
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    md += [f"| {r['candidate']} | `{' '.join(record['options'][r['candidate']]) or '(the finetune recipe)'}` "
+           f"| {r['epochs']} | {r['best_epoch']} | {r['val_auc']:.4f} | {r['val_loss']:.4f} | {r['val_accuracy']:.4f} "
+           f"| {r['seconds_to_best']:.0f} | {r['epoch_minutes']:.1f} |" for r in rows]
+    md += ["", "Each epoch (validation AUC / loss / accuracy at 0.5, seconds):", "",
+           "| epoch | " + " | ".join(runs) + " |", "| ---: |" + " --- |" * len(runs)]
+    for k in range(max((len(m["history"]) for m in runs.values()), default=0)):
+        cells = [(lambda h: f"{h['val_auc']:.4f} / {h['val_loss']:.3f} / {h['val_accuracy']:.3f}, {h['epoch_s']:.0f}")
+                 (m["history"][k]) if k < len(m["history"]) else "" for m in runs.values()]
+        md.append(f"| {k + 1} | " + " | ".join(cells) + " |")
+    md += ["", f"Made by `python3 train/edge_round.py select --root {root} --report {out}`.", ""]
+    out.write_text("\n".join(md))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge_round.py", description=__doc__.split("\n\n")[0],
                                 epilog="examples:\n" + __doc__.split("Examples:\n")[1],
@@ -122,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(REPO.parent / "shared/data/chest_xray_224/train"),
                    help="the training folder (default ../shared/data/chest_xray_224/train)")
     p.add_argument("--epochs", type=int, default=24, help="epochs of each candidate (default 24)")
+    p.add_argument("--report", metavar="FILE.md", help="with select: also write the round's record (and FILE.json)")
     p.add_argument("--only", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES),
                    help="candidates to run (default: all)")
     return p
@@ -143,7 +179,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.action == "loop":
         while not step(root, args.data, args.epochs, args.only, []):
             pass
-    select(root, args.only)
+    chosen = select(root, args.only)
+    if args.report:
+        write_report(root, args.only, chosen, Path(args.report))
     return 0
 
 

@@ -21,6 +21,7 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if has export; then
   mkdir -p "$EXPORTS"
+  python3 train/edge_round.py select --root "$(dirname "$RUN")" --report $R/edge-round.md
   # threshold 0.5 as the other shipped files; domain check, heatmap, temperature, operating
   # points and intended use (children 1-5, frontal CR/DX/DR) are cxr-export's defaults
   heavy cxr-export "$RUN" --out "$EXPORTS/mobilenet_v3.onnx" --int8 --calibration "$DATA/train" \

@@ -430,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _drive(runner: Any, args: argparse.Namespace, gone: type, service: str) -> int:
     """One pass or follow the source (``--once``/``--poll``); 1 when ``service`` went away mid-run (raising
-    ``gone``): what is left is done by the next run, since finished studies are marked at the source."""
+    ``gone``): the next run does what is left, since an image whose SR is at the source is not done again."""
     start = time.monotonic()
     try:
         if args.once:

@@ -33,7 +33,7 @@ SAMPLE = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"
 DEFAULT = REPO / "runtime" / "cxr_infer" / "models" / "default.onnx"
 
 #: pooled feature width of each shipped backbone
-FEATURES = {"resnet50": 2048, "vgg16": 512, "inception_v3": 2048}
+FEATURES = {"resnet50": 2048, "vgg16": 512, "inception_v3": 2048, "mobilenet_v3_large": 960}
 #: file -> (backbone, README's name in its Results table, pooled feature width of the backbone), from
 #: models/shipped.json, the one list of the shipped files
 SHIPPED = {m["path"]: (m["backbone"], m["name"], FEATURES[m["backbone"]])
@@ -45,18 +45,20 @@ LABELS = ["NORMAL", "PNEUMONIA"]
 #: README: the domain score is the largest of eight tests (six for ResNet50, seven for InceptionV3), its
 #: threshold flags 5% of validation: three thumbnails, the orientation ratio and the stage statistics
 #: (VGG16: four stage ends; ResNet50: two activations inside bottleneck blocks; InceptionV3: three stage
-#: ends), no pooled features
+#: ends; MobileNetV3-Large: the residual Adds closing its first four stages), no pooled features
 _LAYOUT = {"thumb16", "thumb8", "thumb4", "orientation"}
 DOMAIN_BRANCHES = {"vgg16": _LAYOUT | {"stage1", "stage2", "stage3", "stage4"},
                    "resnet50": _LAYOUT | {"stage1", "stage2"},
-                   "inception_v3": _LAYOUT | {"stage1", "stage2", "stage3"}}
+                   "inception_v3": _LAYOUT | {"stage1", "stage2", "stage3"},
+                   "mobilenet_v3_large": _LAYOUT | {"stage1", "stage2", "stage3", "stage4"}}
 #: README: the shipped models' intended use (the Kermany training data)
 INTENDED_USE = {"age_years": [1, 5], "age_margin_years": 0.5, "body_parts": ["CHEST"], "views": ["PA", "AP"],
                 "modalities": ["CR", "DX", "DR"]}
-#: the stage tensors taller than 32 rows, read on every second row (VGG16: 112 and 56 rows; InceptionV3: 54)
-ROWS_SUBSAMPLED = {"vgg16": 2, "resnet50": 0, "inception_v3": 1}
+#: the stage tensors taller than 32 rows, read on every second row (VGG16 and MobileNetV3: 112 and 56 rows;
+#: InceptionV3: 54)
+ROWS_SUBSAMPLED = {"vgg16": 2, "resnet50": 0, "inception_v3": 1, "mobilenet_v3_large": 2}
 #: README: the Grad-CAM grid of each backbone at 224 x 224
-HEATMAP_GRID = {"vgg16": [14, 14], "resnet50": [14, 14], "inception_v3": [25, 25]}
+HEATMAP_GRID = {"vgg16": [14, 14], "resnet50": [14, 14], "inception_v3": [25, 25], "mobilenet_v3_large": [7, 7]}
 
 
 def _sha256(path: Path) -> str:

@@ -30,6 +30,11 @@ from cxr_infer.spec import SPEC_KEY, ModelSpec  # noqa: E402
 GAIN = 3.0  # logit difference per unit of mean normalised input
 
 
+def shipped_models() -> list:
+    """models/shipped.json's entries (path, backbone, README row), the default first."""
+    return json.loads((REPO / "models" / "shipped.json").read_text())["models"]
+
+
 def fullres_pairs() -> list:
     """(original, its 224 counterpart) for every full-size original; skips when data is absent."""
     if not FULLRES.is_dir():

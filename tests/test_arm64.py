@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import shipped_models
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO.parent / "shared" / "data" / "chest_xray_224" / "test"
@@ -44,8 +45,7 @@ def test_every_shipped_model_gives_x86_labels_on_arm64(tmp_path):
     report = json.loads((tmp_path / "arm64.json").read_text())
     assert report["arm64"]["machine"] == "aarch64" and report["x86"]["machine"] == "x86_64"
     assert report["arm64"]["versions"] == report["x86"]["versions"]
-    shipped = json.loads((REPO / "models" / "shipped.json").read_text())["models"]
-    assert {row["model"] for row in report["rows"]} == {Path(m["path"]).name for m in shipped}
+    assert {row["model"] for row in report["rows"]} == {Path(m["path"]).name for m in shipped_models()}
     for row in report["rows"]:
         assert row["images"] == 6 and row["labels_equal"] == 6, row
         assert row["max_abs_diff"]["probability"] <= MAX_DP, row

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pytest
 from bench_fixtures import TEST_224, tiny_model
+from conftest import shipped_models
 from PIL import Image
 
 from cxr_bench import cli
@@ -256,8 +257,7 @@ def _shipped_cards() -> List[Dict[str, str]]:
 def test_the_shipped_cards_are_generated_from_the_files_and_reports(tmp_path):
     """docs/model-cards is what `cxr-bench card` makes of the files the cards name and benchmarks/results."""
     cards = _shipped_cards()
-    shipped = [m["path"] for m in json.loads((REPO / "models" / "shipped.json").read_text())["models"]]
-    assert sorted(c["file"] for c in cards) == sorted(shipped), \
+    assert sorted(c["file"] for c in cards) == sorted(m["path"] for m in shipped_models()), \
         "docs/model-cards should hold one card for each file of models/shipped.json"
     missing: Optional[str] = next((c["file"] for c in cards if not (REPO / c["file"]).is_file()), None)
     assert missing is None, f"{missing}: named by a card but not in the repository; regenerate docs/model-cards"

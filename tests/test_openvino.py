@@ -26,14 +26,13 @@ real test images (32 NORMAL, 32 PNEUMONIA) at their stored 224 px:
 """
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, shipped_models
 
 from cxr_infer import ov_session
 from cxr_infer.devices import AUTO_OPENVINO_MIN_IMAGES, DEVICES, openvino_cache_dir, resolve_device
@@ -42,7 +41,7 @@ from cxr_infer.model import ModelFile
 from cxr_infer.ov_session import OPENVINO_ENGINE, openvino_config
 
 TEST_224 = REPO.parent / "shared" / "data" / "chest_xray_224" / "test"
-SHIPPED = [REPO / m["path"] for m in json.loads((REPO / "models" / "shipped.json").read_text())["models"]]
+SHIPPED = [REPO / m["path"] for m in shipped_models()]
 SAMPLE = REPO / "runtime" / "cxr_infer" / "samples" / "person1_virus_6.jpeg"
 CPU_ONLY = ["CPUExecutionProvider"]
 

@@ -25,6 +25,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "runtime"))
 
+from conftest import shipped_models  # noqa: E402
+
 from cxr_infer import Classifier  # noqa: E402
 from cxr_infer.spec import SPEC_KEY, ModelSpec  # noqa: E402
 
@@ -36,8 +38,7 @@ DEFAULT = REPO / "runtime" / "cxr_infer" / "models" / "default.onnx"
 FEATURES = {"resnet50": 2048, "vgg16": 512, "inception_v3": 2048, "mobilenet_v3_large": 960}
 #: file -> (backbone, README's name in its Results table, pooled feature width of the backbone), from
 #: models/shipped.json, the one list of the shipped files
-SHIPPED = {m["path"]: (m["backbone"], m["name"], FEATURES[m["backbone"]])
-           for m in json.loads((REPO / "models" / "shipped.json").read_text())["models"]}
+SHIPPED = {m["path"]: (m["backbone"], m["name"], FEATURES[m["backbone"]]) for m in shipped_models()}
 FILES = list(SHIPPED)
 #: README: "at each model's threshold (0.5)"; the labels every cxr model uses.
 THRESHOLD = 0.5

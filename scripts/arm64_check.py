@@ -168,12 +168,9 @@ def compare(x86: Dict, arm: Dict) -> List[Dict]:
     return rows
 
 
-def kept_rows(report: Path, shas: Dict[str, str], data: str) -> Dict[str, Dict]:
+def kept_rows(previous: Optional[Dict], shas: Dict[str, str], data: str) -> Dict[str, Dict]:
     """The rows of an earlier report (by model path) measured on the same bytes and images."""
-    if not report.is_file():
-        return {}
-    previous = json.loads(report.read_text())
-    if previous.get("data") != data:
+    if not previous or previous.get("data") != data:
         return {}
     by_name = {r["model"]: r for r in previous["rows"]}
     return {m: dict(by_name[Path(m).name], commit=by_name[Path(m).name].get("commit", previous["commit"]))
@@ -254,10 +251,12 @@ def check(args: argparse.Namespace) -> int:
         "PNEUMONIA images by name"
     shas = {m: hashlib.sha256((root / "opt/cxr-src" / m).read_bytes()).hexdigest()
             for m in shipped_models(root / "opt/cxr-src")}
-    kept = kept_rows(Path(args.out) / "arm64.json", shas, data) if args.only_changed else {}
+    report = Path(args.out) / "arm64.json"
+    previous = json.loads(report.read_text()) if args.only_changed and report.is_file() else None
+    kept = kept_rows(previous, shas, data)
     shipped = [m for m in shas if m not in kept]
     if not shipped:
-        say(f"every shipped model's row in {Path(args.out) / 'arm64.json'} was measured on these bytes: nothing to do")
+        say(f"every shipped model's row in {report} was measured on these bytes: nothing to do")
         return 0
     models = [f"/opt/cxr-src/{m}" for m in shipped]
     with Mounted(root):
@@ -275,16 +274,16 @@ def check(args: argparse.Namespace) -> int:
          *sum((["--model", str(x86_src / m)] for m in shipped), []), *[str(p) for p in images]])
     x86 = json.loads((work / "x86.json").read_text())
     rows = [dict(row, commit=commit) for row in compare(x86, arm)]
-    if kept:
-        previous = json.loads((Path(args.out) / "arm64.json").read_text())
+    if kept and previous:
         if any(previous[side]["versions"] != now["versions"] for side, now in (("x86", x86), ("arm64", arm))):
             raise SystemExit("arm64_check: error: the package versions differ from the kept rows' "
                              "(run it without --only-changed)")
         new = {r["model"]: r for r in rows}
         rows = [kept[m] if m in kept else new[Path(m).name] for m in shas]
     qemu = run(["qemu-aarch64-static", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from cxr_bench.machine import describe_machine
+
+    cpu = describe_machine()["cpu_model"]
     meta = {"commit": commit, "images": len(images), "data": data, "model_sha256": shas,
             "x86": {k: x86[k] for k in ("machine", "python", "versions")},
             "arm64": {k: arm[k] for k in ("machine", "python", "versions")}, "host_cpu": cpu, "qemu": qemu,

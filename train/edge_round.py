@@ -116,14 +116,16 @@ def select(root: Path, names: List[str], train_images: Optional[int] = None) -> 
 def write_report(root: Path, names: List[str], chosen: Optional[Dict], out: Path) -> None:
     """``out`` (.md) and its .json: every candidate's recipe, best epoch, each epoch's validation
     figures and time, the machine and the rule's pick, for the round's record."""
-    import platform
+    from cxr_bench.machine import describe_machine
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
-    isa = [f for f in ("avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    machine = describe_machine()
+    cpu = machine["cpu_model"]
+    isa = [f for f in ("avx512_vnni", "avx512_bf16", "amx_bf16") if machine["cpu_isa"].get(f)]
     runs = {n: json.loads((root / n / "checkpoint.json").read_text()) for n in names
             if (root / n / "checkpoint.json").is_file()}
+    first = next(iter(runs.values()), {})
+    val_images = sum(first.get("split_counts", {}).get("val", []))
+    autocast = "bf16 autocast" if first.get("args", {}).get("amp") else "fp32"
     rows = [summary(root, n) for n in runs]
     record = {"rule": f"best validation AUC; within {AUC_TIE}, the fewest training seconds to the best epoch",
               "pick": chosen and chosen["candidate"], "cpu": cpu, "isa": isa, "candidates": rows,
@@ -131,8 +133,9 @@ def write_report(root: Path, names: List[str], chosen: Optional[Dict], out: Path
               "history": {n: meta["history"] for n, meta in runs.items()}}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     md = ["# The edge round", "", f"Rule (fixed in train/EDGE_ROUND.md before the round): {record['rule']}. "
-          f"Pick: **{record['pick']}**. Trained on {cpu} ({', '.join(isa) or 'no AVX-512 VNNI/bf16'}), 2 cores, "
-          "bf16 autocast; validation: the shipped models' split by patient (523 images), EMA weights, bf16.", "",
+          f"Pick: **{record['pick']}**. Trained on {cpu} ({', '.join(isa) or 'no AVX-512 VNNI/bf16'}), "
+          f"{machine['usable_cpus']} cores, {autocast}; validation: the shipped models' split by patient "
+          f"({val_images} images), EMA weights, {first.get('eval_precision', 'fp32')}.", "",
           "| candidate | options | epochs | best epoch | val AUC | val loss | val acc | s to best | min/epoch |",
           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     md += [f"| {r['candidate']} | `{' '.join(record['options'][r['candidate']]) or '(the finetune recipe)'}` "

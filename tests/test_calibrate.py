@@ -253,7 +253,7 @@ def test_help_has_examples():
 
 
 def test_shipped_default_recalibrates_to_itself(tmp_path):
-    """The shipped default (ResNet50 INT8) through the tool again, with the real training folder (about
+    """The shipped default (MobileNetV3-Large INT8) through the tool again, with the real training folder (about
     30 s on 2 cores): it refits the temperature from the logits before the one in the file, so it finds
     the same temperature and operating points, keeps one Div after the logits' DequantizeLinear, and
     --domain-flag-rate 10% works."""

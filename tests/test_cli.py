@@ -187,14 +187,14 @@ def test_empty_folder_and_unmatched_glob_exit_1(tiny_model, tmp_path, xrays224):
 
 
 def test_without_model_uses_the_shipped_default(xrays224):
-    """The repository ships a default model (ResNet50 INT8): no --model classifies with it."""
+    """The repository ships a default model (MobileNetV3-Large INT8): no --model classifies with it."""
     assert classifier_module.DEFAULT_MODEL.is_file()
     r = run_cli("--format", "jsonl", str(xrays224[0]))
     assert r.returncode == 0, r.stderr.decode()
     (row,) = _jsonl(r)
     assert row["label"] in ("NORMAL", "PNEUMONIA") and row["in_domain"] in (True, False)
     info = run_cli("--info")
-    assert info.returncode == 0 and "resnet50" in info.stdout.decode() and "int8" in info.stdout.decode()
+    assert info.returncode == 0 and "mobilenet_v3_large" in info.stdout.decode() and "int8" in info.stdout.decode()
 
 
 def test_no_default_model_installed_message(xrays224, tmp_path):

@@ -1,7 +1,7 @@
 """The shipped model files are what README.md, docs/, models/README.md and the benchmark reports say.
 
-Files: ``runtime/cxr_infer/models/default.onnx`` (the embedded default, INT8 ResNet50),
-``models/vgg16_int8.onnx`` and ``models/inception_v3_int8.onnx``. Fast and torch-free:
+Files: models/shipped.json lists them: ``runtime/cxr_infer/models/default.onnx`` (the embedded
+default, INT8 MobileNetV3-Large), and ResNet50, VGG16 and InceptionV3 INT8 in ``models/``. Fast and torch-free:
 onnxruntime for the runtime view, onnx (the test extra) to read the graph's nodes.
 
 Arithmetic differs between CPUs (AVX2, AVX-512 VNNI, AMX run different INT8 kernels), so the
@@ -225,12 +225,12 @@ def test_domain_graph_reads_stage_tensors_as_integers(rel, graphs, specs):
 
 
 def test_default_model_is_the_embedded_one_and_labels_the_sample():
-    """README quick start: the embedded default (an INT8 ResNet50) classifies the bundled sample;
+    """README quick start: the embedded default (an INT8 MobileNetV3-Large) classifies the bundled sample;
     samples/README.md: the sample is class PNEUMONIA, a test image, and the default gives it a
     probability and a domain score far from their thresholds on every CPU."""
     clf = Classifier()
     assert Path(clf.info()["model"]).resolve() == DEFAULT.resolve()
-    assert clf.info()["spec"]["backbone"] == "resnet50" and clf.info()["spec"]["precision"] == "int8"
+    assert clf.info()["spec"]["backbone"] == SHIPPED[FILES[0]][0] and clf.info()["spec"]["precision"] == "int8"
     r = clf.predict(str(SAMPLE))
     assert r.label == "PNEUMONIA"
     assert r.probability > 0.7
@@ -343,8 +343,8 @@ def test_stated_domain_flag_rates_were_measured_on_these_bytes(page):
 
 
 def test_readme_names_the_shipped_files(readme):
-    assert "runtime/cxr_infer/models/default.onnx" in readme or "an INT8 ResNet50" in readme
-    assert "models/vgg16_int8.onnx" in readme
+    for rel in FILES:
+        assert rel in readme, f"README.md does not name {rel}"
     models_readme = (REPO / "models" / "README.md").read_text()
     for rel in FILES:
         assert rel in models_readme, f"models/README.md does not name {rel}"
@@ -361,7 +361,7 @@ def test_docs_operating_points_were_measured_on_these_bytes():
         m = by_sha.get(_sha256(REPO / rel))
         assert m and m.get("operating_points"), f"{rel}: no operating points in benchmarks/results/domain.json"
         (p,) = [p for p in m["operating_points"]["points"] if p["flag_rate"] == pytest.approx(0.10)]
-        name = SHIPPED[rel][1].split()[1]  # "VGG16", "ResNet50", "InceptionV3"
+        name = SHIPPED[rel][1].split()[1]  # "MobileNetV3", "ResNet50", "VGG16", "InceptionV3"
         row = re.search(r"\| " + re.escape(name) + r"(?: \(default\))? \| ([\d.]+) \| ([\d.]+)% \| ([\d.]+)% \| "
                         r"([\d.]+)% \| 100% \|", text)
         assert row, f"docs/intended-use.md's operating-point table has no row for {name}"

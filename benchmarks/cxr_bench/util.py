@@ -39,7 +39,7 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: 
 
 
 def now_iso() -> str:
-    """The current UTC time, ISO 8601 to the second (``2024-05-01T12:00:00Z``)."""
+    """The current UTC time, ISO 8601 to the second (``YYYY-MM-DDTHH:MM:SSZ``)."""
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 

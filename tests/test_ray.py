@@ -64,15 +64,15 @@ def test_ray_rows_equal_a_local_run_after_a_worker_is_killed(cluster, tmp_path):
                             "jsonl", "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=env(), cwd=str(REPO))
     journal = Path(str(out) + ".journal.jsonl")
-    killed, pool_up = [], None
+    killed, pool_up, pool = [], None, len(cluster.nodes) * cluster.cpus
     deadline = time.monotonic() + 600
     while run.poll() is None and not killed and time.monotonic() < deadline:
         # Rows reach the journal in bursts (blocks come back in input order), so a row count alone
-        # can miss the run. The kill comes once the whole pool (one Scorer per CPU: 4) has been
-        # scoring for a second, or at the first journaled row, whichever is first.
+        # can miss the run. The kill comes once the whole pool (one Scorer per CPU of the cluster)
+        # has been scoring for a second, or at the first journaled row, whichever is first.
         done = len(journal.read_text().splitlines()) if journal.exists() else 0
         workers = cluster.processes("Scorer")
-        if len(workers) >= 4 and pool_up is None:
+        if len(workers) >= pool and pool_up is None:
             pool_up = time.monotonic()
         if workers and (done or (pool_up is not None and time.monotonic() - pool_up >= 1.0)):
             os.kill(workers[0], signal.SIGKILL)  # a Scorer actor of this cluster, mid-run
